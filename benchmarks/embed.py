@@ -1,0 +1,199 @@
+"""Benchmark: embed the paper's watermarks and measure them against the vanilla threshold.
+
+    python benchmarks/embed.py --datasets mnist            # ~10 min on 2 CPU cores
+
+Writes benchmarks/results/embed.json + embed.md (rows for the datasets run replace earlier rows
+for those datasets) and benchmarks/results/thresholds-<dataset>.json (the clean models' per-epoch
+watermark accuracy: Figure 5's data). Models go to models/<dataset>/<name>.safetensors (+ .json);
+an existing model is loaded, not retrained, unless --retrain: the run is resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nnlaunder import data as D
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
+from nnlaunder.models import build
+from nnlaunder.recipes import owner_config
+from nnlaunder.train import accuracy
+from nnlaunder.watermarks.embed import clean_wm_curve, embed, thresholds_from_curves
+from nnlaunder.watermarks.schemes import make_watermark
+from nnlaunder.watermarks.verify import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Aiken et al., Table 2 ("Ours" rows): original test / original WM / vanilla-model WM accuracy.
+PAPER = {
+    ("mnist", "zhang-content"): {"test_acc": 99.90, "wm_acc": 100.0, "threshold": 1.5},
+    ("mnist", "zhang-noise"): {"test_acc": 99.86, "wm_acc": 99.99, "threshold": 6.0},
+    ("mnist", "zhang-unrelated"): {"test_acc": 99.92, "wm_acc": 99.71, "threshold": 20.0},
+    ("cifar10", "zhang-content"): {"test_acc": 90.24, "wm_acc": 100.0, "threshold": 5.0},
+    ("cifar10", "zhang-noise"): {"test_acc": 89.01, "wm_acc": 100.0, "threshold": 4.0},
+    ("cifar10", "zhang-unrelated"): {"test_acc": 89.77, "wm_acc": 99.94, "threshold": 52.0},
+    ("cifar10", "adi-pt"): {"test_acc": 91.55, "wm_acc": 100.0, "threshold": 12.0},
+    ("cifar10", "adi-fs"): {"test_acc": 91.85, "wm_acc": 100.0, "threshold": 12.0},
+}
+
+# (dataset) -> list of (row name, arch, scheme, scheme params)
+PLAN = {
+    "mnist": [("zhang-content", "mnist-cnn", "zhang-content", {}),
+              ("zhang-noise", "mnist-cnn", "zhang-noise", {}),
+              ("zhang-unrelated", "mnist-cnn", "zhang-unrelated", {})],
+    "cifar10": [("zhang-content", "cifar-cnn", "zhang-content", {}),
+                ("zhang-noise", "cifar-cnn", "zhang-noise", {}),
+                ("zhang-unrelated", "cifar-cnn", "zhang-unrelated", {}),
+                ("adi-fs", "resnet20", "adi", {"mode": "fs"}),
+                ("adi-pt", "resnet20", "adi", {"mode": "pt"})],
+}
+
+
+def _get_or_train(path: Path, retrain: bool, make) -> tuple[torch.nn.Module, dict]:
+    if path.with_suffix(".safetensors").is_file() and not retrain:
+        print(f"  reusing {path.relative_to(ROOT)}.safetensors")
+        return load_model(path)
+    model, meta = make()
+    save_model(path, model, meta)
+    return model, meta
+
+
+def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
+    tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
+    mdir = ROOT / "models" / ds
+    plan = PLAN[ds]
+    wms = {name: make_watermark(scheme, tr, te, args.data_dir, params) for name, _, scheme, params in plan}
+    cmd = f"python benchmarks/embed.py --datasets {ds} --seeds {','.join(map(str, args.seeds))}"
+    rows: list[dict] = []
+    arches = sorted({arch for _, arch, _, _ in plan})
+
+    # 1. Clean models per architecture and seed: the vanilla threshold (Aiken et al. §7.1).
+    thresholds: dict[str, float] = {}
+    clean: dict[str, tuple[torch.nn.Module, dict]] = {}
+    curves_out = {}
+    for arch in arches:
+        names = [n for n, a, _, _ in plan if a == arch]
+        curves, metas = [], []
+        for seed in args.seeds:
+            cfg = owner_config(arch, seed=seed, **({"epochs": args.epochs} if args.epochs else {}))
+
+            def make(cfg=cfg, seed=seed, arch=arch, names=names):
+                t0 = time.perf_counter()
+                m, hist = clean_wm_curve(arch, tr, {n: wms[n] for n in names}, cfg, test=te, seed=seed,
+                                         progress=f"clean {arch} s{seed}")
+                return m, {"arch": arch, "num_classes": tr.num_classes, "dataset": ds, "scheme": None,
+                           "seed": seed, "config": cfg.__dict__, "history": hist, "command": cmd,
+                           "seconds": time.perf_counter() - t0,
+                           "metrics": {"test_acc": accuracy(m, te.x, te.y)}}
+
+            model, meta = _get_or_train(mdir / f"clean-{arch}-s{seed}", args.retrain, make)
+            curves.append(meta["history"])
+            metas.append(meta)
+            if seed == args.seeds[0]:
+                clean[arch] = (model, meta)
+        thresholds.update(thresholds_from_curves(curves, names))
+        curves_out[arch] = {"seeds": args.seeds, "curves": curves}
+        rows.append({"dataset": ds, "arch": arch, "scheme": "clean", "test_acc": metas[0]["metrics"]["test_acc"],
+                     "wm_acc": None, "threshold": None, "seconds": sum(m["seconds"] for m in metas) / len(metas),
+                     "epochs": len(metas[0]["history"]), "clean_test_acc": metas[0]["metrics"]["test_acc"],
+                     "clean_test_acc_seeds": [m["metrics"]["test_acc"] for m in metas], "paper": None,
+                     "command": cmd})
+    atomic_write_json(RESULTS / f"thresholds-{ds}.json", {"dataset": ds, "thresholds": thresholds,
+                                                          "by_arch": curves_out, "command": cmd})
+
+    # 2. Watermarked models.
+    for name, arch, scheme, params in plan:
+        wm = wms[name]
+        cfg = owner_config(arch, seed=0, **({"epochs": args.epochs} if args.epochs else {}))
+
+        def make(wm=wm, cfg=cfg, arch=arch, scheme=scheme, name=name):
+            t0 = time.perf_counter()
+            if wm.params.get("mode") == "pt":   # Adi PT: fine-tune the clean pre-trained model
+                model, _ = load_model(mdir / f"clean-{arch}-s{args.seeds[0]}")
+            else:
+                model = build(arch, tr.num_classes, seed=0)
+            res = embed(model, tr, wm, cfg, test=te, progress=f"{name}")
+            return model, {"arch": arch, "num_classes": tr.num_classes, "dataset": ds, "scheme": scheme,
+                           "scheme_params": wm.params, "seed": 0, "config": cfg.__dict__, "history": res.history,
+                           "command": cmd, "seconds": time.perf_counter() - t0,
+                           "metrics": {"test_acc": accuracy(model, te.x, te.y),
+                                       "wm_acc": accuracy(model, wm.verify_x, wm.verify_y)}}
+
+        model, meta = _get_or_train(mdir / name, args.retrain, make)
+        v = verify(model, wm, thresholds[name])
+        row = {"dataset": ds, "arch": arch, "scheme": scheme, "test_acc": accuracy(model, te.x, te.y),
+               "wm_acc": v.wm_acc, "threshold": thresholds[name], "p_value": v.p_value, "owned": v.owned,
+               "n_verify": v.n, "n_embed": len(wm.embed_y), "seconds": meta["seconds"],
+               "epochs": len(meta["history"]), "clean_test_acc": clean[arch][1]["metrics"]["test_acc"],
+               "paper": PAPER.get((ds, name)), "model": f"models/{ds}/{name}.safetensors", "command": cmd}
+        if scheme == "adi":
+            row["mode"] = wm.params["mode"]
+        rows.append(row)
+        print(f"  {name}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}%  threshold {row['threshold']:.2f}%")
+    return rows
+
+
+def write_markdown(rows: list[dict]) -> str:
+    def f(v, d=2):
+        return "–" if v is None else f"{v:.{d}f}"
+
+    lines = ["# Embedding the watermarks", "",
+             "Watermark accuracy is measured on held-out trigger inputs never used in training; the vanilla",
+             "threshold is the highest watermark accuracy any clean model of the same task reached over any of",
+             "its training epochs (Aiken et al. §7.1), over the seeds listed in thresholds-<dataset>.json.",
+             "Paper figures: Aiken et al. Table 2 (\"Ours\" rows).", "",
+             "| dataset | arch | scheme | test acc % (paper) | clean test acc % | WM acc % (paper) "
+             "| vanilla threshold % (paper) | p-value | epochs | minutes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r.get("paper") or {}
+        scheme = r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
+        lines.append(
+            f"| {r['dataset']} | {r['arch']} | {scheme} | {f(r['test_acc'])} ({f(p.get('test_acc'))}) "
+            f"| {f(r['clean_test_acc'])} | {f(r['wm_acc'])} ({f(p.get('wm_acc'))}) "
+            f"| {f(r['threshold'])} ({f(p.get('threshold'), 1)}) | "
+            f"{'–' if r.get('p_value') is None else format(r['p_value'], '.2g')} | {r['epochs']} "
+            f"| {r['seconds'] / 60:.1f} |")
+    cmds = sorted({r["command"] for r in rows})
+    lines += ["", "Commands:", *[f"    {c}" for c in cmds], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="mnist", help="comma list from: mnist, cifar10")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--seeds", default="0,1,2", help="clean-model seeds for the vanilla threshold")
+    ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (testing only)")
+    ap.add_argument("--retrain", action="store_true", help="retrain models that already exist")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    bad = [d for d in datasets if d not in PLAN]
+    if bad:
+        print(f"embed.py: error: unknown dataset(s) {bad}; choose from {sorted(PLAN)}", file=sys.stderr)
+        return 2
+    path = RESULTS / "embed.json"
+    old = json.loads(path.read_text()) if path.is_file() else []
+    rows = [r for r in old if r["dataset"] not in datasets]
+    for ds in datasets:
+        rows += run_dataset(ds, args)
+    order = {d: i for i, d in enumerate(PLAN)}
+    rows.sort(key=lambda r: order.get(r["dataset"], 99))
+    atomic_write_json(path, rows)
+    atomic_write_bytes(RESULTS / "embed.md", write_markdown(rows).encode())
+    print(f"wrote {path} and embed.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Command line: a thin layer over the library. Every user mistake is one line, exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from . import data as D
+from .checkpoint import atomic_write_json, load_model, save_model, stem
+from .errors import UserError
+from .models import ARCHS, DEFAULT_ARCH, build, check_fits
+from .recipes import owner_config
+from .train import NonFiniteLoss, TrainConfig, accuracy
+from .watermarks.embed import clean_wm_curve, embed, thresholds_from_curves
+from .watermarks.schemes import SCHEMES, make_watermark
+from .watermarks.verify import verify
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def _float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return out
+
+
+def _params(items: list[str] | None) -> dict[str, Any]:
+    """--param key=value (value parsed as JSON when it can be: 3, 0.4, [20,6], "TEST")."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--param expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="dataset folder (default: $NNLAUNDER_DATA)")
+    p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults: the architecture's recipe)")
+    g.add_argument("--epochs", type=_nonneg_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--lr", type=_float)
+    g.add_argument("--optimizer", choices=("sgd", "adam"))
+    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"))
+    g.add_argument("--augment", choices=("none", "crop-flip"))
+    g.add_argument("--label-smoothing", type=_float)
+    g.add_argument("--l2", type=_float)
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _train_cfg(args: argparse.Namespace, arch: str) -> TrainConfig:
+    return owner_config(arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        optimizer=args.optimizer, schedule=args.schedule, augment=args.augment,
+                        label_smoothing=args.label_smoothing, l2=args.l2, seed=args.seed)
+
+
+def _task(args: argparse.Namespace) -> tuple[str, D.Dataset, D.Dataset]:
+    arch = args.arch or DEFAULT_ARCH.get(args.dataset)
+    if arch is None:
+        raise UserError(f"no default architecture for {args.dataset!r}; pass --arch")
+    check_fits(arch, args.dataset)
+    return arch, D.load(args.dataset, args.data_dir, "train"), D.load(args.dataset, args.data_dir, "test")
+
+
+def _out(path: str) -> Path:
+    s = stem(path)
+    try:
+        s.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create output folder {s.parent}: {e.strerror}") from e
+    if not os.access(s.parent, os.W_OK):
+        raise UserError(f"output folder {s.parent} is not writable")
+    return s
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
+
+
+# --------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    arch, tr, te = _task(args)
+    out = _out(args.out)
+    cfg = _train_cfg(args, arch)
+    model = build(arch, tr.num_classes, seed=args.seed)
+    from .train import train
+
+    res = train(model, tr.x, tr.y, cfg, eval_sets={"test": (te.x, te.y)},
+                checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume, progress=not args.quiet)
+    test_acc = accuracy(model, te.x, te.y)
+    save_model(out, model, {"arch": arch, "num_classes": tr.num_classes, "dataset": args.dataset,
+                            "scheme": None, "seed": args.seed, "config": cfg.__dict__,
+                            "metrics": {"test_acc": test_acc}, "history": res.history})
+    print(f"saved {out}.safetensors: test accuracy {test_acc:.2f}% after {res.epochs_run} epochs")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    arch, tr, te = _task(args)
+    out = _out(args.out)
+    params = _params(args.param)
+    wm = make_watermark(args.scheme, tr, te, args.data_dir, params)
+    if args.base:
+        model, base_meta = load_model(args.base)
+        if base_meta.get("arch") != arch or base_meta.get("dataset") != args.dataset:
+            raise UserError(f"--base {args.base} is a {base_meta.get('arch')}/{base_meta.get('dataset')} model, "
+                            f"not {arch}/{args.dataset}")
+    else:
+        if wm.params.get("mode") == "pt":
+            raise UserError("adi mode=pt fine-tunes a clean pre-trained model: pass --base MODEL")
+        model = build(arch, tr.num_classes, seed=args.seed)
+    cfg = _train_cfg(args, arch)
+    res = embed(model, tr, wm, cfg, test=te, checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume,
+                progress=not args.quiet)
+    test_acc, wm_acc = accuracy(model, te.x, te.y), accuracy(model, wm.verify_x, wm.verify_y)
+    save_model(out, model, {"arch": arch, "num_classes": tr.num_classes, "dataset": args.dataset,
+                            "scheme": args.scheme, "scheme_params": wm.params, "seed": args.seed,
+                            "base": args.base, "config": cfg.__dict__,
+                            "metrics": {"test_acc": test_acc, "wm_acc": wm_acc}, "history": res.history})
+    print(f"saved {out}.safetensors ({args.scheme}): test accuracy {test_acc:.2f}%, "
+          f"watermark accuracy {wm_acc:.2f}% on {len(wm.verify_y)} held-out triggers")
+    return 0
+
+
+def _threshold_value(args: argparse.Namespace, scheme: str) -> float:
+    if args.threshold is not None:
+        return args.threshold
+    if args.threshold_file:
+        p = Path(args.threshold_file)
+        if not p.is_file():
+            raise UserError(f"missing threshold file {p} (make one with `nnlaunder threshold`)")
+        try:
+            t = json.loads(p.read_text())["thresholds"][scheme]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{p}: no threshold for {scheme!r} in it") from e
+        return float(t)
+    raise UserError("pass --threshold PERCENT or --threshold-file FILE (from `nnlaunder threshold`)")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    model, meta = load_model(args.model)
+    scheme = args.scheme or meta.get("scheme")
+    if not scheme:
+        raise UserError(f"{args.model} records no scheme; pass --scheme")
+    params = dict(meta.get("scheme_params") or {}) if scheme == meta.get("scheme") else {}
+    params.update(_params(args.param))
+    dataset = meta.get("dataset")
+    if dataset not in D.DATASETS:
+        raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
+    tr, te = D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
+    wm = make_watermark(scheme, tr, te, args.data_dir, params)
+    v = verify(model, wm, _threshold_value(args, scheme), args.alpha)
+    if args.json:
+        print(json.dumps({"model": args.model, "scheme": scheme, **v.as_dict()}))
+    else:
+        print(_table([("model", str(args.model)), ("scheme", scheme),
+                      ("test accuracy", f"{accuracy(model, te.x, te.y):.2f}%"),
+                      ("watermark accuracy", f"{v.wm_acc:.2f}% ({v.hits}/{v.n})"),
+                      ("vanilla threshold", f"{v.threshold:.2f}%"), ("p-value", f"{v.p_value:.3g}"),
+                      ("verdict", "OWNERSHIP SHOWN" if v.owned else "no ownership proof")]))
+    return 0
+
+
+def cmd_threshold(args: argparse.Namespace) -> int:
+    arch, tr, te = _task(args)
+    out = Path(args.out)
+    _out(str(out.with_suffix("")))
+    schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    wms = {s: make_watermark(s, tr, te, args.data_dir) for s in schemes}
+    cfg = _train_cfg(args, arch)
+    curves = []
+    t0 = time.perf_counter()
+    for seed in args.seeds:
+        cfg_s = owner_config(arch, **{**cfg.__dict__, "seed": seed})
+        _, hist = clean_wm_curve(arch, tr, wms, cfg_s, test=te, seed=seed, progress=not args.quiet)
+        curves.append(hist)
+    th = thresholds_from_curves(curves, schemes)
+    atomic_write_json(out, {"dataset": args.dataset, "arch": arch, "seeds": args.seeds, "config": cfg.__dict__,
+                            "thresholds": th, "curves": curves, "seconds": time.perf_counter() - t0})
+    print(_table([(s, f"{v:.2f}%") for s, v in th.items()]))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.data_dir, Path(args.out_dir), epochs=args.epochs, progress=not args.quiet)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nnlaunder", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("train", help="train a clean model")
+    _common(s)
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
+    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
+    s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
+    _train_flags(s)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("embed", help="train a watermarked model")
+    _common(s)
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
+    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
+    s.add_argument("--param", action="append", metavar="KEY=VALUE", help="scheme parameter (repeatable)")
+    s.add_argument("--base", help="start from this model (required for adi mode=pt)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--resume", action="store_true")
+    _train_flags(s)
+    s.set_defaults(func=cmd_embed)
+
+    s = sub.add_parser("verify", help="ownership verdict for a model")
+    _common(s)
+    s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
+    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE")
+    s.add_argument("--threshold", type=_float, help="vanilla threshold in percent")
+    s.add_argument("--threshold-file", help="JSON written by `nnlaunder threshold`")
+    s.add_argument("--alpha", type=_float, default=0.01)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser("threshold", help="vanilla threshold: max watermark accuracy of clean models")
+    _common(s)
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
+    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--schemes", default="zhang-content,zhang-noise,zhang-unrelated")
+    s.add_argument("--seeds", type=_int_list, default=[0])
+    s.add_argument("--out", required=True, help="JSON file")
+    _train_flags(s)
+    s.set_defaults(func=cmd_threshold)
+
+    s = sub.add_parser("demo", help="embed a zhang-content watermark in MNIST and verify it")
+    _common(s)
+    s.add_argument("--out-dir", default="runs/demo")
+    s.add_argument("--epochs", type=_positive_int, default=3)
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "threads", None):
+            torch.set_num_threads(args.threads)
+        if getattr(args, "command", "") == "threshold":
+            for s in args.schemes.split(","):
+                if s.strip() and s.strip() not in SCHEMES:
+                    raise UserError(f"unknown scheme {s.strip()!r}; choose from {', '.join(SCHEMES)}")
+        return args.func(args)
+    except UserError as e:
+        print(f"nnlaunder: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"nnlaunder: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("nnlaunder: interrupted; finished epochs are kept (rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Datasets as in-memory tensors: pixels float32 in [0, 1], NCHW, labels int64.
+
+One registry (`DATASETS`) that the CLI and configs share. Readers live in `readers.py`; this
+module turns their arrays into `Dataset`s and draws seeded, stratified subsets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from .readers import read_cifar_batch, read_idx, read_image_rgb
+
+SPLITS = ("train", "test")
+FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images `x` (N,C,H,W) float32 in [0,1] and labels `y` (N,) int64."""
+
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"Dataset {self.name}: x {tuple(self.x.shape)} / y {tuple(self.y.shape)}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, idx: torch.Tensor | np.ndarray, name: str | None = None) -> Dataset:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return Dataset(name or self.name, self.x[idx], self.y[idx], self.classes)
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N,C,H,W) or (N,H,W) -> float32 (N,C,H,W) in [0, 1]."""
+    t = torch.from_numpy(np.require(images, requirements=["C", "W"]))
+    if t.ndim == 3:
+        t = t.unsqueeze(1)
+    return t.to(torch.float32).div_(255.0)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
+    """The data folder: the argument, else $NNLAUNDER_DATA; an error when neither is set."""
+    value = data_dir if data_dir not in (None, "") else os.environ.get("NNLAUNDER_DATA")
+    if not value:
+        raise UserError("no data folder: pass --data-dir DIR or set NNLAUNDER_DATA "
+                        "(the project's Makefile uses ../shared/data)")
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise UserError(f"data folder {path} does not exist")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Readers per dataset
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+
+
+def _idx_pair(folder: Path, split: str, hint: str) -> tuple[np.ndarray, np.ndarray]:
+    prefix = "train" if split == "train" else "t10k"
+    x = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", hint)
+    y = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", hint)
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise UserError(f"{folder}: {prefix} images {x.shape} and labels {y.shape} do not match")
+    return x, y.astype(np.int64)
+
+
+def load_mnist(data_dir: Path, split: str) -> Dataset:
+    hint = "MNIST's four IDX files belong in <data-dir>/mnist/ (http://yann.lecun.com/exdb/mnist/)"
+    x, y = _idx_pair(Path(data_dir) / "mnist", split, hint)
+    return Dataset("mnist", to_float(x), torch.from_numpy(y), MNIST_CLASSES)
+
+
+def fashion_mnist_dir(data_dir: Path) -> Path:
+    local = Path(data_dir) / "fashion-mnist"
+    return local if local.is_dir() else FASHION_MNIST_SYSTEM_DIR
+
+
+def load_fashion_mnist(data_dir: Path, split: str) -> Dataset:
+    hint = ("install it with `apt-get install dataset-fashion-mnist` (puts the IDX files in "
+            f"{FASHION_MNIST_SYSTEM_DIR}) or copy them to <data-dir>/fashion-mnist/")
+    x, y = _idx_pair(fashion_mnist_dir(data_dir), split, hint)
+    return Dataset("fashion-mnist", to_float(x), torch.from_numpy(y), FASHION_CLASSES)
+
+
+def load_cifar10(data_dir: Path, split: str) -> Dataset:
+    folder = Path(data_dir) / "cifar10" / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    parts = [read_cifar_batch(folder / n) for n in names]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    return Dataset("cifar10", to_float(x), torch.from_numpy(y), CIFAR10_CLASSES)
+
+
+DATASETS: dict[str, Callable[[Path, str], Dataset]] = {
+    "mnist": load_mnist,
+    "fashion-mnist": load_fashion_mnist,
+    "cifar10": load_cifar10,
+}
+
+_CACHE: dict[tuple[str, str, str], Dataset] = {}
+
+
+def load(name: str, data_dir: str | os.PathLike | None, split: str = "train") -> Dataset:
+    """Load a registered dataset split (cached in memory for the life of the process)."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; choose from {', '.join(SPLITS)}")
+    root = resolve_data_dir(data_dir)
+    key = (name, str(root), split)
+    if key not in _CACHE:
+        _CACHE[key] = DATASETS[name](root, split)
+    return _CACHE[key]
+
+
+def load_adi_trigger_set(data_dir: str | os.PathLike | None, size: int = 32) -> Dataset:
+    """Adi et al.'s 100 abstract images (pics/1.jpg..100.jpg) and labels-cifar.txt."""
+    folder = resolve_data_dir(data_dir) / "adi-trigger-set"
+    hint = ("copy data/trigger_set/ of https://github.com/adiyoss/WatermarkNN into "
+            "<data-dir>/adi-trigger-set/")
+    labels_path = folder / "labels-cifar.txt"
+    if not labels_path.is_file():
+        raise UserError(f"missing trigger labels {labels_path}; {hint}")
+    try:
+        labels = [int(float(s)) for s in labels_path.read_text().split()]
+    except ValueError as e:
+        raise UserError(f"{labels_path}: not one number per line ({e})") from e
+    if not labels or min(labels) < 0 or max(labels) > 9:
+        raise UserError(f"{labels_path}: labels must be class indices 0-9")
+    images = np.stack([read_image_rgb(folder / "pics" / f"{i + 1}.jpg", size)
+                       for i in range(len(labels))])
+    return Dataset("adi-trigger-set", to_float(images), torch.tensor(labels, dtype=torch.long),
+                   CIFAR10_CLASSES)
+
+
+# --------------------------------------------------------------------------------------------
+# Subsets
+def stratified_indices(y: torch.Tensor, *, fraction: float | None = None,
+                       per_class: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Seeded stratified sample of indices: by `fraction` of all (classes in proportion,
+    largest-remainder rounding) or `per_class` images per class. Sorted indices."""
+    if (fraction is None) == (per_class is None):
+        raise UserError("give exactly one of fraction or per_class")
+    y = torch.as_tensor(y)
+    classes, counts = torch.unique(y, return_counts=True)
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise UserError(f"fraction must be in (0, 1], got {fraction}")
+        total = round(fraction * len(y))
+        exact = counts.double() * total / len(y)
+        want = exact.floor().long()
+        order = torch.argsort(exact - want.double(), descending=True, stable=True)
+        want[order[: total - int(want.sum())]] += 1
+    else:
+        if per_class < 1:
+            raise UserError(f"per_class must be >= 1, got {per_class}")
+        want = torch.full_like(counts, per_class)
+    if bool((want > counts).any()):
+        raise UserError(f"asked for {want.tolist()} images per class but only {counts.tolist()} exist")
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c, n in zip(classes.tolist(), want.tolist(), strict=True):
+        members = torch.nonzero(y == c).flatten()
+        picked.append(members[torch.randperm(len(members), generator=g)[:n]])
+    return torch.sort(torch.cat(picked)).values
+
+
+def stratified_subset(ds: Dataset, *, fraction: float | None = None, per_class: int | None = None,
+                      seed: int = 0) -> Dataset:
+    idx = stratified_indices(ds.y, fraction=fraction, per_class=per_class, seed=seed)
+    return ds.subset(idx, f"{ds.name}[{len(idx)}]")

@@ -1,0 +1,294 @@
+"""One training loop for everyone: owners embedding watermarks, attackers retraining, restorers.
+
+- Data are in-memory tensors; batches are index slices, augmentation is batched tensor code.
+- Seeded: shuffling and augmentation use a generator seeded from (seed, epoch), dropout the
+  global RNG reseeded per epoch, so a resumed run draws the same numbers as an unbroken one.
+- The learning rate is a pure function of the global step (`lr_at`), so no scheduler state.
+- `masks` keep chosen weights at zero (laundering's reset neurons): gradients and weights are
+  multiplied by the mask after every step.
+- `append` adds k extra examples to every batch (Adi et al.'s from-scratch embedding).
+- `callbacks` run after every epoch and may add metrics or ask to stop ({"stop": True}).
+- With `checkpoint_dir`, the last epoch's model + optimizer state is written (safetensors +
+  JSON) after every epoch; `resume=True` continues from it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import UserError
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "onecycle", "step")
+AUGMENTS = ("none", "crop-flip")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced NaN/Inf; nothing is written."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    l2: float = 0.0               # Keras-style kernel L2 coefficient: loss += l2 * sum(w**2)
+    schedule: str = "constant"
+    step_epochs: int = 20         # "step": lr × 0.1 every step_epochs
+    warmup: float = 0.25          # "onecycle": fraction of steps rising to lr
+    label_smoothing: float = 0.0
+    augment: str = "none"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.l2 >= 0, f"l2 must be >= 0, got {self.l2}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (0 < self.warmup < 1, f"warmup must be in (0, 1), got {self.warmup}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
+            (self.step_epochs >= 1, f"step_epochs must be >= 1, got {self.step_epochs}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    epochs_run: int = 0
+    stopped_early: bool = False
+
+
+Callback = Callable[[int, nn.Module], "dict[str, Any] | None"]
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate at global step `step` of `total` (pure, so resuming needs no state)."""
+    t = step / max(total, 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
+    if cfg.schedule == "step":
+        steps_per_epoch = total / max(cfg.epochs, 1)
+        return cfg.lr * 0.1 ** int(step / steps_per_epoch // cfg.step_epochs)
+    # onecycle: linear warm-up from lr/25 to lr, then cosine down to lr/1e4
+    if t < cfg.warmup:
+        return cfg.lr * (0.04 + 0.96 * t / cfg.warmup)
+    u = (t - cfg.warmup) / (1 - cfg.warmup)
+    return cfg.lr * (1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * u)))
+
+
+def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Batched random crop (zero padding `pad`) and horizontal flip; x (N,C,H,W)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))            # (N,H)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))            # (N,W)
+    flip = torch.rand(n, generator=g) < 0.5
+    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    idx_n = torch.arange(n).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (N,H,W,C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted labels (N,) in eval mode."""
+    was = model.training
+    model.eval()
+    out = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]) \
+        if len(x) else torch.empty(0, dtype=torch.long)
+    model.train(was)
+    return out
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Accuracy in percent (0-100)."""
+    if len(x) == 0:
+        raise UserError("cannot measure accuracy on an empty set")
+    return 100.0 * (predict(model, x, batch_size) == y).float().mean().item()
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Kernel L2 (Keras-style, on conv/dense weights only) as coupled weight decay 2·l2."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    other = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": 2 * cfg.l2}, {"params": other, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> None:
+    if not masks:
+        return
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    with torch.no_grad():
+        for name, m in masks.items():
+            params[name].mul_(m)
+
+
+# --------------------------------------------------------------------------------------------
+# Resumable state (model + optimizer + history) as safetensors + JSON
+def _save_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int,
+                history: list[dict[str, float]], cfg: TrainConfig) -> None:
+    from .checkpoint import atomic_save_tensors, atomic_write_json
+
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    scalars: dict[str, Any] = {}
+    for pid, st in osd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = v
+    atomic_save_tensors(folder / "last.safetensors", tensors)
+    atomic_write_json(folder / "last.json", {"epoch": epoch, "history": history, "config": asdict(cfg),
+                                             "opt_scalars": scalars})
+
+
+def _load_state(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig
+                ) -> tuple[int, list[dict[str, float]]]:
+    from .checkpoint import load_into, load_state
+
+    meta_path = folder / "last.json"
+    if not meta_path.is_file():
+        return 0, []
+    meta = json.loads(meta_path.read_text())
+    if meta.get("config") != asdict(cfg):
+        raise UserError(f"{folder}: the checkpoint was made with another training config; "
+                        "resume with the same settings or use a new output folder")
+    tensors = load_state(folder / "last.safetensors")
+    load_into(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(folder))
+    osd = opt.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for k, v in meta.get("opt_scalars", {}).items():
+        pid, name = k.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    osd["state"] = state
+    opt.load_state_dict(osd)
+    return int(meta["epoch"]), list(meta["history"])
+
+
+# --------------------------------------------------------------------------------------------
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    masks: dict[str, torch.Tensor] | None = None,
+    append: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    callbacks: Sequence[Callback] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool | str = True,
+) -> TrainResult:
+    """Train `model` in place on (x, y); x (N,C,H,W) float in [0,1], y (N,) int64.
+
+    eval_sets: name -> (x, y); after every epoch "<name>_acc" (percent) joins the history.
+    Returns the per-epoch history (loss, lr, seconds, eval accuracies, callback metrics).
+    """
+    if len(x) == 0 or len(x) != len(y):
+        raise UserError(f"training set is empty or mismatched (x {len(x)}, y {len(y)})")
+    if append is not None and (len(append[0]) == 0 or append[2] < 1):
+        raise UserError("append needs at least one example and k >= 1")
+    opt = make_optimizer(model, cfg)
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start, history = (0, [])
+    if folder is not None and resume:
+        start, history = _load_state(folder, model, opt, cfg)
+    apply_masks(model, masks)
+    n = len(x)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    result = TrainResult(history=history, epochs_run=start)
+    t_all = time.perf_counter()
+    desc = progress if isinstance(progress, str) else "train"
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        if append is not None:
+            ax, ay, k = append
+            aperm = torch.randperm(len(ax), generator=g).repeat(math.ceil(steps_per_epoch * k / len(ax)) + 1)
+        model.train()
+        loss_sum, seen = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not progress, mininterval=1.0)
+        for i in bar:
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            xb, yb = x[idx], y[idx]
+            if cfg.augment == "crop-flip":
+                xb = crop_flip(xb, g)
+            if append is not None:
+                aidx = aperm[i * k:(i + 1) * k]
+                xb, yb = torch.cat([xb, ax[aidx]]), torch.cat([yb, ay[aidx]])
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, total)
+            loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"training loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                    "lower the learning rate")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            apply_masks(model, masks)
+            loss_sum += loss.item() * len(yb)
+            seen += len(yb)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        bar.close()
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / seen,
+                               "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        for name, (ex, ey) in (eval_sets or {}).items():
+            row[f"{name}_acc"] = accuracy(model, ex, ey)
+        stop = False
+        for cb in callbacks:
+            extra = cb(epoch + 1, model) or {}
+            stop = stop or bool(extra.pop("stop", False))
+            row.update(extra)
+        history.append(row)
+        result.epochs_run = epoch + 1
+        if folder is not None:
+            _save_state(folder, model, opt, epoch + 1, history, cfg)
+        if progress:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+            tqdm.write(f"[{desc}] epoch {epoch + 1}/{cfg.epochs}: {shown}")
+        if stop:
+            result.stopped_early = True
+            break
+    model.eval()
+    result.seconds = time.perf_counter() - t_all
+    return result

@@ -1,0 +1,49 @@
+import pickle
+
+import pytest
+import torch
+
+from nnlaunder.checkpoint import load_model, save_model
+from nnlaunder.errors import UserError
+from nnlaunder.models import build
+
+
+def test_round_trip(tmp_path):
+    m = build("cifar-cnn", 10, seed=3)
+    m.eval()
+    x = torch.rand(2, 3, 32, 32)
+    save_model(tmp_path / "m", m, {"arch": "cifar-cnn", "num_classes": 10, "dataset": "cifar10", "seed": 3})
+    m2, meta = load_model(tmp_path / "m.safetensors")
+    assert meta["dataset"] == "cifar10" and meta["seed"] == 3
+    assert torch.equal(m(x), m2(x))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_wrong_architecture_is_a_clear_error(tmp_path):
+    save_model(tmp_path / "m", build("mnist-cnn"), {"arch": "mnist-cnn", "num_classes": 10})
+    (tmp_path / "m.json").write_text('{"arch": "cifar-cnn", "num_classes": 10}')
+    with pytest.raises(UserError, match="do not fit the architecture"):
+        load_model(tmp_path / "m")
+
+
+def test_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "m.safetensors").write_bytes(pickle.dumps(Evil()))
+    (tmp_path / "m.json").write_text('{"arch": "mnist-cnn", "num_classes": 10}')
+    with pytest.raises(UserError, match="safetensors"):
+        load_model(tmp_path / "m")
+    assert not marker.exists()
+
+
+def test_nan_weights_refused(tmp_path):
+    m = build("mnist-cnn")
+    with torch.no_grad():
+        m[1].weight[0, 0, 0, 0] = float("nan")
+    save_model(tmp_path / "m", m, {"arch": "mnist-cnn", "num_classes": 10})
+    with pytest.raises(UserError, match="NaN"):
+        load_model(tmp_path / "m")

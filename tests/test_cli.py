@@ -1,0 +1,74 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nnlaunder.cli import main
+
+
+def run(args, capsys):
+    code = main(args)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["embed", "--dataset", "mnist", "--scheme", "zhang-logo", "--out", "x"], "invalid choice"),
+    (["train", "--dataset", "mnist", "--arch", "cifar-cnn", "--out", "x"], "is for cifar10, not 'mnist'"),
+    (["train", "--dataset", "mnist", "--epochs", "-1", "--out", "x"], "expected an integer >= 0"),
+    (["train", "--dataset", "mnist", "--lr", "fast", "--out", "x"], "expected a number"),
+    (["verify", "no/such/model"], "missing model metadata"),
+    (["threshold", "--dataset", "mnist", "--schemes", "zhang-foo", "--out", "t.json"], "unknown scheme"),
+    (["embed", "--dataset", "mnist", "--scheme", "zhang-noise", "--param", "sigma=1", "--out", "x"],
+     "unknown key"),
+])
+def test_user_mistakes_are_one_line_exit_2(args, needle, capsys, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code, out, err = run(args, capsys)
+    except SystemExit as e:          # argparse's own errors
+        code, err = e.code, capsys.readouterr().err
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_missing_data_dir_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("NNLAUNDER_DATA", raising=False)
+    code, _, err = run(["train", "--dataset", "mnist", "--out", str(tmp_path / "m")], capsys)
+    assert code == 2 and "--data-dir" in err and len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output(capsys, data_dir, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    code, _, err = run(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(ro / "sub" / "m")], capsys)
+    ro.chmod(0o700)
+    if code == 0:
+        pytest.skip("running as a user who can write anywhere (root)")
+    assert code == 2 and "output folder" in err
+
+
+def test_embed_verify_end_to_end(capsys, data_dir, tmp_path):
+    """One short embedding on real MNIST, then verify via the CLI (about 20 s on 2 cores)."""
+    out = tmp_path / "wm"
+    code, o, _ = run(["embed", "--dataset", "mnist", "--scheme", "zhang-content", "--epochs", "1",
+                      "--param", "n_verify=2000", "--out", str(out), "--quiet"], capsys)
+    assert code == 0 and out.with_suffix(".safetensors").is_file()
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["scheme"] == "zhang-content" and meta["metrics"]["test_acc"] > 95
+    code, o, _ = run(["verify", str(out), "--threshold", "1.5", "--json"], capsys)
+    v = json.loads(o)
+    assert code == 0 and v["n"] == 2000 and v["wm_acc"] == pytest.approx(meta["metrics"]["wm_acc"])
+    assert v["owned"] == (v["wm_acc"] > 1.5 and v["p_value"] < 0.01)
+    code, o, err = run(["verify", str(out)], capsys)
+    assert code == 2 and "--threshold" in err
+
+
+def test_console_entry_point_exit_code(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "nnlaunder.cli", "verify", str(tmp_path / "none")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr

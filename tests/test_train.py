@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from nnlaunder.errors import UserError
+from nnlaunder.train import NonFiniteLoss, TrainConfig, accuracy, crop_flip, lr_at, train
+
+
+def _toy(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > x[:, 0, 4:].mean((1, 2))).long()
+    return x, y
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 2))
+
+
+def test_training_learns_a_simple_rule():
+    x, y = _toy(512)
+    m = _net()
+    before = accuracy(m, x, y)
+    res = train(m, x, y, TrainConfig(epochs=15, batch_size=32, lr=3e-3), progress=False)
+    assert accuracy(m, x, y) > max(90.0, before + 20)
+    assert len(res.history) == 15 and res.history[-1]["loss"] < res.history[0]["loss"]
+
+
+def test_same_seed_same_weights_and_resume_equals_unbroken(tmp_path):
+    x, y = _toy()
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-2, schedule="onecycle", seed=7)
+    a = _net()
+    train(a, x, y, cfg, progress=False)
+    # Interrupted after 2 epochs (a callback stops it), then resumed from the checkpoint.
+    b = _net()
+    train(b, x, y, cfg, checkpoint_dir=tmp_path, progress=False,
+          callbacks=[lambda ep, m: {"stop": ep == 2}])
+    c = _net(seed=123)  # different init: the checkpoint must overwrite it
+    res = train(c, x, y, cfg, checkpoint_dir=tmp_path, resume=True, progress=False)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    for p, q in zip(a.parameters(), c.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    x, y = _toy()
+    train(_net(), x, y, TrainConfig(epochs=1, batch_size=64), checkpoint_dir=tmp_path, progress=False)
+    with pytest.raises(UserError, match="another training config"):
+        train(_net(), x, y, TrainConfig(epochs=1, batch_size=32), checkpoint_dir=tmp_path, resume=True,
+              progress=False)
+
+
+def test_masks_keep_weights_zero():
+    x, y = _toy()
+    m = _net()
+    mask = torch.ones_like(m[1].weight)
+    mask[:5] = 0
+    bmask = torch.ones_like(m[1].bias)
+    bmask[:5] = 0
+    train(m, x, y, TrainConfig(epochs=2, batch_size=32, lr=1e-2, l2=1e-3), progress=False,
+          masks={"1.weight": mask, "1.bias": bmask})
+    assert torch.count_nonzero(m[1].weight[:5]) == 0 and torch.count_nonzero(m[1].bias[:5]) == 0
+    assert torch.count_nonzero(m[1].weight[5:]) > 0
+
+
+def test_append_adds_k_examples_per_batch():
+    x, y = _toy(64)
+    extra_x = torch.zeros(3, 1, 8, 8)
+    extra_y = torch.ones(3, dtype=torch.long)
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, inp):
+            if self.training:
+                seen.append(len(inp))
+            return self.net(inp)
+
+    train(Spy(), x, y, TrainConfig(epochs=1, batch_size=16), append=(extra_x, extra_y, 2), progress=False)
+    assert seen == [18, 18, 18, 18]
+
+
+def test_crop_flip_moves_pixels_but_keeps_shape_and_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32)
+    out = crop_flip(x, g)
+    assert out.shape == x.shape
+    assert not torch.equal(out, x)
+    # every output pixel is an input pixel of the same image/channel or padding zero
+    for i in range(4):
+        vals = set(x[i, 0].flatten().tolist()) | {0.0}
+        assert set(out[i, 0].flatten().tolist()) <= vals
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="onecycle")
+    lrs = [lr_at(cfg, s, 1000) for s in range(1000)]
+    assert max(lrs) == pytest.approx(0.1, rel=1e-2) and lrs[0] < 0.01 and lrs[-1] < 1e-3
+    step = TrainConfig(epochs=40, lr=0.1, schedule="step", step_epochs=20)
+    assert lr_at(step, 0, 400) == 0.1 and math.isclose(lr_at(step, 250, 400), 0.01)
+    cos = TrainConfig(lr=1.0, schedule="cosine")
+    assert lr_at(cos, 500, 1000) == pytest.approx(0.5)
+
+
+def test_bad_configs_and_nan_loss():
+    with pytest.raises(UserError, match="epochs"):
+        TrainConfig(epochs=-1)
+    with pytest.raises(UserError, match="optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    x, y = _toy()
+    x[0] = float("nan")
+    with pytest.raises(NonFiniteLoss):
+        train(_net(), x, y, TrainConfig(epochs=1, batch_size=512), progress=False)
