@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -237,6 +238,71 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launder(args: argparse.Namespace) -> int:
+    from .attacks.laundering import launder, launder_config
+    from .attacks.neural_cleanse import NCConfig
+    from .experiments.evaluate import evaluator
+    from .report.plots import trigger_grid
+
+    model, meta = load_model(args.model)
+    dataset = meta.get("dataset")
+    if dataset not in D.DATASETS:
+        raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
+    if not 0 < args.budget <= 1:
+        raise UserError(f"--budget is a fraction of the training set in (0, 1], got {args.budget}")
+    out_dir = Path(args.out)
+    _out(str(out_dir / "laundered"))
+    tr, te = D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
+    if args.per_class:
+        clean = D.stratified_subset(tr, per_class=args.per_class, seed=args.seed)
+    else:
+        clean = D.stratified_subset(tr, fraction=args.budget, seed=args.seed)
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
+                                    ("threshold_mode", args.threshold_mode), ("layers", args.layers),
+                                    ("triggers", args.triggers), ("add_masks", args.add_masks)) if v is not None}
+    nc = NCConfig(max_epochs=args.nc_epochs, seed=args.seed) if args.nc_epochs else NCConfig(seed=args.seed)
+    cfg = launder_config(args.variant, nc=nc, seed=args.seed, **overrides)
+    wm = None
+    threshold = None
+    if args.verify_scheme:
+        params = dict(meta.get("scheme_params") or {}) if args.verify_scheme == meta.get("scheme") else {}
+        params.update(_params(args.param))
+        wm = make_watermark(args.verify_scheme, tr, te, args.data_dir, params)
+        if args.threshold is not None or args.threshold_file:
+            threshold = _threshold_value(args, args.verify_scheme)
+    on_round = evaluator(te, wm)
+    before = on_round(0, model)
+    print(f"attacker's clean set: {len(clean)} images ({args.budget:.2%} of {dataset} train); "
+          f"before: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
+
+    def show(r, m, info):
+        metrics = on_round(r, m, info)
+        if info.stopped:
+            print(f"round {r}: early stop (class {info.least_likely} was the most likely infected in round 1)")
+        else:
+            print(f"round {r}: flagged {info.flagged or 'none'} (used {info.used_triggers}), reset "
+                  f"{sum(info.resets.values())} units {info.resets}; " +
+                  ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items()) + f"; {info.seconds:.0f} s")
+        return metrics
+
+    res = launder(model, clean, cfg, on_round=show, progress=not args.quiet)
+    report = {"model": str(args.model), "dataset": dataset, "budget": len(clean) / len(tr), "n_clean": len(clean),
+              "config": dataclasses.asdict(cfg), "before": before, "threshold": threshold,
+              "verify_scheme": args.verify_scheme, "rounds": res.report(), "seconds": res.seconds}
+    new_meta = {**{k: meta[k] for k in ("arch", "num_classes", "dataset")}, "scheme": meta.get("scheme"),
+                "scheme_params": meta.get("scheme_params"), "laundered_from": str(args.model), "launder": report}
+    save_model(out_dir / "laundered", res.model, new_meta)
+    atomic_write_json(out_dir / "report.json", report)
+    last = res.nc[-1]
+    trigger_grid(last.masks, last.patterns, last.l1.tolist(), last.anomaly.tolist(), last.flagged, tr.classes,
+                 out_dir / "triggers.png", title=f"Neural Cleanse, round {len(res.nc)}", example=clean.x[0])
+    if wm is not None and threshold is not None:
+        v = verify(res.model, wm, threshold)
+        print(v.summary())
+    print(f"wrote {out_dir}/laundered.safetensors, report.json, triggers.png ({res.seconds:.0f} s)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -290,6 +356,28 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="JSON file")
     _train_flags(s)
     s.set_defaults(func=cmd_threshold)
+
+    s = sub.add_parser("launder", help="launder a model with a small clean set (Aiken et al.)")
+    _common(s)
+    s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--budget", type=_float, default=0.006, help="fraction of the training set the attacker holds")
+    s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
+    s.add_argument("--rounds", type=_positive_int)
+    s.add_argument("--variant", choices=("strong", "faithful"), default="strong")
+    s.add_argument("--dt", type=_float, help="dense-layer threshold")
+    s.add_argument("--ct", type=_float, help="conv-layer threshold")
+    s.add_argument("--threshold-mode", choices=("absolute", "relative"))
+    s.add_argument("--layers", choices=("all", "second-half"))
+    s.add_argument("--triggers", choices=("all", "flagged"))
+    s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--nc-epochs", type=_positive_int, help="cap on Neural Cleanse epochs (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--verify-scheme", choices=sorted(SCHEMES), help="evaluator: the owner's scheme to measure")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE")
+    s.add_argument("--threshold", type=_float)
+    s.add_argument("--threshold-file")
+    s.set_defaults(func=cmd_launder)
 
     s = sub.add_parser("demo", help="embed a zhang-content watermark in MNIST and verify it")
     _common(s)

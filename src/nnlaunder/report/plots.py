@@ -1,0 +1,77 @@
+"""PNG plots (matplotlib, Agg backend). Inputs are plain tensors and numbers; outputs are files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def _img(t: torch.Tensor):
+    t = t.detach().float().clamp(0, 1)
+    return t[0].numpy() if t.shape[0] == 1 else t.permute(1, 2, 0).numpy()
+
+
+def trigger_grid(masks: torch.Tensor, patterns: torch.Tensor, l1: Sequence[float], anomaly: Sequence[float],
+                 flagged: Sequence[int], class_names: Sequence[str], path: Path, title: str = "",
+                 example: torch.Tensor | None = None) -> Path:
+    """Neural Cleanse's recovered triggers per class (Figures 6/8 style): mask, pattern, mask·pattern
+    and (with `example`) the trigger stamped on a clean image. Flagged classes are titled in red."""
+    k = len(masks)
+    rows = 4 if example is not None else 3
+    fig, axes = plt.subplots(rows, k, figsize=(1.5 * k, 1.6 * rows + 0.6), squeeze=False)
+    for i in range(k):
+        m, p = masks[i], patterns[i]
+        panels = [(_img(m), "gray"), (_img(p), None if p.shape[0] == 3 else "gray"),
+                  (_img(m * p), None if p.shape[0] == 3 else "gray")]
+        if example is not None:
+            panels.append((_img((1 - m) * example + m * p), None if p.shape[0] == 3 else "gray"))
+        for r, (im, cmap) in enumerate(panels):
+            ax = axes[r][i]
+            ax.imshow(im, cmap=cmap, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        color = "red" if i in flagged else "black"
+        axes[0][i].set_title(f"{class_names[i]}\nL1 {l1[i]:.1f}  a {anomaly[i]:.2f}", fontsize=7, color=color)
+    for r, label in enumerate(["mask", "pattern", "mask·pattern", "stamped"][:rows]):
+        axes[r][0].set_ylabel(label, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def before_after(rows: Sequence[dict], threshold: float, path: Path, title: str = "") -> Path:
+    """Grouped bars: test and watermark accuracy per stage, with the vanilla threshold line."""
+    names = [r["stage"] for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    axes[0].bar(x, [r["test_acc"] for r in rows], color="tab:blue")
+    axes[0].set_ylim(min(90.0, min(r["test_acc"] for r in rows) - 2), 100)
+    axes[0].set_title("test accuracy %")
+    axes[1].bar(x, [r["wm_acc"] for r in rows], color="tab:red")
+    axes[1].axhline(threshold, color="black", lw=1.2, label=f"vanilla threshold {threshold:.2f}%")
+    axes[1].set_yscale("symlog", linthresh=1.0)
+    axes[1].set_ylim(0, 100)
+    axes[1].set_title("watermark accuracy % (symlog)")
+    axes[1].legend(fontsize=7, loc="upper right")
+    for ax in axes:
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(names, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

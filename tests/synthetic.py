@@ -1,0 +1,37 @@
+"""A tiny synthetic task with a planted backdoor, for fast end-to-end attack tests.
+
+Four classes on 1×12×12 images: the class is the quadrant holding a bright 3×3 blob. The
+backdoor: a 2×2 checkerboard at the centre sends any image to class 0.
+"""
+
+import torch
+from torch import nn
+
+from nnlaunder.data import Dataset
+
+
+def make_images(n: int, seed: int) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 12, 12, generator=g) * 0.3
+    y = torch.randint(0, 4, (n,), generator=g)
+    r0 = (y // 2) * 6 + torch.randint(0, 4, (n,), generator=g)
+    c0 = (y % 2) * 6 + torch.randint(0, 4, (n,), generator=g)
+    rows = r0.view(n, 1) + torch.arange(3).view(1, 3)
+    cols = c0.view(n, 1) + torch.arange(3).view(1, 3)
+    idx = torch.arange(n).view(n, 1, 1)
+    x[idx, 0, rows.view(n, 3, 1), cols.view(n, 1, 3)] = 1.0
+    return Dataset("synthetic", x, y, ("a", "b", "c", "d"))
+
+
+def add_trigger(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    out[:, :, 5, 5] = out[:, :, 6, 6] = 1.0
+    out[:, :, 5, 6] = out[:, :, 6, 5] = 0.0
+    return out
+
+
+def tiny_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(16 * 9, 32), nn.ReLU(), nn.Linear(32, 4))

@@ -1,0 +1,140 @@
+import dataclasses
+
+import torch
+
+from nnlaunder.attacks.laundering import (
+    LaunderConfig,
+    apply_reset,
+    launder,
+    launder_config,
+    reset_masks,
+    select_resets,
+)
+from nnlaunder.attacks.neural_cleanse import NCConfig
+from nnlaunder.attacks.units import discover_units, mean_activations, select_units
+from nnlaunder.models import build
+from nnlaunder.train import TrainConfig, accuracy, predict, train
+
+from .synthetic import add_trigger, make_images, tiny_net
+
+
+def test_unit_discovery_on_the_paper_models():
+    units, skipped = discover_units(build("mnist-cnn"), torch.rand(2, 1, 28, 28))
+    assert [(u.name, u.kind, u.width, u.bn) for u in units] == [
+        ("1", "conv", 32, None), ("4", "conv", 16, None), ("8", "dense", 512, None)]
+    assert not skipped
+    units, _ = discover_units(build("cifar-cnn"), torch.rand(2, 3, 32, 32))
+    assert len(units) == 6 and all(u.kind == "conv" and u.bn is not None for u in units)
+    assert units[0].act == "2" and units[0].bn == "3"          # conv -> ReLU -> BN (Table 7)
+    units, _ = discover_units(build("resnet20"), torch.rand(2, 3, 32, 32))
+    names = [u.name for u in units]
+    assert names[0] == "stem.0" and "blocks.3.shortcut" in names and "fc" not in names
+    u = {x.name: x for x in units}
+    assert u["blocks.0.conv2"].bn == "blocks.0.bn2" and u["blocks.0.conv2"].act == "blocks.0.relu2"
+    assert u["blocks.3.shortcut"].bn is None
+    half = select_units(units, "second-half")
+    assert half == units[len(units) // 2:]
+
+
+def test_grouped_conv_is_skipped_not_reset():
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 4 * 4, 3))
+    units, skipped = discover_units(net, torch.rand(2, 4, 6, 6))
+    assert units == [] and skipped == [("0", "grouped convolution")]
+
+
+def test_activation_difference_and_reset_selection():
+    net = tiny_net()
+    units, _ = discover_units(net, torch.rand(2, 1, 12, 12))
+    x = make_images(100, 0).x
+    an = mean_activations(net, units, x)
+    aw = mean_activations(net, units, add_trigger(x))
+    diff = {k: aw[k] - an[k] for k in an}
+    top = {u.name: int(diff[u.name].argmax()) for u in units}
+    chosen = select_resets(units, diff, an, dt=float("inf"), ct=float("inf"), mode="absolute")
+    assert all(len(v) == 0 for v in chosen.values())
+    # thresholds just below each layer's largest difference pick exactly that channel
+    for u in units:
+        t = float(diff[u.name].max()) - 1e-6
+        ch = select_resets([u], diff, an, dt=t, ct=t, mode="absolute")[u.name]
+        assert top[u.name] in ch.tolist()
+    rel = select_resets(units, diff, an, dt=0.0, ct=0.0, mode="relative")
+    assert all(torch.equal(rel[u.name], torch.nonzero(diff[u.name] > 0).flatten()) for u in units)
+
+
+def test_reset_weights_stay_zero_through_retraining():
+    net = tiny_net()
+    units, _ = discover_units(net, torch.rand(2, 1, 12, 12))
+    chosen = {units[0].name: torch.tensor([1, 3]), units[2].name: torch.tensor([0, 5, 7])}
+    masks = reset_masks(net, units, chosen)
+    apply_reset(net, masks)
+    data = make_images(256, 2)
+    train(net, data.x, data.y, TrainConfig(epochs=2, batch_size=32, lr=1e-2, l2=1e-3), masks=masks,
+          progress=False)
+    assert torch.count_nonzero(net[0].weight[[1, 3]]) == 0 and torch.count_nonzero(net[0].bias[[1, 3]]) == 0
+    assert torch.count_nonzero(net[7].weight[[0, 5, 7]]) == 0
+    assert torch.count_nonzero(net[0].weight[[0, 2]]) > 0
+    # the output of a reset channel is exactly zero whatever the input
+    acts = mean_activations(net, units[:1], data.x)[units[0].name]
+    assert acts[1] == 0 and acts[3] == 0
+
+
+def test_bn_channels_are_reset_too():
+    net = build("cifar-cnn", seed=0)
+    units, _ = discover_units(net, torch.rand(2, 3, 32, 32))
+    masks = reset_masks(net, units, {units[1].name: torch.tensor([4])})
+    assert set(masks) == {f"{units[1].name}.weight", f"{units[1].name}.bias", f"{units[1].bn}.weight",
+                          f"{units[1].bn}.bias"}
+    apply_reset(net, masks)
+    bn = dict(net.named_modules())[units[1].bn]
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)        # BN statistics would otherwise leak a constant
+    out = {}
+    h = bn.register_forward_hook(lambda m, i, o: out.setdefault("bn", o))
+    net.eval()
+    net(torch.rand(4, 3, 32, 32))
+    h.remove()
+    assert torch.count_nonzero(out["bn"][:, 4]) == 0
+
+
+def test_a_planted_backdoor_is_found_and_removed_end_to_end():
+    """Tiny synthetic model: plant a backdoor, launder with 100 clean images, backdoor gone."""
+    train_set = make_images(3000, 10)
+    poison = make_images(300, 11)
+    x = torch.cat([train_set.x, add_trigger(poison.x)])
+    y = torch.cat([train_set.y, torch.zeros(300, dtype=torch.long)])
+    net = tiny_net(1)
+    train(net, x, y, TrainConfig(epochs=8, batch_size=64, lr=3e-3), progress=False)
+    test = make_images(1000, 12)
+    victims = test.subset(torch.nonzero(test.y != 0).flatten())
+    asr_before = 100 * float((predict(net, add_trigger(victims.x)) == 0).float().mean())
+    acc_before = accuracy(net, test.x, test.y)
+    assert asr_before > 95 and acc_before > 95
+
+    clean = make_images(100, 13)
+    seen = []
+    cfg = launder_config("strong", dt=2.0, ct=2.0, nc=NCConfig(max_epochs=60, batch_size=32),
+                         retrain=TrainConfig(epochs=15, batch_size=32, lr=1e-3))
+    res = launder(net, clean, cfg, on_round=lambda r, m, info: seen.append(r) or {"checked": True})
+    assert seen == [1] and res.rounds[0].metrics == {"checked": True}
+    assert 0 in res.rounds[0].used_triggers          # the backdoor class was recovered
+    asr_after = 100 * float((predict(res.model, add_trigger(victims.x)) == 0).float().mean())
+    acc_after = accuracy(res.model, test.x, test.y)
+    assert asr_after < 10, (asr_before, asr_after)
+    assert acc_after > 90
+    # the original model is untouched (launder works on a copy)
+    assert 100 * float((predict(net, add_trigger(victims.x)) == 0).float().mean()) == asr_before
+
+
+def test_config_validation():
+    import pytest
+
+    from nnlaunder.errors import UserError
+
+    with pytest.raises(UserError):
+        LaunderConfig(rounds=0)
+    with pytest.raises(UserError):
+        launder_config("sloppy")
+    cfg = launder_config("faithful", rounds=3)
+    assert cfg.triggers == "all" and cfg.add_masks and cfg.rounds == 3
+    assert dataclasses.replace(cfg, dt=1.0).dt == 1.0
