@@ -74,7 +74,7 @@ def test_zhang_unrelated_mnist_uses_fashion(mnist, has_fashion):
     tr, te = mnist
     wm = make_watermark("zhang-unrelated", tr, te)
     assert wm.params["source"] == "fashion-mnist" and wm.params["source_class"] == 0
-    assert len(wm.verify_y) == 1000 and len(wm.embed_y) == 600
+    assert len(wm.verify_y) == 1000 and len(wm.embed_y) == 6000     # every training t-shirt
 
 
 def test_zhang_unrelated_cifar_uses_mnist_ones(cifar):

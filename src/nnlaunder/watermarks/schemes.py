@@ -65,7 +65,7 @@ class UnrelatedParams:
     target: int = 0
     source: str | None = None       # None: fashion-mnist for 1-channel models, mnist for 3-channel
     source_class: int | None = None  # None: 0 ("t-shirt/top") for fashion-mnist, 1 for mnist
-    n_embed: int | None = None
+    n_embed: int | None = None      # None: every training image of the source class, at most 10% of the task's
     n_verify: int | None = None
     seed: int = 0
 
@@ -185,7 +185,7 @@ def zhang_unrelated(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p:
         raise UserError(f"source_class {cls} is out of range for {source}")
     tr = torch.nonzero(src_tr.y == cls).flatten()
     te = torch.nonzero(src_te.y == cls).flatten()
-    ex = src_tr.x[tr[_pick(len(tr), p.n_embed, min(len(tr), round(0.01 * len(train))), p.seed, "n_embed")]]
+    ex = src_tr.x[tr[_pick(len(tr), p.n_embed, min(len(tr), round(0.1 * len(train))), p.seed, "n_embed")]]
     vx = src_te.x[te[_pick(len(te), p.n_verify, len(te), p.seed + 1, "n_verify")]]
     ex, vx = to_shape(ex, train.shape), to_shape(vx, train.shape)
     return Watermark("zhang-unrelated", ex, torch.full((len(ex),), p.target), vx,
