@@ -108,7 +108,7 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
                                                           "by_arch": curves_out, "command": cmd})
 
     # 2. Watermarked models.
-    for name, arch, scheme, params in plan:
+    for name, arch, scheme, _params in plan:
         wm = wms[name]
         cfg = owner_config(arch, seed=0, **({"epochs": args.epochs} if args.epochs else {}))
 

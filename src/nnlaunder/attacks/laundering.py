@@ -77,8 +77,13 @@ class LaunderConfig:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "faithful": {"triggers": "all", "add_masks": True, "threshold_mode": "absolute"},
-    "strong": {"triggers": "flagged", "add_masks": False, "threshold_mode": "relative"},
+    # DT = CT = 0.5 (absolute) is the prototype calibration in facts.md; the paper gives no values.
+    "faithful": {"triggers": "all", "add_masks": True, "threshold_mode": "absolute", "dt": 0.5, "ct": 0.5,
+                 "retrain": TrainConfig(epochs=20, batch_size=32, optimizer="adam", lr=1e-3)},
+    # Thresholds are multiples of the layer's mean clean activation; short, gentle retraining
+    # (held-out accuracy plateaus within 5 epochs; longer retraining regrows the watermark).
+    "strong": {"triggers": "flagged", "add_masks": False, "threshold_mode": "relative", "dt": 0.5, "ct": 1.0,
+               "retrain": TrainConfig(epochs=5, batch_size=32, optimizer="adam", lr=1e-4)},
 }
 
 
@@ -185,23 +190,51 @@ def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool
     return torch.cat(xs), torch.cat(ys)
 
 
+def used_triggers(nc: NCResult, which: str) -> list[int]:
+    """The recovered triggers a round works with: every class, or the flagged ones (the
+    smallest-mask class when nothing is flagged: the attacker must assume a watermark, §7.6)."""
+    return list(range(len(nc.l1))) if which == "all" else (nc.flagged or [nc.most_likely])
+
+
+def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: LaunderConfig, units: list[Unit],
+                      masks: dict[str, torch.Tensor], round_idx: int = 1, progress: bool = False
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
+    """Steps 2 and 3 of one round, in place: Algorithm 1's resets, then retraining with the reset
+    weights held at zero. Returns (all masks so far, resets per layer, retraining seconds)."""
+    used = used_triggers(nc, cfg.triggers)
+    stamped = torch.cat([stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
+    diff, an = activation_differences(model, units, clean.x, stamped)
+    chosen = select_resets(units, diff, an, cfg.dt, cfg.ct, cfg.threshold_mode)
+    masks = reset_masks(model, units, chosen, masks)
+    apply_reset(model, masks)
+    rx, ry = _retrain_set(clean, nc, used, cfg.add_masks)
+    t1 = time.perf_counter()
+    rcfg = dataclasses.replace(cfg.retrain, seed=cfg.retrain.seed + round_idx)
+    train(model, rx, ry, rcfg, masks=masks, progress="retrain" if progress else False)
+    return masks, {u.name: int(len(chosen[u.name])) for u in units}, time.perf_counter() - t1
+
+
+def split_holdout(clean: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """(the part the attack trains on, the attacker's own held-out slice or None)."""
+    if fraction <= 0:
+        return clean, None
+    perm = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))
+    n_hold = max(1, round(fraction * len(clean)))
+    return clean.subset(torch.sort(perm[n_hold:]).values), clean.subset(perm[:n_hold])
+
+
 def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: OnRound | None = None,
-            progress: bool = False, inplace: bool = False) -> LaunderResult:
+            progress: bool = False, inplace: bool = False, first_nc: NCResult | None = None) -> LaunderResult:
     """Launder `model` with the attacker's clean labelled set `clean`. Returns a new model
-    (unless `inplace`), per-round records and the weight masks of the reset neurons."""
+    (unless `inplace`), per-round records and the weight masks of the reset neurons.
+    `first_nc` reuses a Neural Cleanse result for round 1 (it must come from this model and set)."""
     if len(clean) < clean.num_classes:
         raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
     if not torch.isfinite(clean.x).all():
         raise UserError("the clean set contains NaN or Inf")
     model = model if inplace else copy.deepcopy(model)
     t_all = time.perf_counter()
-    g = torch.Generator().manual_seed(cfg.seed)
-    if cfg.holdout > 0:
-        perm = torch.randperm(len(clean), generator=g)
-        n_hold = max(1, round(cfg.holdout * len(clean)))
-        held, clean = clean.subset(perm[:n_hold]), clean.subset(torch.sort(perm[n_hold:]).values)
-    else:
-        held = None
+    clean, held = split_holdout(clean, cfg.holdout, cfg.seed)
     units, _skipped = discover_units(model, clean.x[:2])
     units = select_units(units, cfg.layers)
     masks: dict[str, torch.Tensor] = {}
@@ -210,39 +243,27 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
     first_most: int | None = None
     for r in range(1, cfg.rounds + 1):
         t0 = time.perf_counter()
-        nc_cfg = dataclasses.replace(cfg.nc, seed=cfg.nc.seed + 1000 * (r - 1))
-        nc = neural_cleanse(model, clean.x, nc_cfg, num_classes=clean.num_classes)
+        if r == 1 and first_nc is not None:
+            nc = first_nc
+        else:
+            nc = neural_cleanse(model, clean.x, dataclasses.replace(cfg.nc, seed=cfg.nc.seed + 1000 * (r - 1)),
+                                num_classes=clean.num_classes)
         ncs.append(nc)
         first_most = nc.most_likely if first_most is None else first_most
-        if cfg.triggers == "all":
-            used = list(range(clean.num_classes))
-        else:
-            used = nc.flagged or [nc.most_likely]
         info = RoundInfo(r, nc.seconds, nc.epochs.tolist(), nc.l1.tolist(), nc.anomaly.tolist(), nc.flagged,
-                         used, nc.most_likely, nc.least_likely, {})
+                         used_triggers(nc, cfg.triggers), nc.most_likely, nc.least_likely, {})
         if cfg.early_stop and r > 1 and nc.least_likely == first_most:
             info.stopped = True
-            info.seconds = time.perf_counter() - t0
-            rounds.append(info)
-            if on_round is not None:
-                info.metrics = dict(on_round(r, model, info) or {})
-            break
-        stamped = torch.cat([stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
-        diff, an = activation_differences(model, units, clean.x, stamped)
-        chosen = select_resets(units, diff, an, cfg.dt, cfg.ct, cfg.threshold_mode)
-        masks = reset_masks(model, units, chosen, masks)
-        apply_reset(model, masks)
-        info.resets = {u.name: int(len(chosen[u.name])) for u in units}
-        rx, ry = _retrain_set(clean, nc, used, cfg.add_masks)
-        t1 = time.perf_counter()
-        rcfg = dataclasses.replace(cfg.retrain, seed=cfg.retrain.seed + r)
-        train(model, rx, ry, rcfg, masks=masks, progress="retrain" if progress else False)
-        info.retrain_seconds = time.perf_counter() - t1
-        if held is not None:
-            info.attacker_acc = accuracy(model, held.x, held.y)
+        else:
+            masks, info.resets, info.retrain_seconds = reset_and_retrain(model, clean, nc, cfg, units, masks, r,
+                                                                         progress)
+            if held is not None:
+                info.attacker_acc = accuracy(model, held.x, held.y)
         info.seconds = time.perf_counter() - t0
         rounds.append(info)
         if on_round is not None:
             info.metrics = dict(on_round(r, model, info) or {})
+        if info.stopped:
+            break
     model.eval()
     return LaunderResult(model, rounds, masks, ncs, time.perf_counter() - t_all)
