@@ -5,13 +5,15 @@
 Writes benchmarks/results/embed.json + embed.md (rows for the datasets run replace earlier rows
 for those datasets) and benchmarks/results/thresholds-<dataset>.json (the clean models' per-epoch
 watermark accuracy: Figure 5's data). Models go to models/<dataset>/<name>.safetensors (+ .json);
-an existing model is loaded, not retrained, unless --retrain: the run is resumable.
+an existing model is loaded, not retrained, unless --retrain; a training that was stopped part-way
+continues from its last finished epoch (models/<dataset>/<name>.ckpt/): the run is resumable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,7 @@ def _get_or_train(path: Path, retrain: bool, make) -> tuple[torch.nn.Module, dic
         return load_model(path)
     model, meta = make()
     save_model(path, model, meta)
+    shutil.rmtree(path.with_suffix(".ckpt"), ignore_errors=True)   # finished: the epoch checkpoint is spent
     return model, meta
 
 
@@ -86,7 +89,8 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
             def make(cfg=cfg, seed=seed, arch=arch, names=names):
                 t0 = time.perf_counter()
                 m, hist = clean_wm_curve(arch, tr, {n: wms[n] for n in names}, cfg, test=te, seed=seed,
-                                         progress=f"clean {arch} s{seed}")
+                                         progress=f"clean {arch} s{seed}", resume=True,
+                                         checkpoint_dir=mdir / f"clean-{arch}-s{seed}.ckpt")
                 return m, {"arch": arch, "num_classes": tr.num_classes, "dataset": ds, "scheme": None,
                            "seed": seed, "config": cfg.__dict__, "history": hist, "command": cmd,
                            "seconds": time.perf_counter() - t0,
@@ -118,7 +122,8 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
                 model, _ = load_model(mdir / f"clean-{arch}-s{args.seeds[0]}")
             else:
                 model = build(arch, tr.num_classes, seed=0)
-            res = embed(model, tr, wm, cfg, test=te, progress=f"{name}")
+            res = embed(model, tr, wm, cfg, test=te, progress=f"{name}", resume=True,
+                        checkpoint_dir=mdir / f"{name}.ckpt")
             return model, {"arch": arch, "num_classes": tr.num_classes, "dataset": ds, "scheme": scheme,
                            "scheme_params": wm.params, "seed": 0, "config": cfg.__dict__, "history": res.history,
                            "command": cmd, "seconds": time.perf_counter() - t0,

@@ -379,7 +379,7 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold-file")
     s.set_defaults(func=cmd_launder)
 
-    s = sub.add_parser("demo", help="embed a zhang-content watermark in MNIST and verify it")
+    s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
     _common(s)
     s.add_argument("--out-dir", default="runs/demo")
     s.add_argument("--epochs", type=_positive_int, default=3)

@@ -41,8 +41,8 @@ def embed(model: nn.Module, train_set: Dataset, wm: Watermark, cfg: TrainConfig,
 
 def clean_wm_curve(arch: str, train_set: Dataset, wms: dict[str, Watermark], cfg: TrainConfig, *,
                    test: Dataset | None = None, seed: int = 0, callbacks: Sequence[Callback] = (),
-                   progress: bool | str = True, model_hook: Callable[[nn.Module], None] | None = None
-                   ) -> tuple[nn.Module, list[dict[str, float]]]:
+                   progress: bool | str = True, model_hook: Callable[[nn.Module], None] | None = None,
+                   **train_kwargs) -> tuple[nn.Module, list[dict[str, float]]]:
     """Train a clean (never watermarked) model and record, after every epoch, how often it
     classifies each scheme's verification triggers as the watermark label (Figure 5)."""
     model = build(arch, train_set.num_classes, seed=seed)
@@ -50,7 +50,7 @@ def clean_wm_curve(arch: str, train_set: Dataset, wms: dict[str, Watermark], cfg
     if test is not None:
         eval_sets["test"] = (test.x, test.y)
     res = train(model, train_set.x, train_set.y, cfg, eval_sets=eval_sets, callbacks=callbacks,
-                progress=progress)
+                progress=progress, **train_kwargs)
     if model_hook is not None:
         model_hook(model)
     return model, res.history
