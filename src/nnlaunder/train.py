@@ -229,6 +229,10 @@ def train(
     if folder is not None and resume:
         start, history = _load_state(folder, model, opt, cfg)
     apply_masks(model, masks)
+    # channels_last is 1.2-1.4× faster for these convnets on CPU (measured: docs/recipes.md)
+    fmt = torch.channels_last if (x.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())) \
+        else torch.contiguous_format
+    model.to(memory_format=fmt)
     n = len(x)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -255,6 +259,7 @@ def train(
             if append is not None:
                 aidx = aperm[i * k:(i + 1) * k]
                 xb, yb = torch.cat([xb, ax[aidx]]), torch.cat([yb, ay[aidx]])
+            xb = xb.contiguous(memory_format=fmt)
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, total)
             loss = F.cross_entropy(model(xb), yb, label_smoothing=cfg.label_smoothing)

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data import Dataset
 from ..errors import UserError
@@ -246,8 +247,17 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         if r == 1 and first_nc is not None:
             nc = first_nc
         else:
+            bar = tqdm(total=cfg.nc.max_epochs, desc=f"neural cleanse r{r}", leave=False, disable=not progress,
+                       mininterval=1.0)
+
+            def tick(epoch: int, active: int, bar=bar) -> None:
+                bar.n = epoch
+                bar.set_postfix(active_classes=active, refresh=False)
+                bar.refresh()
+
             nc = neural_cleanse(model, clean.x, dataclasses.replace(cfg.nc, seed=cfg.nc.seed + 1000 * (r - 1)),
-                                num_classes=clean.num_classes)
+                                num_classes=clean.num_classes, progress=tick)
+            bar.close()
         ncs.append(nc)
         first_most = nc.most_likely if first_most is None else first_most
         info = RoundInfo(r, nc.seconds, nc.epochs.tolist(), nc.l1.tolist(), nc.anomaly.tolist(), nc.flagged,

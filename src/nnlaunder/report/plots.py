@@ -55,13 +55,15 @@ def before_after(rows: Sequence[dict], threshold: float, path: Path, title: str 
     names = [r["stage"] for r in rows]
     x = range(len(rows))
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    axes[0].bar(x, [r["test_acc"] for r in rows], color="tab:blue")
+    bars = axes[0].bar(x, [r["test_acc"] for r in rows], color="tab:blue")
+    axes[0].bar_label(bars, fmt="%.2f", fontsize=8)
     axes[0].set_ylim(min(90.0, min(r["test_acc"] for r in rows) - 2), 100)
     axes[0].set_title("test accuracy %")
-    axes[1].bar(x, [r["wm_acc"] for r in rows], color="tab:red")
+    bars = axes[1].bar(x, [r["wm_acc"] for r in rows], color="tab:red")
+    axes[1].bar_label(bars, fmt="%.2f", fontsize=8)
     axes[1].axhline(threshold, color="black", lw=1.2, label=f"vanilla threshold {threshold:.2f}%")
     axes[1].set_yscale("symlog", linthresh=1.0)
-    axes[1].set_ylim(0, 100)
+    axes[1].set_ylim(0, 200)
     axes[1].set_title("watermark accuracy % (symlog)")
     axes[1].legend(fontsize=7, loc="upper right")
     for ax in axes:
