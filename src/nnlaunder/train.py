@@ -213,10 +213,12 @@ def train(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool | str = True,
+    freeze_bn: bool = False,
 ) -> TrainResult:
     """Train `model` in place on (x, y); x (N,C,H,W) float in [0,1], y (N,) int64.
 
     eval_sets: name -> (x, y); after every epoch "<name>_acc" (percent) joins the history.
+    freeze_bn: keep batch-norm layers in eval mode (running statistics frozen) while training.
     Returns the per-epoch history (loss, lr, seconds, eval accuracies, callback metrics).
     """
     if len(x) == 0 or len(x) != len(y):
@@ -248,6 +250,10 @@ def train(
             ax, ay, k = append
             aperm = torch.randperm(len(ax), generator=g).repeat(math.ceil(steps_per_epoch * k / len(ax)) + 1)
         model.train()
+        if freeze_bn:
+            for mod in model.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    mod.eval()
         loss_sum, seen = 0.0, 0
         bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress, mininterval=1.0)

@@ -1,0 +1,224 @@
+"""Removal baselines with the attacker interface `attack(model, clean, cfg) -> AttackResult`.
+
+- `prune`: magnitude pruning of a fraction of every Conv2d / Linear weight tensor (per layer),
+  as in Zhang et al.'s robustness claim; optional fine-tuning with the pruned weights held at 0.
+- `ftll`, `ftal`, `rtll`, `rtal`: Adi et al.'s fine-tuning family: fine-tune the last layer / all
+  layers, after re-initialising the last layer or not.
+- `fine-prune` (Liu et al. 2018): prune the last conv layer's channels in increasing order of mean
+  activation on the clean set until clean accuracy (on the attacker's own set) falls by more than
+  `max_drop` points, then fine-tune with those channels held at zero.
+- `nc-unlearn` (Wang et al.'s mitigation): Neural Cleanse, then retrain on the clean set plus
+  clean images stamped with the flagged trigger(s), labelled with their true class; no reset.
+
+Like laundering, no function here can see the watermark.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..errors import UserError
+from ..train import TrainConfig, accuracy, train
+from .laundering import launder, launder_config, used_triggers
+from .neural_cleanse import NCConfig, neural_cleanse, stamp
+from .units import discover_units, mean_activations
+
+FINETUNE = TrainConfig(epochs=20, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9)
+
+
+@dataclass
+class AttackResult:
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _check(model: nn.Module, clean: Dataset) -> nn.Module:
+    if len(clean) < clean.num_classes:
+        raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
+    return copy.deepcopy(model)
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The output layer: the last nn.Linear in module order."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise UserError("the model has no nn.Linear output layer")
+    return found[-1]
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PruneConfig:
+    fraction: float = 0.9
+    finetune: TrainConfig | None = None      # None: prune only
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction < 1:
+            raise UserError(f"prune fraction must be in [0, 1), got {self.fraction}")
+
+
+def magnitude_masks(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
+    """Per layer: mask out the `fraction` smallest-magnitude weights of every Conv2d / Linear."""
+    masks = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d | nn.Linear):
+            w = mod.weight.detach().abs().flatten()
+            k = int(fraction * w.numel())
+            m = torch.ones_like(w)
+            if k > 0:
+                m[torch.argsort(w, stable=True)[:k]] = 0
+            masks[f"{name}.weight"] = m.view_as(mod.weight)
+    return masks
+
+
+def prune(model: nn.Module, clean: Dataset, cfg: PruneConfig) -> AttackResult:
+    t0 = time.perf_counter()
+    model = _check(model, clean)
+    masks = magnitude_masks(model, cfg.fraction)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m)
+    if cfg.finetune is not None:
+        train(model, clean.x, clean.y, cfg.finetune, masks=masks, progress=False)
+    model.eval()
+    zeros = sum(int((m == 0).sum()) for m in masks.values())
+    return AttackResult(model, {"pruned_weights": zeros, "fraction": cfg.fraction}, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinetuneConfig:
+    mode: str = "ftal"                # ftll | ftal | rtll | rtal
+    train: TrainConfig = FINETUNE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ftll", "ftal", "rtll", "rtal"):
+            raise UserError(f"fine-tuning mode must be ftll, ftal, rtll or rtal, got {self.mode!r}")
+
+
+def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackResult:
+    """Adi et al.: FTLL / FTAL fine-tune the last / all layers; RTLL / RTAL first re-initialise
+    the last layer."""
+    t0 = time.perf_counter()
+    model = _check(model, clean)
+    name, last = last_linear(model)
+    if cfg.mode.startswith("rt"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            last.reset_parameters()
+    only_last = cfg.mode.endswith("ll")
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(not only_last or n.startswith(f"{name}."))
+    try:
+        # with only the last layer trained, batch-norm statistics must not move either
+        train(model, clean.x, clean.y, cfg.train, progress=False, freeze_bn=only_last)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    model.eval()
+    return AttackResult(model, {"mode": cfg.mode, "layer": name}, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FinePruneConfig:
+    max_drop: float = 4.0             # points of clean accuracy (on the attacker's set) allowed to fall
+    finetune: TrainConfig = FINETUNE
+
+
+def fine_prune(model: nn.Module, clean: Dataset, cfg: FinePruneConfig) -> AttackResult:
+    t0 = time.perf_counter()
+    model = _check(model, clean)
+    units, _ = discover_units(model, clean.x[:2])
+    convs = [u for u in units if u.kind == "conv"]
+    if not convs:
+        raise UserError("fine-pruning needs a convolutional layer")
+    last = convs[-1]
+    acts = mean_activations(model, [last], clean.x)[last.name]
+    order = torch.argsort(acts, stable=True)
+    base = accuracy(model, clean.x, clean.y)
+    from .laundering import apply_reset, reset_masks
+
+    masks: dict[str, torch.Tensor] = {}
+    pruned = 0
+    for k in range(1, last.width):
+        trial = reset_masks(model, [last], {last.name: order[:k]})
+        probe = copy.deepcopy(model)
+        apply_reset(probe, trial)
+        if base - accuracy(probe, clean.x, clean.y) > cfg.max_drop:
+            break
+        masks, pruned = trial, k
+    apply_reset(model, masks)
+    train(model, clean.x, clean.y, cfg.finetune, masks=masks, progress=False)
+    model.eval()
+    return AttackResult(model, {"layer": last.name, "pruned_channels": pruned, "of": last.width},
+                        time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UnlearnConfig:
+    nc: NCConfig = NCConfig()
+    triggers: str = "flagged"
+    retrain: TrainConfig = TrainConfig(epochs=5, batch_size=32, optimizer="adam", lr=1e-4)
+
+
+def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig) -> AttackResult:
+    t0 = time.perf_counter()
+    model = _check(model, clean)
+    nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
+    used = used_triggers(nc, cfg.triggers)
+    xs = torch.cat([clean.x] + [stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
+    ys = torch.cat([clean.y] * (1 + len(used)))
+    train(model, xs, ys, cfg.retrain, progress=False)
+    model.eval()
+    return AttackResult(model, {"flagged": nc.flagged, "used_triggers": used, "nc_seconds": nc.seconds},
+                        time.perf_counter() - t0)
+
+
+def launder_attack(model: nn.Module, clean: Dataset, cfg: Any) -> AttackResult:
+    res = launder(model, clean, cfg)
+    return AttackResult(res.model, {"rounds": res.report()}, res.seconds)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    run: Callable[[nn.Module, Dataset, Any], AttackResult]
+    default: Callable[[], Any]
+    summary: str
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "launder": AttackSpec(launder_attack, lambda: launder_config("strong"), "Neural Network Laundering (ours)"),
+    "prune": AttackSpec(prune, lambda: PruneConfig(0.9), "90% magnitude pruning per layer"),
+    "prune-ft": AttackSpec(prune, lambda: PruneConfig(0.9, FINETUNE), "90% magnitude pruning, then fine-tuning"),
+    "ftll": AttackSpec(finetune, lambda: FinetuneConfig("ftll"), "fine-tune the last layer"),
+    "ftal": AttackSpec(finetune, lambda: FinetuneConfig("ftal"), "fine-tune all layers"),
+    "rtll": AttackSpec(finetune, lambda: FinetuneConfig("rtll"), "re-initialise and train the last layer"),
+    "rtal": AttackSpec(finetune, lambda: FinetuneConfig("rtal"), "re-initialise the last layer, train all"),
+    "fine-prune": AttackSpec(fine_prune, FinePruneConfig, "Liu et al.'s fine-pruning"),
+    "nc-unlearn": AttackSpec(nc_unlearn, UnlearnConfig, "Neural Cleanse unlearning (no reset)"),
+}
+
+
+def run_attack(name: str, model: nn.Module, clean: Dataset, cfg: Any = None, **overrides: Any) -> AttackResult:
+    if name not in ATTACKS:
+        raise UserError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    spec = ATTACKS[name]
+    cfg = cfg if cfg is not None else spec.default()
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
+    return spec.run(model, clean, cfg)

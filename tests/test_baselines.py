@@ -1,0 +1,108 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from nnlaunder.attacks.baselines import (
+    ATTACKS,
+    FinePruneConfig,
+    FinetuneConfig,
+    PruneConfig,
+    UnlearnConfig,
+    fine_prune,
+    finetune,
+    magnitude_masks,
+    prune,
+    run_attack,
+)
+from nnlaunder.attacks.neural_cleanse import NCConfig
+from nnlaunder.errors import UserError
+from nnlaunder.train import TrainConfig, accuracy, train
+
+from .synthetic import make_images
+
+QUICK = TrainConfig(epochs=2, batch_size=32, optimizer="sgd", lr=0.01)
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(8 * 9, 4))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = make_images(600, 0)
+    net = bn_net()
+    train(net, data.x, data.y, TrainConfig(epochs=4, batch_size=32, lr=3e-3), progress=False)
+    return net, make_images(120, 1)
+
+
+def changed(a: nn.Module, b: nn.Module) -> dict[str, bool]:
+    sb = b.state_dict()
+    return {k: not torch.equal(v, sb[k]) for k, v in a.state_dict().items() if v.is_floating_point()}
+
+
+def test_magnitude_pruning_per_layer_and_kept_through_finetuning(trained):
+    net, clean = trained
+    masks = magnitude_masks(net, 0.9)
+    for name, m in masks.items():
+        assert abs(float((m == 0).float().mean()) - 0.9) < 0.02, name
+    res = prune(net, clean, PruneConfig(0.9, QUICK))
+    for name, m in masks.items():
+        w = dict(res.model.named_parameters())[name]
+        assert torch.count_nonzero(w[m == 0]) == 0
+    assert changed(net, res.model)["8.weight"]          # survivors were fine-tuned
+    only = prune(net, clean, PruneConfig(0.5))
+    assert not changed(net, only.model)["1.running_mean"]   # pruning alone trains nothing
+
+
+def test_finetune_family_changes_exactly_what_it_says(trained):
+    net, clean = trained
+    before = copy.deepcopy(net)
+    ftll = finetune(net, clean, FinetuneConfig("ftll", QUICK))
+    c = changed(net, ftll.model)
+    assert c["8.weight"] and c["8.bias"]
+    assert not any(v for k, v in c.items() if not k.startswith("8."))    # BN statistics included
+    rtll = finetune(net, clean, FinetuneConfig("rtll", QUICK))
+    c = changed(net, rtll.model)
+    assert c["8.weight"] and not any(v for k, v in c.items() if not k.startswith("8."))
+    ftal = finetune(net, clean, FinetuneConfig("ftal", QUICK))
+    c = changed(net, ftal.model)
+    assert c["0.weight"] and c["4.weight"] and c["8.weight"] and c["1.running_mean"]
+    rtal = finetune(net, clean, FinetuneConfig("rtal", TrainConfig(epochs=0)))
+    assert changed(net, rtal.model)["8.weight"] and not changed(net, rtal.model)["0.weight"]
+    with pytest.raises(UserError):
+        FinetuneConfig("ftxx")
+    # the attacks never change the model they were given
+    assert not any(changed(before, net).values())
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_fine_pruning_prunes_last_conv_within_the_bound(trained):
+    net, clean = trained
+    res = fine_prune(net, clean, FinePruneConfig(max_drop=100.0, finetune=TrainConfig(epochs=0)))
+    assert res.info["layer"] == "4" and res.info["pruned_channels"] == 7      # all but one channel
+    tight = fine_prune(net, clean, FinePruneConfig(max_drop=0.0, finetune=QUICK))
+    k = tight.info["pruned_channels"]
+    w = tight.model[4].weight
+    assert int((w.flatten(1).abs().sum(1) == 0).sum()) == k
+    loose = fine_prune(net, clean, FinePruneConfig(max_drop=2.0, finetune=TrainConfig(epochs=0)))
+    assert accuracy(net, clean.x, clean.y) - accuracy(loose.model, clean.x, clean.y) <= 2.0
+
+
+def test_nc_unlearning_resets_nothing(trained):
+    net, clean = trained
+    res = run_attack("nc-unlearn", net, clean, UnlearnConfig(nc=NCConfig(max_epochs=3), retrain=QUICK))
+    zeros_before = sum(int((p == 0).sum()) for p in net.parameters())
+    zeros_after = sum(int((p == 0).sum()) for p in res.model.parameters())
+    assert zeros_after == zeros_before and changed(net, res.model)["0.weight"]
+    assert res.info["used_triggers"]
+
+
+def test_registry():
+    assert {"launder", "prune", "prune-ft", "ftll", "ftal", "rtll", "rtal", "fine-prune", "nc-unlearn"} <= set(ATTACKS)
+    with pytest.raises(UserError, match="unknown attack"):
+        run_attack("magic", bn_net(), make_images(40, 0))
