@@ -50,6 +50,7 @@ class NCConfig:
     early_stop_patience: int = 25
     max_epochs: int = 1000
     mad_threshold: float = 2.0
+    max_images: int | None = 1000    # optimise on at most this many clean images (Wang et al.'s example uses 1000)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -122,6 +123,9 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         raise UserError(f"Neural Cleanse needs images (N,C,H,W), got {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise UserError("Neural Cleanse input contains NaN or Inf")
+    if cfg.max_images is not None and len(x) > cfg.max_images:
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
+        x = x[torch.sort(keep).values]
     was_training = model.training
     model.eval()
     req = [p.requires_grad for p in model.parameters()]
