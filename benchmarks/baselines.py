@@ -101,7 +101,8 @@ def plot(rows: list[dict], ds: str) -> Path | None:
     names = sorted({r["name"] for r in rs}, key=MODELS[ds].index)
     attacks = [a for a in ATTACKS if any(r["attack"] == a for r in rs)]
     cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4), squeeze=False)
+    width = 4.2 * len(names) + 2.4
+    fig, axes = plt.subplots(1, len(names), figsize=(width, 4.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         sub = [r for r in rs if r["name"] == name]
         for i, a in enumerate(attacks):
@@ -119,8 +120,8 @@ def plot(rows: list[dict], ds: str) -> Path | None:
         ax.set_title(name, fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center right", fontsize=7)
-    fig.suptitle(f"{ds}: removal attacks (circle 0.6%, square 10.8% of the training set)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
+    fig.suptitle(f"{ds}: removal attacks\n(circle: 0.6%, square: 10.8% of the training set)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / width, 1))
     out = RESULTS / f"baselines-{ds}.png"
     fig.savefig(out, dpi=110)
     plt.close(fig)
