@@ -214,11 +214,14 @@ def train(
     resume: bool = False,
     progress: bool | str = True,
     freeze_bn: bool = False,
+    interleave: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> TrainResult:
     """Train `model` in place on (x, y); x (N,C,H,W) float in [0,1], y (N,) int64.
 
     eval_sets: name -> (x, y); after every epoch "<name>_acc" (percent) joins the history.
     freeze_bn: keep batch-norm layers in eval mode (running statistics frozen) while training.
+    interleave: (x2, y2, every): after every `every`-th batch, one extra step on a batch of (x2, y2)
+    (Ngo et al.'s "mixed" fine-tuning).
     Returns the per-epoch history (loss, lr, seconds, eval accuracies, callback metrics).
     """
     if len(x) == 0 or len(x) != len(y):
@@ -249,6 +252,10 @@ def train(
         if append is not None:
             ax, ay, k = append
             aperm = torch.randperm(len(ax), generator=g).repeat(math.ceil(steps_per_epoch * k / len(ax)) + 1)
+        if interleave is not None:
+            ix, iy, every = interleave
+            iperm = torch.randperm(len(ix), generator=g).repeat(
+                math.ceil(steps_per_epoch * cfg.batch_size / every / len(ix)) + 1)
         model.train()
         if freeze_bn:
             for mod in model.modules():
@@ -276,6 +283,15 @@ def train(
             loss.backward()
             opt.step()
             apply_masks(model, masks)
+            if interleave is not None and (i + 1) % every == 0:
+                j = (i + 1) // every - 1
+                sel = iperm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+                xi = ix[sel].contiguous(memory_format=fmt)
+                extra_loss = F.cross_entropy(model(xi), iy[sel], label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                extra_loss.backward()
+                opt.step()
+                apply_masks(model, masks)
             loss_sum += loss.item() * len(yb)
             seen += len(yb)
             if i % 20 == 0:
