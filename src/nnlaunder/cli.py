@@ -303,6 +303,29 @@ def cmd_launder(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from .experiments.config import load_experiment
+    from .experiments.runner import run_experiment
+
+    cells = load_experiment(args.file)
+    ws = Path(args.workspace)
+    _out(str(ws / "results"))
+    if args.dry_run:
+        for c in cells:
+            print(f"{c.cell_id()}  {c.dataset}/{c.scheme} {c.attack} budget {c.budget} rounds {c.rounds} seed {c.seed}")
+        print(f"{len(cells)} cells")
+        return 0
+
+    def show(cell, summary):
+        print(f"{cell.dataset}/{cell.scheme} {cell.attack} @ {cell.budget}: test {summary['test_acc']:.2f}%, "
+              f"WM {summary['wm_acc']:.2f}% (threshold {summary['threshold']:.2f}%)"
+              f"{' removed' if summary['removed'] else ''}", flush=True)
+
+    out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show)
+    print(f"{out['ran']} cells run, {out['skipped']} already in {ws / 'results.sqlite'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -378,6 +401,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", type=_float)
     s.add_argument("--threshold-file")
     s.set_defaults(func=cmd_launder)
+
+    s = sub.add_parser("run", help="run an experiment file (TOML), a single cell or a sweep")
+    _common(s)
+    s.add_argument("file")
+    s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
+    s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
     _common(s)

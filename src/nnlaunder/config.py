@@ -54,6 +54,10 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
         if len(value) != len(args):
             raise UserError(f"{key}: expected {len(args)} values, got {len(value)}")
         return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{key}: expected a table, got {value!r}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     return value

@@ -1,0 +1,151 @@
+"""Run experiment cells: owner models and clean trajectories are trained once per config and
+reused (content-addressed in the workspace); results go to the workspace's SQLite store.
+
+Workspace layout:
+    <ws>/results.sqlite                      the store (one row per cell and round)
+    <ws>/models/owner-<hash>.safetensors      watermarked owner models (+ .json)
+    <ws>/models/clean-<hash>/epoch-NN.*       clean models after every epoch (vanilla thresholds,
+                                              Figure 5, loss-landscape trajectories)
+    <ws>/thresholds/<hash>.json               vanilla thresholds per clean config and scheme
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .. import data as D
+from ..attacks.baselines import ATTACKS
+from ..attacks.laundering import launder
+from ..checkpoint import atomic_write_json, load_model, save_model
+from ..models import build
+from ..train import accuracy
+from ..watermarks.embed import embed
+from ..watermarks.schemes import Watermark, make_watermark
+from ..watermarks.verify import vanilla_threshold
+from .config import CellConfig, digest
+from .evaluate import evaluator
+from .store import Store
+
+
+def _clean_key(cell: CellConfig, seed: int) -> str:
+    cfg = dataclasses.replace(cell.owner_train(), seed=seed)
+    return digest({"dataset": cell.dataset, "arch": cell.arch_name, "train": dataclasses.asdict(cfg), "seed": seed})
+
+
+def clean_trajectory(cell: CellConfig, seed: int, ws: Path, tr: D.Dataset, progress: bool) -> list[Path]:
+    """Train (once) a clean model with the owner's recipe and `seed`, keeping every epoch."""
+    folder = ws / "models" / f"clean-{_clean_key(cell, seed)}"
+    cfg = dataclasses.replace(cell.owner_train(), seed=seed)
+    files = [folder / f"epoch-{e:03d}" for e in range(1, cfg.epochs + 1)]
+    if all(f.with_suffix(".safetensors").is_file() for f in files):
+        return files
+    model = build(cell.arch_name, tr.num_classes, seed=seed)
+    meta = {"arch": cell.arch_name, "num_classes": tr.num_classes, "dataset": cell.dataset, "scheme": None,
+            "seed": seed, "config": dataclasses.asdict(cfg)}
+
+    def keep(epoch: int, m) -> None:
+        save_model(folder / f"epoch-{epoch:03d}", m, {**meta, "epoch": epoch})
+
+    from ..train import train
+
+    train(model, tr.x, tr.y, cfg, callbacks=[keep], checkpoint_dir=folder / "ckpt", resume=True,
+          progress=f"clean s{seed}" if progress else False)
+    return files
+
+
+def threshold_for(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, progress: bool) -> dict[str, Any]:
+    """The vanilla threshold: max watermark accuracy over every epoch of every clean seed."""
+    key = digest({"clean": [_clean_key(cell, s) for s in cell.threshold_seeds], "scheme": cell.scheme,
+                  "params": wm.params})
+    path = ws / "thresholds" / f"{key}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    curves = []
+    for s in cell.threshold_seeds:
+        curve = []
+        for f in clean_trajectory(cell, s, ws, tr, progress):
+            m, _ = load_model(f)
+            curve.append(accuracy(m, wm.verify_x, wm.verify_y))
+        curves.append(curve)
+    out = {"threshold": vanilla_threshold(curves), "curves": curves, "seeds": list(cell.threshold_seeds)}
+    atomic_write_json(path, out)
+    return out
+
+
+def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.Dataset, progress: bool):
+    cfg = cell.owner_train()
+    key = digest({"dataset": cell.dataset, "arch": cell.arch_name, "scheme": cell.scheme, "params": wm.params,
+                  "train": dataclasses.asdict(cfg)})
+    path = ws / "models" / f"owner-{key}"
+    if path.with_suffix(".safetensors").is_file():
+        return load_model(path)[0]
+    if wm.params.get("mode") == "pt":
+        files = clean_trajectory(cell, cell.owner_seed, ws, tr, progress)
+        model, _ = load_model(files[-1])
+    else:
+        model = build(cell.arch_name, tr.num_classes, seed=cell.owner_seed)
+    embed(model, tr, wm, cfg, checkpoint_dir=path.with_suffix(".ckpt"), resume=True,
+          progress=f"owner {cell.scheme}" if progress else False)
+    save_model(path, model, {"arch": cell.arch_name, "num_classes": tr.num_classes, "dataset": cell.dataset,
+                             "scheme": cell.scheme, "scheme_params": wm.params, "seed": cell.owner_seed,
+                             "config": dataclasses.asdict(cfg)})
+    return model
+
+
+def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = False
+             ) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """Everything one cell needs, then its attack; returns (round rows, summary, seconds)."""
+    t0 = time.perf_counter()
+    tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
+    wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
+    model = owner_model(cell, wm, ws, tr, te, progress)
+    th = threshold_for(cell, wm, ws, tr, progress)["threshold"]
+    clean = D.stratified_subset(tr, seed=cell.seed, **cell.budget_spec())
+    ev = evaluator(te, wm)
+    rows = [{"round": 0, **ev(0, model), "threshold": th, "seconds": 0.0}]
+    cfg = cell.attack_config()
+    t1 = time.perf_counter()
+    if cell.attack == "launder":
+        def on_round(r, m, info):
+            metrics = ev(r, m)
+            rows.append({"round": r, **metrics, "threshold": th, "seconds": info.seconds,
+                         "nc_seconds": info.nc_seconds, "flagged": info.flagged, "used": info.used_triggers,
+                         "resets": info.resets, "stopped": info.stopped})
+            return metrics
+        launder(model, clean, cfg, on_round=on_round)
+    else:
+        res = ATTACKS[cell.attack].run(model, clean, cfg)
+        rows.append({"round": 1, **ev(1, res.model), "threshold": th, "seconds": res.seconds})
+    for r in rows:
+        r["removed"] = r["wm_acc"] < th
+    last = rows[-1]
+    summary = {"n_clean": len(clean), "threshold": th, "orig_test_acc": rows[0]["test_acc"],
+               "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"], "wm_acc": last["wm_acc"],
+               "removed": last["removed"], "rounds_run": len(rows) - 1, "attack_seconds": time.perf_counter() - t1}
+    return rows, summary, time.perf_counter() - t0
+
+
+def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | None, *, progress: bool = True,
+                   on_cell: Callable[[CellConfig, dict[str, Any]], None] | None = None) -> dict[str, int]:
+    """Run every unfinished cell in order; finished cells (same config) are skipped."""
+    ws = Path(ws)
+    ws.mkdir(parents=True, exist_ok=True)
+    with Store(ws / "results.sqlite") as store:
+        done = store.finished_ids()
+        todo = [c for c in cells if c.cell_id() not in done]
+        bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", disable=not progress)
+        for cell in todo:
+            rows, summary, seconds = run_cell(cell, ws, data_dir, progress)
+            store.record(cell.cell_id(), cell.name, cell.as_dict(), rows, summary, seconds)
+            bar.update(1)
+            if on_cell is not None:
+                on_cell(cell, summary)
+        bar.close()
+    return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}

@@ -1,0 +1,87 @@
+"""The results store: one SQLite file per workspace, no server.
+
+A cell's round rows and its "done" mark are written in ONE transaction when the cell finishes,
+so a run killed at any moment (even SIGKILL) leaves either a finished cell or nothing of it; the
+next run skips finished cells and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cells (
+    cell_id   TEXT PRIMARY KEY,
+    experiment TEXT NOT NULL,
+    config    TEXT NOT NULL,
+    finished  REAL NOT NULL,
+    seconds   REAL NOT NULL,
+    summary   TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    cell_id TEXT NOT NULL REFERENCES cells(cell_id),
+    round   INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (cell_id, round)
+);
+"""
+
+
+class Store:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def done(self, cell_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM cells WHERE cell_id = ?", (cell_id,)).fetchone() is not None
+
+    def finished_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT cell_id FROM cells")}
+
+    def record(self, cell_id: str, experiment: str, config: dict[str, Any], rounds: list[dict[str, Any]],
+               summary: dict[str, Any], seconds: float) -> None:
+        """Write a finished cell and all its rounds atomically (all or nothing)."""
+        cur = self.db.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            cur.execute("DELETE FROM rounds WHERE cell_id = ?", (cell_id,))
+            cur.executemany("INSERT INTO rounds (cell_id, round, metrics) VALUES (?, ?, ?)",
+                            [(cell_id, int(r["round"]), json.dumps(r, sort_keys=True, default=str)) for r in rounds])
+            cur.execute("INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?)",
+                        (cell_id, experiment, json.dumps(config, sort_keys=True, default=str), time.time(), seconds,
+                         json.dumps(summary, sort_keys=True, default=str)))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+
+    def cells(self, experiment: str | None = None) -> list[dict[str, Any]]:
+        q = "SELECT cell_id, experiment, config, finished, seconds, summary FROM cells"
+        args: tuple = ()
+        if experiment is not None:
+            q += " WHERE experiment = ?"
+            args = (experiment,)
+        out = []
+        for cid, exp, cfg, fin, sec, summ in self.db.execute(q + " ORDER BY finished", args):
+            rounds = [json.loads(m) for (m,) in self.db.execute(
+                "SELECT metrics FROM rounds WHERE cell_id = ? ORDER BY round", (cid,))]
+            out.append({"cell_id": cid, "experiment": exp, "config": json.loads(cfg), "finished": fin,
+                        "seconds": sec, "summary": json.loads(summ), "rounds": rounds})
+        return out

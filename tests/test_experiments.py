@@ -1,0 +1,136 @@
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from nnlaunder.errors import UserError
+from nnlaunder.experiments.config import expand, load_experiment
+from nnlaunder.experiments.store import Store
+
+
+def test_grid_expansion_and_dotted_keys():
+    cells = expand({"dataset": "mnist", "rounds": 2,
+                    "sweep": {"scheme": ["zhang-content", "zhang-noise"], "budget": [0.006, "1/class"],
+                              "attack_params.dt": [0.5, 1.0]}})
+    assert len(cells) == 8
+    assert {c.scheme for c in cells} == {"zhang-content", "zhang-noise"}
+    assert {c.attack_params["dt"] for c in cells} == {0.5, 1.0}
+    assert cells[0].attack_config().rounds == 2
+    assert {c.budget_spec().get("per_class") for c in cells} == {None, 1}
+    assert len({c.cell_id() for c in cells}) == 8
+    partial = expand({"attack_params": {"retrain": {"epochs": 3}}})[0].attack_config()
+    assert partial.retrain.epochs == 3 and partial.retrain.lr == 1e-4     # the rest stays the variant's
+    one = expand({"dataset": "mnist"})
+    assert len(one) == 1 and one[0].cell_id() == expand({"dataset": "mnist"})[0].cell_id()
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"datset": "mnist"}, "unknown key(s) ['datset']"),
+    ({"rounds": "three"}, "experiment.rounds: expected an integer"),
+    ({"rounds": 0}, "rounds: must be >= 1"),
+    ({"budget": 1.5}, "budget: expected a fraction"),
+    ({"budget": "two per class"}, "budget"),
+    ({"dataset": "imagenet"}, "unknown dataset"),
+    ({"dataset": "mnist", "arch": "resnet20"}, "is for cifar10"),
+    ({"scheme": "zhang-logo"}, "unknown scheme"),
+    ({"scheme_params": {"sigma": 1}}, "unknown key(s) ['sigma']"),
+    ({"owner": {"epochz": 1}}, "unknown training setting"),
+    ({"attack": "magic"}, "unknown attack"),
+    ({"attack_params": {"dt": "high"}}, "dt"),
+    ({"attack_params": {"nc": {"lr": -1.0}}}, "Neural Cleanse"),
+    ({"attack_params": {"bogus": 1}}, "unknown key(s) ['bogus']"),
+    ({"attack": "prune", "rounds": 3}, "only laundering has rounds"),
+    ({"sweep": {"budget": []}}, "non-empty list"),
+    ({"sweep": {"colour": [1, 2]}}, "unknown key 'colour'"),
+    ({"sweep": {"seed": [1, 1]}}, "identical"),
+    ({"threshold_seeds": []}, "threshold_seeds"),
+])
+def test_config_errors_name_the_key(raw, needle):
+    with pytest.raises(UserError) as e:
+        expand(raw)
+    assert needle in str(e.value)
+
+
+def test_toml_file_errors(tmp_path):
+    p = tmp_path / "bad.toml"
+    p.write_text("dataset = 'mnist'\nrounds = [")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_experiment(p)
+    with pytest.raises(UserError, match="missing experiment file"):
+        load_experiment(tmp_path / "none.toml")
+
+
+def test_store_writes_a_cell_all_or_nothing(tmp_path):
+    with Store(tmp_path / "r.sqlite") as s:
+        s.record("a", "exp", {"x": 1}, [{"round": 0, "wm_acc": 99.0}, {"round": 1, "wm_acc": 0.1}], {"ok": 1}, 1.0)
+        with pytest.raises(TypeError):
+            s.record("b", "exp", {"x": 2}, [{"round": 0}, {"round": object.__new__(type)}], {}, 1.0)
+        assert s.finished_ids() == {"a"}
+        cells = s.cells()
+        assert [r["wm_acc"] for r in cells[0]["rounds"]] == [99.0, 0.1]
+        n = sqlite3.connect(tmp_path / "r.sqlite").execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+        assert n == 2     # nothing of the failed cell "b"
+
+
+EXPERIMENT = """
+name = "kill-test"
+dataset = "mnist"
+scheme = "zhang-content"
+threshold_seeds = [0]
+attack = "prune"
+[owner]
+epochs = 1
+[scheme_params]
+n_verify = 500
+[sweep]
+budget = [0.002, 0.003, 0.004, 0.005]
+"""
+
+
+def test_sweep_killed_with_sigkill_resumes_to_the_same_store(tmp_path, data_dir):
+    """Run a 4-cell grid, SIGKILL it right after its first finished cell, run it again."""
+    exp = tmp_path / "exp.toml"
+    exp.write_text(EXPERIMENT)
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "nnlaunder.cli", "run", str(exp), "--workspace", str(ws), "--quiet"]
+    env = {**os.environ, "NNLAUNDER_DATA": str(data_dir)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    db = ws / "results.sqlite"
+    deadline = time.time() + 240
+    first = None
+    while time.time() < deadline and proc.poll() is None:
+        if db.is_file():
+            try:
+                rows = sqlite3.connect(db).execute("SELECT cell_id, config FROM cells").fetchall()
+            except sqlite3.OperationalError:
+                rows = []
+            if rows:
+                first = rows
+                break
+        time.sleep(0.05)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first, "the first cell never finished"
+    with Store(db) as s:
+        kept = {c["cell_id"]: c for c in s.cells()}
+    assert 1 <= len(kept) < 4
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"{4 - len(kept)} cells run, {len(kept)} already" in r.stdout
+    with Store(db) as s:
+        cells = {c["cell_id"]: c for c in s.cells()}
+    assert len(cells) == 4
+    for cid, c in kept.items():                        # finished cells were not redone
+        assert cells[cid]["finished"] == c["finished"] and cells[cid]["rounds"] == c["rounds"]
+    for c in cells.values():
+        assert [r["round"] for r in c["rounds"]] == [0, 1]
+        assert json.loads(json.dumps(c["config"]))["attack"] == "prune"
+    # a third run does nothing
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert "0 cells run, 4 already" in r.stdout
