@@ -55,6 +55,7 @@ class CellConfig:
     scheme_params: dict[str, Any] = field(default_factory=dict)
     owner: dict[str, Any] = field(default_factory=dict)     # TrainConfig overrides
     owner_seed: int = 0
+    owner_path: str | None = None        # use this trained owner model (e.g. models/cifar10/zhang-content)
     threshold_seeds: tuple[int, ...] = (0, 1, 2)
     attack: str = "launder"
     variant: str = "strong"

@@ -24,6 +24,7 @@ from .. import data as D
 from ..attacks.baselines import ATTACKS
 from ..attacks.laundering import launder
 from ..checkpoint import atomic_write_json, load_model, save_model
+from ..errors import UserError
 from ..models import build
 from ..train import accuracy
 from ..watermarks.embed import embed
@@ -80,6 +81,13 @@ def threshold_for(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, prog
 
 
 def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.Dataset, progress: bool):
+    if cell.owner_path:
+        model, meta = load_model(cell.owner_path)
+        got = (meta.get("dataset"), meta.get("arch"), meta.get("scheme"))
+        if got != (cell.dataset, cell.arch_name, cell.scheme):
+            raise UserError(f"owner_path: {cell.owner_path} is a {got} model, the experiment wants "
+                            f"{(cell.dataset, cell.arch_name, cell.scheme)}")
+        return model
     cfg = cell.owner_train()
     key = digest({"dataset": cell.dataset, "arch": cell.arch_name, "scheme": cell.scheme, "params": wm.params,
                   "train": dataclasses.asdict(cfg)})
