@@ -326,6 +326,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report.build import build_report
+
+    out = build_report(args.workspace, args.out or Path(args.workspace) / "report")
+    print(f"wrote {out}/index.md and {out}/index.html")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -408,6 +416,12 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("report", help="Markdown + HTML + plots from a workspace's results store")
+    _common(s)
+    s.add_argument("--workspace", default="runs/workspace")
+    s.add_argument("--out", default=None, help="output folder (default: WORKSPACE/report)")
+    s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
     _common(s)

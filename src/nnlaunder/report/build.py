@@ -1,0 +1,164 @@
+"""`nnlaunder report`: a folder with Markdown, a self-contained HTML page and PNG plots, built
+from a workspace's results store (and its vanilla-threshold curves).
+
+- Table 2 layout: per cell, the last round, with the paper's numbers beside ours where known;
+- Figure 3/4 style: test (blue) and watermark (red) accuracy against rounds, one line style per
+  budget, the vanilla threshold in black; one plot per (dataset, scheme);
+- Figure 5 style: clean models' watermark accuracy over their training epochs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..checkpoint import atomic_write_bytes  # noqa: E402
+from ..experiments.store import Store  # noqa: E402
+
+# Aiken et al. Table 2 ("Ours"): laundered test / laundered WM / vanilla threshold.
+PAPER = {("mnist", "zhang-content"): (98.34, 0.01, 1.5), ("mnist", "zhang-noise"): (97.45, 0.07, 6.0),
+         ("mnist", "zhang-unrelated"): (98.33, 15.0, 20.0), ("cifar10", "zhang-content"): (87.65, 1.4, 5.0),
+         ("cifar10", "zhang-noise"): (84.14, 0.5, 4.0), ("cifar10", "zhang-unrelated"): (85.34, 16.0, 52.0),
+         ("cifar10", "adi-pt"): (88.25, 7.0, 12.0), ("cifar10", "adi-fs"): (84.73, 7.0, 12.0)}
+STYLES = ["-", "--", ":", "-."]
+MARKERS = ["o", "^", "s", "x"]
+
+
+def _scheme_name(cfg: dict) -> str:
+    mode = (cfg.get("scheme_params") or {}).get("mode")
+    return f"{cfg['scheme']}-{mode}" if cfg["scheme"] == "adi" and mode else cfg["scheme"]
+
+
+def _budget_label(b: Any) -> str:
+    return b if isinstance(b, str) else f"{100 * b:.3g}%"
+
+
+def rounds_plot(cells: list[dict], title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = sorted({json.dumps(c["config"]["budget"]) for c in cells})
+    for i, b in enumerate(budgets):
+        for c in (c for c in cells if json.dumps(c["config"]["budget"]) == b):
+            rs = c["rounds"]
+            x = [r["round"] for r in rs]
+            lab = _budget_label(c["config"]["budget"])
+            ax.plot(x, [r["test_acc"] for r in rs], color="tab:blue", ls=STYLES[i % 4], marker=MARKERS[i % 4], ms=4,
+                    label=f"test, {lab}")
+            ax.plot(x, [r["wm_acc"] for r in rs], color="tab:red", ls=STYLES[i % 4], marker=MARKERS[i % 4], ms=4,
+                    label=f"watermark, {lab}")
+    th = cells[0]["summary"]["threshold"]
+    ax.axhline(th, color="black", lw=1.5, label=f"vanilla threshold {th:.2f}%")
+    ax.set_xlabel("laundering round (0 = before)")
+    ax.set_ylabel("accuracy %")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=6, ncol=2, loc="center right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def clean_curves_plot(curves: dict[str, list[list[float]]], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (name, per_seed) in enumerate(sorted(curves.items())):
+        for s, curve in enumerate(per_seed):
+            ax.plot(range(1, len(curve) + 1), curve, color=plt.get_cmap("tab10")(i), alpha=0.8,
+                    label=name if s == 0 else None, marker=".")
+    ax.set_xlabel("training epoch of a clean model")
+    ax.set_ylabel("watermark accuracy %")
+    ax.set_title("Clean models classifying trigger inputs as the watermark label (Figure 5 style)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def build_report(workspace: str | Path, out: str | Path) -> Path:
+    ws, out = Path(workspace), Path(out)
+    db = ws / "results.sqlite"
+    if not db.is_file():
+        from ..errors import UserError
+
+        raise UserError(f"no results store at {db}; run an experiment first (`nnlaunder run FILE --workspace {ws}`)")
+    with Store(db) as s:
+        cells = s.cells()
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# nnlaunder report", "", f"Workspace `{ws}`: {len(cells)} finished cells.", "",
+          "## Last round of every cell (Table 2 layout; the paper's figures in parentheses)", "",
+          "| experiment | dataset | scheme | attack | budget | rounds | test acc % before → after (paper) "
+          "| WM acc % before → after (paper) | threshold % (paper) | removed |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in sorted(cells, key=lambda c: (c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]),
+                                          json.dumps(c["config"]["budget"]))):
+        cfg, sm = c["config"], c["summary"]
+        p = PAPER.get((cfg["dataset"], _scheme_name(cfg)))
+        pt = [f" ({v:g})" for v in p] if p else ["", "", ""]
+        md.append(f"| {c['experiment']} | {cfg['dataset']} | {_scheme_name(cfg)} | {cfg['attack']} | "
+                  f"{_budget_label(cfg['budget'])} | {sm['rounds_run']} | {sm['orig_test_acc']:.2f} → "
+                  f"{sm['test_acc']:.2f}{pt[0]} | {sm['orig_wm_acc']:.2f} → {sm['wm_acc']:.2f}{pt[1]} | "
+                  f"{sm['threshold']:.2f}{pt[2]} | {'yes' if sm['removed'] else 'no'} |")
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        if c["config"]["attack"] == "launder":
+            groups[(c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]))].append(c)
+    images = []
+    if groups:
+        md += ["", "## Accuracy against laundering rounds (Figures 3/4 style)", ""]
+    for (exp, ds, scheme), cs in sorted(groups.items()):
+        png = rounds_plot(cs, f"{exp}: {ds} {scheme}", out / f"rounds-{exp}-{ds}-{scheme}.png")
+        images.append(png)
+        md += [f"![{ds} {scheme}]({png.name})", ""]
+    curves: dict[str, list[list[float]]] = {}
+    for f in sorted((ws / "thresholds").glob("*.json")):
+        d = json.loads(f.read_text())
+        curves[f"{f.stem[:6]} (threshold {d['threshold']:.2f}%)"] = d["curves"]
+    if curves:
+        png = clean_curves_plot(curves, out / "clean-curves.png")
+        images.append(png)
+        md += ["## Vanilla thresholds (Figure 5 style)", "", f"![clean curves]({png.name})", ""]
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(out / "index.md", text.encode())
+    atomic_write_bytes(out / "index.html", _html(text, images).encode())
+    return out
+
+
+def _html(markdown: str, images: list[Path]) -> str:
+    """A self-contained page: the tables as HTML, every PNG inlined as base64."""
+    rows, body = [], []
+    embedded = {p.name: base64.b64encode(p.read_bytes()).decode() for p in images}
+    for line in markdown.splitlines():
+        if line.startswith("|") and not set(line) <= set("|-"):
+            cells = [html.escape(x.strip()) for x in line.strip("|").split("|")]
+            tag = "th" if not rows else "td"
+            rows.append("<tr>" + "".join(f"<{tag}>{x}</{tag}>" for x in cells) + "</tr>")
+            continue
+        if line.startswith("|"):
+            continue
+        if rows:
+            body.append("<table>" + "".join(rows) + "</table>")
+            rows = []
+        if line.startswith("!["):
+            name = line[line.index("(") + 1:-1]
+            body.append(f'<p><img src="data:image/png;base64,{embedded[name]}" alt="{html.escape(name)}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if rows:
+        body.append("<table>" + "".join(rows) + "</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>nnlaunder report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
