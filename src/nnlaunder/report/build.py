@@ -20,6 +20,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..checkpoint import atomic_write_bytes  # noqa: E402
 from ..experiments.store import Store  # noqa: E402
@@ -44,7 +45,8 @@ def _budget_label(b: Any) -> str:
 
 def rounds_plot(cells: list[dict], title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    budgets = sorted({json.dumps(c["config"]["budget"]) for c in cells})
+    budgets = sorted({json.dumps(c["config"]["budget"]) for c in cells},
+                     key=lambda b: (isinstance(json.loads(b), str), -json.loads(b) if not b.startswith('"') else 0))
     for i, b in enumerate(budgets):
         for c in (c for c in cells if json.dumps(c["config"]["budget"]) == b):
             rs = c["rounds"]
@@ -56,6 +58,7 @@ def rounds_plot(cells: list[dict], title: str, path: Path) -> Path:
                     label=f"watermark, {lab}")
     th = cells[0]["summary"]["threshold"]
     ax.axhline(th, color="black", lw=1.5, label=f"vanilla threshold {th:.2f}%")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("laundering round (0 = before)")
     ax.set_ylabel("accuracy %")
     ax.set_ylim(-2, 102)
