@@ -22,6 +22,20 @@ from .synthetic import make_images, tiny_net
 EXACT = "donot_use_mm_for_euclid_dist"
 
 
+class Spy(nn.Module):
+    """tiny_net that records every training batch it is given."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.net = tiny_net(0)
+        self.seen = seen
+
+    def forward(self, x):
+        if self.training:
+            self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
 def test_param_shift_maths():
     a, b = nn.Linear(3, 2), nn.Linear(3, 2)
     with torch.no_grad():
@@ -81,19 +95,8 @@ def test_restoration_takes_no_trigger_data():
     assert list(params)[:2] == ["model", "owner_train"]
     assert not any("trigger" in p or "wm" in p or "watermark" in p for p in params)
     seen = []
-
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = tiny_net(0)
-
-        def forward(self, x):
-            if self.training:
-                seen.append(x.detach().clone())
-            return self.net(x)
-
     owner = make_images(64, 3)
-    restore(Spy(), owner, TrainConfig(epochs=1, batch_size=16))
+    restore(Spy(seen), owner, TrainConfig(epochs=1, batch_size=16))
     used = torch.cat(seen)
     # every training input the restoration saw is one of the owner's clean images
     d = torch.cdist(used.flatten(1), owner.x.flatten(1), compute_mode=EXACT).min(1).values
@@ -103,18 +106,7 @@ def test_restoration_takes_no_trigger_data():
 def test_mixed_finetuning_adds_one_owner_step_every_second_batch():
     split, owner = make_images(64, 4), make_images(64, 5)
     batches = []
-
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = tiny_net(0)
-
-        def forward(self, x):
-            if self.training:
-                batches.append(x.detach().clone())
-            return self.net(x)
-
-    finetune_threat(Spy(), split, TrainConfig(epochs=1, batch_size=16), mixed_with=owner, mix_every=2)
+    finetune_threat(Spy(batches), split, TrainConfig(epochs=1, batch_size=16), mixed_with=owner, mix_every=2)
     assert len(batches) == 4 + 2
     def from_owner(b):
         return float(torch.cdist(b.flatten(1), owner.x.flatten(1), compute_mode=EXACT).min(1).values.max()) < 1e-6

@@ -40,6 +40,10 @@ def trigger_grid(masks: torch.Tensor, patterns: torch.Tensor, l1: Sequence[float
         axes[0][i].set_title(f"{class_names[i]}\nL1 {l1[i]:.1f}  a {anomaly[i]:.2f}", fontsize=7, color=color)
     for r, label in enumerate(["mask", "pattern", "mask·pattern", "stamped"][:rows]):
         axes[r][0].set_ylabel(label, fontsize=8)
+    return _save(fig, path, title)
+
+
+def _save(fig, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -69,11 +73,4 @@ def before_after(rows: Sequence[dict], threshold: float, path: Path, title: str 
     for ax in axes:
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
