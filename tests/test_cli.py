@@ -80,6 +80,21 @@ def test_embed_verify_end_to_end(capsys, data_dir, tmp_path):
     assert "round 1:" in o
     code, _, err = run(["launder", str(out), "--out", str(ldir), "--budget", "1.5"], capsys)
     assert code == 2 and "--budget" in err
+    # the persistence commands: fine-tune on 1% (mixed), then restore on another 1% of owner data
+    fdir, rdir = tmp_path / "ft", tmp_path / "rs"
+    code, o, err = run(["finetune", str(out), "--out", str(fdir), "--split", "0.01", "--epochs", "2", "--mixed",
+                        "--quiet"], capsys)
+    assert code == 0, err
+    hist = json.loads((fdir / "history.json").read_text())
+    assert hist["phase"] == "finetuned-mixed" and hist["n_split"] == 600 and len(hist["history"]) == 2
+    assert hist["history"][-1]["param_shift"] == pytest.approx(hist["param_shift"]["total"])
+    assert (fdir / "epoch-002.safetensors").is_file() and "wm_acc" in hist["history"][0]
+    code, o, err = run(["restore", str(fdir / "model"), "--out", str(rdir), "--split", "0.99", "--epochs", "1",
+                        "--quiet"], capsys)
+    assert code == 0, err
+    assert json.loads((rdir / "history.json").read_text())["n_owner"] == 600
+    code, _, err = run(["restore", str(fdir / "model"), "--out", str(rdir), "--split", "1.0"], capsys)
+    assert code == 2 and "--split" in err
 
 
 def test_console_entry_point_exit_code(tmp_path):

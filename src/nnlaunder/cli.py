@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -323,6 +324,72 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _owner_view(args: argparse.Namespace):
+    """(model, meta, train, test, watermark) for the persistence commands (the owner's view)."""
+    model, meta = load_model(args.model)
+    dataset = meta.get("dataset")
+    if dataset not in D.DATASETS:
+        raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
+    if not meta.get("scheme"):
+        raise UserError(f"{args.model} records no watermark scheme; persistence needs a watermarked model")
+    tr, te = D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
+    wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
+    return model, meta, tr, te, wm
+
+
+def _split(tr: D.Dataset, fraction: float, seed: int) -> tuple[D.Dataset, D.Dataset]:
+    """(the fine-tuning split, its complement = the owner's data), disjoint, stratified, seeded."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--split must be a fraction in (0, 1), got {fraction}")
+    idx = D.stratified_indices(tr.y, fraction=fraction, seed=seed)
+    rest = torch.ones(len(tr), dtype=torch.bool)
+    rest[idx] = False
+    return tr.subset(idx, "split"), tr.subset(torch.nonzero(rest).flatten(), "owner")
+
+
+def _persistence_run(args: argparse.Namespace, phase: str) -> int:
+    from .restore import finetune_threat, param_shift, restore
+
+    model, meta, tr, te, wm = _owner_view(args)
+    original = copy.deepcopy(model)
+    split, owner = _split(tr, args.split, args.seed)
+    out = Path(args.out)
+    _out(str(out / "model"))
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", lr=args.lr, seed=args.seed)
+    base_meta = {k: meta[k] for k in ("arch", "num_classes", "dataset", "scheme", "scheme_params") if k in meta}
+
+    def keep(epoch, m):
+        save_model(out / f"epoch-{epoch:03d}", m, {**base_meta, "epoch": epoch, "phase": phase})
+        return {"param_shift": param_shift(original, m)["total"]}
+
+    evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
+    before = {"test_acc": accuracy(model, te.x, te.y), "wm_acc": accuracy(model, wm.verify_x, wm.verify_y)}
+    if phase == "restored":
+        res = restore(model, owner, cfg, eval_sets=evals, callbacks=[keep], progress=not args.quiet)
+    else:
+        res = finetune_threat(model, split, cfg, mixed_with=owner if args.mixed else None, eval_sets=evals,
+                              callbacks=[keep], progress=not args.quiet)
+    shift = param_shift(original, model)
+    save_model(out / "model", model, {**base_meta, "phase": phase, "from": str(args.model)})
+    report = {"model": str(args.model), "phase": phase, "split": args.split, "n_split": len(split),
+              "n_owner": len(owner), "config": cfg.__dict__, "before": before, "history": res.history,
+              "param_shift": shift}
+    atomic_write_json(out / "history.json", report)
+    last = res.history[-1] if res.history else before
+    print(f"{phase}: test {before['test_acc']:.2f} -> {last.get('test_acc', before['test_acc']):.2f}%, "
+          f"WM {before['wm_acc']:.2f} -> {last.get('wm_acc', before['wm_acc']):.2f}%, "
+          f"parameter shift {shift['total']:.3f}; wrote {out}/")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    return _persistence_run(args, "finetuned-mixed" if args.mixed else "finetuned")
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    return _persistence_run(args, "restored")
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .report.build import build_report
 
@@ -413,6 +480,24 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     s.set_defaults(func=cmd_run)
+
+    for name, helptext, epochs in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", 50),
+                                   ("restore", "restoration: keep training on the owner's clean data only", 30)):
+        s = sub.add_parser(name, help=helptext)
+        _common(s)
+        s.add_argument("model")
+        s.add_argument("--out", required=True, help="folder: epoch-NNN checkpoints, model, history.json")
+        s.add_argument("--split", type=_float, default=0.3,
+                       help="fraction of the training set fine-tuned on; the owner's data is the rest")
+        s.add_argument("--epochs", type=_nonneg_int, default=epochs)
+        s.add_argument("--lr", type=_float, default=1e-4)
+        s.add_argument("--batch-size", type=_positive_int, default=128)
+        s.add_argument("--seed", type=int, default=0)
+        if name == "finetune":
+            s.add_argument("--mixed", action="store_true", help="one owner-data step every 2nd batch")
+            s.set_defaults(func=cmd_finetune)
+        else:
+            s.set_defaults(func=cmd_restore)
 
     s = sub.add_parser("report", help="Markdown + HTML + plots from a workspace's results store")
     _common(s)

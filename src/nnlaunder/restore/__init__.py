@@ -22,7 +22,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
-from ..train import TrainConfig, TrainResult, accuracy, train
+from ..train import Callback, TrainConfig, TrainResult, accuracy, train
 
 # Ngo et al.'s settings (facts.md): Adam 1e-4; 50 epochs fine-tuning, 30 epochs restoration.
 FINETUNE = TrainConfig(epochs=50, batch_size=128, optimizer="adam", lr=1e-4)
@@ -32,7 +32,7 @@ RESTORE = TrainConfig(epochs=30, batch_size=128, optimizer="adam", lr=1e-4)
 def finetune_threat(model: nn.Module, split: Dataset, cfg: TrainConfig = FINETUNE, *,
                     mixed_with: Dataset | None = None, mix_every: int = 2,
                     eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                    progress: bool | str = False) -> TrainResult:
+                    callbacks: Sequence[Callback] = (), progress: bool | str = False) -> TrainResult:
     """Fine-tune all layers of `model` in place on `split`; with `mixed_with`, one extra step on a
     batch of that (owner-training) set after every `mix_every`-th batch."""
     interleave = None
@@ -40,14 +40,17 @@ def finetune_threat(model: nn.Module, split: Dataset, cfg: TrainConfig = FINETUN
         if mix_every < 1:
             raise UserError(f"mix_every must be >= 1, got {mix_every}")
         interleave = (mixed_with.x, mixed_with.y, mix_every)
-    return train(model, split.x, split.y, cfg, interleave=interleave, eval_sets=eval_sets, progress=progress)
+    return train(model, split.x, split.y, cfg, interleave=interleave, eval_sets=eval_sets, callbacks=callbacks,
+                 progress=progress)
 
 
 def restore(model: nn.Module, owner_train: Dataset, cfg: TrainConfig = RESTORE, *,
             eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-            progress: bool | str = False) -> TrainResult:
-    """Continue training on the owner's clean training data only (no triggers)."""
-    return train(model, owner_train.x, owner_train.y, cfg, eval_sets=eval_sets, progress=progress)
+            callbacks: Sequence[Callback] = (), progress: bool | str = False) -> TrainResult:
+    """Continue training on the owner's clean training data only (no triggers). `eval_sets` are
+    only measured after each epoch (the owner's verification), never trained on."""
+    return train(model, owner_train.x, owner_train.y, cfg, eval_sets=eval_sets, callbacks=callbacks,
+                 progress=progress)
 
 
 # --------------------------------------------------------------------------------------------
