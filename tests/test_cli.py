@@ -95,6 +95,15 @@ def test_embed_verify_end_to_end(capsys, data_dir, tmp_path):
     assert json.loads((rdir / "history.json").read_text())["n_owner"] == 600
     code, _, err = run(["restore", str(fdir / "model"), "--out", str(rdir), "--split", "1.0"], capsys)
     assert code == 2 and "--split" in err
+    code, _, err = run(["landscape", str(tmp_path / "laundered"), "--out", str(tmp_path / "land.png")], capsys)
+    assert code == 2 and "at least 3" in err
+    code, _, err = run(["finetune", str(out), "--out", str(fdir), "--split", "0.01", "--epochs", "3", "--quiet"],
+                       capsys)
+    code, o, err = run(["landscape", str(fdir), "--grid", "5", "--images", "200", "--out",
+                        str(tmp_path / "land.png")], capsys)
+    assert code == 0, err
+    land = json.loads((tmp_path / "land.json").read_text())
+    assert len(land["loss"]) == 5 and len(land["coords"]) == 4      # epoch 0 (the start) + 3 and (tmp_path / "land.png").stat().st_size > 5000
 
 
 def test_console_entry_point_exit_code(tmp_path):

@@ -363,6 +363,7 @@ def _persistence_run(args: argparse.Namespace, phase: str) -> int:
         return {"param_shift": param_shift(original, m)["total"]}
 
     evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
+    keep(0, model)                                  # the trajectory starts at the given model
     before = {"test_acc": accuracy(model, te.x, te.y), "wm_acc": accuracy(model, wm.verify_x, wm.verify_y)}
     if phase == "restored":
         res = restore(model, owner, cfg, eval_sets=evals, callbacks=[keep], progress=not args.quiet)
@@ -388,6 +389,40 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     return _persistence_run(args, "restored")
+
+
+def cmd_landscape(args: argparse.Namespace) -> int:
+    from .report.plots import landscape
+    from .restore import flat_params, loss_surface, pca_directions
+
+    folder = Path(args.checkpoints)
+    files = sorted(folder.glob("epoch-*.safetensors"))
+    if len(files) < 3:
+        raise UserError(f"{folder}: need at least 3 epoch-NNN.safetensors checkpoints (from `nnlaunder finetune` "
+                        "or `restore`)")
+    models = [load_model(f) for f in files]
+    model, meta = models[-1]
+    plane = pca_directions([flat_params(m) for m, _ in models])
+    args.model = str(files[-1])
+    _, _, tr, te, wm = _owner_view(args)
+    if args.on == "trigger":
+        x, y = wm.verify_x[:args.images], wm.verify_y[:args.images]
+    else:
+        sub = D.stratified_subset(tr, fraction=min(1.0, args.images / len(tr)), seed=0)
+        x, y = sub.x, sub.y
+    span = float(plane.coords.abs().max()) * args.margin or 1.0
+    grid = torch.linspace(-span, span, args.grid)
+    loss, acc = loss_surface(model, plane, grid, grid, x, y)
+    out = Path(args.out)
+    _out(str(out.with_suffix("")))
+    landscape(grid, grid, loss, acc, plane.coords, out.with_suffix(".png"),
+              title=f"{meta.get('scheme')} {args.on} loss along the trajectory's PCA plane "
+                    f"({100 * float(plane.explained.sum()):.0f}% of its variance)")
+    atomic_write_json(out.with_suffix(".json"), {"grid": grid.tolist(), "loss": loss.tolist(), "acc": acc.tolist(),
+                                                 "coords": plane.coords.tolist(), "explained": plane.explained.tolist(),
+                                                 "checkpoints": [str(f) for f in files], "on": args.on})
+    print(f"wrote {out.with_suffix('.png')} and .json")
+    return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -498,6 +533,16 @@ def make_parser() -> argparse.ArgumentParser:
             s.set_defaults(func=cmd_finetune)
         else:
             s.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("landscape", help="2-D loss surface along the PCA plane of a checkpoint trajectory")
+    _common(s)
+    s.add_argument("checkpoints", help="folder of epoch-NNN checkpoints (from finetune / restore)")
+    s.add_argument("--on", choices=("trigger", "train"), default="trigger")
+    s.add_argument("--grid", type=_int_at_least(3), default=15)
+    s.add_argument("--images", type=_positive_int, default=1000)
+    s.add_argument("--margin", type=_float, default=1.3)
+    s.add_argument("--out", required=True, help="PNG path (a .json with the grid is written beside it)")
+    s.set_defaults(func=cmd_landscape)
 
     s = sub.add_parser("report", help="Markdown + HTML + plots from a workspace's results store")
     _common(s)

@@ -74,3 +74,21 @@ def before_after(rows: Sequence[dict], threshold: float, path: Path, title: str 
         ax.set_xticks(list(x))
         ax.set_xticklabels(names, fontsize=8)
     return _save(fig, path, title)
+
+
+def landscape(alphas, betas, loss, acc, coords, path: Path, title: str = "") -> Path:
+    """Loss (filled contours) and accuracy (lines) over a PCA plane, with the checkpoint trajectory."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    a, b = alphas.numpy(), betas.numpy()
+    cs = ax.contourf(a, b, loss.T.numpy(), levels=20, cmap="viridis")
+    fig.colorbar(cs, ax=ax, label="loss")
+    cl = ax.contour(a, b, acc.T.numpy(), levels=[25, 50, 75, 90, 99], colors="white", linewidths=0.7)
+    ax.clabel(cl, fmt="%g%%", fontsize=7)
+    c = coords.numpy()
+    ax.plot(c[:, 0], c[:, 1], "-o", color="red", ms=3, lw=1, label="trajectory")
+    ax.plot(c[0, 0], c[0, 1], "s", color="orange", ms=7, label="first checkpoint")
+    ax.plot(c[-1, 0], c[-1, 1], "*", color="red", ms=11, label="last checkpoint")
+    ax.set_xlabel("PCA direction 1")
+    ax.set_ylabel("PCA direction 2")
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path, title)
