@@ -103,7 +103,8 @@ def test_embed_verify_end_to_end(capsys, data_dir, tmp_path):
                         str(tmp_path / "land.png")], capsys)
     assert code == 0, err
     land = json.loads((tmp_path / "land.json").read_text())
-    assert len(land["loss"]) == 5 and len(land["coords"]) == 4      # epoch 0 (the start) + 3 and (tmp_path / "land.png").stat().st_size > 5000
+    # the trajectory: epoch 0 (the starting model) + 3 epochs
+    assert len(land["loss"]) == 5 and len(land["coords"]) == 4 and (tmp_path / "land.png").stat().st_size > 5000
 
 
 def test_console_entry_point_exit_code(tmp_path):
