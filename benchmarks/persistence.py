@@ -1,0 +1,165 @@
+"""Benchmark: do watermarks persist under fine-tuning, can the owner restore them, and does
+laundering remove a watermark or only hide it? (Ngo et al. arXiv:2501.02704; issue "persistence".)
+
+    python benchmarks/persistence.py --datasets mnist --ft-epochs 20 --restore-epochs 10
+
+For every watermarked model of benchmarks/embed.py:
+  embedded         the owner model as trained
+  finetuned        all layers fine-tuned on a disjoint 30% split (Adam 1e-4)
+  finetuned-mixed  the same, with one step on an owner-data batch every 2nd batch
+  restored         the fine-tuned model trained further on the owner's data only (the other 70%)
+  laundered        laundering ("strong", one round, 0.6% budget, as in table2.py)
+  laundered-restored  the laundered model trained further on the owner's data only
+Writes benchmarks/results/persistence.json (a row per model × phase, written as it goes: a stopped
+run resumes) and persistence.md, and persistence-<dataset>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from nnlaunder import data as D  # noqa: E402
+from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
+from nnlaunder.restore import finetune_threat, param_shift, restore  # noqa: E402
+from nnlaunder.train import TrainConfig, accuracy  # noqa: E402
+from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+MODELS = {"mnist": ["zhang-content", "zhang-noise", "zhang-unrelated"],
+          "cifar10": ["zhang-content", "zhang-noise", "zhang-unrelated", "adi-pt", "adi-fs"]}
+PHASES = ["embedded", "finetuned", "finetuned-mixed", "restored", "laundered", "laundered-restored"]
+
+
+def run(args) -> list[dict]:
+    path = RESULTS / "persistence.json"
+    rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
+    done = {(r["dataset"], r["name"], r["phase"]) for r in rows}
+    for ds in args.datasets:
+        tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
+        thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        idx = D.stratified_indices(tr.y, fraction=0.3, seed=args.seed)
+        rest = torch.ones(len(tr), dtype=torch.bool)
+        rest[idx] = False
+        split, owner = tr.subset(idx), tr.subset(torch.nonzero(rest).flatten())
+        ft = TrainConfig(epochs=args.ft_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
+        rs = TrainConfig(epochs=args.restore_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
+        for name in MODELS[ds]:
+            mpath = ROOT / "models" / ds / name
+            if not mpath.with_suffix(".safetensors").is_file():
+                print(f"{ds}/{name}: no model yet, skipped")
+                continue
+            if all((ds, name, ph) in done for ph in PHASES):
+                continue
+            model, meta = load_model(mpath)
+            wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
+            evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
+
+            def emit(phase, m, seconds, history=None, source=model):
+                row = {"dataset": ds, "arch": meta["arch"], "scheme": meta["scheme"], "name": name, "phase": phase,
+                       "test_acc": accuracy(m, te.x, te.y), "wm_acc": accuracy(m, wm.verify_x, wm.verify_y),
+                       "threshold": thresholds[name], "param_shift": param_shift(source, m)["total"],
+                       "shift_from_embedded": param_shift(model, m)["total"], "seconds": seconds,
+                       "history": history or [], "paper": None,
+                       "command": f"python benchmarks/persistence.py --datasets {ds} --ft-epochs {args.ft_epochs} "
+                                  f"--restore-epochs {args.restore_epochs}"}
+                if meta["scheme"] == "adi":
+                    row["mode"] = meta["scheme_params"]["mode"]
+                rows[:] = [r for r in rows if (r["dataset"], r["name"], r["phase"]) != (ds, name, phase)] + [row]
+                atomic_write_json(path, rows)
+                print(f"{ds}/{name} {phase}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}% "
+                      f"(threshold {row['threshold']:.2f}%)  shift {row['param_shift']:.3f}  {seconds:.0f} s",
+                      flush=True)
+
+            emit("embedded", model, 0.0)
+            for phase, mixed in (("finetuned", None), ("finetuned-mixed", owner)):
+                m = copy.deepcopy(model)
+                t0 = time.perf_counter()
+                res = finetune_threat(m, split, ft, mixed_with=mixed, eval_sets=evals, progress=False)
+                emit(phase, m, time.perf_counter() - t0, res.history)
+                if phase == "finetuned":
+                    r = copy.deepcopy(m)
+                    t0 = time.perf_counter()
+                    res = restore(r, owner, rs, eval_sets=evals, progress=False)
+                    emit("restored", r, time.perf_counter() - t0, res.history, source=m)
+            clean = D.stratified_subset(tr, fraction=0.006, seed=args.seed)
+            t0 = time.perf_counter()
+            lm = launder(model, clean, launder_config("strong", seed=args.seed)).model
+            emit("laundered", lm, time.perf_counter() - t0)
+            r = copy.deepcopy(lm)
+            t0 = time.perf_counter()
+            res = restore(r, owner, rs, eval_sets=evals, progress=False)
+            emit("laundered-restored", r, time.perf_counter() - t0, res.history, source=lm)
+    return rows
+
+
+def plot(rows: list[dict], ds: str) -> None:
+    rs = [r for r in rows if r["dataset"] == ds]
+    names = [n for n in MODELS[ds] if any(r["name"] == n for r in rs)]
+    if not names:
+        return
+    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        by = {r["phase"]: r for r in rs if r["name"] == name}
+        phases = [p for p in PHASES if p in by]
+        bars = ax.bar(range(len(phases)), [by[p]["wm_acc"] for p in phases], color="tab:red")
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.axhline(by[phases[0]]["threshold"], color="black", lw=1, ls="--", label="vanilla threshold")
+        ax.set_xticks(range(len(phases)))
+        ax.set_xticklabels(phases, rotation=35, ha="right", fontsize=7)
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("watermark accuracy %")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{ds}: watermark accuracy after fine-tuning, restoration and laundering", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"persistence-{ds}.png", dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# Persistence, restoration, and whether laundering removes or hides", "",
+             "| dataset | model | phase | test acc % | WM acc % | threshold % | parameter shift (from its input) "
+             "| shift from embedded | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["dataset"], r["name"], PHASES.index(r["phase"]))):
+        lines.append(f"| {r['dataset']} | {r['name']} | {r['phase']} | {r['test_acc']:.2f} | {r['wm_acc']:.2f} | "
+                     f"{r['threshold']:.2f} | {r['param_shift']:.3f} | {r['shift_from_embedded']:.3f} | "
+                     f"{r['seconds']:.0f} |")
+    lines += ["", "Commands:", *[f"    {c}" for c in sorted({r['command'] for r in rows})], ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="mnist")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--ft-epochs", type=int, default=50)
+    ap.add_argument("--restore-epochs", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if any(d not in MODELS for d in args.datasets):
+        print(f"persistence.py: error: datasets must be among {sorted(MODELS)}", file=sys.stderr)
+        return 2
+    rows = run(args)
+    for ds in sorted({r["dataset"] for r in rows}):
+        plot(rows, ds)
+    atomic_write_bytes(RESULTS / "persistence.md", markdown(rows).encode())
+    print("wrote persistence.json, persistence.md and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
