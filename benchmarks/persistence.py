@@ -67,21 +67,11 @@ def run(args) -> list[dict]:
             wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
             evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
 
-            def emit(phase, m, seconds, history=None, source=model):
-                row = {"dataset": ds, "arch": meta["arch"], "scheme": meta["scheme"], "name": name, "phase": phase,
-                       "test_acc": accuracy(m, te.x, te.y), "wm_acc": accuracy(m, wm.verify_x, wm.verify_y),
-                       "threshold": thresholds[name], "param_shift": param_shift(source, m)["total"],
-                       "shift_from_embedded": param_shift(model, m)["total"], "seconds": seconds,
-                       "history": history or [], "paper": None,
-                       "command": f"python benchmarks/persistence.py --datasets {ds} --ft-epochs {args.ft_epochs} "
-                                  f"--restore-epochs {args.restore_epochs}"}
-                if meta["scheme"] == "adi":
-                    row["mode"] = meta["scheme_params"]["mode"]
-                rows[:] = [r for r in rows if (r["dataset"], r["name"], r["phase"]) != (ds, name, phase)] + [row]
-                atomic_write_json(path, rows)
-                print(f"{ds}/{name} {phase}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}% "
-                      f"(threshold {row['threshold']:.2f}%)  shift {row['param_shift']:.3f}  {seconds:.0f} s",
-                      flush=True)
+            ctx = {"ds": ds, "name": name, "meta": meta, "wm": wm, "te": te, "model": model,
+                   "threshold": thresholds[name], "path": path, "args": args}
+
+            def emit(phase, m, seconds, history=None, source=None, ctx=ctx):
+                _emit(rows, ctx, phase, m, seconds, history, source)
 
             emit("embedded", model, 0.0)
             for phase, mixed in (("finetuned", None), ("finetuned-mixed", owner)):
@@ -103,6 +93,25 @@ def run(args) -> list[dict]:
             res = restore(r, owner, rs, eval_sets=evals, progress=False)
             emit("laundered-restored", r, time.perf_counter() - t0, res.history, source=lm)
     return rows
+
+
+def _emit(rows: list[dict], ctx: dict, phase: str, m, seconds: float, history=None, source=None) -> None:
+    """Measure `m`, replace the row of (dataset, model, phase) and write the JSON at once."""
+    ds, name, meta, wm, te, args = ctx["ds"], ctx["name"], ctx["meta"], ctx["wm"], ctx["te"], ctx["args"]
+    source = ctx["model"] if source is None else source
+    row = {"dataset": ds, "arch": meta["arch"], "scheme": meta["scheme"], "name": name, "phase": phase,
+           "test_acc": accuracy(m, te.x, te.y), "wm_acc": accuracy(m, wm.verify_x, wm.verify_y),
+           "threshold": ctx["threshold"], "param_shift": param_shift(source, m)["total"],
+           "shift_from_embedded": param_shift(ctx["model"], m)["total"], "seconds": seconds,
+           "history": history or [], "paper": None,
+           "command": f"python benchmarks/persistence.py --datasets {ds} --ft-epochs {args.ft_epochs} "
+                      f"--restore-epochs {args.restore_epochs}"}
+    if meta["scheme"] == "adi":
+        row["mode"] = meta["scheme_params"]["mode"]
+    rows[:] = [r for r in rows if (r["dataset"], r["name"], r["phase"]) != (ds, name, phase)] + [row]
+    atomic_write_json(ctx["path"], rows)
+    print(f"{ds}/{name} {phase}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}% "
+          f"(threshold {row['threshold']:.2f}%)  shift {row['param_shift']:.3f}  {seconds:.0f} s", flush=True)
 
 
 def plot(rows: list[dict], ds: str) -> None:
