@@ -152,7 +152,8 @@ def write_markdown(rows: list[dict]) -> str:
              "Watermark accuracy is measured on held-out trigger inputs never used in training; the vanilla",
              "threshold is the highest watermark accuracy any clean model of the same task reached over any of",
              "its training epochs (Aiken et al. §7.1), over the seeds listed in thresholds-<dataset>.json.",
-             "Paper figures: Aiken et al. Table 2 (\"Ours\" rows).", "",
+             "Paper figures: Aiken et al. Table 2 (\"Ours\" rows). Minutes are wall time on this 2-core machine,",
+             "some measured while other jobs shared it (the MNIST noise row); they are not speed claims.", "",
              "| dataset | arch | scheme | test acc % (paper) | clean test acc % | WM acc % (paper) "
              "| vanilla threshold % (paper) | p-value | epochs | minutes |",
              "|---|---|---|---|---|---|---|---|---|---|"]
