@@ -134,3 +134,56 @@ def test_sweep_killed_with_sigkill_resumes_to_the_same_store(tmp_path, data_dir)
     # a third run does nothing
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert "0 cells run, 4 already" in r.stdout
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_executor_runs_a_grid_into_the_one_store(tmp_path, data_dir):
+    """Start a local Ray head on 127.0.0.1, run a 3-cell grid through it, check the store."""
+    pytest.importorskip("ray")
+    from pathlib import Path
+
+    from nnlaunder.experiments.runner import run_experiment
+
+    repo = Path(__file__).resolve().parents[1]
+    ray_bin = Path(sys.executable).with_name("ray")
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        cells = expand({"name": "ray-grid", "dataset": "mnist", "scheme": "zhang-content", "attack": "prune",
+                        "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "threshold": 0.33,
+                        "scheme_params": {"n_verify": 500}, "sweep": {"budget": [0.002, 0.003, 0.004]}})
+        out = run_experiment(cells, tmp_path / "ws", str(data_dir), progress=False, executor="ray",
+                             address=f"127.0.0.1:{port}")
+        assert out == {"cells": 3, "ran": 3, "skipped": 0}
+        with Store(tmp_path / "ws" / "results.sqlite") as s:
+            got = s.cells("ray-grid")
+        assert sorted(c["config"]["budget"] for c in got) == [0.002, 0.003, 0.004]
+        for c in got:
+            assert [r["round"] for r in c["rounds"]] == [0, 1] and c["summary"]["threshold"] == 0.33
+            assert c["rounds"][0]["wm_acc"] > 90          # the committed owner model carries its watermark
+        again = run_experiment(cells, tmp_path / "ws", str(data_dir), progress=False, executor="ray",
+                               address=f"127.0.0.1:{port}")
+        assert again["skipped"] == 3
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_ray_executor_errors(tmp_path, data_dir):
+    from nnlaunder.experiments.runner import run_experiment
+
+    cells = expand({"dataset": "mnist", "attack": "prune", "threshold": 1.0})
+    with pytest.raises(UserError, match="--address"):
+        run_experiment(cells, tmp_path, str(data_dir), progress=False, executor="ray")
+    with pytest.raises(UserError, match="unknown executor"):
+        run_experiment(cells, tmp_path, str(data_dir), progress=False, executor="dask")

@@ -319,7 +319,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"WM {summary['wm_acc']:.2f}% (threshold {summary['threshold']:.2f}%)"
               f"{' removed' if summary['removed'] else ''}", flush=True)
 
-    out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show)
+    out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show,
+                         executor=args.executor, address=args.address)
     print(f"{out['ran']} cells run, {out['skipped']} already in {ws / 'results.sqlite'}")
     return 0
 
@@ -514,6 +515,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    s.add_argument("--executor", choices=("local", "ray"), default="local")
+    s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
     s.set_defaults(func=cmd_run)
 
     for name, helptext, epochs in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", 50),

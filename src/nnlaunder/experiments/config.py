@@ -57,6 +57,7 @@ class CellConfig:
     owner_seed: int = 0
     owner_path: str | None = None        # use this trained owner model (e.g. models/cifar10/zhang-content)
     threshold_seeds: tuple[int, ...] = (0, 1, 2)
+    threshold: float | None = None       # a known vanilla threshold (percent): no clean models are trained
     attack: str = "launder"
     variant: str = "strong"
     attack_params: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +112,8 @@ class CellConfig:
         spec = scheme_spec(self.scheme)
         from_dict(spec.params, self.scheme_params, "scheme_params")
         self.owner_train()
+        if self.threshold is not None and not 0 <= self.threshold <= 100:
+            raise UserError(f"threshold: must be a percentage in [0, 100], got {self.threshold}")
         if not self.threshold_seeds:
             raise UserError("threshold_seeds: at least one clean seed is needed for the vanilla threshold")
         if self.rounds < 1:

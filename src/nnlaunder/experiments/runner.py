@@ -24,6 +24,7 @@ from .. import data as D
 from ..attacks.baselines import ATTACKS
 from ..attacks.laundering import launder
 from ..checkpoint import atomic_write_json, load_model, save_model
+from ..config import from_dict
 from ..errors import UserError
 from ..models import build
 from ..train import accuracy
@@ -114,7 +115,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
     wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
     model = owner_model(cell, wm, ws, tr, te, progress)
-    th = threshold_for(cell, wm, ws, tr, progress)["threshold"]
+    th = cell.threshold if cell.threshold is not None else threshold_for(cell, wm, ws, tr, progress)["threshold"]
     clean = D.stratified_subset(tr, seed=cell.seed, **cell.budget_spec())
     ev = evaluator(te, wm)
     rows = [{"round": 0, **ev(0, model), "threshold": th, "seconds": 0.0}]
@@ -140,20 +141,63 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     return rows, summary, time.perf_counter() - t0
 
 
+def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str) -> tuple[list[dict], dict, float]:
+    """A Ray task: rebuild the cell from its JSON-able dict and run it on a worker."""
+    return run_cell(from_dict(CellConfig, cell, "cell"), Path(ws), data_dir, progress=False)
+
+
 def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | None, *, progress: bool = True,
-                   on_cell: Callable[[CellConfig, dict[str, Any]], None] | None = None) -> dict[str, int]:
-    """Run every unfinished cell in order; finished cells (same config) are skipped."""
-    ws = Path(ws)
+                   on_cell: Callable[[CellConfig, dict[str, Any]], None] | None = None,
+                   executor: str = "local", address: str | None = None) -> dict[str, int]:
+    """Run every unfinished cell; finished cells (same config) are skipped.
+
+    executor "local": in this process, in order. "ray": each cell is a Ray task on the existing
+    cluster at `address` (workers must see the workspace and data folders); results come back here
+    and this process alone writes the store.
+    """
+    ws = Path(ws).resolve()
     ws.mkdir(parents=True, exist_ok=True)
     with Store(ws / "results.sqlite") as store:
         done = store.finished_ids()
         todo = [c for c in cells if c.cell_id() not in done]
         bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="cells", disable=not progress)
-        for cell in todo:
-            rows, summary, seconds = run_cell(cell, ws, data_dir, progress)
+
+        def finish(cell: CellConfig, result: tuple) -> None:
+            rows, summary, seconds = result
             store.record(cell.cell_id(), cell.name, cell.as_dict(), rows, summary, seconds)
             bar.update(1)
             if on_cell is not None:
                 on_cell(cell, summary)
+
+        if executor == "local":
+            for cell in todo:
+                finish(cell, run_cell(cell, ws, data_dir, progress))
+        elif executor == "ray":
+            _run_on_ray(todo, ws, str(D.resolve_data_dir(data_dir).resolve()), address, finish)
+        else:
+            raise UserError(f"unknown executor {executor!r}; choose local or ray")
         bar.close()
     return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}
+
+
+def _run_on_ray(todo: Sequence[CellConfig], ws: Path, data_dir: str, address: str | None,
+                finish: Callable[[CellConfig, tuple], None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the ray executor needs Ray: pip install 'nnlaunder[ray]'") from None
+    if not address:
+        raise UserError("--executor ray needs --address HOST:PORT of a running Ray cluster")
+    try:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {e}") from e
+    try:
+        task = ray.remote(num_cpus=1)(_run_cell_remote)
+        pending = {task.remote(c.as_dict(), str(ws), data_dir): c for c in todo}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            cell = pending.pop(ready[0])
+            finish(cell, ray.get(ready[0]))
+    finally:
+        ray.shutdown()
