@@ -40,6 +40,8 @@ def test_grid_expansion_and_dotted_keys():
     ({"scheme": "zhang-logo"}, "unknown scheme"),
     ({"scheme_params": {"sigma": 1}}, "unknown key(s) ['sigma']"),
     ({"owner": {"epochz": 1}}, "unknown training setting"),
+    ({"owner": {"arch": None}}, "unknown training setting"),       # found by hypothesis
+    ({"owner": {"epochs": "many"}}, "owner.epochs: expected an integer"),
     ({"attack": "magic"}, "unknown attack"),
     ({"attack_params": {"dt": "high"}}, "dt"),
     ({"attack_params": {"nc": {"lr": -1.0}}}, "Neural Cleanse"),

@@ -71,7 +71,12 @@ class CellConfig:
         return self.arch or DEFAULT_ARCH[self.dataset]
 
     def owner_train(self) -> TrainConfig:
-        return owner_config(self.arch_name, **{**self.owner, "seed": self.owner_seed})
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(self.owner) - fields)
+        if unknown:
+            raise UserError(f"owner: unknown training setting(s) {unknown}; allowed: {sorted(fields)}")
+        base = dataclasses.asdict(owner_config(self.arch_name))
+        return from_dict(TrainConfig, {**base, **self.owner, "seed": self.owner_seed}, "owner")
 
     def budget_spec(self) -> dict[str, Any]:
         """{"fraction": f} or {"per_class": n}."""
