@@ -22,6 +22,7 @@ import torch
 
 from nnlaunder import data as D
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
+from nnlaunder.device import compute_device
 from nnlaunder.models import build
 from nnlaunder.recipes import owner_config
 from nnlaunder.train import accuracy
@@ -29,6 +30,7 @@ from nnlaunder.watermarks.embed import clean_wm_curve, embed, thresholds_from_cu
 from nnlaunder.watermarks.schemes import make_watermark
 from nnlaunder.watermarks.verify import verify
 
+DEVICE = str(compute_device())
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -57,10 +59,13 @@ PLAN = {
 }
 
 
-def _get_or_train(path: Path, retrain: bool, make) -> tuple[torch.nn.Module, dict]:
+def _get_or_train(path: Path, retrain: bool, make, no_train: bool = False):
     if path.with_suffix(".safetensors").is_file() and not retrain:
         print(f"  reusing {path.relative_to(ROOT)}.safetensors")
         return load_model(path)
+    if no_train:
+        print(f"  {path.relative_to(ROOT)}.safetensors missing; skipped (--no-train)")
+        return None, None
     model, meta = make()
     save_model(path, model, meta)
     shutil.rmtree(path.with_suffix(".ckpt"), ignore_errors=True)   # finished: the epoch checkpoint is spent
@@ -85,6 +90,8 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
         curves, metas = [], []
         for seed in args.seeds:
             cfg = owner_config(arch, seed=seed, **({"epochs": args.epochs} if args.epochs else {}))
+            if args.only and f"clean-{arch}-s{seed}" not in args.only:
+                continue
 
             def make(cfg=cfg, seed=seed, arch=arch, names=names):
                 t0 = time.perf_counter()
@@ -93,26 +100,34 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
                                          checkpoint_dir=mdir / f"clean-{arch}-s{seed}.ckpt")
                 return m, {"arch": arch, "num_classes": tr.num_classes, "dataset": ds, "scheme": None,
                            "seed": seed, "config": cfg.__dict__, "history": hist, "command": cmd,
+                           "device": DEVICE,
                            "seconds": time.perf_counter() - t0,
                            "metrics": {"test_acc": accuracy(m, te.x, te.y)}}
 
-            model, meta = _get_or_train(mdir / f"clean-{arch}-s{seed}", args.retrain, make)
+            model, meta = _get_or_train(mdir / f"clean-{arch}-s{seed}", args.retrain, make, args.no_train)
+            if model is None:
+                continue
             curves.append(meta["history"])
             metas.append(meta)
-            if seed == args.seeds[0]:
+            if arch not in clean:
                 clean[arch] = (model, meta)
+        if args.only:
+            continue
         thresholds.update(thresholds_from_curves(curves, names))
-        curves_out[arch] = {"seeds": args.seeds, "curves": curves}
+        curves_out[arch] = {"seeds": [m["seed"] for m in metas], "curves": curves}
         rows.append({"dataset": ds, "arch": arch, "scheme": "clean", "test_acc": metas[0]["metrics"]["test_acc"],
                      "wm_acc": None, "threshold": None, "seconds": sum(m["seconds"] for m in metas) / len(metas),
                      "epochs": len(metas[0]["history"]), "clean_test_acc": metas[0]["metrics"]["test_acc"],
                      "clean_test_acc_seeds": [m["metrics"]["test_acc"] for m in metas], "paper": None,
                      "command": cmd})
-    atomic_write_json(RESULTS / f"thresholds-{ds}.json", {"dataset": ds, "thresholds": thresholds,
-                                                          "by_arch": curves_out, "command": cmd})
+    if not args.only:
+        atomic_write_json(RESULTS / f"thresholds-{ds}.json", {"dataset": ds, "thresholds": thresholds,
+                                                              "by_arch": curves_out, "command": cmd})
 
     # 2. Watermarked models.
     for name, arch, scheme, _params in plan:
+        if args.only and name not in args.only:
+            continue
         wm = wms[name]
         cfg = owner_config(arch, seed=0, **({"epochs": args.epochs} if args.epochs else {}))
 
@@ -126,11 +141,13 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
                         checkpoint_dir=mdir / f"{name}.ckpt")
             return model, {"arch": arch, "num_classes": tr.num_classes, "dataset": ds, "scheme": scheme,
                            "scheme_params": wm.params, "seed": 0, "config": cfg.__dict__, "history": res.history,
-                           "command": cmd, "seconds": time.perf_counter() - t0,
+                           "command": cmd, "seconds": time.perf_counter() - t0, "device": DEVICE,
                            "metrics": {"test_acc": accuracy(model, te.x, te.y),
                                        "wm_acc": accuracy(model, wm.verify_x, wm.verify_y)}}
 
-        model, meta = _get_or_train(mdir / name, args.retrain, make)
+        model, meta = _get_or_train(mdir / name, args.retrain, make, args.no_train)
+        if args.only or model is None:
+            continue
         v = verify(model, wm, thresholds[name])
         row = {"dataset": ds, "arch": arch, "scheme": scheme, "test_acc": accuracy(model, te.x, te.y),
                "wm_acc": v.wm_acc, "threshold": thresholds[name], "p_value": v.p_value, "owned": v.owned,
@@ -179,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (testing only)")
     ap.add_argument("--retrain", action="store_true", help="retrain models that already exist")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-train", action="store_true",
+                    help="use the models that exist, skip missing ones (thresholds from the clean seeds found)")
+    ap.add_argument("--only", default=None,
+                    help="comma list of model names (clean-<arch>-s<seed>, zhang-content, adi-fs, ...): train "
+                         "just these and write no tables (to train models in parallel processes)")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.only = {s.strip() for s in args.only.split(",") if s.strip()} if args.only else None
     if args.threads:
         torch.set_num_threads(args.threads)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
@@ -193,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [r for r in old if r["dataset"] not in datasets]
     for ds in datasets:
         rows += run_dataset(ds, args)
+    if args.only:
+        print(f"trained/checked {sorted(args.only)}; tables not written (run without --only)")
+        return 0
     order = {d: i for i, d in enumerate(PLAN)}
     rows.sort(key=lambda r: order.get(r["dataset"], 99))
     atomic_write_json(path, rows)

@@ -189,3 +189,23 @@ def test_ray_executor_errors(tmp_path, data_dir):
         run_experiment(cells, tmp_path, str(data_dir), progress=False, executor="ray")
     with pytest.raises(UserError, match="unknown executor"):
         run_experiment(cells, tmp_path, str(data_dir), progress=False, executor="dask")
+
+
+def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
+    """--jobs 2: cells run in worker processes; the store equals an in-process run's."""
+    from pathlib import Path
+
+    from nnlaunder.experiments.runner import run_experiment
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = {"name": "pool-grid", "dataset": "mnist", "scheme": "zhang-content", "attack": "prune",
+            "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "threshold": 0.33,
+            "scheme_params": {"n_verify": 500}, "sweep": {"budget": [0.002, 0.003]}}
+    got = {}
+    for name, jobs in (("serial", 1), ("pool", 2)):
+        out = run_experiment(expand(spec), tmp_path / name, str(data_dir), progress=False, jobs=jobs)
+        assert out == {"cells": 2, "ran": 2, "skipped": 0}
+        with Store(tmp_path / name / "results.sqlite") as s:
+            got[name] = {c["config"]["budget"]: [(r["test_acc"], r["wm_acc"]) for r in c["rounds"]]
+                         for c in s.cells("pool-grid")}
+    assert got["pool"] == got["serial"] and len(got["pool"]) == 2

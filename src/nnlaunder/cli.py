@@ -16,6 +16,7 @@ import torch
 
 from . import data as D
 from .checkpoint import atomic_write_json, load_model, save_model, stem
+from .device import set_device
 from .errors import UserError
 from .models import ARCHS, DEFAULT_ARCH, build, check_fits
 from .recipes import owner_config
@@ -85,6 +86,7 @@ def _params(items: list[str] | None) -> dict[str, Any]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="dataset folder (default: $NNLAUNDER_DATA)")
     p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (default: $NNLAUNDER_DEVICE or cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -320,7 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{' removed' if summary['removed'] else ''}", flush=True)
 
     out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show,
-                         executor=args.executor, address=args.address)
+                         executor=args.executor, address=args.address, jobs=args.jobs)
     print(f"{out['ran']} cells run, {out['skipped']} already in {ws / 'results.sqlite'}")
     return 0
 
@@ -517,6 +519,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     s.add_argument("--executor", choices=("local", "ray"), default="local")
     s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
+    s.add_argument("--jobs", type=_positive_int, default=1,
+                   help="local executor: cells run in this many worker processes (default 1)")
     s.set_defaults(func=cmd_run)
 
     for name, helptext, epochs in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", 50),
@@ -567,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
+        if getattr(args, "device", None):
+            set_device(args.device)
         if getattr(args, "command", "") == "threshold":
             for s in args.schemes.split(","):
                 if s.strip() and s.strip() not in SCHEMES:

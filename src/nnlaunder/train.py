@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .device import model_device
 from .errors import UserError
 
 OPTIMIZERS = ("sgd", "adam")
@@ -109,17 +110,19 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
     cols = (dx.view(n, 1) + torch.arange(w).view(1, w))            # (N,W)
     flip = torch.rand(n, generator=g) < 0.5
     cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
-    idx_n = torch.arange(n).view(n, 1, 1)
-    out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]  # (N,H,W,C)
+    dev = x.device                                                  # draws on the CPU: same on any device
+    idx_n = torch.arange(n, device=dev).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_n, rows.to(dev).view(n, h, 1), cols.to(dev).view(n, 1, w)]
     return out.permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted labels (N,) in eval mode."""
+    """Predicted labels (N,) in eval mode, on the CPU (x may live anywhere)."""
     was = model.training
     model.eval()
-    out = torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]) \
+    dev = model_device(model)
+    out = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)]) \
         if len(x) else torch.empty(0, dtype=torch.long)
     model.train(was)
     return out
@@ -129,7 +132,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     """Accuracy in percent (0-100)."""
     if len(x) == 0:
         raise UserError("cannot measure accuracy on an empty set")
-    return 100.0 * (predict(model, x, batch_size) == y).float().mean().item()
+    return 100.0 * (predict(model, x, batch_size) == y.cpu()).float().mean().item()
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -228,6 +231,15 @@ def train(
         raise UserError(f"training set is empty or mismatched (x {len(x)}, y {len(y)})")
     if append is not None and (len(append[0]) == 0 or append[2] < 1):
         raise UserError("append needs at least one example and k >= 1")
+    # Data follow the model: moved once, so batches are slices of device tensors.
+    dev = model_device(model)
+    x, y = x.to(dev), y.to(dev)
+    if append is not None:
+        append = (append[0].to(dev), append[1].to(dev), append[2])
+    if interleave is not None:
+        interleave = (interleave[0].to(dev), interleave[1].to(dev), interleave[2])
+    if masks:
+        masks = {k: v.to(dev) for k, v in masks.items()}
     opt = make_optimizer(model, cfg)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = (0, [])
@@ -248,14 +260,14 @@ def train(
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g).to(dev)
         if append is not None:
             ax, ay, k = append
-            aperm = torch.randperm(len(ax), generator=g).repeat(math.ceil(steps_per_epoch * k / len(ax)) + 1)
+            aperm = torch.randperm(len(ax), generator=g).repeat(math.ceil(steps_per_epoch * k / len(ax)) + 1).to(dev)
         if interleave is not None:
             ix, iy, every = interleave
             iperm = torch.randperm(len(ix), generator=g).repeat(
-                math.ceil(steps_per_epoch * cfg.batch_size / every / len(ix)) + 1)
+                math.ceil(steps_per_epoch * cfg.batch_size / every / len(ix)) + 1).to(dev)
         model.train()
         if freeze_bn:
             for mod in model.modules():

@@ -166,7 +166,7 @@ def reset_masks(model: nn.Module, units: list[Unit], chosen: dict[str, torch.Ten
                 continue
             m = masks.get(n, torch.ones_like(params[n]))
             m = m.clone()
-            m[idx] = 0
+            m[idx.to(m.device)] = 0
             masks[n] = m
     return masks
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import model_device
 from ..errors import UserError
 
 
@@ -126,6 +127,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
     if cfg.max_images is not None and len(x) > cfg.max_images:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
         x = x[torch.sort(keep).values]
+    x = x.to(model_device(model))     # the optimisation runs where the model is; results come back on the CPU
     was_training = model.training
     model.eval()
     req = [p.requires_grad for p in model.parameters()]
@@ -183,11 +185,12 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
         g = torch.Generator().manual_seed(cfg.seed * 10007 + cl)
         w_mask[i] = _atanh_init(torch.rand(1, h, w, generator=g, dtype=dtype))
         w_pat[i] = _atanh_init(torch.rand(c, h, w, generator=g, dtype=dtype))
-    w_mask.requires_grad_(True)
-    w_pat.requires_grad_(True)
+    dev = x.device
+    w_mask = w_mask.to(dev).requires_grad_(True)
+    w_pat = w_pat.to(dev).requires_grad_(True)
     adam = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in (("m", w_mask), ("p", w_pat))}
-    steps_done = torch.zeros(k, dtype=torch.long)
-    targets = torch.tensor(cls)
+    steps_done = torch.zeros(k, dtype=torch.long, device=dev)
+    targets = torch.tensor(cls, device=dev)
     b1, b2 = cfg.betas
 
     # λ schedule state, one entry per class (Wang et al.'s visualizer, vectorised over classes)
@@ -197,8 +200,8 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
     reg_best = [math.inf] * k
     es_best, es_cnt = [math.inf] * k, [0] * k
     active = [True] * k
-    best_mask = (torch.tanh(w_mask.detach()) / 2 + 0.5).clone()
-    best_pat = (torch.tanh(w_pat.detach()) / 2 + 0.5).clone()
+    best_mask = (torch.tanh(w_mask.detach()) / 2 + 0.5).cpu()
+    best_pat = (torch.tanh(w_pat.detach()) / 2 + 0.5).cpu()
     best_succ = torch.zeros(k, dtype=torch.float32)
     epochs = torch.zeros(k, dtype=torch.long)
     history: list[dict] = []
@@ -208,13 +211,13 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
         act = [i for i in range(k) if active[i]]
         if not act:
             break
-        a_idx = torch.tensor(act)
+        a_idx = torch.tensor(act, device=dev)
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        acc_sum = torch.zeros(len(act), dtype=torch.float64)
-        reg_sum = torch.zeros(len(act), dtype=torch.float64)
-        ce_sum = torch.zeros(len(act), dtype=torch.float64)
-        cost_t = torch.tensor([cost[i] for i in act], dtype=dtype)
+        perm = torch.randperm(n, generator=g).to(dev)
+        acc_sum = torch.zeros(len(act), dtype=torch.float64, device=dev)
+        reg_sum = torch.zeros(len(act), dtype=torch.float64, device=dev)
+        ce_sum = torch.zeros(len(act), dtype=torch.float64, device=dev)
+        cost_t = torch.tensor([cost[i] for i in act], dtype=dtype, device=dev)
         for s in range(steps_per_epoch):
             xb = x[perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]]
             bsz = len(xb)
@@ -226,7 +229,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
             ce = F.cross_entropy(logits, tgt, reduction="none").view(len(act), bsz).mean(1)
             reg = m.abs().sum((1, 2, 3))
             loss = (ce + cost_t * reg).sum()
-            if not torch.isfinite(loss):
+            if dev.type == "cpu" and not torch.isfinite(loss):   # on a GPU: checked once per epoch
                 raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
             gm, gp = torch.autograd.grad(loss, (w_mask, w_pat))
             steps_done[a_idx] += 1
@@ -244,11 +247,13 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
                 acc_sum += (logits.argmax(1) == tgt).view(len(act), bsz).double().mean(1)
                 reg_sum += reg.double()
                 ce_sum += ce.double()
+        if not torch.isfinite(reg_sum).all() or not torch.isfinite(ce_sum).all():
+            raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
         acc = (acc_sum / steps_per_epoch).tolist()
         regs = (reg_sum / steps_per_epoch).tolist()
         with torch.no_grad():
-            cur_m = torch.tanh(w_mask[a_idx]) / 2 + 0.5
-            cur_p = torch.tanh(w_pat[a_idx]) / 2 + 0.5
+            cur_m = (torch.tanh(w_mask[a_idx]) / 2 + 0.5).cpu()
+            cur_p = (torch.tanh(w_pat[a_idx]) / 2 + 0.5).cpu()
         for j, i in enumerate(act):
             epochs[i] = epoch + 1
             if acc[j] >= cfg.success and regs[j] < reg_best[i]:
@@ -291,8 +296,8 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
     found = torch.tensor([r < math.inf for r in reg_best])
     # Where no epoch reached the success target, keep the last mask and its norm.
     with torch.no_grad():
-        last_m = torch.tanh(w_mask) / 2 + 0.5
-        last_p = torch.tanh(w_pat) / 2 + 0.5
+        last_m = (torch.tanh(w_mask) / 2 + 0.5).cpu()
+        last_p = (torch.tanh(w_pat) / 2 + 0.5).cpu()
     l1 = torch.tensor(reg_best, dtype=torch.float32)
     for i in range(k):
         if not found[i]:

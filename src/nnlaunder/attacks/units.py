@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..device import model_device
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -35,7 +37,7 @@ def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit],
     model.eval()
     try:
         with torch.no_grad():
-            model(example[:2])
+            model(example[:2].to(model_device(model)))
     finally:
         for h in hooks:
             h.remove()
@@ -96,10 +98,11 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
     was = model.training
     model.eval()
     try:
+        dev = model_device(model)
         for i in range(0, len(x), batch_size):
-            model(x[i:i + batch_size])
+            model(x[i:i + batch_size].to(dev))
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
-    return {u.name: sums[u.act] / len(x) for u in units}
+    return {u.name: sums[u.act].cpu() / len(x) for u in units}

@@ -142,18 +142,39 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
 
 
 def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str) -> tuple[list[dict], dict, float]:
-    """A Ray task: rebuild the cell from its JSON-able dict and run it on a worker."""
+    """A Ray task or pool job: rebuild the cell from its JSON-able dict and run it on a worker."""
     return run_cell(from_dict(CellConfig, cell, "cell"), Path(ws), data_dir, progress=False)
+
+
+def prepare_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool) -> None:
+    """Train (once) what a cell shares with others: its owner model and vanilla threshold.
+    Done in the parent before cells run in parallel, so no two workers train the same model."""
+    tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
+    wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
+    owner_model(cell, wm, ws, tr, te, progress)
+    if cell.threshold is None:
+        threshold_for(cell, wm, ws, tr, progress)
+
+
+def _pool_init(threads: int, device: str | None) -> None:
+    import torch
+
+    from ..device import set_device
+
+    torch.set_num_threads(threads)
+    set_device(device)
 
 
 def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | None, *, progress: bool = True,
                    on_cell: Callable[[CellConfig, dict[str, Any]], None] | None = None,
-                   executor: str = "local", address: str | None = None) -> dict[str, int]:
+                   executor: str = "local", address: str | None = None, jobs: int = 1) -> dict[str, int]:
     """Run every unfinished cell; finished cells (same config) are skipped.
 
     executor "local": in this process, in order. "ray": each cell is a Ray task on the existing
     cluster at `address` (workers must see the workspace and data folders); results come back here
-    and this process alone writes the store.
+    and this process alone writes the store. `jobs` > 1 with "local": that many worker processes
+    on this machine (useful with a GPU, where one cell leaves it mostly idle); owner models and
+    thresholds are trained first, here, so workers only attack.
     """
     ws = Path(ws).resolve()
     ws.mkdir(parents=True, exist_ok=True)
@@ -169,15 +190,35 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
             if on_cell is not None:
                 on_cell(cell, summary)
 
-        if executor == "local":
+        if executor == "local" and jobs <= 1:
             for cell in todo:
                 finish(cell, run_cell(cell, ws, data_dir, progress))
+        elif executor == "local":
+            _run_in_pool(todo, ws, data_dir, jobs, progress, finish)
         elif executor == "ray":
             _run_on_ray(todo, ws, str(D.resolve_data_dir(data_dir).resolve()), address, finish)
         else:
             raise UserError(f"unknown executor {executor!r}; choose local or ray")
         bar.close()
     return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}
+
+
+def _run_in_pool(todo: Sequence[CellConfig], ws: Path, data_dir: str | None, jobs: int, progress: bool,
+                 finish: Callable[[CellConfig, tuple], None]) -> None:
+    import multiprocessing as mp
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from ..device import device_setting
+
+    for cell in todo:
+        prepare_cell(cell, ws, data_dir, progress)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             initializer=_pool_init, initargs=(threads, device_setting())) as pool:
+        futures = {pool.submit(_run_cell_remote, c.as_dict(), str(ws), data_dir): c for c in todo}
+        for fut in as_completed(futures):
+            finish(futures[fut], fut.result())
 
 
 def _run_on_ray(todo: Sequence[CellConfig], ws: Path, data_dir: str, address: str | None,

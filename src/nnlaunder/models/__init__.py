@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..device import compute_device
 from ..errors import UserError
 
 
@@ -136,10 +137,10 @@ def build(arch: str, num_classes: int = 10, *, seed: int | None = None) -> nn.Mo
     if num_classes < 2:
         raise UserError(f"num_classes must be >= 2, got {num_classes}")
     if seed is None:
-        return s.build(num_classes)
-    with torch.random.fork_rng(devices=[]):
+        return s.build(num_classes).to(compute_device())
+    with torch.random.fork_rng(devices=[]):     # weights are drawn on the CPU: same on every device
         torch.manual_seed(seed)
-        return s.build(num_classes)
+        return s.build(num_classes).to(compute_device())
 
 
 def check_fits(arch: str, dataset: str, shape: tuple[int, ...] | None = None) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Dataset
+from ..device import model_device
 from ..errors import UserError
 from ..train import Callback, TrainConfig, TrainResult, accuracy, train
 
@@ -74,7 +75,7 @@ def param_shift(a: nn.Module, b: nn.Module) -> dict[str, float]:
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()]).clone()
 
 
 def set_flat_params(model: nn.Module, vec: torch.Tensor) -> None:
@@ -119,6 +120,7 @@ def loss_surface(model: nn.Module, plane: PCAPlane, alphas: torch.Tensor, betas:
     """Loss and accuracy (percent) at origin + a·d1 + b·d2 for every (a, b) in the grid:
     two (len(alphas), len(betas)) tensors. The model's buffers (BN statistics) are kept."""
     saved = flat_params(model)
+    dev = model_device(model)
     was = model.training
     model.eval()
     loss = torch.zeros(len(alphas), len(betas))
@@ -129,7 +131,8 @@ def loss_surface(model: nn.Module, plane: PCAPlane, alphas: torch.Tensor, betas:
                 set_flat_params(model, plane.origin + a * plane.directions[0] + b * plane.directions[1])
                 tot = 0.0
                 for k in range(0, len(x), batch_size):
-                    tot += float(F.cross_entropy(model(x[k:k + batch_size]), y[k:k + batch_size], reduction="sum"))
+                    xb, yb = x[k:k + batch_size].to(dev), y[k:k + batch_size].to(dev)
+                    tot += float(F.cross_entropy(model(xb), yb, reduction="sum"))
                 loss[i, j] = tot / len(x)
                 acc[i, j] = accuracy(model, x, y, batch_size)
     finally:

@@ -1,0 +1,57 @@
+"""Where the tensor work runs.
+
+Everything defaults to the CPU (the machine this project is built for). `NNLAUNDER_DEVICE`
+(`cpu`, `cuda`, `cuda:N` or `auto`) or the CLI's `--device` moves models to an accelerator;
+the library code then follows the model: `train`, `predict`, Neural Cleanse and Algorithm 1
+move their inputs to the model's device and hand results back on the CPU, so data and trigger
+sets stay CPU tensors everywhere else and files are written from CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+_override: str | None = None
+
+
+def set_device(name: str | None) -> None:
+    """Choose the device for models built from now on (None: back to $NNLAUNDER_DEVICE / cpu)."""
+    global _override
+    if name is not None:
+        resolve(name)          # validate now, with a clear error
+    _override = name
+
+
+def resolve(name: str) -> torch.device:
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def compute_device() -> torch.device:
+    """The device new models are placed on."""
+    return resolve(_override or os.environ.get("NNLAUNDER_DEVICE", "cpu"))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def device_setting() -> str | None:
+    """The explicit choice made with `set_device` (None: the environment decides)."""
+    return _override
