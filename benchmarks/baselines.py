@@ -59,6 +59,8 @@ def run(args) -> list[dict]:
         thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
         owners = {}
         for name in MODELS[ds]:
+            if args.models and name not in args.models:
+                continue
             mpath = ROOT / "models" / ds / name
             if not mpath.with_suffix(".safetensors").is_file():
                 print(f"{ds}/{name}: no model yet, skipped")
@@ -152,13 +154,19 @@ def main(argv=None) -> int:
     ap.add_argument("--attacks", default=None, help="comma list (default: all registered)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default=None, help="comma list of owner models (default: all of the dataset)")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown and plots from the JSON")
     args = ap.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in args.datasets if d not in MODELS]
     if bad:
         print(f"baselines.py: error: unknown dataset(s) {bad}", file=sys.stderr)
         return 2
-    rows = run(args)
+    if args.markdown_only:
+        rows = json.loads((RESULTS / "baselines.json").read_text())
+    else:
+        rows = run(args)
     for ds in sorted({r["dataset"] for r in rows}):
         plot(rows, ds)
     atomic_write_bytes(RESULTS / "baselines.md", markdown(rows).encode())

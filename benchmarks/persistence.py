@@ -57,6 +57,8 @@ def run(args) -> list[dict]:
         ft = TrainConfig(epochs=args.ft_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
         rs = TrainConfig(epochs=args.restore_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
         for name in MODELS[ds]:
+            if args.models and name not in args.models:
+                continue
             mpath = ROOT / "models" / ds / name
             if not mpath.with_suffix(".safetensors").is_file():
                 print(f"{ds}/{name}: no model yet, skipped")
@@ -157,12 +159,18 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-epochs", type=int, default=50)
     ap.add_argument("--restore-epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default=None, help="comma list of owner models (default: all of the dataset)")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown and plots from the JSON")
     args = ap.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     if any(d not in MODELS for d in args.datasets):
         print(f"persistence.py: error: datasets must be among {sorted(MODELS)}", file=sys.stderr)
         return 2
-    rows = run(args)
+    if args.markdown_only:
+        rows = json.loads((RESULTS / "persistence.json").read_text())
+    else:
+        rows = run(args)
     for ds in sorted({r["dataset"] for r in rows}):
         plot(rows, ds)
     atomic_write_bytes(RESULTS / "persistence.md", markdown(rows).encode())

@@ -89,6 +89,8 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
     cmd = f"python benchmarks/table2.py --datasets {ds}" + (" --timing" if args.timing else "")
     items = []
     for name, budget in ROWS[ds]:
+        if args.models and name not in args.models:
+            continue
         path = ROOT / "models" / ds / name
         if not path.with_suffix(".safetensors").is_file():
             print(f"  {name}: no model at {path.relative_to(ROOT)}.safetensors; row skipped")
@@ -151,7 +153,8 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
             res = launder(it["model"], it["clean"], cfg, on_round=it["ev"], first_nc=it["nc"])
             seconds = time.perf_counter() - t0 + it["nc"].seconds
             rnd = res.rounds[-1]
-            row = {"dataset": ds, "arch": arch, "scheme": it["meta"]["scheme"], "attack": "launder",
+            row = {"dataset": ds, "arch": arch, "scheme": it["meta"]["scheme"], "name": it["name"],
+                   "attack": "launder",
                    "variant": variant, "budget": it["budget"], "n_clean": len(it["clean"]), "rounds": len(res.rounds),
                    "orig_test_acc": it["before"]["test_acc"], "orig_wm_acc": it["before"]["wm_acc"],
                    "test_acc": rnd.metrics["test_acc"], "wm_acc": rnd.metrics["wm_acc"],
@@ -268,9 +271,14 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timing", action="store_true")
+    ap.add_argument("--models", default=None,
+                    help="comma list of owner models to run (default: every row of the dataset); calibration is "
+                         "per architecture over the models run together, so run all models of one architecture "
+                         "in one call")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite table2.md from the JSON files")
     args = ap.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     bad = [d for d in datasets if d not in ROWS]
     if bad:
         print(f"table2.py: error: unknown dataset(s) {bad}; choose from {sorted(ROWS)}", file=sys.stderr)
@@ -280,8 +288,12 @@ def main(argv=None) -> int:
         rows, variants = json.loads(path.read_text()), json.loads(vpath.read_text())
         atomic_write_bytes(RESULTS / "table2.md", write_markdown(rows, variants).encode())
         return 0
-    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if r["dataset"] not in datasets]
-    variants = [r for r in (json.loads(vpath.read_text()) if vpath.is_file() else []) if r["dataset"] not in datasets]
+    def kept(r: dict) -> bool:            # rows this run does not replace
+        name = r.get("name") or (r["scheme"] + (f"-{r['mode']}" if r.get("mode") else ""))
+        return r["dataset"] not in datasets or (args.models is not None and name not in args.models)
+
+    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if kept(r)]
+    variants = [r for r in (json.loads(vpath.read_text()) if vpath.is_file() else []) if kept(r)]
     for ds in datasets:
         r, v = run_dataset(ds, args)
         rows += r

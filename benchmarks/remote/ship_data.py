@@ -36,7 +36,7 @@ def _unmosaic(m: np.ndarray) -> np.ndarray:
     return m.reshape(100, 32, 100, 32, 3).transpose(0, 2, 4, 1, 3).reshape(10000, 3072)
 
 
-def pack(data_dir: Path, out: Path, part_mb: float) -> None:
+def pack(data_dir: Path, out: Path, part_mb: float, fashion: bool = False) -> None:
     from nnlaunder.data.readers import _CifarUnpickler
 
     items: list[list[tuple[str, bytes]]] = []           # groups of (relative name, payload) kept together
@@ -48,7 +48,7 @@ def pack(data_dir: Path, out: Path, part_mb: float) -> None:
         meta = {"labels": [int(v) for v in d[b"labels"]], "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
         items.append([(f"cifar/{b}.png", buf.getvalue()), (f"cifar/{b}.json", json.dumps(meta).encode())])
         print(f"packed {b}: {len(buf.getvalue()) / 1e6:.1f} MB", flush=True)
-    for sub in ("mnist", "fashion-mnist", "adi-trigger-set"):
+    for sub in ("mnist", "adi-trigger-set") + (("fashion-mnist",) if fashion else ()):
         src = data_dir / sub
         if sub == "fashion-mnist" and not src.is_dir():
             src = Path("/usr/share/datasets/fashion-mnist")
@@ -104,9 +104,10 @@ def main() -> int:
     ap.add_argument("--out", default=".remote")
     ap.add_argument("--src")
     ap.add_argument("--part-mb", type=float, default=52)
+    ap.add_argument("--fashion", action="store_true", help="also ship Fashion-MNIST")
     a = ap.parse_args()
     if a.action == "pack":
-        pack(Path(a.data_dir), Path(a.out), a.part_mb)
+        pack(Path(a.data_dir), Path(a.out), a.part_mb, a.fashion)
     else:
         unpack(Path(a.src), Path(a.data_dir))
     return 0
