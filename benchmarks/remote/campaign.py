@@ -47,6 +47,7 @@ def jobs() -> list[tuple[str, list[str], str]]:
                         "--out benchmarks/results/fig3")]
     js += [(f"pm-{m}", [], f"python3 benchmarks/persistence.py --datasets mnist --models {m} {MNIST_P}")
            for m in ZHANG]
+    js += [(f"cl-s{s}", [], f"{e.replace('--seeds 0', f'--seeds {s}')} clean-resnet20-s{s}") for s in (1, 2)]
     return js
 
 
@@ -69,7 +70,8 @@ def main() -> int:
     a = ap.parse_args()
     W.mkdir(parents=True, exist_ok=True)
     L.mkdir(parents=True, exist_ok=True)
-    (W / ".stamp").touch(exist_ok=True)
+    if not (W / ".stamp").exists():
+        (W / ".stamp").touch()
     skip = {s for s in a.skip.split(",") if s}
     pending = [j for j in jobs() if j[0] not in skip and not (L / f"{j[0]}.done").exists()]
     running: dict[str, subprocess.Popen] = {}
