@@ -148,6 +148,24 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['dataset']} | {r['name']} | {r['phase']} | {r['test_acc']:.2f} | {r['wm_acc']:.2f} | "
                      f"{r['threshold']:.2f} | {r['param_shift']:.3f} | {r['shift_from_embedded']:.3f} | "
                      f"{r['seconds']:.0f} |")
+    lines += ["", "## Verdicts", "",
+              "Fine-tuning fade: WM accuracy lost by fine-tuning (plain / mixed); restoration: WM accuracy of the",
+              "fine-tuned model after training on the owner's data alone. Laundering: `not removed` when the",
+              "laundered WM accuracy is still at or above the vanilla threshold; `hidden` when it fell below but",
+              "restoration on the owner's clean data (no triggers) brings it back to or above the threshold;",
+              "`removed` when it stays below.", "",
+              "| dataset | model | fade plain / mixed (points) | restored WM % | laundered → restored WM % "
+              "| threshold % | laundering |", "|---|---|---|---|---|---|---|"]
+    for ds, name in sorted({(r["dataset"], r["name"]) for r in rows}):
+        by = {r["phase"]: r for r in rows if (r["dataset"], r["name"]) == (ds, name)}
+        if not all(p in by for p in PHASES):
+            continue
+        th, e = by["embedded"]["threshold"], by["embedded"]["wm_acc"]
+        lw, lr = by["laundered"]["wm_acc"], by["laundered-restored"]["wm_acc"]
+        verdict = "not removed" if lw >= th else ("**hidden**" if lr >= th else "removed")
+        fade = f"{e - by['finetuned']['wm_acc']:.2f} / {e - by['finetuned-mixed']['wm_acc']:.2f}"
+        lines.append(f"| {ds} | {name} | {fade} | {by['restored']['wm_acc']:.2f} | {lw:.2f} → {lr:.2f} | {th:.2f} "
+                     f"| {verdict} |")
     lines += ["", "Commands:", *[f"    {c}" for c in sorted({r['command'] for r in rows})], ""]
     return "\n".join(lines)
 

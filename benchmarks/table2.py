@@ -87,6 +87,10 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
         raise SystemExit(f"{th_path} is missing: run benchmarks/embed.py --datasets {ds} first")
     thresholds = json.loads(th_path.read_text())["thresholds"]
     cmd = f"python benchmarks/table2.py --datasets {ds}" + (" --timing" if args.timing else "")
+    if args.models:
+        cmd += f" --models {','.join(args.models)}"
+    if args.fixed:
+        cmd += " --fixed " + ",".join(str(v) for v in args.fixed)
     items = []
     for name, budget in ROWS[ds]:
         if args.models and name not in args.models:
@@ -114,6 +118,10 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
     variants: list[dict] = []
     chosen: dict[str, tuple[float, float]] = {}
     for arch in sorted({it["meta"]["arch"] for it in items}):
+        if args.fixed:                        # a choice made earlier by this same rule (see --fixed)
+            chosen[arch] = args.fixed
+            print(f"    fixed for {arch}: dt {args.fixed[0]}, ct {args.fixed[1]}, {args.fixed[2]} epochs", flush=True)
+            continue
         group = [it for it in items if it["meta"]["arch"] == arch]
         scores = {}
         for dt, ct, ep in GRID:
@@ -275,10 +283,20 @@ def main(argv=None) -> int:
                     help="comma list of owner models to run (default: every row of the dataset); calibration is "
                          "per architecture over the models run together, so run all models of one architecture "
                          "in one call")
+    ap.add_argument("--fixed", default=None, metavar="DT,CT,EPOCHS",
+                    help="skip the attacker-side calibration and use this (relative DT, CT, retraining epochs), "
+                         "e.g. the choice a previous run of the calibration printed; recorded in the row")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite table2.md from the JSON files")
     args = ap.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if args.fixed:
+        try:
+            dt, ct, ep = args.fixed.split(",")
+            args.fixed = (float(dt), float(ct), int(ep))
+        except ValueError:
+            print(f"table2.py: error: --fixed wants DT,CT,EPOCHS (e.g. 0.5,1.0,5), got {args.fixed!r}", file=sys.stderr)
+            return 2
     bad = [d for d in datasets if d not in ROWS]
     if bad:
         print(f"table2.py: error: unknown dataset(s) {bad}; choose from {sorted(ROWS)}", file=sys.stderr)

@@ -47,12 +47,34 @@ def merge(kind: str, files: list[Path], dataset: str) -> int:
     return n
 
 
+def rethreshold(dataset: str) -> int:
+    """Refresh `threshold` (and `removed`) of every result row of `dataset` from
+    thresholds-<dataset>.json, after more clean seeds have moved a vanilla threshold."""
+    th = json.loads((RESULTS / f"thresholds-{dataset}.json").read_text())["thresholds"]
+    n = 0
+    for kind in KEYS:
+        target = RESULTS / f"{kind}.json"
+        rows = json.loads(target.read_text()) if target.is_file() else []
+        for r in rows:
+            name = r.get("name") or (r["scheme"] + (f"-{r['mode']}" if r.get("mode") else ""))
+            if r["dataset"] == dataset and name in th and "threshold" in r and r["threshold"] != th[name]:
+                r["threshold"] = th[name]
+                if "removed" in r:
+                    r["removed"] = r["wm_acc"] < th[name]
+                n += 1
+        atomic_write_json(target, rows)
+    return n
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=sorted(KEYS))
-    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("kind", choices=sorted(KEYS) + ["rethreshold"])
+    ap.add_argument("files", nargs="*", type=Path)
     ap.add_argument("--dataset", required=True)
     args = ap.parse_args(argv)
+    if args.kind == "rethreshold":
+        print(f"rethreshold: {rethreshold(args.dataset)} rows updated")
+        return 0
     missing = [str(f) for f in args.files if not f.is_file()]
     if missing:
         print(f"merge.py: error: missing {missing}", file=sys.stderr)
