@@ -47,3 +47,42 @@ def test_nan_weights_refused(tmp_path):
     save_model(tmp_path / "m", m, {"arch": "mnist-cnn", "num_classes": 10})
     with pytest.raises(UserError, match="NaN"):
         load_model(tmp_path / "m")
+
+
+def test_torch_state_dict_needs_the_explicit_flag(tmp_path):
+    m = build("mnist-cnn")
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text('{"arch": "mnist-cnn", "num_classes": 10}')
+    with pytest.raises(UserError, match="--allow-torch-load"):
+        load_model(tmp_path / "m.pt")
+    with pytest.raises(UserError, match="found m.pt"):          # the stem alone points at the flag too
+        load_model(tmp_path / "m")
+    got, _ = load_model(tmp_path / "m.pt", allow_torch_load=True)
+    for k, v in m.state_dict().items():
+        assert torch.equal(got.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("zipped", [False, True])
+def test_code_in_a_pt_file_never_runs_even_with_the_flag(tmp_path, zipped):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    if zipped:      # the modern torch.save container with a code-running pickle inside
+        torch.save({"w": Evil()}, tmp_path / "m.pt", _use_new_zipfile_serialization=True)
+        marker.unlink(missing_ok=True)
+    else:           # a bare legacy pickle
+        (tmp_path / "m.pt").write_bytes(pickle.dumps(Evil()))
+    (tmp_path / "m.json").write_text('{"arch": "mnist-cnn", "num_classes": 10}')
+    with pytest.raises(UserError, match="weights-only loader"):
+        load_model(tmp_path / "m.pt", allow_torch_load=True)
+    assert not marker.exists()
+
+
+def test_pt_that_is_not_a_state_dict_is_refused(tmp_path):
+    torch.save([torch.zeros(2)], tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text('{"arch": "mnist-cnn", "num_classes": 10}')
+    with pytest.raises(UserError, match="expected a state_dict"):
+        load_model(tmp_path / "m.pt", allow_torch_load=True)

@@ -138,6 +138,54 @@ def test_sweep_killed_with_sigkill_resumes_to_the_same_store(tmp_path, data_dir)
     assert "0 cells run, 4 already" in r.stdout
 
 
+def _metrics(db) -> dict:
+    with Store(db) as s:
+        return {c["cell_id"]: [{k: v for k, v in r.items() if "seconds" not in k} for r in c["rounds"]]
+                for c in s.cells()}
+
+
+def test_sweep_killed_at_random_moments_ends_in_the_uninterrupted_store(tmp_path, data_dir):
+    """SIGKILL a sweep three times at random (seeded) moments, resume it each time; the final store
+    holds exactly the metrics of an uninterrupted run."""
+    import random
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'''name = "random-kill"
+dataset = "mnist"
+scheme = "zhang-content"
+owner_path = "{repo / "models" / "mnist" / "zhang-content"}"
+threshold = 0.33
+attack = "prune"
+[scheme_params]
+n_verify = 300
+[sweep]
+budget = [0.002, 0.003, 0.004, 0.005, 0.006, 0.007]
+''')
+    env = {**os.environ, "NNLAUNDER_DATA": str(data_dir)}
+
+    def cmd(ws):
+        return [sys.executable, "-m", "nnlaunder.cli", "run", str(exp), "--workspace", str(ws), "--quiet"]
+
+    ref = subprocess.run(cmd(tmp_path / "ref"), env=env, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    rng = random.Random(1234)
+    ws = tmp_path / "ws"
+    for _ in range(3):
+        proc = subprocess.Popen(cmd(ws), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.5, 8.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (ws / "results.sqlite").is_file():      # whatever is stored is whole: every cell has its rounds
+            for rounds in _metrics(ws / "results.sqlite").values():
+                assert [r["round"] for r in rounds] == [0, 1]
+    r = subprocess.run(cmd(ws), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert _metrics(ws / "results.sqlite") == _metrics(tmp_path / "ref" / "results.sqlite")
+    assert len(_metrics(ws / "results.sqlite")) == 6
+
+
 def _free_port() -> int:
     import socket
 
@@ -209,3 +257,24 @@ def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
             got[name] = {c["config"]["budget"]: [(r["test_acc"], r["wm_acc"]) for r in c["rounds"]]
                          for c in s.cells("pool-grid")}
     assert got["pool"] == got["serial"] and len(got["pool"]) == 2
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path, data_dir):
+    """Determinism: a laundering cell (Neural Cleanse, Algorithm 1, retraining) run twice from the same
+    config and seed in two fresh workspaces stores the very same numbers."""
+    from pathlib import Path
+
+    from nnlaunder.experiments.runner import run_experiment
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = {"name": "det", "dataset": "mnist", "scheme": "zhang-content", "attack": "launder",
+            "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "threshold": 0.33,
+            "scheme_params": {"n_verify": 300}, "budget": "1/class", "rounds": 1,
+            "attack_params": {"nc": {"max_epochs": 3}, "retrain": {"epochs": 2}}}
+    got = []
+    for name in ("a", "b"):
+        run_experiment(expand(spec), tmp_path / name, str(data_dir), progress=False)
+        with Store(tmp_path / name / "results.sqlite") as s:
+            (cell,) = s.cells("det")
+            got.append([{k: v for k, v in r.items() if "seconds" not in k} for r in cell["rounds"]])
+    assert got[0] == got[1] and got[0] and "wm_acc" in got[0][0]

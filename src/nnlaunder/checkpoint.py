@@ -55,10 +55,13 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         raise
 
 
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
 def stem(path: str | os.PathLike) -> Path:
     """'runs/a/model', 'runs/a/model.safetensors' or 'runs/a/model.json' -> Path('runs/a/model')."""
     p = Path(path)
-    return p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return p.with_suffix("") if p.suffix in (".safetensors", ".json", *TORCH_SUFFIXES) else p
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> Path:
@@ -85,17 +88,39 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state(path: str | os.PathLike, allow_torch_load: bool = False) -> dict[str, torch.Tensor]:
+    """Read weights. Safetensors always; a PyTorch `.pt`/`.pth` state_dict only with
+    `allow_torch_load=True`, and then through `torch.load(weights_only=True)`, whose unpickler
+    rebuilds tensors and plain containers and refuses everything else (no code runs)."""
     p = Path(path)
-    if p.suffix != ".safetensors":
+    if p.suffix not in TORCH_SUFFIXES:
         p = stem(p).with_suffix(".safetensors")
+        if not p.is_file():
+            alt = [stem(p).with_suffix(s) for s in TORCH_SUFFIXES if stem(p).with_suffix(s).is_file()]
+            hint = (f"; found {alt[0].name}: pass it with --allow-torch-load to read it as a weights-only state_dict"
+                    if alt else "")
+            raise UserError(f"missing weights file {p}{hint}")
+        try:
+            return load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"{p}: not a readable safetensors file ({e}); only safetensors weights are "
+                            "accepted (or a .pt/.pth state_dict with --allow-torch-load)") from e
+    if not allow_torch_load:
+        raise UserError(f"{p}: PyTorch pickle files can run code when loaded and are refused; convert it to "
+                        "safetensors, or pass --allow-torch-load to read it with torch.load(weights_only=True)")
     if not p.is_file():
         raise UserError(f"missing weights file {p}")
     try:
-        return load_file(str(p))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{p}: not a readable safetensors file ({e}); only safetensors weights are "
-                        "accepted") from e
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:                     # UnpicklingError for refused globals, others for broken files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{p}: refused by the weights-only loader ({first})") from e
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise UserError(f"{p}: expected a state_dict (a mapping of names to tensors)")
+    return dict(obj)
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
@@ -120,10 +145,12 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
     return model
 
 
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
-    """Build the architecture named in <stem>.json and load <stem>.safetensors into it."""
+def load_model(path: str | os.PathLike, allow_torch_load: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Build the architecture named in <stem>.json and load <stem>.safetensors into it (or the
+    given `.pt`/`.pth` state_dict, only with `allow_torch_load`; see `load_state`)."""
     meta = read_meta(path)
     model = build(meta["arch"], int(meta["num_classes"]))
-    load_into(model, load_state(path), str(stem(path).with_suffix(".safetensors")))
+    src = Path(path) if Path(path).suffix in TORCH_SUFFIXES else stem(path).with_suffix(".safetensors")
+    load_into(model, load_state(path, allow_torch_load), str(src))
     model.eval()
     return model, meta

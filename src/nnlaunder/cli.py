@@ -16,7 +16,7 @@ import torch
 
 from . import data as D
 from .checkpoint import atomic_write_json, load_model, save_model, stem
-from .device import set_device
+from .device import deterministic, set_device
 from .errors import UserError
 from .models import ARCHS, DEFAULT_ARCH, build, check_fits
 from .recipes import owner_config
@@ -88,6 +88,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (default: $NNLAUNDER_DEVICE or cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--allow-torch-load", action="store_true",
+                   help="accept a .pt/.pth state_dict as a model's weights, read with "
+                        "torch.load(weights_only=True) (default: safetensors only)")
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
@@ -157,7 +160,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     params = _params(args.param)
     wm = make_watermark(args.scheme, tr, te, args.data_dir, params)
     if args.base:
-        model, base_meta = load_model(args.base)
+        model, base_meta = load_model(args.base, allow_torch_load=args.allow_torch_load)
         if base_meta.get("arch") != arch or base_meta.get("dataset") != args.dataset:
             raise UserError(f"--base {args.base} is a {base_meta.get('arch')}/{base_meta.get('dataset')} model, "
                             f"not {arch}/{args.dataset}")
@@ -194,7 +197,7 @@ def _threshold_value(args: argparse.Namespace, scheme: str) -> float:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    model, meta = load_model(args.model)
+    model, meta = load_model(args.model, allow_torch_load=args.allow_torch_load)
     scheme = args.scheme or meta.get("scheme")
     if not scheme:
         raise UserError(f"{args.model} records no scheme; pass --scheme")
@@ -244,7 +247,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
     from .experiments.evaluate import evaluator
     from .report.plots import trigger_grid
 
-    model, meta = load_model(args.model)
+    model, meta = load_model(args.model, allow_torch_load=args.allow_torch_load)
     dataset = meta.get("dataset")
     if dataset not in D.DATASETS:
         raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
@@ -329,7 +332,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _owner_view(args: argparse.Namespace):
     """(model, meta, train, test, watermark) for the persistence commands (the owner's view)."""
-    model, meta = load_model(args.model)
+    model, meta = load_model(args.model, allow_torch_load=args.allow_torch_load)
     dataset = meta.get("dataset")
     if dataset not in D.DATASETS:
         raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
@@ -403,7 +406,7 @@ def cmd_landscape(args: argparse.Namespace) -> int:
     if len(files) < 3:
         raise UserError(f"{folder}: need at least 3 epoch-NNN.safetensors checkpoints (from `nnlaunder finetune` "
                         "or `restore`)")
-    models = [load_model(f) for f in files]
+    models = [load_model(f, allow_torch_load=args.allow_torch_load) for f in files]
     model, meta = models[-1]
     plane = pca_directions([flat_params(m) for m, _ in models])
     args.model = str(files[-1])
@@ -569,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
+        deterministic()
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         if getattr(args, "device", None):

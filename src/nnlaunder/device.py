@@ -55,3 +55,14 @@ def model_device(model: nn.Module) -> torch.device:
 def device_setting() -> str | None:
     """The explicit choice made with `set_device` (None: the environment decides)."""
     return _override
+
+
+def deterministic(on: bool = True) -> None:
+    """Torch's deterministic switches: the same config and seed give the same numbers run to run on
+    one machine and device. Set by the CLI and the experiment runner; algorithms without a
+    deterministic implementation warn instead of failing (none is used on the CPU path).
+    Bit-identity holds per machine and thread count, not across CPU and GPU kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # cuBLAS needs it for determinism
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on

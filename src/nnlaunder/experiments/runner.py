@@ -25,6 +25,7 @@ from ..attacks.baselines import ATTACKS
 from ..attacks.laundering import launder
 from ..checkpoint import atomic_write_json, load_model, save_model
 from ..config import from_dict
+from ..device import deterministic
 from ..errors import UserError
 from ..models import build
 from ..train import accuracy
@@ -111,6 +112,7 @@ def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.
 def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = False
              ) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
     """Everything one cell needs, then its attack; returns (round rows, summary, seconds)."""
+    deterministic()
     t0 = time.perf_counter()
     tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
     wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
