@@ -247,6 +247,17 @@ def cmd_launder(args: argparse.Namespace) -> int:
     from .experiments.evaluate import evaluator
     from .report.plots import trigger_grid
 
+    if args.model_factory:
+        from .byo import run_external
+
+        return run_external(args, _out(str(Path(args.out) / "laundered")).parent)
+    if not args.model:
+        raise UserError("launder needs a MODEL (a model of this project) or --model-factory with --weights and --data")
+    for flag in ("weights", "data", "test_data", "verify_npz", "model_kwargs", "input_range", "mean", "std"):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag.replace('_', '-')} goes with --model-factory (your own model)")
+    if args.budget is None:
+        args.budget = 0.006
     model, meta = load_model(args.model, allow_torch_load=args.allow_torch_load)
     dataset = meta.get("dataset")
     if dataset not in D.DATASETS:
@@ -264,7 +275,10 @@ def cmd_launder(args: argparse.Namespace) -> int:
                                     ("threshold_mode", args.threshold_mode), ("layers", args.layers),
                                     ("triggers", args.triggers), ("add_masks", args.add_masks)) if v is not None}
     nc = NCConfig(max_epochs=args.nc_epochs, seed=args.seed) if args.nc_epochs else NCConfig(seed=args.seed)
-    cfg = launder_config(args.variant, nc=nc, seed=args.seed, **overrides)
+    base = launder_config(args.variant).retrain
+    retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
+                                           if v is not None})
+    cfg = launder_config(args.variant, nc=nc, seed=args.seed, retrain=retrain, **overrides)
     wm = None
     threshold = None
     if args.verify_scheme:
@@ -495,9 +509,11 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("launder", help="launder a model with a small clean set (Aiken et al.)")
     _common(s)
-    s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
+    s.add_argument("model", nargs="?", help="model stem or .safetensors (with its .json beside it); "
+                                            "or leave out and give --model-factory")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--budget", type=_float, default=0.006, help="fraction of the training set the attacker holds")
+    s.add_argument("--budget", type=_float, default=None,
+                   help="fraction of the training set the attacker holds (default 0.006; with --data: 1, all of it)")
     s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
     s.add_argument("--rounds", type=_positive_int)
     s.add_argument("--variant", choices=("strong", "faithful"), default="strong")
@@ -508,11 +524,23 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--triggers", choices=("all", "flagged"))
     s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--nc-epochs", type=_positive_int, help="cap on Neural Cleanse epochs (default 1000)")
+    s.add_argument("--retrain-epochs", type=_positive_int, help="retraining epochs per round (default: the variant's)")
+    s.add_argument("--retrain-lr", type=_float, help="retraining learning rate (default: the variant's)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--verify-scheme", choices=sorted(SCHEMES), help="evaluator: the owner's scheme to measure")
     s.add_argument("--param", action="append", metavar="KEY=VALUE")
     s.add_argument("--threshold", type=_float)
     s.add_argument("--threshold-file")
+    g = s.add_argument_group("bring your own model and data (docs/byo.md)")
+    g.add_argument("--model-factory", metavar="PKG.MODULE:FUNCTION", help="builds your nn.Module")
+    g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the factory")
+    g.add_argument("--weights", help="your weights: .safetensors, or a .pt/.pth state_dict with --allow-torch-load")
+    g.add_argument("--data", help="the attacker's labelled images: a folder of class sub-folders or an .npz (x, y)")
+    g.add_argument("--test-data", help="labelled test images (folder or .npz) for test accuracy")
+    g.add_argument("--verify-npz", help=".npz of triggered inputs x and the target labels y: attack success rate")
+    g.add_argument("--input-range", metavar="LO,HI", help="pixel range your model expects (default 0,1)")
+    g.add_argument("--mean", metavar="M1[,M2,M3]", help="per-channel mean your model subtracts after scaling")
+    g.add_argument("--std", metavar="S1[,S2,S3]", help="per-channel std your model divides by")
     s.set_defaults(func=cmd_launder)
 
     s = sub.add_parser("run", help="run an experiment file (TOML), a single cell or a sweep")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,7 @@ class LaunderResult:
     masks: dict[str, torch.Tensor]
     nc: list[NCResult]
     seconds: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # layers Algorithm 1 could not handle
 
     def report(self) -> list[dict[str, Any]]:
         return [dataclasses.asdict(r) for r in self.rounds]
@@ -236,7 +238,13 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
     model = model if inplace else copy.deepcopy(model)
     t_all = time.perf_counter()
     clean, held = split_holdout(clean, cfg.holdout, cfg.seed)
-    units, _skipped = discover_units(model, clean.x[:2])
+    units, skipped = discover_units(model, clean.x[:2])
+    if not units:
+        raise UserError("Algorithm 1 found no layer it can reset (a Conv2d/Linear followed by a ReLU); "
+                        f"skipped: {skipped or 'none'}")
+    if skipped:
+        warnings.warn("Algorithm 1 skips these layers (never reset): "
+                      + "; ".join(f"{n}: {why}" for n, why in skipped), stacklevel=2)
     units = select_units(units, cfg.layers)
     masks: dict[str, torch.Tensor] = {}
     rounds: list[RoundInfo] = []
@@ -276,4 +284,4 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         if info.stopped:
             break
     model.eval()
-    return LaunderResult(model, rounds, masks, ncs, time.perf_counter() - t_all)
+    return LaunderResult(model, rounds, masks, ncs, time.perf_counter() - t_all, skipped)

@@ -43,9 +43,19 @@ def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit],
             h.remove()
         model.train(was)
     mods = dict(model.named_modules())
+    ran = set(order)
+    skipped: list[tuple[str, str]] = []
+    for n, m in mods.items():               # parameters Algorithm 1 will never reset, said out loud
+        if not any(True for _ in m.parameters(recurse=False)):
+            continue
+        if not isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm1d | nn.BatchNorm2d):
+            skipped.append((n, f"unsupported layer type {type(m).__name__}"))
+        elif n not in ran:
+            skipped.append((n, f"{type(m).__name__} not called as a module in the forward pass "
+                               "(used inside another layer's own code, e.g. attention)"))
     weighted = [i for i, n in enumerate(order) if isinstance(mods[n], nn.Conv2d | nn.Linear)]
     last = weighted[-1] if weighted else -1
-    units, skipped = [], []
+    units: list[Unit] = []
     for i in weighted:
         name = order[i]
         mod = mods[name]
