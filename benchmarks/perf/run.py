@@ -1,0 +1,335 @@
+"""Benchmark: performance, measured in one run against IBM ART's Neural Cleanse and this machine's limits.
+
+    python benchmarks/perf/run.py --art-python /work/bench-venv/bin/python     # ~25 min, 2 cores
+
+Sections (each comparison is a ratio measured in this one run; the machine is shared and noisy):
+  nc       Neural Cleanse on the Table 5 MNIST model (zhang-content), 1000 clean images, the same steps
+           and batch size: ART 1.20 (Keras, bench-only venv; benchmarks/perf/art_nc.py) vs ours batched
+           vs ours per class. Per class: wall time, iterations, mask L1, attack success, flagged.
+  machine  fp32 matmul and conv throughput (GFLOP/s), medians of repeats.
+  train    the trainer's images/s and achieved GFLOP/s (3 × forward FLOPs) on the Table 5 and Table 7
+           models and ResNet-20, with the attempts tried (channels_last, torch.compile, batch size,
+           threads), kept or not.
+  e2e      one MNIST laundering round at 0.6% and `nnlaunder demo`, wall time.
+Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes) and perf.md.
+The bench venv: python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install
+  'adversarial-robustness-toolbox==1.20.*' tensorflow-cpu packaging
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+from nnlaunder import data as D  # noqa: E402
+from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
+from nnlaunder.attacks.neural_cleanse import NCConfig, anomaly_index, neural_cleanse, stamp  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
+from nnlaunder.models import build  # noqa: E402
+from nnlaunder.recipes import owner_config  # noqa: E402
+from nnlaunder.train import predict, train  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+ROWS: list[dict] = []
+
+
+def row(name: str, seconds: float | None, baseline: str | None = None, ratio: float | None = None,
+        notes: str = "", **extra) -> dict:
+    r = {"name": name, "seconds": seconds, "baseline": baseline, "ratio": ratio, "notes": notes, **extra}
+    ROWS.append(r)
+    print(f"  {name}: {'' if seconds is None else f'{seconds:.3f} s'} "
+          f"{'' if ratio is None else f'ratio {ratio:.2f} vs {baseline}'} {notes}", flush=True)
+    return r
+
+
+def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+# ---------------------------------------------------------------------------------------------
+def success_and_l1(model, x, y, masks, patterns) -> tuple[list[float], list[float]]:
+    l1, succ = [], []
+    for k in range(len(masks)):
+        keep = y != k
+        xs = stamp(x[keep], masks[k], patterns[k])
+        succ.append(100 * float((predict(model, xs) == k).float().mean()))
+        l1.append(float(masks[k].abs().sum()))
+    return l1, succ
+
+
+def section_nc(args, tr: D.Dataset) -> None:
+    print("[nc] Neural Cleanse: ART vs ours", flush=True)
+    model, meta = load_model(ROOT / "models" / "mnist" / "zhang-content")
+    clean = D.stratified_subset(tr, per_class=100, seed=0)
+    x, y = clean.x, clean.y
+    cfg = NCConfig(max_epochs=args.nc_steps, batch_size=32, seed=0)
+    res = {}
+    for mode in ("batched", "per_class"):
+        t0 = time.perf_counter()
+        nc = neural_cleanse(model, x, cfg, num_classes=10, per_class=(mode == "per_class"))
+        res[mode] = (time.perf_counter() - t0, nc)
+        print(f"    ours {mode}: {res[mode][0]:.1f} s", flush=True)
+    art = None
+    if args.art_python:
+        with tempfile.TemporaryDirectory() as tmp:
+            sd = {k: v.numpy() for k, v in model.state_dict().items()}
+            with torch.no_grad():
+                logits = model(x).numpy()
+            inp, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+            np.savez(inp, c1w=sd["1.weight"], c1b=sd["1.bias"], c2w=sd["4.weight"], c2b=sd["4.bias"],
+                     f1w=sd["8.weight"], f1b=sd["8.bias"], f2w=sd["10.weight"], f2b=sd["10.bias"],
+                     mean=0.1307, std=0.3081, x=x.permute(0, 2, 3, 1).numpy(), y=y.numpy(), logits=logits,
+                     steps=args.nc_steps, batch_size=32, lr=cfg.lr, threads=torch.get_num_threads())
+            log = RESULTS / "perf-art-stdout.log"
+            t0 = time.perf_counter()
+            with open(log, "w") as fh:          # ART prints a tensor per minibatch: to a file (defect 3)
+                p = subprocess.run([args.art_python, str(ROOT / "benchmarks" / "perf" / "art_nc.py"), str(inp),
+                                    str(out)], stdout=fh, stderr=subprocess.PIPE, text=True)
+            art_wall = time.perf_counter() - t0
+            if p.returncode != 0:
+                raise SystemExit(f"ART run failed:\n{p.stderr[-3000:]}")
+            z = np.load(out)
+            art = {k: z[k] for k in z.files}
+            art["wall"] = art_wall
+            log.write_text(f"(ART's per-minibatch prints: {log.stat().st_size} bytes, not kept)\n")
+    per_class_rows = []
+    ours_b, ours_p = res["batched"][1], res["per_class"][1]
+    l1_b, s_b = success_and_l1(model, x, y, ours_b.masks, ours_b.patterns)
+    l1_p, s_p = success_and_l1(model, x, y, ours_p.masks, ours_p.patterns)
+    if art is not None:
+        am = torch.from_numpy(art["masks"]).permute(0, 3, 1, 2)[:, :1]          # (K,1,H,W); C = 1 for MNIST
+        ap = torch.from_numpy(art["patterns"]).permute(0, 3, 1, 2)
+        l1_a, s_a = success_and_l1(model, x, y, am, ap)
+        _, flagged_a = anomaly_index(torch.tensor(l1_a))
+    for k in range(10):
+        r = {"class": k, "ours_l1": l1_b[k], "ours_success": s_b[k], "ours_epochs": int(ours_b.epochs[k]),
+             "per_class_l1": l1_p[k], "per_class_success": s_p[k], "per_class_epochs": int(ours_p.epochs[k])}
+        if art is not None:
+            r.update(art_seconds=float(art["seconds"][k]), art_iters=int(art["iters"][k]), art_l1=l1_a[k],
+                     art_success=s_a[k])
+        per_class_rows.append(r)
+    tb, tp = res["batched"][0], res["per_class"][0]
+    row("nc_ours_per_class_loop", tp, notes=f"{args.nc_steps} max epochs, batch 32, 1000 images, early stop on")
+    row("nc_ours_batched", tb, "nc_ours_per_class_loop", tp / tb,
+        notes=f"speed-up of the batched pass over our faithful per-class loop; same masks: max |L1 diff| "
+              f"{max(abs(a - b) for a, b in zip(l1_b, l1_p, strict=True)):.3g}",
+        flagged=ours_b.flagged, flagged_per_class=ours_p.flagged, per_class=per_class_rows)
+    if art is not None:
+        art_total = float(art["seconds"].sum())
+        row("nc_art_1.20", art_total, notes=f"ART {art['art_version']}, TF {art['tf_version']}, Keras "
+            f"{art['keras_version']}; {args.nc_steps} steps per class (early stop never fires); Keras logits "
+            f"match ours to {float(art['logit_max_diff']):.2g}; learning rate restored after each reset",
+            flagged=flagged_a)
+        row("nc_ours_batched_vs_art", tb, "nc_art_1.20", art_total / tb,
+            notes="ART seconds / our batched seconds (how many times faster ours is)")
+        row("nc_ours_per_class_vs_art", tp, "nc_art_1.20", art_total / tp,
+            notes="ART seconds / our per-class-loop seconds")
+
+
+# ---------------------------------------------------------------------------------------------
+def fwd_flops(model: nn.Module, shape: tuple[int, ...]) -> float:
+    """Multiply-adds × 2 of the Conv2d and Linear layers for one image."""
+    total = [0.0]
+
+    def hook(m, i, o):
+        if isinstance(m, nn.Conv2d):
+            total[0] += 2 * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] * o[0].numel()
+        elif isinstance(m, nn.Linear):
+            total[0] += 2 * m.in_features * m.out_features
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(1, *shape))
+    for h in hs:
+        h.remove()
+    return total[0]
+
+
+def section_machine(args) -> dict:
+    print("[machine] fp32 throughput", flush=True)
+    out = {}
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    t = median_time(lambda: torch.mm(a, b), repeats=7)
+    out["matmul"] = 2 * 2048 ** 3 / t / 1e9
+    row("machine_matmul_2048", t, notes=f"{out['matmul']:.1f} GFLOP/s fp32", gflops=out["matmul"])
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(128, 64, 32, 32)
+    with torch.no_grad():
+        t = median_time(lambda: conv(x), repeats=5)
+    flops = 2 * 64 * 9 * 64 * 32 * 32 * 128
+    out["conv"] = flops / t / 1e9
+    row("machine_conv3x3_64ch_32px_b128", t, notes=f"{out['conv']:.1f} GFLOP/s fp32 (forward)", gflops=out["conv"])
+    xl = x.contiguous(memory_format=torch.channels_last)
+    cl = nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t2 = median_time(lambda: cl(xl), repeats=5)
+    row("machine_conv3x3_channels_last", t2, "machine_conv3x3_64ch_32px_b128", t / t2,
+        notes=f"{flops / t2 / 1e9:.1f} GFLOP/s", gflops=flops / t2 / 1e9)
+    out["conv_best"] = max(out["conv"], flops / t2 / 1e9)
+    return out
+
+
+def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1, channels_last: bool = False,
+                     compile_: bool = False) -> float:
+    model = build(arch, 10, seed=0)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile_:
+        model = torch.compile(model)
+    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none")
+    t0 = time.perf_counter()
+    train(model, x, y, cfg, progress=False)
+    return len(x) * steps_epochs / (time.perf_counter() - t0)
+
+
+def section_train(args, mach: dict) -> None:
+    print("[train] trainer throughput", flush=True)
+    mn = D.load("mnist", args.data_dir, "train")
+    sets = {"mnist-cnn": (mn.x[:6000], mn.y[:6000], (1, 28, 28))}
+    if args.cifar:
+        cf = D.load("cifar10", args.data_dir, "train")
+        sets["cifar-cnn"] = (cf.x[:2560], cf.y[:2560], (3, 32, 32))
+        sets["resnet20"] = (cf.x[:2560], cf.y[:2560], (3, 32, 32))
+    for arch, (x, y, shape) in sets.items():
+        f = fwd_flops(build(arch, 10), shape)
+        base_bs = owner_config(arch).batch_size
+        train_throughput(arch, x[:512], y[:512], base_bs)                     # warm-up
+        base = statistics.median(train_throughput(arch, x, y, base_bs) for _ in range(3))
+        gf = base * 3 * f / 1e9
+        row(f"train_{arch}_b{base_bs}", len(x) / base, notes=f"{base:.0f} img/s, {gf:.1f} GFLOP/s achieved "
+            f"({100 * gf / mach['conv_best']:.0f}% of measured conv throughput); forward {f / 1e6:.1f} MFLOP/img",
+            images_per_s=base, gflops=gf, fwd_mflop=f / 1e6, kept=True)
+        tries = [("channels_last", dict(batch=base_bs, channels_last=True)),
+                 ("b64", dict(batch=64)), ("b256", dict(batch=256))]
+        if arch == "mnist-cnn" and args.compile:
+            tries.append(("torch.compile", dict(batch=base_bs, compile_=True)))
+        for label, kw in tries:
+            try:
+                if kw.get("compile_"):
+                    train_throughput(arch, x[:1024], y[:1024], **kw)         # compile outside the timing
+                v = statistics.median(train_throughput(arch, x, y, **kw) for _ in range(3))
+            except Exception as e:              # an attempt that fails is reported, not fatal
+                row(f"train_{arch}_{label}", None, notes=f"failed: {type(e).__name__}: {str(e)[:120]}", kept=False)
+                continue
+            row(f"train_{arch}_{label}", len(x) / v, f"train_{arch}_b{base_bs}", v / base,
+                notes=f"{v:.0f} img/s ({v / base:.2f}× the default)", images_per_s=v, gflops=v * 3 * f / 1e9,
+                kept=False)
+        if arch == "mnist-cnn":
+            for th in (1, 2):
+                old = torch.get_num_threads()
+                torch.set_num_threads(th)
+                v = statistics.median(train_throughput(arch, x, y, base_bs) for _ in range(3))
+                torch.set_num_threads(old)
+                row(f"train_{arch}_threads{th}", len(x) / v, f"train_{arch}_b{base_bs}", v / base,
+                    notes=f"{v:.0f} img/s with {th} thread(s)", images_per_s=v, kept=th == old)
+
+
+def section_e2e(args, tr: D.Dataset) -> None:
+    print("[e2e] end to end", flush=True)
+    model, _ = load_model(ROOT / "models" / "mnist" / "zhang-content")
+    clean = D.stratified_subset(tr, fraction=0.006, seed=0)
+    ts = []
+    for i in range(args.e2e_repeats):
+        t0 = time.perf_counter()
+        launder(model, clean, launder_config("strong", seed=i))
+        ts.append(time.perf_counter() - t0)
+    row("e2e_launder_round_mnist_0.6pct", statistics.median(ts),
+        notes=f"one round (Neural Cleanse + Algorithm 1 + retraining), 360 images; median of {len(ts)}: "
+              f"{', '.join(f'{t:.0f}' for t in ts)} s; goal <= 30 s", runs=ts)
+    if args.demo:
+        with tempfile.TemporaryDirectory() as tmp:
+            env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+            t0 = time.perf_counter()
+            p = subprocess.run([sys.executable, "-m", "nnlaunder.cli", "demo", "--out-dir", tmp, "--quiet"]
+                               + (["--data-dir", args.data_dir] if args.data_dir else []),
+                               env=env, capture_output=True, text=True)
+            dt = time.perf_counter() - t0
+        row("e2e_demo", dt, notes="`nnlaunder demo` (train, embed, verify, launder, verify)"
+            + ("" if p.returncode == 0 else f"; FAILED: {p.stderr[-200:]}"))
+
+
+def markdown(machine: str) -> str:
+    lines = ["# Performance", "", f"Machine: {machine}. Every ratio is measured within this one run.", "",
+             "| name | seconds | baseline | ratio | notes |", "|---|---|---|---|---|"]
+    for r in ROWS:
+        s = "–" if r["seconds"] is None else f"{r['seconds']:.3f}"
+        ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['name']} | {s} | {r['baseline'] or '–'} | {ratio} | {r['notes']} |")
+    nc = next((r for r in ROWS if r["name"] == "nc_ours_batched"), None)
+    if nc:
+        has_art = "art_l1" in nc["per_class"][0]
+        lines += ["", "## Neural Cleanse per class (mask L1 in pixels; success % on the other classes' images)", "",
+                  "| class | ours L1 | ours success | ours epochs | per-class loop L1 | per-class loop success"
+                  + (" | ART s | ART steps | ART L1 | ART success |" if has_art else " |"),
+                  "|---|---|---|---|---|---|" + ("---|---|---|---|" if has_art else "")]
+        for r in nc["per_class"]:
+            line = (f"| {r['class']} | {r['ours_l1']:.1f} | {r['ours_success']:.1f} | {r['ours_epochs']} | "
+                    f"{r['per_class_l1']:.1f} | {r['per_class_success']:.1f} |")
+            if has_art:
+                line += f" {r['art_seconds']:.1f} | {r['art_iters']} | {r['art_l1']:.1f} | {r['art_success']:.1f} |"
+            lines.append(line)
+        art = next((r for r in ROWS if r["name"] == "nc_art_1.20"), None)
+        lines += ["", f"Flagged: ours {nc['flagged']}, per-class loop {nc['flagged_per_class']}"
+                  + (f", ART {art['flagged']}" if art else "") + "."]
+    lines += ["", "ART defects handled by the harness (benchmarks/perf/art_nc.py): under Keras 3 its `reset()` zeroes "
+              "the optimiser's learning rate (restored after each reset; without it no mask moves), its early stop "
+              "never fires, and it prints a tensor per minibatch (sent to a file).", "",
+              "Command:", "    python benchmarks/perf/run.py --art-python /work/bench-venv/bin/python", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--art-python", default=None, help="python of the bench venv with ART + tensorflow-cpu")
+    ap.add_argument("--nc-steps", type=int, default=50)
+    ap.add_argument("--e2e-repeats", type=int, default=3)
+    ap.add_argument("--sections", default="machine,nc,train,e2e")
+    ap.add_argument("--no-cifar", dest="cifar", action="store_false")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--no-demo", dest="demo", action="store_false")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    sections = set(args.sections.split(","))
+    tr = D.load("mnist", args.data_dir, "train")
+    mach = {"conv_best": float("nan")}
+    if "machine" in sections:
+        mach = section_machine(args)
+    if "nc" in sections:
+        section_nc(args, tr)
+    if "train" in sections:
+        section_train(args, mach)
+    if "e2e" in sections:
+        section_e2e(args, tr)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} threads")
+    atomic_write_json(RESULTS / "perf.json", ROWS)
+    atomic_write_bytes(RESULTS / "perf.md", markdown(machine).encode())
+    print(f"wrote {RESULTS / 'perf.json'} and perf.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
