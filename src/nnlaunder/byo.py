@@ -18,8 +18,7 @@ from typing import Any
 import torch
 
 from . import data as D
-from .attacks.laundering import launder, launder_config
-from .attacks.neural_cleanse import NCConfig
+from .attacks.laundering import launder
 from .checkpoint import atomic_save_tensors, atomic_write_json
 from .data.external import read_external, read_npz
 from .errors import UserError
@@ -89,14 +88,9 @@ def run_external(args: Any, out_dir: Path) -> int:
         clean = D.stratified_subset(data, per_class=args.per_class, seed=args.seed)
     else:
         clean = D.stratified_subset(data, fraction=budget, seed=args.seed)
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
-                                    ("threshold_mode", args.threshold_mode), ("layers", args.layers),
-                                    ("triggers", args.triggers), ("add_masks", args.add_masks)) if v is not None}
-    nc = NCConfig(max_epochs=args.nc_epochs, seed=args.seed) if args.nc_epochs else NCConfig(seed=args.seed)
-    base = launder_config(args.variant).retrain
-    retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
-                                           if v is not None})
-    cfg = launder_config(args.variant, nc=nc, seed=args.seed, retrain=retrain, **overrides)
+    from .cli import launder_cfg
+
+    cfg = launder_cfg(args)
 
     def measure(r: int, m: torch.nn.Module, info: Any = None) -> dict[str, float]:
         return {k: accuracy(m, x, y) for k, (x, y) in evals.items()}

@@ -241,9 +241,23 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_launder(args: argparse.Namespace) -> int:
-    from .attacks.laundering import launder, launder_config
+def launder_cfg(args: argparse.Namespace):
+    """The LaunderConfig the `launder` flags ask for (both the registered and the external path)."""
+    from .attacks.laundering import launder_config
     from .attacks.neural_cleanse import NCConfig
+
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
+                                    ("threshold_mode", args.threshold_mode), ("layers", args.layers),
+                                    ("triggers", args.triggers), ("add_masks", args.add_masks)) if v is not None}
+    nc = NCConfig(max_epochs=args.nc_epochs, seed=args.seed) if args.nc_epochs else NCConfig(seed=args.seed)
+    base = launder_config(args.variant).retrain
+    retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
+                                           if v is not None})
+    return launder_config(args.variant, nc=nc, seed=args.seed, retrain=retrain, **overrides)
+
+
+def cmd_launder(args: argparse.Namespace) -> int:
+    from .attacks.laundering import launder
     from .experiments.evaluate import evaluator
     from .report.plots import trigger_grid
 
@@ -271,14 +285,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
         clean = D.stratified_subset(tr, per_class=args.per_class, seed=args.seed)
     else:
         clean = D.stratified_subset(tr, fraction=args.budget, seed=args.seed)
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
-                                    ("threshold_mode", args.threshold_mode), ("layers", args.layers),
-                                    ("triggers", args.triggers), ("add_masks", args.add_masks)) if v is not None}
-    nc = NCConfig(max_epochs=args.nc_epochs, seed=args.seed) if args.nc_epochs else NCConfig(seed=args.seed)
-    base = launder_config(args.variant).retrain
-    retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
-                                           if v is not None})
-    cfg = launder_config(args.variant, nc=nc, seed=args.seed, retrain=retrain, **overrides)
+    cfg = launder_cfg(args)
     wm = None
     threshold = None
     if args.verify_scheme:
