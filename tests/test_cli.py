@@ -69,11 +69,13 @@ def test_embed_verify_end_to_end(capsys, data_dir, tmp_path):
     # launder it (Neural Cleanse capped at 3 epochs to stay fast) and read the report
     ldir = tmp_path / "laundered"
     code, o, err = run(["launder", str(out), "--out", str(ldir), "--budget", "0.002", "--nc-epochs", "3",
-                        "--rounds", "2", "--verify-scheme", "zhang-content", "--param", "n_verify=2000",
+                        "--nc-preset", "fast", "--rounds", "2", "--verify-scheme", "zhang-content",
+                        "--param", "n_verify=2000",
                         "--threshold", "1.5", "--quiet"], capsys)
     assert code == 0, err
     report = json.loads((ldir / "report.json").read_text())
     assert report["n_clean"] == 120 and 1 <= len(report["rounds"]) <= 2
+    assert report["config"]["nc"]["steps_per_epoch"] == 8 and report["config"]["nc"]["max_epochs"] == 3
     first = report["rounds"][0]
     assert set(first["metrics"]) == {"test_acc", "wm_acc"} and len(first["anomaly"]) == 10
     assert (ldir / "triggers.png").stat().st_size > 1000 and (ldir / "laundered.safetensors").is_file()

@@ -25,6 +25,8 @@ def test_grid_expansion_and_dotted_keys():
     assert len({c.cell_id() for c in cells}) == 8
     partial = expand({"attack_params": {"retrain": {"epochs": 3}}})[0].attack_config()
     assert partial.retrain.epochs == 3 and partial.retrain.lr == 1e-4     # the rest stays the variant's
+    fast = expand({"attack_params": {"nc": {"preset": "fast", "max_epochs": 40}}})[0].attack_config()
+    assert fast.nc.amp and fast.nc.steps_per_epoch == 8 and fast.nc.max_epochs == 40
     one = expand({"dataset": "mnist"})
     assert len(one) == 1 and one[0].cell_id() == expand({"dataset": "mnist"})[0].cell_id()
 
@@ -46,6 +48,7 @@ def test_grid_expansion_and_dotted_keys():
     ({"attack_params": {"dt": "high"}}, "dt"),
     ({"attack_params": {"nc": {"lr": -1.0}}}, "Neural Cleanse"),
     ({"attack_params": {"bogus": 1}}, "unknown key(s) ['bogus']"),
+    ({"attack_params": {"nc": {"preset": "turbo"}}}, "attack_params.nc.preset: unknown preset 'turbo'"),
     ({"attack": "prune", "rounds": 3}, "only laundering has rounds"),
     ({"sweep": {"budget": []}}, "non-empty list"),
     ({"sweep": {"colour": [1, 2]}}, "unknown key 'colour'"),

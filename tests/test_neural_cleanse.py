@@ -51,8 +51,69 @@ def test_batched_equals_per_class_loop():
 
 
 def test_model_is_not_changed():
-    model = tiny_net()
-    before = [p.clone() for p in model.parameters()]
-    neural_cleanse(model, make_images(32, 0).x, NCConfig(max_epochs=2), num_classes=4)
-    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
-    assert all(p.requires_grad for p in model.parameters())
+    from nnlaunder.attacks.neural_cleanse import nc_config
+
+    for cfg in (NCConfig(max_epochs=2), nc_config("fast", max_epochs=2)):
+        model = tiny_net()
+        before = [p.clone() for p in model.parameters()]
+        neural_cleanse(model, make_images(32, 0).x, cfg, num_classes=4)
+        assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+        assert all(p.requires_grad for p in model.parameters())
+        assert [type(m).__name__ for m in model][1:3] == ["ReLU", "MaxPool2d"]
+
+
+def test_rewrite_for_speed_computes_the_same_function():
+    from torch import nn
+
+    from nnlaunder.attacks.neural_cleanse import rewrite_for_speed
+
+    model = tiny_net(seed=2).eval()
+    fast = rewrite_for_speed(model)
+    kinds = [type(m).__name__ for m in fast]
+    assert kinds[1:3] == ["MaxPool2d", "ReLU"] and kinds[4:6] == ["MaxPool2d", "ReLU"]
+    assert [type(m).__name__ for m in model][1:3] == ["ReLU", "MaxPool2d"]      # original untouched
+    x = make_images(16, seed=4).x.requires_grad_(True)
+    y1 = model(x)
+    g1, = torch.autograd.grad(y1.square().sum(), x)
+    y2 = fast(x.contiguous(memory_format=torch.channels_last))
+    g2, = torch.autograd.grad(y2.square().sum(), x)
+    assert torch.allclose(y1, y2, atol=1e-5) and torch.allclose(g1, g2, atol=1e-5)
+    # a ReLU with something else after it, or a pool returning indices, is left alone
+    seq = nn.Sequential(nn.ReLU(), nn.Conv2d(1, 1, 1), nn.ReLU(), nn.MaxPool2d(2, return_indices=True))
+    assert [type(m) for m in rewrite_for_speed(seq)] == [type(m) for m in seq]
+
+
+def test_short_schedule_epochs_batched_equals_loop_and_full_pass_is_unchanged():
+    from nnlaunder.attacks.neural_cleanse import nc_config
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = tiny_net().double().eval()
+        x = make_images(64, seed=1).x.double()
+        base = dict(max_epochs=10, patience=2, early_stop_patience=3, batch_size=16, seed=3)
+        cfg = nc_config("fast", amp=False, steps_per_epoch=2, **{k: v for k, v in base.items()
+                                                                  if k != "early_stop_patience"})
+        a = neural_cleanse(model, x, cfg, num_classes=4)
+        b = neural_cleanse(model, x, cfg, num_classes=4, per_class=True)
+        # an "epoch" of exactly one full pass is the faithful schedule
+        full = neural_cleanse(model, x, NCConfig(**base), num_classes=4)
+        same = neural_cleanse(model, x, NCConfig(steps_per_epoch=4, **base), num_classes=4)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.allclose(a.masks, b.masks, atol=1e-5) and torch.equal(a.epochs, b.epochs)
+    assert torch.equal(full.masks, same.masks) and torch.equal(full.epochs, same.epochs)
+    assert a.history[0]["epoch"] == 1 and len(a.history) <= 10
+
+
+def test_presets_are_validated():
+    import pytest
+
+    from nnlaunder.attacks.neural_cleanse import nc_config
+    from nnlaunder.errors import UserError
+
+    assert nc_config("faithful") == NCConfig()
+    assert nc_config("fast").amp and nc_config("fast").steps_per_epoch == 8
+    with pytest.raises(UserError, match="unknown Neural Cleanse preset"):
+        nc_config("turbo")
+    with pytest.raises(UserError):
+        NCConfig(steps_per_epoch=0)

@@ -244,12 +244,12 @@ def cmd_threshold(args: argparse.Namespace) -> int:
 def launder_cfg(args: argparse.Namespace):
     """The LaunderConfig the `launder` flags ask for (both the registered and the external path)."""
     from .attacks.laundering import launder_config
-    from .attacks.neural_cleanse import NCConfig
+    from .attacks.neural_cleanse import nc_config
 
     overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
                                     ("threshold_mode", args.threshold_mode), ("layers", args.layers),
                                     ("triggers", args.triggers), ("add_masks", args.add_masks)) if v is not None}
-    nc = NCConfig(max_epochs=args.nc_epochs, seed=args.seed) if args.nc_epochs else NCConfig(seed=args.seed)
+    nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
     base = launder_config(args.variant).retrain
     retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
                                            if v is not None})
@@ -531,6 +531,10 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--triggers", choices=("all", "flagged"))
     s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--nc-epochs", type=_positive_int, help="cap on Neural Cleanse epochs (default 1000)")
+    s.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
+                   help="Neural Cleanse settings: Wang et al.'s (default) or this project's fast preset "
+                        "(8-minibatch schedule epochs, bf16 where the hardware has it, exact ReLU/pool reorder; "
+                        "docs/methods.md)")
     s.add_argument("--retrain-epochs", type=_positive_int, help="retraining epochs per round (default: the variant's)")
     s.add_argument("--retrain-lr", type=_float, help="retraining learning rate (default: the variant's)")
     s.add_argument("--seed", type=int, default=0)

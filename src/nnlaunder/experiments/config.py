@@ -34,6 +34,7 @@ from typing import Any
 from .. import data as D
 from ..attacks.baselines import ATTACKS
 from ..attacks.laundering import VARIANTS, LaunderConfig
+from ..attacks.neural_cleanse import NC_PRESETS
 from ..config import from_dict
 from ..errors import UserError
 from ..models import DEFAULT_ARCH, check_fits
@@ -97,6 +98,13 @@ class CellConfig:
             if self.variant not in VARIANTS:
                 raise UserError(f"variant: unknown laundering variant {self.variant!r}; choose from {sorted(VARIANTS)}")
             base = LaunderConfig(**VARIANTS[self.variant])
+            if isinstance(params.get("nc"), dict) and "preset" in params["nc"]:   # nc = {preset = "fast", ...}
+                nc = dict(params["nc"])
+                preset = nc.pop("preset")
+                if preset not in NC_PRESETS:
+                    raise UserError(f"attack_params.nc.preset: unknown preset {preset!r}; choose from "
+                                    f"{', '.join(NC_PRESETS)}")
+                params["nc"] = {**NC_PRESETS[preset], **nc}
             for nested in ("nc", "retrain"):       # a partial table overrides only the keys it names
                 if isinstance(params.get(nested), dict):
                     params[nested] = {**dataclasses.asdict(getattr(base, nested)), **params[nested]}
