@@ -36,7 +36,7 @@ from nnlaunder.attacks.laundering import (
     split_holdout,
     used_triggers,
 )
-from nnlaunder.attacks.neural_cleanse import neural_cleanse, stamp
+from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse, stamp
 from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model
 from nnlaunder.experiments.evaluate import evaluator
@@ -101,6 +101,11 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
         cmd += f" --models {','.join(args.models)}"
     if args.fixed:
         cmd += " --fixed " + ",".join(str(v) for v in args.fixed)
+    if args.nc_preset != "faithful":
+        cmd += f" --nc-preset {args.nc_preset}"
+    if not args.faithful:
+        cmd += " --no-faithful"
+    nc_cfg = nc_config(args.nc_preset)
     items = []
     for name, budget in ROWS[ds]:
         if args.models and name not in args.models:
@@ -115,7 +120,7 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
         ev = evaluator(te, wm)
         before = ev(0, model)
         print(f"  {name}: {len(clean)} clean images; Neural Cleanse over {tr.num_classes} classes ...", flush=True)
-        nc = neural_cleanse(model, clean.x, launder_config().nc, num_classes=tr.num_classes)
+        nc = neural_cleanse(model, clean.x, nc_cfg, num_classes=tr.num_classes)
         print(f"    {nc.seconds:.0f} s, flagged {nc.flagged}, most likely {nc.most_likely}, "
               f"anomaly {[round(a, 2) for a in nc.anomaly.tolist()]}", flush=True)
         trigger_grid(nc.masks, nc.patterns, nc.l1.tolist(), nc.anomaly.tolist(), nc.flagged, tr.classes,
@@ -165,8 +170,8 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
         dt, ct, ep = chosen[arch]
         layers = "second-half" if arch == "resnet20" else "all"
         strong = {"dt": dt, "ct": ct, "retrain": dataclasses.replace(launder_config("strong").retrain, epochs=ep)}
-        for variant, over in (("strong", strong), ("faithful", {})):
-            cfg = launder_config(variant, seed=args.seed, layers=layers, **over)
+        for variant, over in (("strong", strong), ("faithful", {}))[:2 if args.faithful else 1]:
+            cfg = launder_config(variant, seed=args.seed, layers=layers, nc=nc_cfg, **over)
             t0 = time.perf_counter()
             res = launder(it["model"], it["clean"], cfg, on_round=it["ev"], first_nc=it["nc"])
             seconds = time.perf_counter() - t0 + it["nc"].seconds
@@ -179,7 +184,7 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
                    "threshold": it["threshold"], "removed": rnd.metrics["wm_acc"] < it["threshold"],
                    "seconds": seconds, "nc_seconds": it["nc"].seconds, "retrain_seconds": rnd.retrain_seconds,
                    "nc_epochs": rnd.nc_epochs, "flagged": rnd.flagged, "used_triggers": rnd.used_triggers,
-                   "anomaly": rnd.anomaly, "resets": rnd.resets,
+                   "anomaly": rnd.anomaly, "resets": rnd.resets, "nc_preset": args.nc_preset,
                    "config": {"dt": cfg.dt, "ct": cfg.ct, "threshold_mode": cfg.threshold_mode,
                               "triggers": cfg.triggers, "add_masks": cfg.add_masks, "layers": cfg.layers,
                               "retrain": dataclasses.asdict(cfg.retrain)},
@@ -232,7 +237,8 @@ def write_markdown(rows: list[dict], variants: list[dict]) -> str:
             f"| {r['dataset']} | {scheme} | {r['budget']:.1%} ({r['n_clean']}) | {fmt(r['orig_test_acc'])} → "
             f"**{fmt(r['test_acc'])}** ({fmt(p.get('test_acc'))}) | {fmt(r['orig_wm_acc'])} → **{fmt(r['wm_acc'])}** "
             f"({fmt(p.get('wm_acc'))}) | {fmt(r['threshold'])} ({fmt(p.get('threshold'), 1)}) | "
-            f"{'yes' if r['removed'] else '**no**'} | {sum(r['resets'].values())} | {r['nc_seconds']:.0f} "
+            f"{'yes' if r['removed'] else '**no**'} | {sum(r['resets'].values())} | {r['nc_seconds']:.0f}"
+            f"{'' if r.get('nc_preset', 'faithful') == 'faithful' else ' (' + r['nc_preset'] + ' NC)'} "
             f"| {r['seconds']:.0f} |")
     missing = sorted(f"{d}/{s}" for d, s in PAPER if not any(
         r["dataset"] == d and (r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")) == s for r in rows))
@@ -296,6 +302,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed", default=None, metavar="DT,CT,EPOCHS",
                     help="skip the attacker-side calibration and use this (relative DT, CT, retraining epochs), "
                          "e.g. the choice a previous run of the calibration printed; recorded in the row")
+    ap.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
+                    help="Neural Cleanse settings (docs/methods.md); recorded in each row")
+    ap.add_argument("--no-faithful", dest="faithful", action="store_false",
+                    help="skip the paper-faithful variant (saves its 20 retraining epochs)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite table2.md from the JSON files")
     args = ap.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

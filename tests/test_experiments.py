@@ -281,3 +281,27 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path, data_dir):
             (cell,) = s.cells("det")
             got.append([{k: v for k, v in r.items() if "seconds" not in k} for r in cell["rounds"]])
     assert got[0] == got[1] and got[0] and "wm_acc" in got[0][0]
+    # the runner kept round 1's recovered triggers; the report draws them (Figures 6 and 8)
+    from nnlaunder.report.build import build_report
+
+    assert (tmp_path / "a" / "triggers" / f"{cell['cell_id']}-round01.safetensors").is_file()
+    rep = build_report(tmp_path / "a", tmp_path / "rep")
+    assert (rep / "triggers-det-mnist-zhang-content-1perclass.png").stat().st_size > 5000
+    assert (rep / "reconstruction-det-mnist-zhang-content.png").stat().st_size > 2000
+    md = (rep / "index.md").read_text()
+    assert "Recovered triggers" in md and (rep / "index.html").read_text().count("data:image/png") == 3
+
+
+def test_owner_path_with_other_scheme_parameters_is_refused(tmp_path, data_dir):
+    """A committed owner model checked against the experiment's watermark: a different target class
+    would verify the wrong thing, so it is an error naming the key (sizes like n_verify are fine)."""
+    from pathlib import Path
+
+    from nnlaunder.experiments.runner import run_experiment
+
+    repo = Path(__file__).resolve().parents[1]
+    cells = expand({"dataset": "mnist", "scheme": "zhang-content", "threshold": 0.33, "budget": "1/class",
+                    "owner_path": str(repo / "models" / "mnist" / "zhang-content"),
+                    "scheme_params": {"target": 3, "n_verify": 100}})
+    with pytest.raises(UserError, match="owner_path: .* parameters"):
+        run_experiment(cells, tmp_path / "ws", data_dir, progress=False)

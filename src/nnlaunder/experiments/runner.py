@@ -7,6 +7,9 @@ Workspace layout:
     <ws>/models/clean-<hash>/epoch-NN.*       clean models after every epoch (vanilla thresholds,
                                               Figure 5, loss-landscape trajectories)
     <ws>/thresholds/<hash>.json               vanilla thresholds per clean config and scheme
+    <ws>/triggers/<cell>-roundNN.safetensors  laundering cells: Neural Cleanse's masks and patterns per
+                                              round, with a watermark sample and a clean image
+                                              (Figures 6/8 in the report)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 from .. import data as D
 from ..attacks.baselines import ATTACKS
 from ..attacks.laundering import launder
-from ..checkpoint import atomic_write_json, load_model, save_model
+from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, save_model
 from ..config import from_dict
 from ..device import deterministic
 from ..errors import UserError
@@ -89,6 +92,15 @@ def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.
         if got != (cell.dataset, cell.arch_name, cell.scheme):
             raise UserError(f"owner_path: {cell.owner_path} is a {got} model, the experiment wants "
                             f"{(cell.dataset, cell.arch_name, cell.scheme)}")
+        recorded = meta.get("scheme_params")
+        sizes = ("n_embed", "n_verify")             # how many images, not which watermark
+        def norm(params: dict) -> dict:          # as JSON stores it (tuples become lists)
+            return json.loads(json.dumps({k: v for k, v in params.items() if k not in sizes}, default=str))
+
+        if recorded is not None and norm(recorded) != norm(wm.params):
+            raise UserError(f"owner_path: {cell.owner_path} was watermarked with {cell.scheme} parameters {recorded}, "
+                            f"the experiment's scheme_params give {wm.params}: its verification set would not "
+                            f"match; set scheme_params to the model's")
         return model
     cfg = cell.owner_train()
     key = digest({"dataset": cell.dataset, "arch": cell.arch_name, "scheme": cell.scheme, "params": wm.params,
@@ -130,7 +142,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                          "nc_seconds": info.nc_seconds, "flagged": info.flagged, "used": info.used_triggers,
                          "resets": info.resets, "stopped": info.stopped})
             return metrics
-        launder(model, clean, cfg, on_round=on_round)
+        res = launder(model, clean, cfg, on_round=on_round)
+        save_triggers(ws / "triggers", cell.cell_id(), res.nc, wm, te)
     else:
         res = ATTACKS[cell.attack].run(model, clean, cfg)
         rows.append({"round": 1, **ev(1, res.model), "threshold": th, "seconds": res.seconds})
@@ -141,6 +154,18 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"], "wm_acc": last["wm_acc"],
                "removed": last["removed"], "rounds_run": len(rows) - 1, "attack_seconds": time.perf_counter() - t1}
     return rows, summary, time.perf_counter() - t0
+
+
+def save_triggers(folder: Path, cell_id: str, ncs: Sequence[Any], wm: Watermark, test: D.Dataset) -> None:
+    """Each round's recovered triggers, for the report's Figure 6/8-style plots. Written before the
+    cell's store row, so a finished cell always has them (a rerun of a killed cell rewrites them)."""
+    other = test.x[test.y != wm.target] if wm.target is not None else test.x
+    for r, nc in enumerate(ncs, 1):
+        atomic_save_tensors(folder / f"{cell_id}-round{r:02d}.safetensors",
+                            {"masks": nc.masks, "patterns": nc.patterns, "l1": nc.l1, "anomaly": nc.anomaly,
+                             "watermark": wm.verify_x[0], "clean": other[0]},
+                            {"flagged": json.dumps(nc.flagged), "target": json.dumps(wm.target),
+                             "classes": json.dumps(list(test.classes))})
 
 
 def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str) -> tuple[list[dict], dict, float]:

@@ -4,7 +4,9 @@ from a workspace's results store (and its vanilla-threshold curves).
 - Table 2 layout: per cell, the last round, with the paper's numbers beside ours where known;
 - Figure 3/4 style: test (blue) and watermark (red) accuracy against rounds, one line style per
   budget, the vanilla threshold in black; one plot per (dataset, scheme);
-- Figure 5 style: clean models' watermark accuracy over their training epochs.
+- Figure 5 style: clean models' watermark accuracy over their training epochs;
+- Figures 6/8 style: Neural Cleanse's recovered triggers, per cell (round 1), and the watermark beside
+  its reconstruction for the watermark's label (schemes with one target class).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..checkpoint import atomic_write_bytes  # noqa: E402
 from ..experiments.store import Store  # noqa: E402
+from .plots import reconstructions, trigger_grid  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): laundered test / laundered WM / vanilla threshold.
 PAPER = {("mnist", "zhang-content"): (98.34, 0.01, 1.5), ("mnist", "zhang-noise"): (97.45, 0.07, 6.0),
@@ -130,10 +133,50 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
         png = clean_curves_plot(curves, out / "clean-curves.png")
         images.append(png)
         md += ["## Vanilla thresholds (Figure 5 style)", "", f"![clean curves]({png.name})", ""]
+    md += trigger_section(ws, groups, out, images)
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "index.md", text.encode())
     atomic_write_bytes(out / "index.html", _html(text, images).encode())
     return out
+
+
+def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images: list[Path]) -> list[str]:
+    """Figures 6/8: the recovered triggers the runner kept for each laundering cell (round 1)."""
+    from safetensors import safe_open
+
+    md: list[str] = []
+    for (exp, ds, scheme), cs in sorted(groups.items()):
+        recon = []
+        for c in sorted(cs, key=lambda c: json.dumps(c["config"]["budget"])):
+            f = ws / "triggers" / f"{c['cell_id']}-round01.safetensors"
+            if not f.is_file():
+                continue
+            with safe_open(str(f), "pt") as st:
+                t = {k: st.get_tensor(k) for k in st.keys()}   # noqa: SIM118 (safe_open has no __iter__)
+                meta = st.metadata() or {}
+            flagged, target = json.loads(meta.get("flagged", "[]")), json.loads(meta.get("target", "null"))
+            classes = json.loads(meta.get("classes", "null")) or [str(i) for i in range(len(t["masks"]))]
+            lab = _budget_label(c["config"]["budget"])
+            safe = lab.replace("/", "per").replace("%", "pct")
+            png = trigger_grid(t["masks"], t["patterns"], t["l1"].tolist(), t["anomaly"].tolist(), flagged, classes,
+                               out / f"triggers-{exp}-{ds}-{scheme}-{safe}.png", example=t["clean"],
+                               title=f"{exp}: {ds} {scheme}, budget {lab}: Neural Cleanse round 1 "
+                                     f"(flagged in red{'' if target is None else f'; watermark label {target}'})")
+            if not md:
+                md += ["## Recovered triggers (Figures 6 and 8 style)", "",
+                       "Neural Cleanse's first round per cell: mask, pattern, mask·pattern and the trigger on a clean "
+                       "image; flagged classes (MAD > 2) in red.", ""]
+            images.append(png)
+            md += [f"![{exp} {scheme} {lab}]({png.name})", ""]
+            if target is not None:
+                recon.append({"label": f"budget {lab}", "watermark": t["watermark"], "mask": t["masks"][target],
+                              "pattern": t["patterns"][target], "clean": t["clean"]})
+        if recon:
+            png = reconstructions(recon, out / f"reconstruction-{exp}-{ds}-{scheme}.png",
+                                  title=f"{ds} {scheme}: watermark vs reconstruction")
+            images.append(png)
+            md += [f"![{exp} {scheme} reconstruction]({png.name})", ""]
+    return md
 
 
 def _html(markdown: str, images: list[Path]) -> str:

@@ -43,6 +43,27 @@ def trigger_grid(masks: torch.Tensor, patterns: torch.Tensor, l1: Sequence[float
     return _save(fig, path, title)
 
 
+def reconstructions(rows: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Figure 6 style, one row per cell: (a) the owner's watermark input, (b) Neural Cleanse's
+    reconstruction for the watermark's label (mask·pattern), (c) that reconstruction stamped on a
+    clean image. Each row: {"label", "watermark", "mask", "pattern", "clean"} (tensors C,H,W)."""
+    fig, axes = plt.subplots(len(rows), 3, figsize=(5.4, 1.9 * len(rows) + 0.4), squeeze=False)
+    for i, r in enumerate(rows):
+        m, p = r["mask"], r["pattern"]
+        gray = p.shape[0] == 1
+        panels = [r["watermark"], m * p, (1 - m) * r["clean"] + m * p]
+        for j, (im, head) in enumerate(zip(panels, ("(a) watermark", "(b) reconstruction", "(c) applied"),
+                                           strict=True)):
+            ax = axes[i][j]
+            ax.imshow(_img(im), cmap="gray" if gray else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(head, fontsize=8)
+        axes[i][0].set_ylabel(r["label"], fontsize=7)
+    return _save(fig, path, title)
+
+
 def _save(fig, path: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
