@@ -136,13 +136,20 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     cfg = cell.attack_config()
     t1 = time.perf_counter()
     if cell.attack == "launder":
+        bar = tqdm(total=cfg.rounds, desc=f"{cell.scheme} {cell.budget} rounds", leave=False, disable=not progress)
+
         def on_round(r, m, info):
             metrics = ev(r, m)
             rows.append({"round": r, **metrics, "threshold": th, "seconds": info.seconds,
                          "nc_seconds": info.nc_seconds, "flagged": info.flagged, "used": info.used_triggers,
                          "resets": info.resets, "stopped": info.stopped})
+            bar.update(1)
+            bar.set_postfix(test=f"{metrics['test_acc']:.1f}", wm=f"{metrics['wm_acc']:.1f}")
             return metrics
-        res = launder(model, clean, cfg, on_round=on_round)
+        try:
+            res = launder(model, clean, cfg, on_round=on_round, progress=progress)
+        finally:
+            bar.close()
         save_triggers(ws / "triggers", cell.cell_id(), res.nc, wm, te)
     else:
         res = ATTACKS[cell.attack].run(model, clean, cfg)
