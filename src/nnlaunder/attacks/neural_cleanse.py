@@ -11,9 +11,10 @@ Faithful to the public Keras code (bolunwang/backdoor):
 - early stop when the best norm has not improved for 25 epochs after λ went both up and down;
 - outliers: anomaly index = |L1 - median| / (1.4826 · MAD); flagged when below the median and > 2.
 
-Speed: all K candidate classes are optimised together: one forward pass over K×B stamped inputs
-per step (K masks and patterns in one tensor) with a per-class Adam update (Adam is elementwise,
-so the result equals K separate runs); classes that stopped early drop out of the batch. A
+Speed: all K candidate classes are optimised together: one step over K×B stamped inputs (K masks
+and patterns in one tensor; on a CPU the forward runs in cache-sized chunks of classes,
+`class_chunk`) with a per-class Adam update (Adam is elementwise, so the result equals K separate
+runs); classes that stopped early drop out of the batch. A
 per-class Python loop is the same function called with one class at a time (`per_class=True`).
 
 The "fast" preset (`NC_PRESETS["fast"]`, a named departure from Wang et al.; see docs/methods.md)
@@ -70,11 +71,13 @@ class NCConfig:
     steps_per_epoch: int | None = None   # None: an epoch is a full pass over the images (faithful)
     amp: bool = False                    # bfloat16 autocast where the hardware has it
     exact_rewrite: bool = False          # ReLU/max-pool reorder + channels-last copy of the model
+    class_chunk: int | None = None       # classes per forward pass; None: auto (CPU: ~64 images, else all)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and self.batch_size >= 1 and self.max_epochs >= 1 and self.patience >= 1
                 and 0 < self.success <= 1 and self.init_cost > 0
-                and (self.steps_per_epoch is None or self.steps_per_epoch >= 1)):
+                and (self.steps_per_epoch is None or self.steps_per_epoch >= 1)
+                and (self.class_chunk is None or self.class_chunk >= 1)):
             raise UserError(f"invalid Neural Cleanse settings: {self}")
 
 
@@ -276,6 +279,10 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
     perms: dict[int, torch.Tensor] = {}
     use_amp = cfg.amp and amp_supported(dev)
     mem = torch.channels_last if cfg.exact_rewrite else torch.contiguous_format
+    # Classes per forward pass. Every class's loss depends only on its own mask, so chunking changes
+    # nothing but speed: on a CPU, 10 x 32 stamped images per op fall out of cache and the batched pass
+    # ran slower than a per-class loop (perf.md); ~64 images per forward keeps it in cache.
+    chunk = cfg.class_chunk or (max(1, 64 // cfg.batch_size) if dev.type == "cpu" else None)
 
     def batch(global_step: int) -> torch.Tensor:
         # Pass number p uses its own seeded permutation (full-pass epochs: pass == epoch, as before).
@@ -300,9 +307,13 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
             bsz = len(xb)
             m = torch.tanh(w_mask[a_idx]) / 2 + 0.5                 # (A,1,H,W)
             p = torch.tanh(w_pat[a_idx]) / 2 + 0.5                  # (A,C,H,W)
-            xs = stamp(xb.unsqueeze(0), m.unsqueeze(1), p.unsqueeze(1)).reshape(len(act) * bsz, c, h, w)
-            with (torch.autocast(dev.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()):
-                logits = model(xs.contiguous(memory_format=mem)).float()
+            parts = []
+            for lo in range(0, len(act), chunk or len(act)):       # classes per forward (cache-sized on a CPU)
+                mc, pc = m[lo:lo + (chunk or len(act))], p[lo:lo + (chunk or len(act))]
+                xs = stamp(xb.unsqueeze(0), mc.unsqueeze(1), pc.unsqueeze(1)).reshape(len(mc) * bsz, c, h, w)
+                with (torch.autocast(dev.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()):
+                    parts.append(model(xs.contiguous(memory_format=mem)).float())
+            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
             tgt = targets[a_idx].repeat_interleave(bsz)
             ce = F.cross_entropy(logits, tgt, reduction="none").view(len(act), bsz).mean(1)
             reg = m.abs().sum((1, 2, 3))
