@@ -307,9 +307,9 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
             bsz = len(xb)
             m = torch.tanh(w_mask[a_idx]) / 2 + 0.5                 # (A,1,H,W)
             p = torch.tanh(w_pat[a_idx]) / 2 + 0.5                  # (A,C,H,W)
-            parts = []
-            for lo in range(0, len(act), chunk or len(act)):       # classes per forward (cache-sized on a CPU)
-                mc, pc = m[lo:lo + (chunk or len(act))], p[lo:lo + (chunk or len(act))]
+            parts, width = [], chunk or len(act)                 # classes per forward (cache-sized on a CPU)
+            for lo in range(0, len(act), width):
+                mc, pc = m[lo:lo + width], p[lo:lo + width]
                 xs = stamp(xb.unsqueeze(0), mc.unsqueeze(1), pc.unsqueeze(1)).reshape(len(mc) * bsz, c, h, w)
                 with (torch.autocast(dev.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()):
                     parts.append(model(xs.contiguous(memory_format=mem)).float())
