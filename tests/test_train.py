@@ -86,6 +86,34 @@ def test_append_adds_k_examples_per_batch():
     assert seen == [18, 18, 18, 18]
 
 
+def test_fixed_tail_is_never_augmented_the_rest_is():
+    # 24 ordinary images then 8 "triggers" (the tail); every training batch is recorded.
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(32, 1, 8, 8, generator=g)
+    y = torch.zeros(32, dtype=torch.long)
+    batches = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, inp):
+            if self.training:
+                batches.append(inp.detach().clone())
+            return self.net(inp)
+
+    cfg = TrainConfig(epochs=2, batch_size=8, augment="crop-flip")
+    train(Spy(), x, y, cfg, fixed_tail=8, progress=False)
+    seen = torch.cat(batches)
+    exact = [(seen == img).flatten(1).all(1).any().item() for img in x]
+    assert all(exact[24:])                 # every trigger went in exactly as given, in both epochs
+    assert sum(exact[:24]) < 12            # ordinary images were cropped/flipped
+    assert sum((seen == img).flatten(1).all(1).sum().item() for img in x[24:]) == 16
+    with pytest.raises(UserError, match="fixed_tail"):
+        train(_net(), x, y, cfg, fixed_tail=33, progress=False)
+
+
 def test_crop_flip_moves_pixels_but_keeps_shape_and_values():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 32, 32)

@@ -218,6 +218,7 @@ def train(
     progress: bool | str = True,
     freeze_bn: bool = False,
     interleave: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    fixed_tail: int = 0,
 ) -> TrainResult:
     """Train `model` in place on (x, y); x (N,C,H,W) float in [0,1], y (N,) int64.
 
@@ -225,10 +226,14 @@ def train(
     freeze_bn: keep batch-norm layers in eval mode (running statistics frozen) while training.
     interleave: (x2, y2, every): after every `every`-th batch, one extra step on a batch of (x2, y2)
     (Ngo et al.'s "mixed" fine-tuning).
+    fixed_tail: the last `fixed_tail` examples of x are never augmented (watermark triggers: a
+    mirrored or shifted trigger is a different trigger). The random draws are unchanged.
     Returns the per-epoch history (loss, lr, seconds, eval accuracies, callback metrics).
     """
     if len(x) == 0 or len(x) != len(y):
         raise UserError(f"training set is empty or mismatched (x {len(x)}, y {len(y)})")
+    if not 0 <= fixed_tail <= len(x):
+        raise UserError(f"fixed_tail must be in [0, {len(x)}], got {fixed_tail}")
     if append is not None and (len(append[0]) == 0 or append[2] < 1):
         raise UserError("append needs at least one example and k >= 1")
     # Data follow the model: moved once, so batches are slices of device tensors.
@@ -280,7 +285,11 @@ def train(
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             xb, yb = x[idx], y[idx]
             if cfg.augment == "crop-flip":
-                xb = crop_flip(xb, g)
+                xa = crop_flip(xb, g)
+                if fixed_tail:
+                    keep = (idx >= n - fixed_tail).view(-1, 1, 1, 1)
+                    xa = torch.where(keep, xb, xa)
+                xb = xa
             if append is not None:
                 aidx = aperm[i * k:(i + 1) * k]
                 xb, yb = torch.cat([xb, ax[aidx]]), torch.cat([yb, ay[aidx]])
