@@ -145,3 +145,28 @@ def test_bad_configs_and_nan_loss():
     x[0] = float("nan")
     with pytest.raises(NonFiniteLoss):
         train(_net(), x, y, TrainConfig(epochs=1, batch_size=512), progress=False)
+
+
+def test_relu_after_pool_same_function_gradients_and_parameters():
+    from nnlaunder.models import build
+    from nnlaunder.train import relu_after_pool
+
+    model = build("mnist-cnn", 10, seed=0)
+    net = relu_after_pool(model)
+    kinds = [type(m).__name__ for m in net]
+    assert kinds[1:7] == ["Conv2d", "MaxPool2d", "ReLU", "Conv2d", "MaxPool2d", "ReLU"]
+    assert [type(m).__name__ for m in model][2:4] == ["ReLU", "MaxPool2d"]     # the model is untouched
+    assert all(p is q for p, q in zip(model.parameters(), net.parameters(), strict=True))
+    x = torch.rand(16, 1, 28, 28)
+    x[:4, :, :14] = 0.0                 # blank regions: windows of non-positive pre-activations
+    ya, yb = model(x), net(x)
+    assert torch.equal(ya, yb)
+    ga = torch.autograd.grad(ya.square().sum(), list(model.parameters()))
+    gb = torch.autograd.grad(yb.square().sum(), list(net.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ga, gb, strict=True))
+    # a hooked ReLU keeps its place; a non-Sequential model comes back as it is
+    h = model[2].register_forward_hook(lambda *a: None)
+    assert [type(m).__name__ for m in relu_after_pool(model)][2:4] == ["ReLU", "MaxPool2d"]
+    h.remove()
+    res = build("resnet20", 10, seed=0)
+    assert relu_after_pool(res) is res
