@@ -170,3 +170,33 @@ def test_relu_after_pool_same_function_gradients_and_parameters():
     h.remove()
     res = build("resnet20", 10, seed=0)
     assert relu_after_pool(res) is res
+
+
+@pytest.mark.parametrize("augment_triggers", [False, True])
+def test_embed_keeps_triggers_out_of_augmentation_on_request(augment_triggers):
+    from nnlaunder.data import Dataset
+    from nnlaunder.watermarks.embed import embed
+    from nnlaunder.watermarks.schemes import Watermark
+
+    g = torch.Generator().manual_seed(2)
+    data = Dataset("toy", torch.rand(24, 1, 8, 8, generator=g), torch.zeros(24, dtype=torch.long), ("a", "b"))
+    trig = torch.rand(8, 1, 8, 8, generator=g)
+    wm = Watermark("zhang-noise", trig, torch.ones(8, dtype=torch.long), trig, torch.ones(8, dtype=torch.long),
+                   1, {})
+    batches = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _net()
+
+        def forward(self, inp):
+            if self.training:
+                batches.append(inp.detach().clone())
+            return self.net(inp)
+
+    embed(Spy(), data, wm, TrainConfig(epochs=2, batch_size=8, augment="crop-flip"),
+          augment_triggers=augment_triggers, progress=False)
+    seen = torch.cat(batches)
+    exact = sum((seen == t).flatten(1).all(1).sum().item() for t in trig)
+    assert (exact == 16) if not augment_triggers else (exact < 8)
