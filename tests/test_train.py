@@ -20,6 +20,20 @@ def _net(seed=0):
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.1), nn.Linear(32, 2))
 
 
+class Spy(nn.Module):
+    """_net() that records every training batch it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _net()
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, inp):
+        if self.training:
+            self.batches.append(inp.detach().clone())
+        return self.net(inp)
+
+
 def test_training_learns_a_simple_rule():
     x, y = _toy(512)
     m = _net()
@@ -70,20 +84,9 @@ def test_append_adds_k_examples_per_batch():
     x, y = _toy(64)
     extra_x = torch.zeros(3, 1, 8, 8)
     extra_y = torch.ones(3, dtype=torch.long)
-    seen = []
-
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _net()
-
-        def forward(self, inp):
-            if self.training:
-                seen.append(len(inp))
-            return self.net(inp)
-
-    train(Spy(), x, y, TrainConfig(epochs=1, batch_size=16), append=(extra_x, extra_y, 2), progress=False)
-    assert seen == [18, 18, 18, 18]
+    spy = Spy()
+    train(spy, x, y, TrainConfig(epochs=1, batch_size=16), append=(extra_x, extra_y, 2), progress=False)
+    assert [len(b) for b in spy.batches] == [18, 18, 18, 18]
 
 
 def test_fixed_tail_is_never_augmented_the_rest_is():
@@ -91,21 +94,10 @@ def test_fixed_tail_is_never_augmented_the_rest_is():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(32, 1, 8, 8, generator=g)
     y = torch.zeros(32, dtype=torch.long)
-    batches = []
-
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _net()
-
-        def forward(self, inp):
-            if self.training:
-                batches.append(inp.detach().clone())
-            return self.net(inp)
-
+    spy = Spy()
     cfg = TrainConfig(epochs=2, batch_size=8, augment="crop-flip")
-    train(Spy(), x, y, cfg, fixed_tail=8, progress=False)
-    seen = torch.cat(batches)
+    train(spy, x, y, cfg, fixed_tail=8, progress=False)
+    seen = torch.cat(spy.batches)
     exact = [(seen == img).flatten(1).all(1).any().item() for img in x]
     assert all(exact[24:])                 # every trigger went in exactly as given, in both epochs
     assert sum(exact[:24]) < 12            # ordinary images were cropped/flipped
@@ -183,20 +175,9 @@ def test_embed_keeps_triggers_out_of_augmentation_on_request(augment_triggers):
     trig = torch.rand(8, 1, 8, 8, generator=g)
     wm = Watermark("zhang-noise", trig, torch.ones(8, dtype=torch.long), trig, torch.ones(8, dtype=torch.long),
                    1, {})
-    batches = []
-
-    class Spy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _net()
-
-        def forward(self, inp):
-            if self.training:
-                batches.append(inp.detach().clone())
-            return self.net(inp)
-
-    embed(Spy(), data, wm, TrainConfig(epochs=2, batch_size=8, augment="crop-flip"),
+    spy = Spy()
+    embed(spy, data, wm, TrainConfig(epochs=2, batch_size=8, augment="crop-flip"),
           augment_triggers=augment_triggers, progress=False)
-    seen = torch.cat(batches)
+    seen = torch.cat(spy.batches)
     exact = sum((seen == t).flatten(1).all(1).sum().item() for t in trig)
     assert (exact == 16) if not augment_triggers else (exact < 8)
