@@ -22,6 +22,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,10 +74,17 @@ MISSING_NOTES = {
 # Notes shown under the table when the row exists.
 ROW_NOTES = {
     "cifar10/adi-pt": (
-        "This row was run on 2 CPU cores with the choice the calibration made on the GPU (`--fixed 0.5,1.0,5`), "
-        "Neural Cleanse's fast preset (docs/methods.md) and without the paper-faithful variant, after the GPU "
-        "run's JSON row was lost (its log: benchmarks/results/logs/table2-cifar10-adi-pt-h100.log; faithful "
-        "Neural Cleanse there gave test 91.18 → 88.24%, WM 100 → 60%)."),
+        "This row was run on 2 CPU cores with Neural Cleanse's fast preset (docs/methods.md) and without the "
+        "paper-faithful variant, after the GPU run's JSON row was lost (its log: "
+        "benchmarks/results/logs/table2-cifar10-adi-pt-h100.log). The two Adi models were calibrated in separate "
+        "GPU runs, which chose differently (adi-FS: DT 0.5, CT 2.0; adi-PT: DT 0.5, CT 1.0), while the rule is one "
+        "choice per architecture. The calibration lines of the adi-PT log were imported into "
+        "table2-variants.json (`python benchmarks/table2.py --datasets cifar10 --models adi-pt "
+        "--import-calibration-log benchmarks/results/logs/table2-cifar10-adi-pt-h100.log`) and this row uses "
+        "the rule applied to both models' "
+        "records (`--fixed joint`: DT 0.5, CT 2.0, 5 epochs, the adi-FS row's choice). With the earlier per-model "
+        "choice (CT 1.0) the same CPU setup gave test 91.18 → 87.48%, WM 100 → 59% (faithful Neural Cleanse on "
+        "the GPU: 88.24%, 60%)."),
 }
 ROWS = {
     "mnist": [("zhang-content", 0.006), ("zhang-noise", 0.006), ("zhang-unrelated", 0.006)],
@@ -85,6 +93,45 @@ ROWS = {
 }
 # Candidates: thresholds relative to the layer's mean clean activation × retraining epochs.
 GRID = [(dt, ct, ep) for dt in (0.5, 1.0, 2.0) for ct in (1.0, 2.0) for ep in (5, 20)]
+
+
+def choose(acc: dict[tuple[float, float, int], float]) -> tuple[float, float, int]:
+    """The attacker's rule: of the candidates whose held-out accuracy is within 1 point of the best,
+    the most aggressive (lowest DT + CT, then fewest retraining epochs)."""
+    best = max(acc.values())
+    ok = [k for k, a in acc.items() if a >= best - 1.0]
+    return min(ok, key=lambda k: (k[0] + k[1], k[2], k))
+
+
+def joint_choice(variants: list[dict], ds: str, arch: str) -> tuple[tuple[float, float, int], list[str]]:
+    """The rule applied to every calibration record of `arch` on `ds` (held-out accuracy averaged
+    over the models, per candidate), for models that were calibrated in separate runs."""
+    cells: dict[tuple[float, float, int], dict[str, float]] = {}
+    for v in variants:
+        if v.get("stage") == "calibration" and v["dataset"] == ds and v["arch"] == arch:
+            cells.setdefault((v["dt"], v["ct"], v["epochs"]), {})[v["name"]] = v["attacker_acc"]
+    if not cells:
+        raise SystemExit(f"table2.py: error: no calibration records for {ds}/{arch} in table2-variants.json")
+    names = sorted({n for c in cells.values() for n in c})
+    full = {k: sum(c.values()) / len(c) for k, c in cells.items() if len(c) == len(names)}
+    if not full:
+        raise SystemExit(f"table2.py: error: no candidate was calibrated on all of {names}")
+    return choose(full), names
+
+
+CALIBRATION_LINE = re.compile(r"calibration (\S+) dt ([\d.]+) ct ([\d.]+) epochs (\d+): attacker held-out acc "
+                              r"([\d.]+)%, residual trigger flips ([\d.]+)%")
+
+
+def calibration_from_log(text: str, ds: str, name: str, scheme: str, log: str) -> list[dict]:
+    """Calibration records printed by an earlier run whose JSON was lost (attacker-side columns only)."""
+    out = []
+    for m in CALIBRATION_LINE.finditer(text):
+        arch, dt, ct, ep, acc, flip = m.groups()
+        out.append({"dataset": ds, "arch": arch, "scheme": scheme, "name": name, "stage": "calibration",
+                    "dt": float(dt), "ct": float(ct), "epochs": int(ep), "attacker_acc": float(acc),
+                    "residual_flip": float(flip), "test_acc": None, "wm_acc": None, "from_log": log})
+    return out
 
 
 def residual_flip(model, held, nc, used) -> float:
@@ -108,7 +155,7 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
     if args.models:
         cmd += f" --models {','.join(args.models)}"
     if args.fixed:
-        cmd += " --fixed " + ",".join(str(v) for v in args.fixed)
+        cmd += " --fixed " + (args.fixed if isinstance(args.fixed, str) else ",".join(str(v) for v in args.fixed))
     if args.nc_preset != "faithful":
         cmd += f" --nc-preset {args.nc_preset}"
     if not args.faithful:
@@ -141,6 +188,11 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
     variants: list[dict] = []
     chosen: dict[str, tuple[float, float]] = {}
     for arch in sorted({it["meta"]["arch"] for it in items}):
+        if args.fixed == "joint":             # the rule over every model's calibration records
+            chosen[arch], names = joint_choice(args.variants, ds, arch)
+            print(f"    joint choice for {arch} over {names}: dt {chosen[arch][0]}, ct {chosen[arch][1]}, "
+                  f"{chosen[arch][2]} epochs", flush=True)
+            continue
         if args.fixed:                        # a choice made earlier by this same rule (see --fixed)
             chosen[arch] = args.fixed
             print(f"    fixed for {arch}: dt {args.fixed[0]}, ct {args.fixed[1]}, {args.fixed[2]} epochs", flush=True)
@@ -166,9 +218,7 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
             scores[(dt, ct, ep)] = (sum(accs) / len(accs), sum(flips) / len(flips))
             print(f"    calibration {arch} dt {dt} ct {ct} epochs {ep}: attacker held-out acc "
                   f"{scores[(dt, ct, ep)][0]:.2f}%, residual trigger flips {scores[(dt, ct, ep)][1]:.2f}%", flush=True)
-        best = max(a for a, _ in scores.values())
-        ok = [k for k, (a, _) in scores.items() if a >= best - 1.0]
-        chosen[arch] = min(ok, key=lambda k: (k[0] + k[1], k[2], k))
+        chosen[arch] = choose({k: a for k, (a, _) in scores.items()})
         print(f"    chosen for {arch}: dt {chosen[arch][0]}, ct {chosen[arch][1]} (relative), "
               f"{chosen[arch][2]} retraining epochs", flush=True)
 
@@ -280,10 +330,10 @@ def write_markdown(rows: list[dict], variants: list[dict]) -> str:
     if cal:
         lines += ["", "## Attacker-side calibration (20% of the attacker's set held out)", "",
                   "WM accuracy here is shown for transparency only; the choice used the attacker's columns.", "",
-                  "| dataset | scheme | DT | CT | epochs | attacker held-out acc % | residual trigger flips % "
+                  "| dataset | model | DT | CT | epochs | attacker held-out acc % | residual trigger flips % "
                   "| test acc % | WM acc % |", "|---|---|---|---|---|---|---|---|---|"]
         for v in cal:
-            lines.append(f"| {v['dataset']} | {v['scheme']} | {v['dt']} | {v['ct']} | {v['epochs']} | "
+            lines.append(f"| {v['dataset']} | {v['name']} | {v['dt']} | {v['ct']} | {v['epochs']} | "
                          f"{fmt(v['attacker_acc'])} | "
                          f"{fmt(v['residual_flip'])} | {fmt(v['test_acc'])} | {fmt(v['wm_acc'])} |")
     timing_rows = [r["timing"] for r in rows if r.get("timing")]
@@ -311,9 +361,14 @@ def main(argv=None) -> int:
                     help="comma list of owner models to run (default: every row of the dataset); calibration is "
                          "per architecture over the models run together, so run all models of one architecture "
                          "in one call")
-    ap.add_argument("--fixed", default=None, metavar="DT,CT,EPOCHS",
+    ap.add_argument("--fixed", default=None, metavar="DT,CT,EPOCHS|joint",
                     help="skip the attacker-side calibration and use this (relative DT, CT, retraining epochs), "
-                         "e.g. the choice a previous run of the calibration printed; recorded in the row")
+                         "e.g. the choice a previous run of the calibration printed; 'joint': apply the rule to "
+                         "the calibration records of all models of the architecture in table2-variants.json "
+                         "(models calibrated in separate runs); recorded in the row")
+    ap.add_argument("--import-calibration-log", default=None, metavar="LOG",
+                    help="add the calibration lines of an earlier run's log (whose JSON was lost) to "
+                         "table2-variants.json for the one model named by --models, then rewrite table2.md")
     ap.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
                     help="Neural Cleanse settings (docs/methods.md); recorded in each row")
     ap.add_argument("--no-faithful", dest="faithful", action="store_false",
@@ -322,7 +377,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    if args.fixed:
+    if args.fixed and args.fixed != "joint":
         try:
             dt, ct, ep = args.fixed.split(",")
             args.fixed = (float(dt), float(ct), int(ep))
@@ -340,10 +395,43 @@ def main(argv=None) -> int:
         return 0
     def kept(r: dict) -> bool:            # rows this run does not replace
         name = r.get("name") or (r["scheme"] + (f"-{r['mode']}" if r.get("mode") else ""))
+        if args.fixed and r.get("stage") == "calibration":
+            return True                   # a run without calibration keeps the records its choice rests on
         return r["dataset"] not in datasets or (args.models is not None and name not in args.models)
+
+    if args.import_calibration_log:
+        if len(datasets) != 1 or not args.models or len(args.models) != 1:
+            print("table2.py: error: --import-calibration-log needs one --datasets and one --models", file=sys.stderr)
+            return 2
+        log = Path(args.import_calibration_log)
+        if not log.is_file():
+            print(f"table2.py: error: no such log {log}", file=sys.stderr)
+            return 2
+        name = args.models[0]
+        if name not in {n for n, _ in ROWS[datasets[0]]}:
+            print(f"table2.py: error: {name!r} is not a {datasets[0]} row", file=sys.stderr)
+            return 2
+        try:
+            shown = str(log.resolve().relative_to(ROOT))
+        except ValueError:
+            shown = str(log)
+        scheme = "adi" if name.startswith("adi-") else name
+        new = calibration_from_log(log.read_text(errors="replace"), datasets[0], name, scheme, shown)
+        if not new:
+            print(f"table2.py: error: no calibration lines in {log}", file=sys.stderr)
+            return 2
+        variants = [v for v in (json.loads(vpath.read_text()) if vpath.is_file() else [])
+                    if not (v.get("stage") == "calibration" and v["dataset"] == datasets[0] and v["name"] == name)]
+        variants += new
+        rows = json.loads(path.read_text()) if path.is_file() else []
+        atomic_write_json(vpath, variants)
+        atomic_write_bytes(RESULTS / "table2.md", write_markdown(rows, variants).encode())
+        print(f"added {len(new)} calibration records of {name} from {shown}")
+        return 0
 
     rows = [r for r in (json.loads(path.read_text()) if path.is_file() else []) if kept(r)]
     variants = [r for r in (json.loads(vpath.read_text()) if vpath.is_file() else []) if kept(r)]
+    args.variants = variants
     for ds in datasets:
         r, v = run_dataset(ds, args)
         rows += r
