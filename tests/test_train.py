@@ -181,3 +181,26 @@ def test_embed_keeps_triggers_out_of_augmentation_on_request(augment_triggers):
     seen = torch.cat(spy.batches)
     exact = sum((seen == t).flatten(1).all(1).sum().item() for t in trig)
     assert (exact == 16) if not augment_triggers else (exact < 8)
+
+
+def test_embed_oversamples_triggers_and_can_leave_verification_out():
+    from nnlaunder.data import Dataset
+    from nnlaunder.errors import UserError
+    from nnlaunder.watermarks.embed import embed
+    from nnlaunder.watermarks.schemes import Watermark
+
+    g = torch.Generator().manual_seed(4)
+    data = Dataset("toy", torch.rand(24, 1, 8, 8, generator=g), torch.zeros(24, dtype=torch.long), ("a", "b"))
+    trig = torch.rand(8, 1, 8, 8, generator=g)
+    wm = Watermark("zhang-noise", trig, torch.ones(8, dtype=torch.long), trig, torch.ones(8, dtype=torch.long),
+                   1, {})
+    spy = Spy()
+    res = embed(spy, data, wm, TrainConfig(epochs=1, batch_size=8, augment="crop-flip"), trigger_repeat=3,
+                augment_triggers=False, eval_wm=False, eval_sets={"val": (trig, torch.ones(8, dtype=torch.long))},
+                progress=False)
+    seen = torch.cat(spy.batches)
+    assert len(seen) == 24 + 3 * 8            # one epoch: the data once, every trigger three times
+    assert all((seen == t).flatten(1).all(1).sum().item() == 3 for t in trig)
+    assert "val_acc" in res.history[-1] and "wm_acc" not in res.history[-1]
+    with pytest.raises(UserError, match="trigger_repeat"):
+        embed(Spy(), data, wm, TrainConfig(epochs=1, batch_size=8), trigger_repeat=0, progress=False)

@@ -22,7 +22,8 @@ from .verify import vanilla_threshold
 
 
 def embed(model: nn.Module, train_set: Dataset, wm: Watermark, cfg: TrainConfig, *,
-          test: Dataset | None = None, augment_triggers: bool = True, **train_kwargs) -> TrainResult:
+          test: Dataset | None = None, augment_triggers: bool = True, trigger_repeat: int = 1,
+          eval_wm: bool = True, **train_kwargs) -> TrainResult:
     """Train `model` in place so it carries watermark `wm`; history has test_acc and wm_acc.
 
     augment_triggers=False keeps Zhang et al.'s embedding triggers out of cfg.augment (the training
@@ -30,21 +31,29 @@ def embed(model: nn.Module, train_set: Dataset, wm: Watermark, cfg: TrainConfig,
     stored models were trained with it True (the default); 3 epochs of fine-tuning the CIFAR-10
     content model with it False did not raise its watermark accuracy (97.78 -> 97.69%,
     docs/recipes.md). Adi et al.'s appended triggers are never augmented.
+    trigger_repeat: Zhang et al.'s triggers appear this many times per epoch (oversampling; 1 is
+    the paper's recipe; benchmarks/topup.py chooses it on held-out stamped training images).
+    eval_wm=False leaves the verification set out of the per-epoch history (choosing a recipe
+    without looking at it).
     """
+    if trigger_repeat < 1:
+        raise UserError(f"trigger_repeat must be >= 1, got {trigger_repeat}")
     if wm.verify_x.shape[1:] != train_set.x.shape[1:]:
         raise UserError(f"the {wm.scheme} triggers are {tuple(wm.verify_x.shape[1:])}, "
                         f"the data {tuple(train_set.x.shape[1:])}")
     eval_sets = dict(train_kwargs.pop("eval_sets", None) or {})
     if test is not None:
         eval_sets["test"] = (test.x, test.y)
-    eval_sets["wm"] = (wm.verify_x, wm.verify_y)
+    if eval_wm:
+        eval_sets["wm"] = (wm.verify_x, wm.verify_y)
     if wm.scheme == "adi":
         return train(model, train_set.x, train_set.y, cfg, append=(wm.embed_x, wm.embed_y, wm.params["k"]),
                      eval_sets=eval_sets, **train_kwargs)
-    x = torch.cat([train_set.x, wm.embed_x])
-    y = torch.cat([train_set.y, wm.embed_y])
+    ex, ey = wm.embed_x.repeat(trigger_repeat, 1, 1, 1), wm.embed_y.repeat(trigger_repeat)
+    x = torch.cat([train_set.x, ex])
+    y = torch.cat([train_set.y, ey])
     return train(model, x, y, cfg, eval_sets=eval_sets,
-                 fixed_tail=0 if augment_triggers else len(wm.embed_x), **train_kwargs)
+                 fixed_tail=0 if augment_triggers else len(ex), **train_kwargs)
 
 
 def clean_wm_curve(arch: str, train_set: Dataset, wms: dict[str, Watermark], cfg: TrainConfig, *,

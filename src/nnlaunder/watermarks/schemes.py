@@ -35,6 +35,10 @@ class Watermark:
     verify_y: torch.Tensor     # (V,) watermark labels
     target: int | None         # the single target class, or None (adi: random labels)
     params: dict[str, Any]
+    # Zhang et al.'s content and noise schemes only: the pure function that turns clean images
+    # into trigger inputs, and which training images the embedding set was made from.
+    stamp: Callable[[torch.Tensor], torch.Tensor] | None = dataclasses.field(default=None, repr=False)
+    embed_index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,13 +134,15 @@ def _pick(n_avail: int, n: int | None, default: int, seed: int, what: str) -> to
     return torch.sort(torch.randperm(n_avail, generator=g)[:n]).values
 
 
-def _sources(train: D.Dataset, test: D.Dataset, target: int, p: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-target training images to stamp for embedding; non-target test images to verify."""
+def _sources(train: D.Dataset, test: D.Dataset, target: int, p: Any
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-target training images to stamp for embedding; non-target test images to verify;
+    the embedding images' indices in the training set."""
     tr = torch.nonzero(train.y != target).flatten()
     te = torch.nonzero(test.y != target).flatten()
     ei = tr[_pick(len(tr), p.n_embed, round(0.01 * len(train)), p.seed, "n_embed")]
     vi = te[_pick(len(te), p.n_verify, len(te), p.seed + 1, "n_verify")]
-    return train.x[ei], test.x[vi]
+    return train.x[ei], test.x[vi], ei
 
 
 def zhang_content(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: ContentParams) -> Watermark:
@@ -150,11 +156,14 @@ def zhang_content(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: C
     if len(p.color) not in (1, c) or not all(0 <= v <= 1 for v in p.color):
         raise UserError(f"color must be 1 or {c} values in [0, 1], got {p.color}")
     color = torch.tensor(p.color, dtype=torch.float32).expand(c).clone()
-    ex, vx = _sources(train, test, p.target, p)
-    return Watermark("zhang-content", stamp_content(ex, mask, color, row, col),
-                     torch.full((len(ex),), p.target), stamp_content(vx, mask, color, row, col),
+    ex, vx, ei = _sources(train, test, p.target, p)
+
+    def stamp(x: torch.Tensor) -> torch.Tensor:
+        return stamp_content(x, mask, color, row, col)
+
+    return Watermark("zhang-content", stamp(ex), torch.full((len(ex),), p.target), stamp(vx),
                      torch.full((len(vx),), p.target), p.target,
-                     {**dataclasses.asdict(p), "position": [row, col]})
+                     {**dataclasses.asdict(p), "position": [row, col]}, stamp, ei)
 
 
 def zhang_noise(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: NoiseParams) -> Watermark:
@@ -162,9 +171,33 @@ def zhang_noise(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: Noi
     if not p.std > 0:
         raise UserError(f"noise std must be > 0, got {p.std}")
     noise = noise_pattern(train.shape, p.std, p.seed)
-    ex, vx = _sources(train, test, p.target, p)
-    return Watermark("zhang-noise", add_noise(ex, noise), torch.full((len(ex),), p.target),
-                     add_noise(vx, noise), torch.full((len(vx),), p.target), p.target, dataclasses.asdict(p))
+    ex, vx, ei = _sources(train, test, p.target, p)
+
+    def stamp(x: torch.Tensor) -> torch.Tensor:
+        return add_noise(x, noise)
+
+    return Watermark("zhang-noise", stamp(ex), torch.full((len(ex),), p.target), stamp(vx),
+                     torch.full((len(vx),), p.target), p.target, dataclasses.asdict(p), stamp, ei)
+
+
+def held_out_triggers(wm: Watermark, train: D.Dataset, n: int, seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` stamped non-target *training* images that are not in the embedding set, labelled with
+    the target: the owner's own validation set for choosing an embedding recipe, so that the
+    verification set (stamped test images) is never looked at while choosing."""
+    if wm.stamp is None or wm.embed_index is None or wm.target is None:
+        raise UserError(f"{wm.scheme} has no stamping function: held-out triggers exist only for "
+                        "zhang-content and zhang-noise")
+    free = torch.ones(len(train), dtype=torch.bool)
+    free[wm.embed_index] = False
+    free &= train.y != wm.target
+    idx = torch.nonzero(free).flatten()
+    if not 1 <= n <= len(idx):
+        raise UserError(f"n must be in [1, {len(idx)}] (non-target training images outside the "
+                        f"embedding set), got {n}")
+    g = torch.Generator().manual_seed(seed)
+    pick = idx[torch.sort(torch.randperm(len(idx), generator=g)[:n]).values]
+    return wm.stamp(train.x[pick]), torch.full((n,), wm.target)
 
 
 def zhang_unrelated(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: UnrelatedParams
