@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.baselines import ATTACKS, run_attack  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 
@@ -68,6 +68,7 @@ def run(args) -> list[dict]:
             model, meta = load_model(mpath)
             wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
             ev = evaluator(te, wm)
+            meta = {**meta, "file": {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}}
             owners[name] = (model, meta, ev, ev(0, model))
         for budget in BUDGETS:                      # the small budget first: its cells are quick
             clean = D.stratified_subset(tr, fraction=budget, seed=args.seed)
@@ -84,7 +85,7 @@ def run(args) -> list[dict]:
                            "removed": after["wm_acc"] < thresholds[name], "seconds": res.seconds,
                            "info": {k: v for k, v in res.info.items() if k != "rounds"},
                            "paper": PAPER.get((ds, name, attack)),
-                           "command": f"python benchmarks/baselines.py --datasets {ds}"}
+                           "command": f"python benchmarks/baselines.py --datasets {ds}", **meta["file"]}
                     if meta["scheme"] == "adi":
                         row["mode"] = meta["scheme_params"]["mode"]
                     rows.append(row)

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest  # noqa: E402
 from nnlaunder.restore import finetune_threat, param_shift, restore  # noqa: E402
 from nnlaunder.train import TrainConfig, accuracy  # noqa: E402
 from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
@@ -66,6 +66,7 @@ def run(args) -> list[dict]:
             if all((ds, name, ph) in done for ph in PHASES):
                 continue
             model, meta = load_model(mpath)
+            meta = {**meta, "file": {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}}
             wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
             evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
 
@@ -107,7 +108,7 @@ def _emit(rows: list[dict], ctx: dict, phase: str, m, seconds: float, history=No
            "shift_from_embedded": param_shift(ctx["model"], m)["total"], "seconds": seconds,
            "history": history or [], "paper": None,
            "command": f"python benchmarks/persistence.py --datasets {ds} --ft-epochs {args.ft_epochs} "
-                      f"--restore-epochs {args.restore_epochs}"}
+                      f"--restore-epochs {args.restore_epochs}", **meta["file"]}
     if meta["scheme"] == "adi":
         row["mode"] = meta["scheme_params"]["mode"]
     rows[:] = [r for r in rows if (r["dataset"], r["name"], r["phase"]) != (ds, name, phase)] + [row]

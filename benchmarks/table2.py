@@ -39,7 +39,7 @@ from nnlaunder.attacks.laundering import (
 )
 from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse, stamp
 from nnlaunder.attacks.units import discover_units, select_units
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.report.plots import trigger_grid
 from nnlaunder.train import accuracy, predict
@@ -182,7 +182,8 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
                      RESULTS / f"triggers-{ds}-{name}.png", title=f"{ds} {name}: Neural Cleanse (round 1)",
                      example=clean.x[0])
         items.append(dict(name=name, budget=budget, model=model, meta=meta, wm=wm, clean=clean, ev=ev,
-                          before=before, nc=nc, threshold=thresholds[name]))
+                          before=before, nc=nc, threshold=thresholds[name],
+                          file={"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(path)}))
 
     # Attacker-side calibration per architecture.
     variants: list[dict] = []
@@ -246,7 +247,7 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
                    "config": {"dt": cfg.dt, "ct": cfg.ct, "threshold_mode": cfg.threshold_mode,
                               "triggers": cfg.triggers, "add_masks": cfg.add_masks, "layers": cfg.layers,
                               "retrain": dataclasses.asdict(cfg.retrain)},
-                   "paper": PAPER.get((ds, it["name"])), "command": cmd}
+                   "paper": PAPER.get((ds, it["name"])), "command": cmd, **it["file"]}
             if it["meta"]["scheme"] == "adi":
                 row["mode"] = it["meta"]["scheme_params"]["mode"]
             (rows if variant == "strong" else variants).append(row)

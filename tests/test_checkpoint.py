@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from nnlaunder.checkpoint import load_model, save_model
+from nnlaunder.checkpoint import load_model, model_digest, save_model
 from nnlaunder.errors import UserError
 from nnlaunder.models import build
 
@@ -86,3 +86,14 @@ def test_pt_that_is_not_a_state_dict_is_refused(tmp_path):
     (tmp_path / "m.json").write_text('{"arch": "mnist-cnn", "num_classes": 10}')
     with pytest.raises(UserError, match="expected a state_dict"):
         load_model(tmp_path / "m.pt", allow_torch_load=True)
+
+
+def test_model_digest_names_the_weights(tmp_path):
+    import hashlib
+
+    m = build("mnist-cnn", 10, seed=0)
+    save_model(tmp_path / "a", m, {"arch": "mnist-cnn", "num_classes": 10})
+    d = model_digest(tmp_path / "a.json")              # any of the model's paths
+    assert d == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()[:16]
+    save_model(tmp_path / "b", build("mnist-cnn", 10, seed=1), {"arch": "mnist-cnn", "num_classes": 10})
+    assert model_digest(tmp_path / "b") != d

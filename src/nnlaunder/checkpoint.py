@@ -7,6 +7,7 @@ Weights are only ever read from safetensors: nothing in a model file can run cod
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -73,6 +74,15 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) 
     atomic_save_tensors(s.with_suffix(".safetensors"), model.state_dict(), {"format": "pt"})
     atomic_write_json(s.with_suffix(".json"), meta)
     return s.with_suffix(".safetensors")
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """First 16 hex digits of the SHA-256 of <stem>.safetensors: which weights a result came from."""
+    h = hashlib.sha256()
+    with open(stem(path).with_suffix(".safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
