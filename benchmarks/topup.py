@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -98,17 +97,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  R={r}: reusing {out.relative_to(ROOT)}")
         else:
             model, _ = load_model(v1)
-            t0 = time.perf_counter()
             res = embed(model, tr, wm, cfg, augment_triggers=False, trigger_repeat=r, eval_wm=False,
                         eval_sets={"heldout": (hx, hy)}, progress=f"top-up R={r}", resume=True,
                         checkpoint_dir=out.with_suffix(".ckpt"))
-            meta = {"repeat": r, "history": res.history, "seconds": time.perf_counter() - t0,
+            meta = {"arch": arch, "num_classes": tr.num_classes, "repeat": r, "history": res.history,
                     "device": str(compute_device())}
             save_model(out, model, meta)
             shutil.rmtree(out.with_suffix(".ckpt"), ignore_errors=True)
         held = [h["heldout_acc"] for h in meta["history"]]
         print(f"  R={r}: held-out WM per epoch {', '.join(f'{a:.2f}' for a in held)}")
-        candidates.append({"repeat": r, "heldout_acc": held, "seconds": meta["seconds"],
+        candidates.append({"repeat": r, "heldout_acc": held,
+                           "seconds": sum(h["seconds"] for h in meta["history"]),   # resumed runs too
                            "device": meta["device"], "model": model, "history": meta["history"]})
     best = max(candidates, key=lambda c: (c["heldout_acc"][-1], -c["repeat"]))
     model = best["model"]
