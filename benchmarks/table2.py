@@ -85,6 +85,15 @@ ROW_NOTES = {
         "records (`--fixed joint`: DT 0.5, CT 2.0, 5 epochs, the adi-FS row's choice). With the earlier per-model "
         "choice (CT 1.0) the same CPU setup gave test 91.18 → 87.48%, WM 100 → 59% (faithful Neural Cleanse on "
         "the GPU: 88.24%, 60%)."),
+    "cifar10/zhang-content": (
+        "Re-run in session 6 on 2 CPU cores (faithful Neural Cleanse: 369 s here against 12.5 s on the H100) "
+        "because the owner model changed: the content model was topped up to reach the 98% watermark bar "
+        "(benchmarks/results/topup.md; WM 97.78 → 98.51%). The attack is unchanged: `--fixed joint` applies the "
+        "rule to the calibration records of the three Table 7 CNN models, whose content records were made on "
+        "the model before the top-up (models/cifar10/zhang-content-v1), and gives the same DT 0.5 / CT 1.0 / 20 "
+        "epochs. On that earlier model the same attack gave test 88.82 → 85.17%, WM 97.78 → 1.91%. Here the "
+        "test accuracy, 84.63%, is 3.02 points under the paper's 87.65%: the 3-point bar is missed by 0.02 "
+        "points (two test images). Left as measured: no seed or setting was re-tried for this row."),
 }
 ROWS = {
     "mnist": [("zhang-content", 0.006), ("zhang-noise", 0.006), ("zhang-unrelated", 0.006)],
@@ -289,6 +298,9 @@ def write_markdown(rows: list[dict], variants: list[dict]) -> str:
              "| dataset | scheme | budget | test acc % before → after (paper after) | WM acc % before → after "
              "(paper after) | threshold % (paper) | removed | resets | NC s | total s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {(ds, n): i for i, (ds, n) in enumerate((d, n) for d in ROWS for n, _ in ROWS[d])}
+    rows = sorted(rows, key=lambda r: order.get(
+        (r["dataset"], r.get("name") or r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")), len(order)))
     for r in rows:
         p = r.get("paper") or {}
         scheme = r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
