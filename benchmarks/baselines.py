@@ -49,6 +49,11 @@ def key(r: dict) -> tuple:
     return (r["dataset"], r["name"], r["attack"], r["budget"])
 
 
+def current(row: dict, file: dict) -> bool:
+    """Was `row` computed on the model file as it is now? (see persistence.py)"""
+    return row.get("model") == file["model"] and row.get("model_sha256", file["model_sha256"]) == file["model_sha256"]
+
+
 def run(args) -> list[dict]:
     path = RESULTS / "baselines.json"
     rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
@@ -68,7 +73,13 @@ def run(args) -> list[dict]:
             model, meta = load_model(mpath)
             wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
             ev = evaluator(te, wm)
-            meta = {**meta, "file": {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}}
+            file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}
+            meta = {**meta, "file": file}
+            stale = [r for r in rows if (r["dataset"], r["name"]) == (ds, name) and not current(r, file)]
+            if stale:                               # the model file changed since: redo its cells
+                print(f"{ds}/{name}: {len(stale)} rows were computed on {stale[0].get('model')}; re-running them")
+                rows[:] = [r for r in rows if not any(r is x for x in stale)]
+                done = {key(r) for r in rows}
             owners[name] = (model, meta, ev, ev(0, model))
         for budget in BUDGETS:                      # the small budget first: its cells are quick
             clean = D.stratified_subset(tr, fraction=budget, seed=args.seed)

@@ -63,10 +63,12 @@ def run(args) -> list[dict]:
             if not mpath.with_suffix(".safetensors").is_file():
                 print(f"{ds}/{name}: no model yet, skipped")
                 continue
-            if all((ds, name, ph) in done for ph in PHASES):
+            file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}
+            if all((ds, name, ph) in done for ph in PHASES) and all(
+                    current(r, file) for r in rows if (r["dataset"], r["name"]) == (ds, name)):
                 continue
             model, meta = load_model(mpath)
-            meta = {**meta, "file": {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}}
+            meta = {**meta, "file": file}
             wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
             evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
 
@@ -96,6 +98,12 @@ def run(args) -> list[dict]:
             res = restore(r, owner, rs, eval_sets=evals, progress=False)
             emit("laundered-restored", r, time.perf_counter() - t0, res.history, source=lm)
     return rows
+
+
+def current(row: dict, file: dict) -> bool:
+    """Was `row` computed on the model file as it is now? (rows name their file; a model that was
+    replaced, e.g. topped up, makes its old rows stale and a run redoes them)"""
+    return row.get("model") == file["model"] and row.get("model_sha256", file["model_sha256"]) == file["model_sha256"]
 
 
 def _emit(rows: list[dict], ctx: dict, phase: str, m, seconds: float, history=None, source=None) -> None:
@@ -149,6 +157,11 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['dataset']} | {r['name']} | {r['phase']} | {r['test_acc']:.2f} | {r['wm_acc']:.2f} | "
                      f"{r['threshold']:.2f} | {r['param_shift']:.3f} | {r['shift_from_embedded']:.3f} | "
                      f"{r['seconds']:.0f} |")
+    stale = sorted({(r["dataset"], r["name"], r["model"]) for r in rows
+                    if r.get("model") not in (None, f"models/{r['dataset']}/{r['name']}.safetensors")})
+    if stale:
+        lines += ["", "Rows computed on an earlier version of the owner model (the file named; not yet re-run on "
+                  "the current one): " + "; ".join(f"{d}/{n}: `{m}`" for d, n, m in stale) + "."]
     lines += ["", "## Verdicts", "",
               "Fine-tuning fade: WM accuracy lost by fine-tuning (plain / mixed); restoration: WM accuracy of the",
               "fine-tuned model after training on the owner's data alone. Laundering: `not removed` when the",
