@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from nnlaunder.attacks.neural_cleanse import NCConfig, anomaly_index, neural_cleanse, stamp
@@ -121,3 +122,30 @@ def test_presets_are_validated():
         nc_config("turbo")
     with pytest.raises(UserError):
         NCConfig(steps_per_epoch=0)
+
+
+@pytest.mark.parametrize("arch,shape", [("mnist-cnn", (5, 1, 28, 28)), ("resnet20", (3, 3, 32, 32))])
+def test_matmul_input_gradient_equals_the_native_one(arch, shape):
+    from nnlaunder.attacks.neural_cleanse import InputGradConv, with_input_grad_convs
+    from nnlaunder.models import build
+
+    model = build(arch, 10, seed=0).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fast = with_input_grad_convs(model)
+    wrapped = [m for m in fast.modules() if isinstance(m, InputGradConv)]
+    assert len(wrapped) == 1 and wrapped[0].conv.in_channels == shape[1]      # only the few-channel conv
+    assert not any(isinstance(m, InputGradConv) for m in model.modules())       # the original is untouched
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    grads = []
+    for net in (model, fast):
+        xi = x.clone().requires_grad_(True)
+        out = net(xi)
+        grads.append((out, torch.autograd.grad(out.square().sum(), xi)[0]))
+    assert torch.equal(grads[0][0], grads[1][0])                                 # same forward
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6 * grads[0][1].abs().max().item())
+    # a conv being trained keeps the library's backward (weight gradients are needed there)
+    wrapped[0].conv.weight.requires_grad_(True)
+    xi = x.clone().requires_grad_(True)
+    fast(xi).sum().backward()
+    assert wrapped[0].conv.weight.grad is not None
