@@ -87,7 +87,7 @@ def success_and_l1(model, x, y, masks, patterns) -> tuple[list[float], list[floa
     return l1, succ, succ_all
 
 
-def section_nc(args, tr: D.Dataset) -> None:
+def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     print("[nc] Neural Cleanse: ART vs ours", flush=True)
     model, meta = load_model(ROOT / "models" / "mnist" / "zhang-content")
     clean = D.stratified_subset(tr, per_class=100, seed=0)
@@ -188,6 +188,33 @@ def section_nc(args, tr: D.Dataset) -> None:
               f"vs faithful batched {diff('fast_batched', 'faithful_batched'):.3g}")
     row("nc_fast_vs_faithful_batched", t[("fast", "batched")], "nc_faithful_batched",
         t[("faithful", "batched")] / t[("fast", "batched")], notes="speed-up of the fast preset over the faithful one")
+    # Where the time goes: achieved GFLOP/s of each run (forward + input-gradient pass = 2 × forward
+    # FLOPs per stamped image; the weights are frozen, so no weight gradients) against the measured
+    # fp32 conv throughput. The per-class loop's share of it bounds what batching can ever gain here.
+    f1 = fwd_flops(model, tuple(x.shape[1:]))
+    gf = {}
+    for (preset, mode), (secs, nc, _) in res.items():
+        per_epoch = len(x) if cfgs[preset].steps_per_epoch is None else cfgs[preset].steps_per_epoch * 32
+        gf[(preset, mode)] = int(nc.epochs.sum()) * per_epoch * 2 * f1 / secs / 1e9
+    loop_pct = gf[("faithful", "per_class")] / mach["conv_best"]
+    row("nc_faithful_loop_utilisation", t[("faithful", "per_class")], gflops=gf[("faithful", "per_class")],
+        notes=f"faithful per-class loop: {gf[('faithful', 'per_class')]:.1f} GFLOP/s = {100 * loop_pct:.0f}% of the "
+              f"measured fp32 conv throughput ({mach['conv_best']:.0f} GFLOP/s); batched: "
+              f"{gf[('faithful', 'batched')]:.1f} GFLOP/s. Any implementation of the same arithmetic beats the loop "
+              f"by at most {1 / loop_pct:.1f}x on this machine (at 100% of that throughput)",
+        ceiling=1 / loop_pct)
+    if args.input_grad_attempt:
+        base = cfgs["fast"]
+        alt = dataclasses.replace(base, input_grad="native" if base.input_grad == "matmul" else "matmul")
+        times = []
+        for _ in range(args.fast_repeats):
+            t0 = time.perf_counter()
+            neural_cleanse(model, x, alt, num_classes=10)
+            times.append(time.perf_counter() - t0)
+        ta = statistics.median(times)
+        row(f"nc_fast_batched_input_grad_{alt.input_grad}", ta, "nc_fast_batched", t[("fast", "batched")] / ta,
+            notes=f"attempt: the first conv's input gradient by the {alt.input_grad} path (default: "
+                  f"{base.input_grad}); runs {', '.join(f'{v:.1f}' for v in times)} s", kept=False)
     if art is not None:
         row("nc_art_1.20", art_total, notes=f"ART {art['art_version']}, TF {art['tf_version']}, Keras "
             f"{art['keras_version']}; {steps} steps per class (early stop never fires); Keras logits "
@@ -438,6 +465,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cifar", dest="cifar", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-demo", dest="demo", action="store_false")
+    ap.add_argument("--no-input-grad-attempt", dest="input_grad_attempt", action="store_false",
+                    help="skip timing the fast preset with the other input-gradient path")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     sections = set(args.sections.split(","))
@@ -446,7 +475,7 @@ def main(argv=None) -> int:
     if "machine" in sections:
         mach = section_machine(args)
     if "nc" in sections:
-        section_nc(args, tr)
+        section_nc(args, tr, mach)
     if "train" in sections:
         section_train(args, mach)
     if "e2e" in sections:

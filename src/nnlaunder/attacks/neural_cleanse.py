@@ -16,6 +16,9 @@ and patterns in one tensor; on a CPU the forward runs in cache-sized chunks of c
 `class_chunk`) with a per-class Adam update (Adam is elementwise, so the result equals K separate
 runs); classes that stopped early drop out of the batch. A
 per-class Python loop is the same function called with one class at a time (`per_class=True`).
+Both run the first conv's input gradient (the image has 1-3 channels, where the library's backward
+crawls at a few GFLOP/s on a CPU) as one matmul plus k·k shifted adds (`input_grad="matmul"`, the
+default in every preset: the same sums in another order).
 
 The "fast" preset (`NC_PRESETS["fast"]`, a named departure from Wang et al.; see docs/methods.md)
 adds three switches, each off in the faithful default:
@@ -72,7 +75,8 @@ class NCConfig:
     amp: bool = False                    # bfloat16 autocast where the hardware has it
     exact_rewrite: bool = False          # ReLU/max-pool reorder + channels-last copy of the model
     class_chunk: int | None = None       # classes per forward pass; None: auto (CPU: ~64 images, else all)
-    input_grad: str = "native"           # "matmul": few-channel convs' input gradient as one matmul + shifted adds
+    input_grad: str = "matmul"           # few-channel convs' input gradient as one matmul + shifted adds
+    #                                      ("native": the library's backward; same sums, another order)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and self.batch_size >= 1 and self.max_epochs >= 1 and self.patience >= 1
@@ -114,12 +118,13 @@ class _InputGradConv2d(torch.autograd.Function):
     shifted adds (col2im), in fp32. For a frozen conv with 1-3 input channels (the first layer, whose
     input is the stamped image) this is several times faster on a CPU than the library's backward,
     which runs such convs at a few GFLOP/s (docs/methods.md). The same sums in another order: results
-    agree with the native gradient to fp32 rounding, not bit for bit."""
+    agree with the native gradient to rounding, not bit for bit. Computed in fp32 (fp64 for fp64
+    inputs), also under bf16 autocast."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
         ctx.save_for_backward(weight)
-        ctx.in_shape, ctx.padding = x.shape, padding
+        ctx.in_shape, ctx.padding, ctx.in_dtype = x.shape, padding, x.dtype
         return F.conv2d(x, weight, bias, padding=padding)
 
     @staticmethod
@@ -129,13 +134,19 @@ class _InputGradConv2d(torch.autograd.Function):
         ph, pw = ctx.padding
         cout, _, kh, kw = w.shape
         oh, ow = go.shape[2:]
-        cols = torch.matmul(w.float().reshape(cout, c * kh * kw).t(),
-                            go.float().contiguous().view(b, cout, oh * ow)).view(b, c, kh, kw, oh, ow)
-        out = torch.zeros(b, c, h + 2 * ph, wd + 2 * pw, dtype=torch.float32, device=go.device)
+        dt = torch.promote_types(go.dtype, torch.float32)   # bf16 -> fp32; fp32 / fp64 stay
+        wm = w.to(dt).reshape(cout, c * kh * kw)
+        g = go.to(dt)                                    # keeps go's memory layout
+        if g.is_contiguous():
+            cols = torch.matmul(wm.t(), g.view(b, cout, oh * ow))                     # (b, c·kh·kw, oh·ow)
+        else:                                            # channels-last: (b, oh·ow, cout) is a free view
+            cols = torch.matmul(g.permute(0, 2, 3, 1).reshape(b, oh * ow, cout), wm).transpose(1, 2)
+        cols = cols.reshape(b, c, kh, kw, oh, ow)
+        out = torch.zeros(b, c, h + 2 * ph, wd + 2 * pw, dtype=dt, device=go.device)
         for i in range(kh):
             for j in range(kw):
-                out[:, :, i:i + oh, j:j + ow] += cols[:, :, i, j]
-        return out[:, :, ph:ph + h, pw:pw + wd], None, None, None
+                out[:, :, i:i + oh, j:j + ow].add_(cols[:, :, i, j])   # in place: no slice write-back
+        return out[:, :, ph:ph + h, pw:pw + wd].to(ctx.in_dtype), None, None, None
 
 
 class InputGradConv(nn.Module):
