@@ -324,7 +324,7 @@ def write_markdown(rows: list[dict], variants: list[dict]) -> str:
         lines += ["", "Attack (\"strong\" variant): Neural Cleanse as Wang et al.; Algorithm 1 on the flagged trigger "
                   "(smallest-mask class when none is flagged), thresholds relative to each layer's mean clean "
                   f"activation, chosen per architecture by the attacker-side rule in the script's docstring; "
-                  f"retraining {c['retrain']['epochs']} epochs, batch {c['retrain']['batch_size']}, "
+                  f"retraining for the chosen epochs (table below), batch {c['retrain']['batch_size']}, "
                   f"{c['retrain']['optimizer']} lr {c['retrain']['lr']} on the clean set + stamped images with true "
                   "labels."]
         lines += ["", "| dataset | arch | chosen DT | chosen CT | retraining epochs |", "|---|---|---|---|---|"]
