@@ -149,12 +149,29 @@ def markdown(rows: list[dict]) -> str:
              "(Zhang et al.'s 90% pruning with 16.6% / 20% of the data; Adi et al.'s RTAL).", "",
              "| dataset | model | attack | budget | test acc % (before) | WM acc % (before) | threshold % | removed "
              "| seconds | paper (test / WM) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    ds_order = {d: i for i, d in enumerate(MODELS)}
+    at_order = {a: i for i, a in enumerate(ATTACKS)}
+
+    def order(r: dict) -> tuple:
+        names = MODELS.get(r["dataset"], [])
+        return (ds_order.get(r["dataset"], 99), names.index(r["name"]) if r["name"] in names else 99,
+                r["budget"], at_order.get(r["attack"], 99))
+
+    for r in sorted(rows, key=order):
         p = r.get("paper")
         paper = f"{p['test_acc']:.2f} / {p['wm_acc']:.2f}" if p else ""
         lines.append(f"| {r['dataset']} | {r['name']} | {r['attack']} | {r['budget']:.1%} | {r['test_acc']:.2f} "
                      f"({r['orig_test_acc']:.2f}) | {r['wm_acc']:.2f} ({r['orig_wm_acc']:.2f}) | {r['threshold']:.2f} "
-                     f"| {'yes' if r['removed'] else 'no'} | {r['seconds']:.0f} | {paper} |")
+                     f"| {'yes' if r['removed'] else 'no'} | {'~' if r.get('seconds_note') else ''}"
+                     f"{r['seconds']:.0f} | {paper} |")
+    for r in rows:
+        if r.get("seconds_note"):
+            lines += ["", f"~ {r['dataset']}/{r['name']} {r['attack']} @ {r['budget']:.1%}: {r['seconds_note']}"]
+    stale = sorted({(r["dataset"], r["name"], r["budget"], r["attack"], r["model"]) for r in rows
+                    if r.get("model") not in (None, f"models/{r['dataset']}/{r['name']}.safetensors")})
+    if stale:
+        lines += ["", "Rows computed on an earlier version of the owner model (not yet re-run on the current one): "
+                  + "; ".join(f"{d}/{n} {a} @ {b:.1%} (`{m}`)" for d, n, b, a, m in stale) + "."]
     lines += ["", "Plots: " + ", ".join(f"baselines-{d}.png" for d in sorted({r['dataset'] for r in rows})), "",
               "Commands:", *[f"    {c}" for c in sorted({r['command'] for r in rows})], ""]
     return "\n".join(lines)
