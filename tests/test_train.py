@@ -164,17 +164,24 @@ def test_relu_after_pool_same_function_gradients_and_parameters():
     assert relu_after_pool(res) is res
 
 
-@pytest.mark.parametrize("augment_triggers", [False, True])
-def test_embed_keeps_triggers_out_of_augmentation_on_request(augment_triggers):
+def _toy_watermark(seed: int):
+    """24 toy images (class 0) and 8 noise-like triggers labelled 1, as a zhang-noise Watermark."""
     from nnlaunder.data import Dataset
-    from nnlaunder.watermarks.embed import embed
     from nnlaunder.watermarks.schemes import Watermark
 
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(seed)
     data = Dataset("toy", torch.rand(24, 1, 8, 8, generator=g), torch.zeros(24, dtype=torch.long), ("a", "b"))
     trig = torch.rand(8, 1, 8, 8, generator=g)
     wm = Watermark("zhang-noise", trig, torch.ones(8, dtype=torch.long), trig, torch.ones(8, dtype=torch.long),
                    1, {})
+    return data, trig, wm
+
+
+@pytest.mark.parametrize("augment_triggers", [False, True])
+def test_embed_keeps_triggers_out_of_augmentation_on_request(augment_triggers):
+    from nnlaunder.watermarks.embed import embed
+
+    data, trig, wm = _toy_watermark(2)
     spy = Spy()
     embed(spy, data, wm, TrainConfig(epochs=2, batch_size=8, augment="crop-flip"),
           augment_triggers=augment_triggers, progress=False)
@@ -184,16 +191,9 @@ def test_embed_keeps_triggers_out_of_augmentation_on_request(augment_triggers):
 
 
 def test_embed_oversamples_triggers_and_can_leave_verification_out():
-    from nnlaunder.data import Dataset
-    from nnlaunder.errors import UserError
     from nnlaunder.watermarks.embed import embed
-    from nnlaunder.watermarks.schemes import Watermark
 
-    g = torch.Generator().manual_seed(4)
-    data = Dataset("toy", torch.rand(24, 1, 8, 8, generator=g), torch.zeros(24, dtype=torch.long), ("a", "b"))
-    trig = torch.rand(8, 1, 8, 8, generator=g)
-    wm = Watermark("zhang-noise", trig, torch.ones(8, dtype=torch.long), trig, torch.ones(8, dtype=torch.long),
-                   1, {})
+    data, trig, wm = _toy_watermark(4)
     spy = Spy()
     res = embed(spy, data, wm, TrainConfig(epochs=1, batch_size=8, augment="crop-flip"), trigger_repeat=3,
                 augment_triggers=False, eval_wm=False, eval_sets={"val": (trig, torch.ones(8, dtype=torch.long))},
