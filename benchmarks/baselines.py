@@ -75,7 +75,8 @@ def run(args) -> list[dict]:
             ev = evaluator(te, wm)
             file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}
             meta = {**meta, "file": file}
-            stale = [r for r in rows if (r["dataset"], r["name"]) == (ds, name) and not current(r, file)]
+            stale = [r for r in rows if (r["dataset"], r["name"]) == (ds, name) and r["attack"] in attacks
+                     and not current(r, file)]
             if stale:                               # the model file changed since: redo its cells
                 print(f"{ds}/{name}: {len(stale)} rows were computed on {stale[0].get('model')}; re-running them")
                 rows[:] = [r for r in rows if not any(r is x for x in stale)]
