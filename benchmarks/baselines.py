@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.baselines import ATTACKS, run_attack  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, made_from_current, model_digest  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 
@@ -49,11 +49,6 @@ def key(r: dict) -> tuple:
     return (r["dataset"], r["name"], r["attack"], r["budget"])
 
 
-def current(row: dict, file: dict) -> bool:
-    """Was `row` computed on the model file as it is now? (see persistence.py)"""
-    return row.get("model") == file["model"] and row.get("model_sha256", file["model_sha256"]) == file["model_sha256"]
-
-
 def run(args) -> list[dict]:
     path = RESULTS / "baselines.json"
     rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
@@ -76,7 +71,7 @@ def run(args) -> list[dict]:
             file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}
             meta = {**meta, "file": file}
             stale = [r for r in rows if (r["dataset"], r["name"]) == (ds, name) and r["attack"] in attacks
-                     and not current(r, file)]
+                     and not made_from_current(r, file)]
             if stale:                               # the model file changed since: redo its cells
                 print(f"{ds}/{name}: {len(stale)} rows were computed on {stale[0].get('model')}; re-running them")
                 rows[:] = [r for r in rows if not any(r is x for x in stale)]

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, made_from_current, model_digest  # noqa: E402
 from nnlaunder.restore import finetune_threat, param_shift, restore  # noqa: E402
 from nnlaunder.train import TrainConfig, accuracy  # noqa: E402
 from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
@@ -65,7 +65,7 @@ def run(args) -> list[dict]:
                 continue
             file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}
             if all((ds, name, ph) in done for ph in PHASES) and all(
-                    current(r, file) for r in rows if (r["dataset"], r["name"]) == (ds, name)):
+                    made_from_current(r, file) for r in rows if (r["dataset"], r["name"]) == (ds, name)):
                 continue
             model, meta = load_model(mpath)
             meta = {**meta, "file": file}
@@ -98,12 +98,6 @@ def run(args) -> list[dict]:
             res = restore(r, owner, rs, eval_sets=evals, progress=False)
             emit("laundered-restored", r, time.perf_counter() - t0, res.history, source=lm)
     return rows
-
-
-def current(row: dict, file: dict) -> bool:
-    """Was `row` computed on the model file as it is now? (rows name their file; a model that was
-    replaced, e.g. topped up, makes its old rows stale and a run redoes them)"""
-    return row.get("model") == file["model"] and row.get("model_sha256", file["model_sha256"]) == file["model_sha256"]
 
 
 def _emit(rows: list[dict], ctx: dict, phase: str, m, seconds: float, history=None, source=None) -> None:

@@ -31,6 +31,7 @@ import torch
 from nnlaunder import data as D
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
 from nnlaunder.device import compute_device
+from nnlaunder.errors import UserError
 from nnlaunder.recipes import owner_config
 from nnlaunder.train import accuracy
 from nnlaunder.watermarks.embed import embed
@@ -43,6 +44,14 @@ from embed import PLAN  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return run(argv)
+    except UserError as e:                  # a user mistake (data folder, settings): one line, no traceback
+        print(f"topup.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str] | None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="cifar10", choices=sorted(PLAN))
     ap.add_argument("--name", default="zhang-content", help="owner model name (zhang-content or zhang-noise)")
