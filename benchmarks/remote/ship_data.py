@@ -4,7 +4,8 @@
     python benchmarks/remote/ship_data.py unpack --src .remote/part1 --data-dir /tmp/data   # on the remote
 
 `pack` splits the data folder into parts of at most --part-mb MB each. CIFAR-10 batches travel
-as lossless PNG mosaics (22 MB instead of 31 MB each) with their labels; `unpack` rebuilds the
+as lossless mosaics with their labels: WebP (17 MB instead of 31 MB each; the default) or PNG
+(22 MB); `unpack` rebuilds the
 canonical python batches and checks the pixel bytes against the SHA-256 taken here, so the
 remote trains on byte-identical data. Other files (MNIST / Fashion-MNIST IDX, Adi's JPEGs)
 travel as they are. Dev tooling only: the library never needs it.
@@ -36,19 +37,23 @@ def _unmosaic(m: np.ndarray) -> np.ndarray:
     return m.reshape(100, 32, 100, 32, 3).transpose(0, 2, 4, 1, 3).reshape(10000, 3072)
 
 
-def pack(data_dir: Path, out: Path, part_mb: float, fashion: bool = False) -> None:
+def pack(data_dir: Path, out: Path, part_mb: float, fashion: bool = False, fmt: str = "webp",
+         only: list[str] | None = None) -> None:
     from nnlaunder.data.readers import _CifarUnpickler
 
     items: list[list[tuple[str, bytes]]] = []           # groups of (relative name, payload) kept together
-    for b in BATCHES:
+    for b in BATCHES if only is None else [b for b in BATCHES if b in only]:
         d = _CifarUnpickler(io.BytesIO((data_dir / CIFAR / b).read_bytes()), encoding="bytes").load()
         x = np.ascontiguousarray(d[b"data"], dtype=np.uint8)
         buf = io.BytesIO()
-        Image.fromarray(_mosaic(x)).save(buf, "PNG", optimize=True)
+        if fmt == "webp":
+            Image.fromarray(_mosaic(x)).save(buf, "WEBP", lossless=True, quality=100, method=4)
+        else:
+            Image.fromarray(_mosaic(x)).save(buf, "PNG", optimize=True)
         meta = {"labels": [int(v) for v in d[b"labels"]], "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
-        items.append([(f"cifar/{b}.png", buf.getvalue()), (f"cifar/{b}.json", json.dumps(meta).encode())])
+        items.append([(f"cifar/{b}.{fmt}", buf.getvalue()), (f"cifar/{b}.json", json.dumps(meta).encode())])
         print(f"packed {b}: {len(buf.getvalue()) / 1e6:.1f} MB", flush=True)
-    for sub in ("mnist", "adi-trigger-set") + (("fashion-mnist",) if fashion else ()):
+    for sub in ("mnist", "adi-trigger-set") + (("fashion-mnist",) if fashion else ()) if only is None else ():
         src = data_dir / sub
         if sub == "fashion-mnist" and not src.is_dir():
             src = Path("/usr/share/datasets/fashion-mnist")
@@ -85,7 +90,8 @@ def unpack(src: Path, data_dir: Path) -> None:
             dst = data_dir / f.relative_to(src / "files")
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, dst)
-    for png in sorted((src / "cifar").glob("*.png")) if (src / "cifar").is_dir() else []:
+    cifar = src / "cifar"
+    for png in sorted([*cifar.glob("*.png"), *cifar.glob("*.webp")]) if cifar.is_dir() else []:
         meta = json.loads(png.with_suffix(".json").read_text())
         x = np.ascontiguousarray(_unmosaic(np.asarray(Image.open(png).convert("RGB"))))
         if hashlib.sha256(x.tobytes()).hexdigest() != meta["sha256"]:
@@ -105,9 +111,12 @@ def main() -> int:
     ap.add_argument("--src")
     ap.add_argument("--part-mb", type=float, default=52)
     ap.add_argument("--fashion", action="store_true", help="also ship Fashion-MNIST")
+    ap.add_argument("--format", choices=("webp", "png"), default="webp", help="CIFAR-10 mosaic format")
+    ap.add_argument("--only", default=None, help="comma list of CIFAR-10 batches to pack (and nothing else)")
     a = ap.parse_args()
     if a.action == "pack":
-        pack(Path(a.data_dir), Path(a.out), a.part_mb, a.fashion)
+        pack(Path(a.data_dir), Path(a.out), a.part_mb, a.fashion, a.format,
+             a.only.split(",") if a.only else None)
     else:
         unpack(Path(a.src), Path(a.data_dir))
     return 0
