@@ -359,6 +359,9 @@ def write_markdown(rows: list[dict], variants: list[dict]) -> str:
                   "is the `total s` column above. On 2 CPU cores the forward/backward pass is compute-bound "
                   "already at 32 images, so batching the 10 classes (320 images per step) saves only Python and "
                   "dispatch overhead; the batched form pays off on accelerators and with many classes."]
+    if any(not r["removed"] for r in rows):
+        lines += ["", "Variants of Algorithm 1 tried on the rows not removed (union of every class's resets, "
+                  "distillation, augmentation), with their costs: explore-reset-variants.md."]
     cmds = sorted({r["command"] for r in rows})
     lines += ["", "Commands:", *[f"    {c}" for c in cmds], ""]
     return "\n".join(lines)

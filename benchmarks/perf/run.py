@@ -13,6 +13,8 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            threads), kept or not.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
            and the laundering outcome on all three MNIST models), and `nnlaunder demo`.
+  denormal (opt-in, ~12 min) a CIFAR-10 retraining after heavy Algorithm 1 resets, with and without
+           the trainer's denormal flushing (nnlaunder.train.SPEED["flush_denormal"]).
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes) and perf.md.
 The bench venv: python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install
   'adversarial-robustness-toolbox==1.20.*' tensorflow-cpu packaging
@@ -21,6 +23,7 @@ The bench venv: python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip ins
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -40,8 +43,17 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder import train as T  # noqa: E402
-from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
+from nnlaunder.attacks.laundering import (  # noqa: E402
+    activation_differences,
+    apply_reset,
+    launder,
+    launder_config,
+    reset_masks,
+    select_resets,
+    split_holdout,
+)
 from nnlaunder.attacks.neural_cleanse import anomaly_index, nc_config, neural_cleanse, stamp  # noqa: E402
+from nnlaunder.attacks.units import discover_units  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 from nnlaunder.models import build  # noqa: E402
@@ -166,9 +178,10 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     HEAD.append(row("nc_batched_vs_per_class_loop", t[("faithful", "batched")], "nc_faithful_per_class_loop",
                     t[("faithful", "per_class")] / t[("faithful", "batched")],
                     notes=f"equal settings (faithful, {steps} max epochs, batch 32, 1000 images): batched over "
-                          f"the 10 classes (forward in chunks of 2 classes) vs one class at a time; same masks: "
-                          f"max |L1 diff| "
-                          f"{diff('faithful_batched', 'faithful_per_class'):.3g}"))
+                          f"the 10 classes (forward in chunks of 2 classes) vs one class at a time; mask L1, "
+                          f"largest difference between the two: "
+                          f"{diff('faithful_batched', 'faithful_per_class'):.3g} (0: identical; fp32 kernels chosen "
+                          f"by batch size round differently on some CPUs and 60 epochs of optimisation amplify it)"))
     row("nc_faithful_per_class_loop", t[("faithful", "per_class")],
         notes=f"Wang et al.'s schedule, {steps} max epochs, batch 32, 1000 images, early stop on",
         flagged=fl["faithful_per_class"])
@@ -386,8 +399,67 @@ def section_e2e(args, tr: D.Dataset) -> None:
             + ("" if p.returncode == 0 else f"; FAILED: {p.stderr[-200:]}"))
 
 
-SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "train": "train_", "e2e": "e2e_"}
+def section_denormal(args) -> None:
+    """Laundering's retraining after heavy resets, with and without flushing denormals to zero.
+
+    The setting where the slowdown was found: the CIFAR-10 zhang-unrelated model, 0.6% of the
+    training set (80% of it trained on), the fast Neural Cleanse, Algorithm 1 resets for every
+    class's recovered trigger (relative DT 0.5 / CT 1.0, 199 units on that model), then 20 epochs of
+    the strong variant's retraining (Adam 1e-4, batch 32) with crop-flip augmentation."""
+    print("[denormal] retraining after resets, denormals flushed or not", flush=True)
+    tr = D.load("cifar10", args.data_dir, "train")
+    model, _ = load_model(ROOT / "models" / "cifar10" / "zhang-unrelated")
+    part, _ = split_holdout(D.stratified_subset(tr, fraction=0.006, seed=0), 0.2, 0)
+    nc = neural_cleanse(model, part.x, nc_config("fast", seed=0), num_classes=10)
+    units = discover_units(model, part.x[:2])[0]
+    chosen = {u.name: torch.zeros(0, dtype=torch.long) for u in units}
+    for t in range(10):
+        diff, an = activation_differences(model, units, part.x, stamp(part.x, nc.masks[t], nc.patterns[t]))
+        sel = select_resets(units, diff, an, 0.5, 1.0, "relative")
+        chosen = {k: torch.unique(torch.cat([v, sel[k].cpu()])) for k, v in chosen.items()}
+    masks = reset_masks(model, units, chosen, {})
+    x = torch.cat([part.x] + [stamp(part.x, nc.masks[t], nc.patterns[t]) for t in range(10)])
+    y = part.y.repeat(11)
+    cfg = dataclasses.replace(launder_config("strong").retrain, epochs=20, augment="crop-flip", seed=1)
+    n_reset = sum(len(v) for v in chosen.values())
+    out = {}
+    for flush in (True, False):
+        m = copy.deepcopy(model)
+        apply_reset(m, masks)
+        saved = T.SPEED["flush_denormal"]
+        T.SPEED["flush_denormal"] = flush
+        try:
+            res = train(m, x, y, cfg, masks=masks, progress=False)
+        finally:
+            T.SPEED["flush_denormal"] = saved
+        out[flush] = [h["seconds"] for h in res.history]
+        print(f"    flush {flush}: {res.seconds:.1f} s, per epoch {[round(v, 1) for v in out[flush]]}", flush=True)
+    on, off = sum(out[True]), sum(out[False])
+    desc = (f"20 epochs, {len(x)} images ({n_reset} units reset), CIFAR-10 zhang-unrelated at 0.6%; seconds per "
+            "epoch: {}")
+    row("denormal_retrain_flushed", on, notes=desc.format(", ".join(f"{v:.1f}" for v in out[True])),
+        epoch_seconds=out[True], resets=n_reset)
+    row("denormal_retrain_not_flushed", off, "denormal_retrain_flushed", off / on,
+        notes=desc.format(", ".join(f"{v:.1f}" for v in out[False])) + "; ratio = how many times slower",
+        epoch_seconds=out[False], resets=n_reset)
+
+
+SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "train": "train_", "e2e": "e2e_", "denormal": "denormal_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
+
+
+def cpu_model() -> str:
+    """'<model name> (<vector extensions>)' from /proc/cpuinfo where there is one: the same 2-core
+    allocation has landed on different processors (conv throughput 155 vs 251 GFLOP/s)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+                platform.machine())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(ext) or 'no AVX2'})"
 
 
 def merge_previous(sections: set[str]) -> None:
@@ -480,7 +552,9 @@ def main(argv=None) -> int:
         section_train(args, mach)
     if "e2e" in sections:
         section_e2e(args, tr)
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    if "denormal" in sections:
+        section_denormal(args)
+    machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     merge_previous(sections)
     command = "python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
