@@ -13,8 +13,8 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            threads), kept or not.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
            and the laundering outcome on all three MNIST models), and `nnlaunder demo`.
-  denormal (opt-in, ~12 min) a CIFAR-10 retraining after heavy Algorithm 1 resets, with and without
-           the trainer's denormal flushing (nnlaunder.train.SPEED["flush_denormal"]).
+  denormal (opt-in, ~3 min) a CIFAR-10 retraining after heavy Algorithm 1 resets, with and without
+           the trainer's denormal flushing (nnlaunder.train.SPEED["flush_denormal"], an attempt, off).
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes) and perf.md.
 The bench venv: python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install
   'adversarial-robustness-toolbox==1.20.*' tensorflow-cpu packaging
@@ -400,7 +400,9 @@ def section_e2e(args, tr: D.Dataset) -> None:
 
 
 def section_denormal(args) -> None:
-    """Laundering's retraining after heavy resets, with and without flushing denormals to zero.
+    """Laundering's retraining after heavy resets, with and without flushing denormals to zero
+    (an attempt: a slowdown seen there looked like denormal arithmetic; this measured 1.01x, so the
+    trainer keeps SPEED["flush_denormal"] off; the slowdown was two processes sharing the 2 cores).
 
     The setting where the slowdown was found: the CIFAR-10 zhang-unrelated model, 0.6% of the
     training set (80% of it trained on), the fast Neural Cleanse, Algorithm 1 resets for every

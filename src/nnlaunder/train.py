@@ -117,21 +117,22 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-# The trainer's speed measures, on by default; benchmarks/perf/run.py switches them off one at a
-# time to measure what each is worth. None changes the function computed (channels_last can
-# change the rounding: other kernels; flush_denormal rounds values below 1.2e-38 to zero).
-SPEED = {"channels_last": True, "relu_after_pool": True, "flush_denormal": True}
+# The trainer's speed measures (on by default, except the flush_denormal attempt);
+# benchmarks/perf/run.py switches them one at a time to measure what each is worth. None changes
+# the function computed (channels_last can change the rounding: other kernels; flush_denormal
+# rounds values below 1.2e-38 to zero).
+SPEED = {"channels_last": True, "relu_after_pool": True, "flush_denormal": False}
 
 
 @contextlib.contextmanager
 def flushed_denormals(dev: torch.device) -> Iterator[None]:
-    """On the CPU, treat denormal floats as zero while training (SPEED["flush_denormal"]).
+    """With SPEED["flush_denormal"], treat denormal floats as zero on the CPU while training
+    (switched back off afterwards: the setting is process-wide).
 
-    Laundering's reset weights get zero gradients, so Adam's running averages for them decay
-    geometrically (x0.9 a step) into the denormal range after a few hundred steps, and x86
-    arithmetic on denormals is about 10x slower: a 20-epoch CIFAR-10 retraining ran at 2 steps/s
-    instead of 22 (measured). Flushing changes values only below 1.2e-38. The setting is
-    process-wide, so it is switched back off afterwards."""
+    An attempt, off by default: a retraining that slowed from 22 to about 2 steps/s after large
+    reset sets looked like denormal arithmetic (Adam's averages of weights whose gradients went to
+    zero decay geometrically), but benchmarks/perf/run.py --sections denormal measured 1.01x on the
+    same retraining. The slowdown had been two of our processes sharing the 2 cores."""
     on = SPEED["flush_denormal"] and dev.type == "cpu" and torch.set_flush_denormal(True)
     try:
         yield
