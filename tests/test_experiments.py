@@ -305,3 +305,45 @@ def test_owner_path_with_other_scheme_parameters_is_refused(tmp_path, data_dir):
                     "scheme_params": {"target": 3, "n_verify": 100}})
     with pytest.raises(UserError, match="owner_path: .* parameters"):
         run_experiment(cells, tmp_path / "ws", data_dir, progress=False)
+
+
+def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(tmp_path, data_dir, monkeypatch):
+    """A laundering cell stopped during round 2 keeps round 1 (ws/partial/); the rerun starts at round 2
+    and stores what an uninterrupted run stores; the partial state is gone once the cell is stored."""
+    from pathlib import Path
+
+    from nnlaunder.experiments import runner
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = {"name": "resume", "dataset": "mnist", "scheme": "zhang-content", "attack": "launder",
+            "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "threshold": 0.33,
+            "scheme_params": {"n_verify": 300}, "budget": "1/class", "rounds": 2,
+            "attack_params": {"early_stop": False, "nc": {"max_epochs": 3}, "retrain": {"epochs": 2}}}
+    (cell,) = expand(spec)
+    real = runner.launder
+    calls = []
+
+    def stopped_in_round_2(*args, **kw):
+        def on_round(r, m, info):
+            calls.append(r)
+            if r == 2:
+                raise KeyboardInterrupt
+            return kw["on_round"](r, m, info)
+        return real(*args, **{**kw, "on_round": on_round})
+
+    monkeypatch.setattr(runner, "launder", stopped_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
+    partial = tmp_path / "ws" / "partial" / f"{cell.cell_id()}.safetensors"
+    assert calls == [1, 2] and partial.is_file()
+    monkeypatch.setattr(runner, "launder", real)
+    seen = []
+    real_ev = runner.evaluator
+    monkeypatch.setattr(runner, "evaluator", lambda te, wm: (lambda r, m: seen.append(r) or real_ev(te, wm)(r, m)))
+    runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
+    assert seen == [0, 2] and not partial.exists()            # round 1 came from the partial state
+    monkeypatch.setattr(runner, "evaluator", real_ev)
+    runner.run_experiment([cell], tmp_path / "ref", str(data_dir), progress=False)
+    assert _metrics(tmp_path / "ws" / "results.sqlite") == _metrics(tmp_path / "ref" / "results.sqlite")
+    assert [r["round"] for r in next(iter(_metrics(tmp_path / "ws" / "results.sqlite").values()))] == [0, 1, 2]
+    assert (tmp_path / "ws" / "triggers" / f"{cell.cell_id()}-round02.safetensors").is_file()

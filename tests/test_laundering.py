@@ -138,3 +138,34 @@ def test_config_validation():
     cfg = launder_config("faithful", rounds=3)
     assert cfg.triggers == "all" and cfg.add_masks and cfg.rounds == 3
     assert dataclasses.replace(cfg, dt=1.0).dt == 1.0
+
+
+def test_resuming_from_a_rounds_state_equals_an_unbroken_run():
+    """launder(..., on_state=) hands out the state after every round; launder(..., resume=state)
+    continues from it to the very weights and records of an unbroken run."""
+    data = make_images(600, 21)
+    net = tiny_net(2)
+    train(net, data.x, data.y, TrainConfig(epochs=2, batch_size=64, lr=3e-3), progress=False)
+    clean = make_images(80, 22)
+    cfg = launder_config("strong", rounds=3, early_stop=False, nc=NCConfig(max_epochs=4, batch_size=32),
+                         retrain=TrainConfig(epochs=2, batch_size=32, lr=1e-3))
+    states = []
+    full = launder(net, clean, cfg, on_state=lambda state, nc: states.append(state))
+    assert [len(s.rounds) for s in states] == [1, 2, 3]
+    seen = []
+    resumed = launder(net, clean, cfg, resume=states[0], on_round=lambda r, m, info: seen.append(r) or {})
+    assert seen == [2, 3] and len(resumed.nc) == 2           # round 1 was not redone
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+
+    def record(info):
+        return {k: v for k, v in dataclasses.asdict(info).items() if "seconds" not in k}
+    assert [record(i) for i in resumed.rounds] == [record(i) for i in full.rounds]
+    assert resumed.masks.keys() == full.masks.keys()
+    # a finished state resumes to nothing more; a state longer than the config is refused
+    assert len(launder(net, clean, cfg, resume=states[-1]).rounds) == 3
+    import pytest
+
+    from nnlaunder.errors import UserError
+    with pytest.raises(UserError, match="more than"):
+        launder(net, clean, dataclasses.replace(cfg, rounds=2), resume=states[-1])

@@ -130,6 +130,20 @@ class LaunderResult:
 OnRound = Callable[[int, nn.Module, RoundInfo], "dict[str, Any] | None"]
 
 
+@dataclass
+class LaunderState:
+    """Where a multi-round laundering stands after a finished round: enough for
+    `launder(..., resume=state)` to go on exactly as an unbroken run would (each round's Neural
+    Cleanse and retraining are seeded by the round number)."""
+    rounds: list[RoundInfo]                 # the finished rounds, metrics included
+    masks: dict[str, torch.Tensor]          # weight masks of every unit reset so far
+    first_most: int                         # round 1's most likely infected class (early stop)
+    model_state: dict[str, torch.Tensor]    # the model after the last finished round
+
+
+OnState = Callable[[LaunderState, NCResult], None]
+
+
 # --------------------------------------------------------------------------------------------
 def activation_differences(model: nn.Module, units: list[Unit], clean_x: torch.Tensor,
                            stamped_x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -227,10 +241,17 @@ def split_holdout(clean: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
 
 
 def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: OnRound | None = None,
-            progress: bool = False, inplace: bool = False, first_nc: NCResult | None = None) -> LaunderResult:
+            progress: bool = False, inplace: bool = False, first_nc: NCResult | None = None,
+            on_state: OnState | None = None, resume: LaunderState | None = None) -> LaunderResult:
     """Launder `model` with the attacker's clean labelled set `clean`. Returns a new model
     (unless `inplace`), per-round records and the weight masks of the reset neurons.
-    `first_nc` reuses a Neural Cleanse result for round 1 (it must come from this model and set)."""
+    `first_nc` reuses a Neural Cleanse result for round 1 (it must come from this model and set).
+    `on_state(state, nc)` is called after every finished round (after `on_round`) with what it
+    takes to continue from there, and that round's Neural Cleanse result; `resume` continues from
+    such a state (same model, clean set and config), so an interrupted run loses at most one round.
+    The result's `nc` then holds the resumed rounds' recoveries only."""
+    if resume is not None and first_nc is not None:
+        raise UserError("first_nc applies to round 1 and cannot be combined with resume")
     if len(clean) < clean.num_classes:
         raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
     if not torch.isfinite(clean.x).all():
@@ -250,7 +271,14 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
     rounds: list[RoundInfo] = []
     ncs: list[NCResult] = []
     first_most: int | None = None
-    for r in range(1, cfg.rounds + 1):
+    if resume is not None:
+        if len(resume.rounds) > cfg.rounds:
+            raise UserError(f"the state to resume has {len(resume.rounds)} rounds, more than the {cfg.rounds} "
+                            "asked for")
+        model.load_state_dict(resume.model_state)
+        masks, rounds, first_most = dict(resume.masks), list(resume.rounds), resume.first_most
+    start = len(rounds) + 1 if not (rounds and rounds[-1].stopped) else cfg.rounds + 1
+    for r in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
         if r == 1 and first_nc is not None:
             nc = first_nc
@@ -281,6 +309,9 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         rounds.append(info)
         if on_round is not None:
             info.metrics = dict(on_round(r, model, info) or {})
+        if on_state is not None:
+            on_state(LaunderState(list(rounds), dict(masks), first_most,
+                                  {k: v.detach().clone() for k, v in model.state_dict().items()}), nc)
         if info.stopped:
             break
     model.eval()

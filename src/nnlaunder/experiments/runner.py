@@ -10,22 +10,29 @@ Workspace layout:
     <ws>/triggers/<cell>-roundNN.safetensors  laundering cells: Neural Cleanse's masks and patterns per
                                               round, with a watermark sample and a clean image
                                               (Figures 6/8 in the report)
+    <ws>/partial/<cell>.safetensors           a laundering cell's state after its last finished round
+                                              (model, reset masks, rounds so far): a rerun of an
+                                              interrupted cell continues from there; removed once
+                                              the cell is in the store
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import data as D
 from ..attacks.baselines import ATTACKS
-from ..attacks.laundering import launder
+from ..attacks.laundering import LaunderState, RoundInfo, launder
 from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, save_model
 from ..config import from_dict
 from ..device import deterministic
@@ -138,6 +145,13 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     if cell.attack == "launder":
         bar = tqdm(total=cfg.rounds, desc=f"{cell.scheme} {cell.budget} rounds", leave=False, disable=not progress)
 
+        partial = ws / "partial" / f"{cell.cell_id()}.safetensors"
+        owner = state_digest(model)
+        resume = load_partial(partial, owner)
+        if resume is not None:
+            state, rows = resume
+            bar.update(len(state.rounds))
+
         def on_round(r, m, info):
             metrics = ev(r, m)
             rows.append({"round": r, **metrics, "threshold": th, "seconds": info.seconds,
@@ -146,11 +160,15 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
             bar.update(1)
             bar.set_postfix(test=f"{metrics['test_acc']:.1f}", wm=f"{metrics['wm_acc']:.1f}")
             return metrics
+
+        def on_state(state: LaunderState, nc) -> None:
+            save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds), nc, wm, te)
+            save_partial(partial, state, rows, owner)
         try:
-            res = launder(model, clean, cfg, on_round=on_round, progress=progress)
+            launder(model, clean, cfg, on_round=on_round, progress=progress, on_state=on_state,
+                    resume=None if resume is None else resume[0])
         finally:
             bar.close()
-        save_triggers(ws / "triggers", cell.cell_id(), res.nc, wm, te)
     else:
         res = ATTACKS[cell.attack].run(model, clean, cfg)
         rows.append({"round": 1, **ev(1, res.model), "threshold": th, "seconds": res.seconds})
@@ -163,16 +181,50 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     return rows, summary, time.perf_counter() - t0
 
 
-def save_triggers(folder: Path, cell_id: str, ncs: Sequence[Any], wm: Watermark, test: D.Dataset) -> None:
-    """Each round's recovered triggers, for the report's Figure 6/8-style plots. Written before the
-    cell's store row, so a finished cell always has them (a rerun of a killed cell rewrites them)."""
+def save_round_triggers(folder: Path, cell_id: str, r: int, nc: Any, wm: Watermark, test: D.Dataset) -> None:
+    """One round's recovered triggers, for the report's Figure 6/8-style plots. Written as the round
+    finishes (before its partial state), so a finished cell always has every round's."""
     other = test.x[test.y != wm.target] if wm.target is not None else test.x
-    for r, nc in enumerate(ncs, 1):
-        atomic_save_tensors(folder / f"{cell_id}-round{r:02d}.safetensors",
-                            {"masks": nc.masks, "patterns": nc.patterns, "l1": nc.l1, "anomaly": nc.anomaly,
-                             "watermark": wm.verify_x[0], "clean": other[0]},
-                            {"flagged": json.dumps(nc.flagged), "target": json.dumps(wm.target),
-                             "classes": json.dumps(list(test.classes))})
+    atomic_save_tensors(folder / f"{cell_id}-round{r:02d}.safetensors",
+                        {"masks": nc.masks, "patterns": nc.patterns, "l1": nc.l1, "anomaly": nc.anomaly,
+                         "watermark": wm.verify_x[0], "clean": other[0]},
+                        {"flagged": json.dumps(nc.flagged), "target": json.dumps(wm.target),
+                         "classes": json.dumps(list(test.classes))})
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes and bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        t = v.detach().contiguous().cpu()
+        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_partial(path: Path, state: LaunderState, rows: list[dict[str, Any]], owner: str) -> None:
+    """A laundering cell's state after a finished round, in one file written atomically (the
+    tensors, with the rounds and the cell's rows so far as JSON metadata)."""
+    tensors = {**{f"model.{k}": v for k, v in state.model_state.items()},
+               **{f"mask.{k}": v for k, v in state.masks.items()}}
+    meta = {"rounds": [dataclasses.asdict(r) for r in state.rounds], "first_most": state.first_most,
+            "rows": rows, "owner": owner}
+    atomic_save_tensors(path, tensors, {"state": json.dumps(meta, default=float)})
+
+
+def load_partial(path: Path, owner: str) -> tuple[LaunderState, list[dict[str, Any]]] | None:
+    """The state `save_partial` wrote, or None when there is none or it was made from other weights."""
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("state", "null") or "null")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    if not meta or meta.get("owner") != owner:
+        return None
+    state = LaunderState([RoundInfo(**r) for r in meta["rounds"]],
+                         {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, meta["first_most"],
+                         {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return state, meta["rows"]
 
 
 def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str) -> tuple[list[dict], dict, float]:
@@ -220,6 +272,7 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
         def finish(cell: CellConfig, result: tuple) -> None:
             rows, summary, seconds = result
             store.record(cell.cell_id(), cell.name, cell.as_dict(), rows, summary, seconds)
+            (ws / "partial" / f"{cell.cell_id()}.safetensors").unlink(missing_ok=True)
             bar.update(1)
             if on_cell is not None:
                 on_cell(cell, summary)
