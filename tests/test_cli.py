@@ -79,7 +79,34 @@ def test_embed_verify_end_to_end(capsys, data_dir, tmp_path):
     first = report["rounds"][0]
     assert set(first["metrics"]) == {"test_acc", "wm_acc"} and len(first["anomaly"]) == 10
     assert (ldir / "triggers.png").stat().st_size > 1000 and (ldir / "laundered.safetensors").is_file()
-    assert "round 1:" in o
+    assert "round 1:" in o and not (ldir / "partial.safetensors").exists()
+    # interrupted during round 2, then --resume: round 1 is kept, the report equals the unbroken run's
+    import nnlaunder.attacks.laundering as L
+
+    real, cut = L.launder, tmp_path / "cut"
+
+    def interrupted(*a, **kw):
+        def on_round(r, m, info):
+            if r == 2:
+                raise KeyboardInterrupt
+            return kw["on_round"](r, m, info)
+        return real(*a, **{**kw, "on_round": on_round})
+    args = ["launder", str(out), "--out", str(cut), "--budget", "0.002", "--nc-epochs", "3", "--nc-preset", "fast",
+            "--rounds", "2", "--verify-scheme", "zhang-content", "--param", "n_verify=2000", "--threshold", "1.5",
+            "--quiet"]
+    L.launder = interrupted
+    try:
+        code, _, err = run(args, capsys)
+    finally:
+        L.launder = real
+    assert code == 130 and "--resume" in err and (cut / "partial.safetensors").is_file()
+    code, _, err = run([*args, "--resume", "--retrain-epochs", "1"], capsys)
+    assert code == 2 and "other laundering settings" in err
+    code, o, err = run([*args, "--resume"], capsys)
+    assert code == 0 and "resuming after round 1" in o and "round 1:" not in o, err
+    again = json.loads((cut / "report.json").read_text())["rounds"]
+    assert [r["metrics"] for r in again] == [r["metrics"] for r in report["rounds"]]
+    assert not (cut / "partial.safetensors").exists()
     code, _, err = run(["launder", str(out), "--out", str(ldir), "--budget", "1.5"], capsys)
     assert code == 2 and "--budget" in err
     # the persistence commands: fine-tune on 1% (mixed), then restore on another 1% of owner data

@@ -7,6 +7,7 @@ Weights are only ever read from safetensors: nothing in a model file can run cod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .attacks.laundering import LaunderState, RoundInfo
 from .errors import UserError
 from .models import build
 
@@ -54,6 +56,48 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's parameters and buffers (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        x = v.detach().contiguous().cpu()
+        h.update(f"{k}{tuple(x.shape)}{x.dtype}".encode())
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
+
+
+def save_launder_state(path: str | os.PathLike, state: LaunderState, owner: str, extra: dict[str, Any]) -> None:
+    """A multi-round laundering's state after a finished round (`launder(on_state=...)`), in one file
+    written atomically: model and reset masks as tensors; the rounds so far, round 1's most likely
+    class, the digest of the weights laundering started from and the caller's `extra` as JSON
+    metadata."""
+    tensors = {**{f"model.{k}": v for k, v in state.model_state.items()},
+               **{f"mask.{k}": v for k, v in state.masks.items()}}
+    meta = {"rounds": [dataclasses.asdict(r) for r in state.rounds], "first_most": state.first_most,
+            "owner": owner, "extra": extra}
+    atomic_save_tensors(Path(path), tensors, {"launder_state": json.dumps(meta, default=float)})
+
+
+def load_launder_state(path: str | os.PathLike, owner: str) -> tuple[LaunderState, dict[str, Any]] | None:
+    """(state, extra) as `save_launder_state` wrote them, or None when there is no such file or it was
+    made from other starting weights than those with digest `owner`."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("launder_state") or "null")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"{path}: not a laundering state this version can read ({e}); delete it to start over") from e
+    if not meta or meta.get("owner") != owner:
+        return None
+    state = LaunderState([RoundInfo(**r) for r in meta["rounds"]],
+                         {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, meta["first_most"],
+                         {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return state, meta["extra"]
 
 
 TORCH_SUFFIXES = (".pt", ".pth")

@@ -15,7 +15,15 @@ from typing import Any, NoReturn
 import torch
 
 from . import data as D
-from .checkpoint import atomic_write_json, load_model, save_model, stem
+from .checkpoint import (
+    atomic_write_json,
+    load_launder_state,
+    load_model,
+    save_launder_state,
+    save_model,
+    stem,
+    weights_digest,
+)
 from .device import deterministic, set_device
 from .errors import UserError
 from .models import ARCHS, DEFAULT_ARCH, build, check_fits
@@ -264,6 +272,9 @@ def cmd_launder(args: argparse.Namespace) -> int:
     if args.model_factory:
         from .byo import run_external
 
+        if args.resume:
+            raise UserError("--resume works with a MODEL of this project, not with --model-factory")
+
         return run_external(args, _out(str(Path(args.out) / "laundered")).parent)
     if not args.model:
         raise UserError("launder needs a MODEL (a model of this project) or --model-factory with --weights and --data")
@@ -309,7 +320,25 @@ def cmd_launder(args: argparse.Namespace) -> int:
                   ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items()) + f"; {info.seconds:.0f} s")
         return metrics
 
-    res = launder(model, clean, cfg, on_round=show, progress=not args.quiet)
+    state_file = out_dir / "partial.safetensors"
+    owner = weights_digest(model)
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    resume = load_launder_state(state_file, owner) if args.resume else None
+    if resume is not None:
+        if resume[1].get("config") != config or resume[1].get("n_clean") != len(clean):
+            raise UserError(f"{state_file} was written with other laundering settings or another clean set; "
+                            "rerun with the same options, or without --resume to start over")
+        print(f"resuming after round {len(resume[0].rounds)} ({state_file})")
+    elif args.resume:
+        print(f"nothing to resume in {out_dir} for this model; starting at round 1")
+    elif state_file.is_file():
+        print(f"note: {state_file} (an interrupted run) is replaced; --resume would have continued it")
+
+    def keep(state, nc) -> None:
+        save_launder_state(state_file, state, owner, {"config": config, "n_clean": len(clean)})
+
+    res = launder(model, clean, cfg, on_round=show, progress=not args.quiet, on_state=keep,
+                  resume=None if resume is None else resume[0])
     report = {"model": str(args.model), "dataset": dataset, "budget": len(clean) / len(tr), "n_clean": len(clean),
               "config": dataclasses.asdict(cfg), "before": before, "threshold": threshold,
               "verify_scheme": args.verify_scheme, "rounds": res.report(), "seconds": res.seconds}
@@ -317,9 +346,11 @@ def cmd_launder(args: argparse.Namespace) -> int:
                 "scheme_params": meta.get("scheme_params"), "laundered_from": str(args.model), "launder": report}
     save_model(out_dir / "laundered", res.model, new_meta)
     atomic_write_json(out_dir / "report.json", report)
-    last = res.nc[-1]
-    trigger_grid(last.masks, last.patterns, last.l1.tolist(), last.anomaly.tolist(), last.flagged, tr.classes,
-                 out_dir / "triggers.png", title=f"Neural Cleanse, round {len(res.nc)}", example=clean.x[0])
+    if res.nc:                                # empty when a resumed run had no round left to do
+        last = res.nc[-1]
+        trigger_grid(last.masks, last.patterns, last.l1.tolist(), last.anomaly.tolist(), last.flagged, tr.classes,
+                     out_dir / "triggers.png", title=f"Neural Cleanse, round {len(res.rounds)}", example=clean.x[0])
+    state_file.unlink(missing_ok=True)
     if wm is not None and threshold is not None:
         v = verify(res.model, wm, threshold)
         print(v.summary())
@@ -542,6 +573,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--param", action="append", metavar="KEY=VALUE")
     s.add_argument("--threshold", type=_float)
     s.add_argument("--threshold-file")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/partial.safetensors (its last finished round)")
     g = s.add_argument_group("bring your own model and data (docs/byo.md)")
     g.add_argument("--model-factory", metavar="PKG.MODULE:FUNCTION", help="builds your nn.Module")
     g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the factory")
@@ -628,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnlaunder: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("nnlaunder: interrupted; finished epochs are kept (rerun with --resume)", file=sys.stderr)
+        print("nnlaunder: interrupted; finished epochs and laundering rounds are kept (rerun with --resume)",
+              file=sys.stderr)
         return 130
 
 

@@ -19,21 +19,26 @@ Workspace layout:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .. import data as D
 from ..attacks.baselines import ATTACKS
-from ..attacks.laundering import LaunderState, RoundInfo, launder
-from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, save_model
+from ..attacks.laundering import LaunderState, launder
+from ..checkpoint import (
+    atomic_save_tensors,
+    atomic_write_json,
+    load_launder_state,
+    load_model,
+    save_launder_state,
+    save_model,
+    weights_digest,
+)
 from ..config import from_dict
 from ..device import deterministic
 from ..errors import UserError
@@ -146,11 +151,11 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
         bar = tqdm(total=cfg.rounds, desc=f"{cell.scheme} {cell.budget} rounds", leave=False, disable=not progress)
 
         partial = ws / "partial" / f"{cell.cell_id()}.safetensors"
-        owner = state_digest(model)
-        resume = load_partial(partial, owner)
+        owner = weights_digest(model)
+        resume = load_launder_state(partial, owner)
         if resume is not None:
-            state, rows = resume
-            bar.update(len(state.rounds))
+            rows = resume[1]["rows"]
+            bar.update(len(resume[0].rounds))
 
         def on_round(r, m, info):
             metrics = ev(r, m)
@@ -163,7 +168,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
 
         def on_state(state: LaunderState, nc) -> None:
             save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds), nc, wm, te)
-            save_partial(partial, state, rows, owner)
+            save_launder_state(partial, state, owner, {"rows": rows})
         try:
             launder(model, clean, cfg, on_round=on_round, progress=progress, on_state=on_state,
                     resume=None if resume is None else resume[0])
@@ -190,41 +195,6 @@ def save_round_triggers(folder: Path, cell_id: str, r: int, nc: Any, wm: Waterma
                          "watermark": wm.verify_x[0], "clean": other[0]},
                         {"flagged": json.dumps(nc.flagged), "target": json.dumps(wm.target),
                          "classes": json.dumps(list(test.classes))})
-
-
-def state_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of a model's parameters and buffers (names, shapes and bytes)."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        t = v.detach().contiguous().cpu()
-        h.update(f"{k}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_partial(path: Path, state: LaunderState, rows: list[dict[str, Any]], owner: str) -> None:
-    """A laundering cell's state after a finished round, in one file written atomically (the
-    tensors, with the rounds and the cell's rows so far as JSON metadata)."""
-    tensors = {**{f"model.{k}": v for k, v in state.model_state.items()},
-               **{f"mask.{k}": v for k, v in state.masks.items()}}
-    meta = {"rounds": [dataclasses.asdict(r) for r in state.rounds], "first_most": state.first_most,
-            "rows": rows, "owner": owner}
-    atomic_save_tensors(path, tensors, {"state": json.dumps(meta, default=float)})
-
-
-def load_partial(path: Path, owner: str) -> tuple[LaunderState, list[dict[str, Any]]] | None:
-    """The state `save_partial` wrote, or None when there is none or it was made from other weights."""
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("state", "null") or "null")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-    if not meta or meta.get("owner") != owner:
-        return None
-    state = LaunderState([RoundInfo(**r) for r in meta["rounds"]],
-                         {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, meta["first_most"],
-                         {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    return state, meta["rows"]
 
 
 def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str) -> tuple[list[dict], dict, float]:
