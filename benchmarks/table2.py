@@ -154,6 +154,33 @@ def residual_flip(model, held, nc, used) -> float:
     return sum(rates) / max(len(rates), 1)
 
 
+def calibrate(group: list[dict], arch: str, ds: str, args) -> tuple[list[dict], dict]:
+    """The attacker-side calibration of one architecture over the models in `group`: every GRID
+    candidate on 80% of each attacker set, scored on the 20% held out. Returns (records, scores)."""
+    scores = {}
+    variants: list[dict] = []
+    for dt, ct, ep in GRID:
+        base = launder_config("strong")
+        cfg = launder_config("strong", dt=dt, ct=ct, holdout=0.2, seed=args.seed,
+                             retrain=dataclasses.replace(base.retrain, epochs=ep),
+                             layers="second-half" if arch == "resnet20" else "all")
+        accs, flips = [], []
+        for it in group:
+            m = copy.deepcopy(it["model"])
+            part, held = split_holdout(it["clean"], cfg.holdout, cfg.seed)
+            units = select_units(discover_units(m, part.x[:2])[0], cfg.layers)
+            _, resets, _ = reset_and_retrain(m, part, it["nc"], cfg, units, {})
+            accs.append(accuracy(m, held.x, held.y))
+            flips.append(residual_flip(m, held, it["nc"], used_triggers(it["nc"], cfg.triggers)))
+            variants.append({"dataset": ds, "arch": arch, "scheme": it["meta"]["scheme"], "name": it["name"],
+                             "stage": "calibration", "dt": dt, "ct": ct, "epochs": ep, "attacker_acc": accs[-1],
+                             "residual_flip": flips[-1], "resets": resets, **it["ev"](1, m)})
+        scores[(dt, ct, ep)] = (sum(accs) / len(accs), sum(flips) / len(flips))
+        print(f"    calibration {arch} dt {dt} ct {ct} epochs {ep}: attacker held-out acc "
+              f"{scores[(dt, ct, ep)][0]:.2f}%, residual trigger flips {scores[(dt, ct, ep)][1]:.2f}%", flush=True)
+    return variants, scores
+
+
 def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
     tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
     th_path = RESULTS / f"thresholds-{ds}.json"
@@ -165,6 +192,8 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
         cmd += f" --models {','.join(args.models)}"
     if args.fixed:
         cmd += " --fixed " + (args.fixed if isinstance(args.fixed, str) else ",".join(str(v) for v in args.fixed))
+    if args.recalibrate:
+        cmd += " --recalibrate"
     if args.nc_preset != "faithful":
         cmd += f" --nc-preset {args.nc_preset}"
     if not args.faithful:
@@ -198,7 +227,14 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
     variants: list[dict] = []
     chosen: dict[str, tuple[float, float]] = {}
     for arch in sorted({it["meta"]["arch"] for it in items}):
+        group = [it for it in items if it["meta"]["arch"] == arch]
         if args.fixed == "joint":             # the rule over every model's calibration records
+            if args.recalibrate:              # ... after calibrating the models of this run afresh
+                names = {it["name"] for it in group}
+                args.variants[:] = [v for v in args.variants if not (
+                    v.get("stage") == "calibration" and v["dataset"] == ds and v["name"] in names)]
+                new, _ = calibrate(group, arch, ds, args)
+                args.variants += new          # main()'s list: the records are written with the rest
             chosen[arch], names = joint_choice(args.variants, ds, arch)
             print(f"    joint choice for {arch} over {names}: dt {chosen[arch][0]}, ct {chosen[arch][1]}, "
                   f"{chosen[arch][2]} epochs", flush=True)
@@ -207,27 +243,8 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
             chosen[arch] = args.fixed
             print(f"    fixed for {arch}: dt {args.fixed[0]}, ct {args.fixed[1]}, {args.fixed[2]} epochs", flush=True)
             continue
-        group = [it for it in items if it["meta"]["arch"] == arch]
-        scores = {}
-        for dt, ct, ep in GRID:
-            base = launder_config("strong")
-            cfg = launder_config("strong", dt=dt, ct=ct, holdout=0.2, seed=args.seed,
-                                 retrain=dataclasses.replace(base.retrain, epochs=ep),
-                                 layers="second-half" if arch == "resnet20" else "all")
-            accs, flips = [], []
-            for it in group:
-                m = copy.deepcopy(it["model"])
-                part, held = split_holdout(it["clean"], cfg.holdout, cfg.seed)
-                units = select_units(discover_units(m, part.x[:2])[0], cfg.layers)
-                _, resets, _ = reset_and_retrain(m, part, it["nc"], cfg, units, {})
-                accs.append(accuracy(m, held.x, held.y))
-                flips.append(residual_flip(m, held, it["nc"], used_triggers(it["nc"], cfg.triggers)))
-                variants.append({"dataset": ds, "arch": arch, "scheme": it["meta"]["scheme"], "name": it["name"],
-                                 "stage": "calibration", "dt": dt, "ct": ct, "epochs": ep, "attacker_acc": accs[-1],
-                                 "residual_flip": flips[-1], "resets": resets, **it["ev"](1, m)})
-            scores[(dt, ct, ep)] = (sum(accs) / len(accs), sum(flips) / len(flips))
-            print(f"    calibration {arch} dt {dt} ct {ct} epochs {ep}: attacker held-out acc "
-                  f"{scores[(dt, ct, ep)][0]:.2f}%, residual trigger flips {scores[(dt, ct, ep)][1]:.2f}%", flush=True)
+        new, scores = calibrate(group, arch, ds, args)
+        variants += new
         chosen[arch] = choose({k: a for k, (a, _) in scores.items()})
         print(f"    chosen for {arch}: dt {chosen[arch][0]}, ct {chosen[arch][1]} (relative), "
               f"{chosen[arch][2]} retraining epochs", flush=True)
@@ -382,6 +399,9 @@ def main(argv=None) -> int:
                          "e.g. the choice a previous run of the calibration printed; 'joint': apply the rule to "
                          "the calibration records of all models of the architecture in table2-variants.json "
                          "(models calibrated in separate runs); recorded in the row")
+    ap.add_argument("--recalibrate", action="store_true",
+                    help="with --fixed joint: first redo the calibration of the models named by --models (their "
+                         "old records are replaced), then apply the rule to every model's records")
     ap.add_argument("--import-calibration-log", default=None, metavar="LOG",
                     help="add the calibration lines of an earlier run's log (whose JSON was lost) to "
                          "table2-variants.json for the one model named by --models, then rewrite table2.md")
@@ -393,6 +413,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    if args.recalibrate and args.fixed != "joint":
+        print("table2.py: error: --recalibrate goes with --fixed joint", file=sys.stderr)
+        return 2
     if args.fixed and args.fixed != "joint":
         try:
             dt, ct, ep = args.fixed.split(",")
