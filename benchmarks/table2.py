@@ -85,15 +85,25 @@ ROW_NOTES = {
         "records (`--fixed joint`: DT 0.5, CT 2.0, 5 epochs, the adi-FS row's choice). With the earlier per-model "
         "choice (CT 1.0) the same CPU setup gave test 91.18 → 87.48%, WM 100 → 59% (faithful Neural Cleanse on "
         "the GPU: 88.24%, 60%)."),
+    "cifar10/zhang-noise": (
+        "Re-run in session 7 on 2 CPU cores with the new joint choice for the Table 7 CNN (DT 0.5 / CT 2.0 / 20 "
+        "epochs; see the content row). Not removed, and the reason is Neural Cleanse, not the thresholds: on this "
+        "CPU faithful Neural Cleanse flagged no class and ranked class 9 (truck) smallest, so Algorithm 1 worked "
+        "on truck's trigger (5 units reset) and the airplane watermark stayed at 100%. The run before it (on the "
+        "H100, with the same settings and seed) ranked airplane smallest and removed the watermark. That run "
+        "gave test 84.66%, WM 0.00% with CT 1.0, and its calibration record at CT 2.0 / 20 epochs gave 85.49% / "
+        "2.83%. fp32 kernels differ between machines, and Neural Cleanse's ranking of classes with nearly equal "
+        "masks follows those differences. No seed was re-tried."),
     "cifar10/zhang-content": (
-        "Re-run in session 6 on 2 CPU cores (faithful Neural Cleanse: 369 s here against 12.5 s on the H100) "
-        "because the owner model changed: the content model was topped up to reach the 98% watermark bar "
-        "(benchmarks/results/topup.md; WM 97.78 → 98.51%). The attack is unchanged: `--fixed joint` applies the "
-        "rule to the calibration records of the three Table 7 CNN models, whose content records were made on "
-        "the model before the top-up (models/cifar10/zhang-content-v1), and gives the same DT 0.5 / CT 1.0 / 20 "
-        "epochs. On that earlier model the same attack gave test 88.82 → 85.17%, WM 97.78 → 1.91%. Here the "
-        "test accuracy, 84.63%, is 3.02 points under the paper's 87.65%: the 3-point bar is missed by 0.02 "
-        "points (two test images). Left as measured: no seed or setting was re-tried for this row."),
+        "The owner model was topped up in session 6 to reach the 98% watermark bar (benchmarks/results/topup.md; "
+        "WM 97.78 → 98.51%). Session 7 redid this model's attacker-side calibration on it (`--fixed joint "
+        "--recalibrate`), because its records had been made on the earlier model (models/cifar10/zhang-content-v1). "
+        "The rule over the three Table 7 CNN models then chose DT 0.5 / CT 2.0 / 20 epochs instead of CT 1.0, "
+        "and the noise and unrelated rows were re-run with that choice. To be plain about it: with the "
+        "earlier choice (CT 1.0) this row gave test 84.63%, WM 2.07%, 0.02 points short of the 3-point bar, and "
+        "that shortfall is why the stale records were looked at in this session; the new choice came from the "
+        "attacker's held-out accuracy alone (calibration table below), and no seed was re-tried. Faithful "
+        "Neural Cleanse took 246 s on this session's 2-core CPU (an AVX-512 machine; 369 s on session 6's)."),
 }
 ROWS = {
     "mnist": [("zhang-content", 0.006), ("zhang-noise", 0.006), ("zhang-unrelated", 0.006)],
