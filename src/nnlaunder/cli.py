@@ -335,7 +335,8 @@ def cmd_launder(args: argparse.Namespace) -> int:
         print(f"note: {state_file} (an interrupted run) is replaced; --resume would have continued it")
 
     def keep(state, nc) -> None:
-        save_launder_state(state_file, state, owner, {"config": config, "n_clean": len(clean)})
+        if len(state.rounds) < cfg.rounds and not state.rounds[-1].stopped:   # a round is left to do
+            save_launder_state(state_file, state, owner, {"config": config, "n_clean": len(clean)})
 
     res = launder(model, clean, cfg, on_round=show, progress=not args.quiet, on_state=keep,
                   resume=None if resume is None else resume[0])

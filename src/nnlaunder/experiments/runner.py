@@ -168,7 +168,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
 
         def on_state(state: LaunderState, nc) -> None:
             save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds), nc, wm, te)
-            save_launder_state(partial, state, owner, {"rows": rows})
+            if len(state.rounds) < cfg.rounds and not state.rounds[-1].stopped:   # a round is left to do
+                save_launder_state(partial, state, owner, {"rows": rows})
         try:
             launder(model, clean, cfg, on_round=on_round, progress=progress, on_state=on_state,
                     resume=None if resume is None else resume[0])
