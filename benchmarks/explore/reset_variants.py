@@ -23,6 +23,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import sys
 import time
 
 import torch
@@ -41,6 +42,7 @@ from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse, stamp
 from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import load_model
 from nnlaunder.device import model_device
+from nnlaunder.errors import UserError
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.train import accuracy, train
 from nnlaunder.watermarks.schemes import make_watermark
@@ -53,9 +55,15 @@ def main() -> None:
     ap.add_argument("--configs", required=True, help="JSON list of configs (see above)")
     ap.add_argument("--data-dir", default=None)
     a = ap.parse_args()
+    try:
+        models = [(n, float(b)) for n, b in (spec.split(":") for spec in a.models.split(","))]
+        configs = json.loads(a.configs)
+        if not all(isinstance(c, list) and len(c) == 7 and c[0] in ("flagged", "pooled", "union") for c in configs):
+            raise ValueError("each config is [mode, DT, CT, epochs, lr, target, augment]")
+    except ValueError as e:
+        ap.error(f"--models wants NAME:BUDGET,... and --configs a JSON list of configs ({e})")
     tr, te = D.load("cifar10", a.data_dir, "train"), D.load("cifar10", a.data_dir, "test")
-    for spec in a.models.split(","):
-        name, budget = spec.split(":")
+    for name, budget in models:
         model, meta = load_model(f"models/cifar10/{name}")
         wm = make_watermark(meta["scheme"], tr, te, a.data_dir, meta.get("scheme_params") or {})
         ev = evaluator(te, wm)
@@ -64,7 +72,7 @@ def main() -> None:
         base_held = accuracy(model, held.x, held.y)
         nc = neural_cleanse(model, clean.x, nc_config("fast"), num_classes=10)   # on the whole set
         layers = "second-half" if meta["arch"] == "resnet20" else "all"
-        for mode, dt, ct, epochs, lr, target, aug in json.loads(a.configs):
+        for mode, dt, ct, epochs, lr, target, aug in configs:
             m = copy.deepcopy(model)
             units = select_units(discover_units(m, part.x[:2])[0], layers)
             used = list(range(10)) if mode != "flagged" else (nc.flagged or [nc.most_likely])
@@ -98,4 +106,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"reset_variants.py: error: {e}")

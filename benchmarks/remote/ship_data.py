@@ -114,6 +114,8 @@ def main() -> int:
     ap.add_argument("--format", choices=("webp", "png"), default="webp", help="CIFAR-10 mosaic format")
     ap.add_argument("--only", default=None, help="comma list of CIFAR-10 batches to pack (and nothing else)")
     a = ap.parse_args()
+    if a.only and not set(a.only.split(",")) <= set(BATCHES):
+        ap.error(f"--only names batches among {', '.join(BATCHES)}")
     if a.action == "pack":
         pack(Path(a.data_dir), Path(a.out), a.part_mb, a.fashion, a.format,
              a.only.split(",") if a.only else None)
