@@ -106,6 +106,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from nnlaunder.device import keep_freed_memory
+
+    keep_freed_memory()       # process-wide allocator setting: entry points only
     try:
         main()
     except UserError as e:

@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder import train as T  # noqa: E402
+from nnlaunder.attacks import neural_cleanse as NC  # noqa: E402
 from nnlaunder.attacks.laundering import (  # noqa: E402
     activation_differences,
     apply_reset,
@@ -63,6 +64,7 @@ from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS: list[dict] = []
+KEPT_FREED_MEMORY = False      # set by the entry point (keep_freed_memory())
 HEAD: list[dict] = []     # headline comparison rows, written first
 
 
@@ -228,6 +230,8 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
         row(f"nc_fast_batched_input_grad_{alt.input_grad}", ta, "nc_fast_batched", t[("fast", "batched")] / ta,
             notes=f"attempt: the first conv's input gradient by the {alt.input_grad} path (default: "
                   f"{base.input_grad}); runs {', '.join(f'{v:.1f}' for v in times)} s", kept=False)
+    if args.kernel_attempts:
+        faithful_kernel_attempts(args, model, x, cfgs["faithful"], t[("faithful", "batched")])
     if art is not None:
         row("nc_art_1.20", art_total, notes=f"ART {art['art_version']}, TF {art['tf_version']}, Keras "
             f"{art['keras_version']}; {steps} steps per class (early stop never fires); Keras logits "
@@ -235,6 +239,45 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
             flagged=flagged_a)
         row("nc_faithful_batched_vs_art", t[("faithful", "batched")], "nc_art_1.20",
             art_total / t[("faithful", "batched")], notes="ART seconds / our faithful batched seconds")
+
+
+def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base: float) -> None:
+    """The faithful batched run without each of this project's exact speed measures (session 8): the
+    library's conv forward and ReLU before max-pool (NC.SPEED off), and glibc's default allocator
+    behaviour (a child process with NNLAUNDER_MALLOC=default; the parent keeps freed memory)."""
+    saved = dict(NC.SPEED)
+    NC.SPEED.update(relu_after_pool=False, im2col_forward=False)
+    try:
+        t0 = time.perf_counter()
+        neural_cleanse(model, x, cfg, num_classes=10)
+        secs = time.perf_counter() - t0
+    finally:
+        NC.SPEED.update(saved)
+    row("nc_faithful_batched_library_conv_relu_first", secs, "nc_faithful_batched", secs / base, kept=False,
+        notes="attempt record: the same run with the library's forward for the one-channel conv and ReLU before "
+              "max-pool (the code before session 8); ratio = how many times slower than the default")
+    if not KEPT_FREED_MEMORY:
+        return
+    env = {**os.environ, "NNLAUNDER_MALLOC": "default"}
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe-faithful-nc", str(args.nc_steps)]
+                       + (["--data-dir", args.data_dir] if args.data_dir else []),
+                       env=env, capture_output=True, text=True)
+    if p.returncode != 0:
+        row("nc_faithful_batched_malloc_default", None, kept=False, notes=f"failed: {p.stderr[-300:]}")
+        return
+    secs = json.loads(p.stdout.strip().splitlines()[-1])["seconds"]
+    row("nc_faithful_batched_malloc_default", secs, "nc_faithful_batched", secs / base, kept=False,
+        notes="the same run in a child process with glibc malloc's defaults (NNLAUNDER_MALLOC=default): freed "
+              "blocks of a few MB go back to the kernel and page-fault in again; ratio = how many times slower")
+
+
+def probe_faithful_nc(steps: int, data_dir: str | None) -> None:
+    """Child process of faithful_kernel_attempts: the faithful batched run, seconds as one JSON line."""
+    model, _ = load_model(ROOT / "models" / "mnist" / "zhang-content")
+    x = D.stratified_subset(D.load("mnist", data_dir, "train"), per_class=100, seed=0).x
+    t0 = time.perf_counter()
+    neural_cleanse(model, x, nc_config("faithful", max_epochs=steps, batch_size=32, seed=0), num_classes=10)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 
 def better_or_equal(ours: tuple, art: tuple, k: int) -> bool:
@@ -541,8 +584,14 @@ def main(argv=None) -> int:
     ap.add_argument("--no-demo", dest="demo", action="store_false")
     ap.add_argument("--no-input-grad-attempt", dest="input_grad_attempt", action="store_false",
                     help="skip timing the fast preset with the other input-gradient path")
+    ap.add_argument("--no-kernel-attempts", dest="kernel_attempts", action="store_false",
+                    help="skip the faithful run without this project's exact speed measures")
+    ap.add_argument("--probe-faithful-nc", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    if args.probe_faithful_nc is not None:
+        probe_faithful_nc(args.probe_faithful_nc, args.data_dir)
+        return 0
     sections = set(args.sections.split(","))
     tr = D.load("mnist", args.data_dir, "train")
     mach = {"conv_best": float("nan")}
@@ -557,7 +606,8 @@ def main(argv=None) -> int:
     if "denormal" in sections:
         section_denormal(args)
     machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads")
+               f"{torch.get_num_threads()} threads"
+               + (", glibc malloc keeps freed memory (device.keep_freed_memory)" if KEPT_FREED_MEMORY else ""))
     merge_previous(sections)
     command = "python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_json(RESULTS / "perf.json", ordered())
@@ -567,4 +617,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from nnlaunder.device import keep_freed_memory
+
+    KEPT_FREED_MEMORY = keep_freed_memory()       # process-wide allocator setting: entry points only
     sys.exit(main())

@@ -24,7 +24,7 @@ from .checkpoint import (
     stem,
     weights_digest,
 )
-from .device import deterministic, set_device
+from .device import deterministic, keep_freed_memory, set_device
 from .errors import UserError
 from .models import ARCHS, DEFAULT_ARCH, build, check_fits
 from .recipes import owner_config
@@ -646,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         deterministic()
+        keep_freed_memory()
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         if getattr(args, "device", None):

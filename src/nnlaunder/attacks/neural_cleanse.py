@@ -19,7 +19,9 @@ per-class Python loop is the same function called with one class at a time (`per
 Both run the first conv's input gradient (the image has 1-3 channels, where the library's backward
 crawls at a few GFLOP/s on a CPU) as one matmul plus k·k shifted adds (`input_grad="matmul"`, the
 default of the faithful preset: the same sums in another order; the fast preset's bf16
-channels-last convs measured faster with the library's backward).
+channels-last convs measured faster with the library's backward); with a one-channel image its
+forward is im2col + one matmul too, and every ReLU -> max-pool pair runs as max-pool -> ReLU (exact:
+the same function and gradients). Together 1.2x on the faithful MNIST run (`SPEED`, perf.md).
 
 The "fast" preset (`NC_PRESETS["fast"]`, a named departure from Wang et al.; see docs/methods.md)
 adds three switches, each off in the faithful default:
@@ -52,6 +54,7 @@ from torch import nn
 
 from ..device import model_device
 from ..errors import UserError
+from ..train import relu_after_pool
 
 
 @dataclass(frozen=True)
@@ -117,19 +120,40 @@ def amp_supported(device: torch.device) -> bool:
     return False
 
 
+# Speed measures that leave the function computed unchanged (the same sums in another order, or a
+# reordering that is exact), on by default; benchmarks/perf switches them off to measure each.
+SPEED = {"relu_after_pool": True, "im2col_forward": True}
+
+
 class _InputGradConv2d(torch.autograd.Function):
     """conv2d whose backward gives the input gradient only, as (W^T @ grad_out) followed by k·k
     shifted adds (col2im), in fp32. For a frozen conv with 1-3 input channels (the first layer, whose
     input is the stamped image) this is several times faster on a CPU than the library's backward,
     which runs such convs at a few GFLOP/s (docs/methods.md). The same sums in another order: results
     agree with the native gradient to rounding, not bit for bit. Computed in fp32 (fp64 for fp64
-    inputs), also under bf16 autocast."""
+    inputs), also under bf16 autocast. On a CPU without autocast a one-channel input's forward is
+    im2col + matmul as well (SPEED["im2col_forward"])."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
         ctx.save_for_backward(weight)
         ctx.in_shape, ctx.padding, ctx.in_dtype = x.shape, padding, x.dtype
-        return F.conv2d(x, weight, bias, padding=padding)
+        if (not SPEED["im2col_forward"] or x.shape[1] != 1 or x.device.type != "cpu"
+                or torch.is_autocast_enabled(x.device.type)):
+            return F.conv2d(x, weight, bias, padding=padding)
+        # On a CPU the library's forward crawls for a one-channel input as well (measured 3.1x slower
+        # on the Table 5 MNIST conv; with 3 channels it is fast): im2col (one copy of the k·k shifted
+        # views) and one matmul, giving a channels-last output. The same sums in another order.
+        b = x.shape[0]
+        cout, c, kh, kw = weight.shape
+        ph, pw = padding
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        cols = xp.unfold(2, kh, 1).unfold(3, kw, 1)                 # (b, c, oh, ow, kh, kw), a view
+        oh, ow = cols.shape[2:4]
+        cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw)
+        wm = weight.reshape(cout, c * kh * kw).t()
+        out = torch.addmm(bias, cols, wm) if bias is not None else cols @ wm
+        return out.view(b, oh, ow, cout).permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, go):
@@ -142,10 +166,10 @@ class _InputGradConv2d(torch.autograd.Function):
         wm = w.to(dt).reshape(cout, c * kh * kw)
         g = go.to(dt)                                    # keeps go's memory layout
         if g.is_contiguous():
-            cols = torch.matmul(wm.t(), g.view(b, cout, oh * ow))                     # (b, c·kh·kw, oh·ow)
-        else:                                            # channels-last: (b, oh·ow, cout) is a free view
-            cols = torch.matmul(g.permute(0, 2, 3, 1).reshape(b, oh * ow, cout), wm).transpose(1, 2)
-        cols = cols.reshape(b, c, kh, kw, oh, ow)
+            gv = g.view(b, cout, oh * ow)
+        else:                                            # channels-last: a free view of (b, oh·ow, cout)
+            gv = g.permute(0, 2, 3, 1).reshape(b, oh * ow, cout).transpose(1, 2)
+        cols = torch.matmul(wm.t(), gv).view(b, c, kh, kw, oh, ow)     # (b, c·kh·kw, oh·ow), contiguous
         out = torch.zeros(b, c, h + 2 * ph, wd + 2 * pw, dtype=dt, device=go.device)
         for i in range(kh):
             for j in range(kw):
@@ -287,7 +311,10 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         if not cls or min(cls) < 0 or max(cls) >= num_classes:
             raise UserError(f"candidate classes must be in 0..{num_classes - 1}, got {cls}")
         t0 = time.perf_counter()
-        net = rewrite_for_speed(model) if cfg.exact_rewrite else model   # the caller's model stays as it is
+        # The caller's model stays as it is; ReLU -> max-pool pairs run as max-pool -> ReLU (the same
+        # function and gradients, 4x fewer ReLU values; exact_rewrite adds channels-last weights).
+        net = (rewrite_for_speed(model) if cfg.exact_rewrite
+               else relu_after_pool(model) if SPEED["relu_after_pool"] else model)
         if cfg.input_grad == "matmul":
             net = with_input_grad_convs(net)
         if per_class:
