@@ -34,3 +34,17 @@ def test_cli_device_flag_error_is_one_line(capsys):
     assert main(["verify", "nope.safetensors", "--device", "tpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nnlaunder: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_keep_freed_memory_is_opt_in(monkeypatch):
+    import platform
+
+    from nnlaunder.device import keep_freed_memory
+
+    monkeypatch.delenv("NNLAUNDER_MALLOC", raising=False)
+    assert keep_freed_memory() is False                  # off unless asked
+    monkeypatch.setenv("NNLAUNDER_MALLOC", "default")
+    assert keep_freed_memory() is False
+    monkeypatch.setenv("NNLAUNDER_MALLOC", "keep")
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc                  # mallopt accepted where glibc is the allocator

@@ -242,9 +242,8 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
 
 
 def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base: float) -> None:
-    """The faithful batched run without each of this project's exact speed measures (session 8): the
-    library's conv forward and ReLU before max-pool (NC.SPEED off), and glibc's default allocator
-    behaviour (a child process with NNLAUNDER_MALLOC=default; the parent keeps freed memory)."""
+    """The faithful batched run without this project's exact kernel measures of session 8: the
+    library's forward for the one-channel conv and ReLU before max-pool (NC.SPEED off)."""
     saved = dict(NC.SPEED)
     NC.SPEED.update(relu_after_pool=False, im2col_forward=False)
     try:
@@ -256,23 +255,30 @@ def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base:
     row("nc_faithful_batched_library_conv_relu_first", secs, "nc_faithful_batched", secs / base, kept=False,
         notes="attempt record: the same run with the library's forward for the one-channel conv and ReLU before "
               "max-pool (the code before session 8); ratio = how many times slower than the default")
-    if not KEPT_FREED_MEMORY:
-        return
-    env = {**os.environ, "NNLAUNDER_MALLOC": "default"}
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe-faithful-nc", str(args.nc_steps)]
-                       + (["--data-dir", args.data_dir] if args.data_dir else []),
-                       env=env, capture_output=True, text=True)
-    if p.returncode != 0:
-        row("nc_faithful_batched_malloc_default", None, kept=False, notes=f"failed: {p.stderr[-300:]}")
-        return
-    secs = json.loads(p.stdout.strip().splitlines()[-1])["seconds"]
-    row("nc_faithful_batched_malloc_default", secs, "nc_faithful_batched", secs / base, kept=False,
-        notes="the same run in a child process with glibc malloc's defaults (NNLAUNDER_MALLOC=default): freed "
-              "blocks of a few MB go back to the kernel and page-fault in again; ratio = how many times slower")
+
+
+def section_malloc(args) -> None:
+    """glibc malloc keeping freed memory (device.keep_freed_memory, opt-in NNLAUNDER_MALLOC=keep) against
+    its defaults, on the faithful batched Neural Cleanse run, each in a fresh child process."""
+    print("[malloc] faithful batched Neural Cleanse, glibc defaults vs freed memory kept", flush=True)
+    secs = {}
+    for mode in ("default", "keep"):
+        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe-faithful-nc", str(args.nc_steps)]
+                           + (["--data-dir", args.data_dir] if args.data_dir else []),
+                           env={**os.environ, "NNLAUNDER_MALLOC": mode}, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"malloc probe ({mode}) failed:\n{p.stderr[-2000:]}")
+        secs[mode] = json.loads(p.stdout.strip().splitlines()[-1])["seconds"]
+    row("malloc_nc_faithful_default", secs["default"],
+        notes=f"faithful batched Neural Cleanse ({args.nc_steps} max epochs, 1000 images) in a child process with "
+              "glibc malloc's defaults (the default)")
+    row("malloc_nc_faithful_kept", secs["keep"], "malloc_nc_faithful_default", secs["default"] / secs["keep"],
+        kept=False, notes="the same with NNLAUNDER_MALLOC=keep (freed blocks up to 32 MB stay in the heap instead of "
+                          "page-faulting in again each step); ratio = speed-up over the default")
 
 
 def probe_faithful_nc(steps: int, data_dir: str | None) -> None:
-    """Child process of faithful_kernel_attempts: the faithful batched run, seconds as one JSON line."""
+    """Child process of section_malloc: the faithful batched run, seconds as one JSON line."""
     model, _ = load_model(ROOT / "models" / "mnist" / "zhang-content")
     x = D.stratified_subset(D.load("mnist", data_dir, "train"), per_class=100, seed=0).x
     t0 = time.perf_counter()
@@ -489,7 +495,8 @@ def section_denormal(args) -> None:
         epoch_seconds=out[False], resets=n_reset)
 
 
-SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "train": "train_", "e2e": "e2e_", "denormal": "denormal_"}
+SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "train": "train_", "e2e": "e2e_", "denormal": "denormal_",
+                  "malloc": "malloc_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
 
@@ -605,9 +612,11 @@ def main(argv=None) -> int:
         section_e2e(args, tr)
     if "denormal" in sections:
         section_denormal(args)
+    if "malloc" in sections:
+        section_malloc(args)
     machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads"
-               + (", glibc malloc keeps freed memory (device.keep_freed_memory)" if KEPT_FREED_MEMORY else ""))
+               + (", glibc malloc keeps freed memory (NNLAUNDER_MALLOC=keep)" if KEPT_FREED_MEMORY else ""))
     merge_previous(sections)
     command = "python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_json(RESULTS / "perf.json", ordered())

@@ -73,18 +73,20 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
 def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed blocks for reuse instead of handing them back to the kernel.
+    """With NNLAUNDER_MALLOC=keep, ask glibc's malloc to keep freed blocks for reuse instead of
+    handing them back to the kernel. Off by default: a measured attempt that was not kept.
 
     PyTorch's CPU allocator takes every activation and gradient from malloc and frees it after the
-    step. With glibc's defaults, blocks of a few MB are mapped fresh or trimmed away, and the next
-    step page-faults them in again: 1190 faults per Neural Cleanse step on the Table 5 MNIST model,
-    7.8 ms -> 5.9 ms per step once they are kept (docs/methods.md). Blocks up to 32 MB are then served
-    from the heap and the heap is not trimmed, so the process keeps its peak heap for its lifetime.
+    step; freed blocks of a few MB can go back to the kernel and page-fault in again on the next step.
+    In a loop of bare Neural Cleanse steps on the Table 5 MNIST model (64 images) keeping them removed
+    1190 page faults per step (7.8 -> 5.9 ms), but a whole faithful Neural Cleanse run measured 1.00x
+    (benchmarks/results/perf.md, section malloc): glibc's own adaptive threshold already keeps most of
+    them. When on, blocks up to 32 MB are served from the heap and the heap is never trimmed.
 
-    Process-wide, so it is called by the entry points (the CLI, the benchmark scripts), never on
-    import. Returns False where it does nothing: not glibc, or NNLAUNDER_MALLOC=default.
+    Process-wide, so the entry points (the CLI, the benchmark scripts) call it, never an import.
+    Returns whether it changed anything (False unless asked, and off glibc Linux).
     """
-    if os.environ.get("NNLAUNDER_MALLOC", "").strip().lower() == "default":
+    if os.environ.get("NNLAUNDER_MALLOC", "").strip().lower() != "keep":
         return False
     import ctypes
     import ctypes.util
