@@ -54,6 +54,7 @@ from torch import nn
 
 from ..device import model_device
 from ..errors import UserError
+from ..kernels import conv_forward_im2col, conv_input_grad, im2col_ok
 from ..train import relu_after_pool
 
 
@@ -127,12 +128,12 @@ SPEED = {"relu_after_pool": True, "im2col_forward": True}
 
 class _InputGradConv2d(torch.autograd.Function):
     """conv2d whose backward gives the input gradient only, as (W^T @ grad_out) followed by k·k
-    shifted adds (col2im), in fp32. For a frozen conv with 1-3 input channels (the first layer, whose
-    input is the stamped image) this is several times faster on a CPU than the library's backward,
-    which runs such convs at a few GFLOP/s (docs/methods.md). The same sums in another order: results
-    agree with the native gradient to rounding, not bit for bit. Computed in fp32 (fp64 for fp64
-    inputs), also under bf16 autocast. On a CPU without autocast a one-channel input's forward is
-    im2col + matmul as well (SPEED["im2col_forward"])."""
+    shifted adds (col2im, `kernels.conv_input_grad`), in fp32. For a frozen conv with 1-3 input
+    channels (the first layer, whose input is the stamped image) this is several times faster on a
+    CPU than the library's backward, which runs such convs at a few GFLOP/s (docs/methods.md). The
+    same sums in another order: results agree with the native gradient to rounding, not bit for bit.
+    Computed in fp32 (fp64 for fp64 inputs), also under bf16 autocast. On a CPU without autocast a
+    one-channel input's forward is im2col + matmul as well (SPEED["im2col_forward"])."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, padding):
@@ -141,40 +142,13 @@ class _InputGradConv2d(torch.autograd.Function):
         if (not SPEED["im2col_forward"] or x.shape[1] != 1 or x.device.type != "cpu"
                 or torch.is_autocast_enabled(x.device.type)):
             return F.conv2d(x, weight, bias, padding=padding)
-        # On a CPU the library's forward crawls for a one-channel input as well (measured 3.1x slower
-        # on the Table 5 MNIST conv; with 3 channels it is fast): im2col (one copy of the k·k shifted
-        # views) and one matmul, giving a channels-last output. The same sums in another order.
-        b = x.shape[0]
-        cout, c, kh, kw = weight.shape
-        ph, pw = padding
-        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-        cols = xp.unfold(2, kh, 1).unfold(3, kw, 1)                 # (b, c, oh, ow, kh, kw), a view
-        oh, ow = cols.shape[2:4]
-        cols = cols.permute(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw)
-        wm = weight.reshape(cout, c * kh * kw).t()
-        out = torch.addmm(bias, cols, wm) if bias is not None else cols @ wm
-        return out.view(b, oh, ow, cout).permute(0, 3, 1, 2)
+        # With 3 channels the library's forward is the faster one (docs/methods.md).
+        return conv_forward_im2col(x, weight, bias, padding)[0]
 
     @staticmethod
     def backward(ctx, go):
         (w,) = ctx.saved_tensors
-        b, c, h, wd = ctx.in_shape
-        ph, pw = ctx.padding
-        cout, _, kh, kw = w.shape
-        oh, ow = go.shape[2:]
-        dt = torch.promote_types(go.dtype, torch.float32)   # bf16 -> fp32; fp32 / fp64 stay
-        wm = w.to(dt).reshape(cout, c * kh * kw)
-        g = go.to(dt)                                    # keeps go's memory layout
-        if g.is_contiguous():
-            gv = g.view(b, cout, oh * ow)
-        else:                                            # channels-last: a free view of (b, oh·ow, cout)
-            gv = g.permute(0, 2, 3, 1).reshape(b, oh * ow, cout).transpose(1, 2)
-        cols = torch.matmul(wm.t(), gv).view(b, c, kh, kw, oh, ow)     # (b, c·kh·kw, oh·ow), contiguous
-        out = torch.zeros(b, c, h + 2 * ph, wd + 2 * pw, dtype=dt, device=go.device)
-        for i in range(kh):
-            for j in range(kw):
-                out[:, :, i:i + oh, j:j + ow].add_(cols[:, :, i, j])   # in place: no slice write-back
-        return out[:, :, ph:ph + h, pw:pw + wd].to(ctx.in_dtype), None, None, None
+        return conv_input_grad(go, w, ctx.in_shape, ctx.padding).to(ctx.in_dtype), None, None, None
 
 
 class InputGradConv(nn.Module):
@@ -192,19 +166,13 @@ class InputGradConv(nn.Module):
         return _InputGradConv2d.apply(x, c.weight, c.bias, c.padding)
 
 
-def _input_grad_ok(m: nn.Module, max_channels: int) -> bool:
-    return (type(m) is nn.Conv2d and m.in_channels <= max_channels and m.stride == (1, 1)
-            and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
-            and isinstance(m.padding, tuple))
-
-
 def with_input_grad_convs(model: nn.Module, max_channels: int = 3) -> nn.Module:
     """A copy of `model` whose convs with at most `max_channels` input channels compute their input
     gradient as a matmul (`InputGradConv`); the original model is not touched."""
     fast = copy.deepcopy(model)
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
-            if _input_grad_ok(child, max_channels):
+            if im2col_ok(child, max_channels):
                 setattr(parent, name, InputGradConv(child))
     return fast
 
