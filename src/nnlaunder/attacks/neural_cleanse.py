@@ -21,7 +21,7 @@ crawls at a few GFLOP/s on a CPU) as one matmul plus k·k shifted adds (`input_g
 default of the faithful preset: the same sums in another order; the fast preset's bf16
 channels-last convs measured faster with the library's backward); with a one-channel image its
 forward is im2col + one matmul too, and every ReLU -> max-pool pair runs as max-pool -> ReLU (exact:
-the same function and gradients). Together 1.2x on the faithful MNIST run (`SPEED`, perf.md).
+the same function and gradients). Together 1.3-1.6x on the faithful MNIST run (`SPEED`, perf.md).
 
 The "fast" preset (`NC_PRESETS["fast"]`, a named departure from Wang et al.; see docs/methods.md)
 adds three switches, each off in the faithful default:
