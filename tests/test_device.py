@@ -36,7 +36,7 @@ def test_cli_device_flag_error_is_one_line(capsys):
     assert err.startswith("nnlaunder: error:") and len(err.strip().splitlines()) == 1
 
 
-def test_keep_freed_memory_is_opt_in(monkeypatch):
+def test_keep_freed_memory_is_opt_in(monkeypatch, capsys):
     import platform
 
     from nnlaunder.device import keep_freed_memory
@@ -45,6 +45,9 @@ def test_keep_freed_memory_is_opt_in(monkeypatch):
     assert keep_freed_memory() is False                  # off unless asked
     monkeypatch.setenv("NNLAUNDER_MALLOC", "default")
     assert keep_freed_memory() is False
+    monkeypatch.setenv("NNLAUNDER_MALLOC", "kepp")                 # a typo: said on one line, then ignored
+    assert keep_freed_memory() is False
+    assert "NNLAUNDER_MALLOC='kepp'" in capsys.readouterr().err
     monkeypatch.setenv("NNLAUNDER_MALLOC", "keep")
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc                  # mallopt accepted where glibc is the allocator

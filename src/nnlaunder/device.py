@@ -86,7 +86,12 @@ def keep_freed_memory() -> bool:
     Process-wide, so the entry points (the CLI, the benchmark scripts) call it, never an import.
     Returns whether it changed anything (False unless asked, and off glibc Linux).
     """
-    if os.environ.get("NNLAUNDER_MALLOC", "").strip().lower() != "keep":
+    mode = os.environ.get("NNLAUNDER_MALLOC", "").strip().lower()
+    if mode not in ("", "default", "keep"):
+        import sys
+        print(f"nnlaunder: NNLAUNDER_MALLOC={mode!r} is not 'keep' or 'default'; using glibc's defaults",
+              file=sys.stderr)
+    if mode != "keep":
         return False
     import ctypes
     import ctypes.util
