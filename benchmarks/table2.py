@@ -181,7 +181,7 @@ def calibrate(group: list[dict], arch: str, ds: str, args) -> tuple[list[dict], 
             units = select_units(discover_units(m, part.x[:2])[0], cfg.layers)
             _, resets, _ = reset_and_retrain(m, part, it["nc"], cfg, units, {})
             accs.append(accuracy(m, held.x, held.y))
-            flips.append(residual_flip(m, held, it["nc"], used_triggers(it["nc"], cfg.triggers)))
+            flips.append(residual_flip(m, held, it["nc"], used_triggers(it["nc"], cfg.triggers, cfg.top_k)))
             variants.append({"dataset": ds, "arch": arch, "scheme": it["meta"]["scheme"], "name": it["name"],
                              "stage": "calibration", "dt": dt, "ct": ct, "epochs": ep, "attacker_acc": accs[-1],
                              "residual_flip": flips[-1], "resets": resets, **it["ev"](1, m)})

@@ -58,13 +58,21 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         raise
 
 
+def tensor_bytes(x: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor of any dtype and shape (0-d included), in row-major order."""
+    if x.is_quantized:
+        x = x.int_repr()
+    flat = x.detach().cpu().contiguous().reshape(-1)   # 0-d -> 1 element: `view` needs a dimension
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
 def weights_digest(model: nn.Module) -> str:
     """SHA-256 of a model's parameters and buffers (names, shapes, dtypes and bytes)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
-        x = v.detach().contiguous().cpu()
+        x = v.detach().cpu()
         h.update(f"{k}{tuple(x.shape)}{x.dtype}".encode())
-        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        h.update(tensor_bytes(x))
     return h.hexdigest()
 
 
@@ -92,12 +100,21 @@ def load_launder_state(path: str | os.PathLike, owner: str) -> tuple[LaunderStat
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     except (SafetensorError, ValueError) as e:
         raise UserError(f"{path}: not a laundering state this version can read ({e}); delete it to start over") from e
-    if not meta or meta.get("owner") != owner:
+    if not isinstance(meta, dict) or meta.get("owner") != owner:
         return None
-    state = LaunderState([RoundInfo(**r) for r in meta["rounds"]],
-                         {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, meta["first_most"],
+    try:
+        bad = [k for k, v in tensors.items() if _kind(v) in ("float", "complex") and not torch.isfinite(v).all()]
+        wrong = [k for k, v in tensors.items() if k.startswith("mask.") and not bool(((v == 0) | (v == 1)).all())]
+        rounds = [RoundInfo(**r) for r in meta["rounds"]]
+        first_most = int(meta["first_most"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: a laundering state with broken metadata ({e}); delete it to start over") from e
+    if bad or wrong or any(_kind(v) == "complex" for v in tensors.values()):
+        raise UserError(f"{path}: a laundering state with NaN/Inf or impossible values in {(bad + wrong)[:3]}; "
+                        "delete it to start over")
+    state = LaunderState(rounds, {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, first_most,
                          {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    return state, meta["extra"]
+    return state, meta["extra"] if isinstance(meta.get("extra"), dict) else {}
 
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -183,6 +200,14 @@ def load_state(path: str | os.PathLike, allow_torch_load: bool = False) -> dict[
     return dict(obj)
 
 
+def _kind(t: torch.Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "float"
+    return "bool" if t.dtype == torch.bool else "int"
+
+
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
     """Load `state` into `model`, with one clear error when names or shapes do not fit."""
     own = model.state_dict()
@@ -198,7 +223,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         if wrong:
             parts.append(f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}")
         raise UserError(f"{source}: tensors do not fit the architecture ({'; '.join(parts)})")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    kinds = [k for k in state if _kind(state[k]) != _kind(own[k])]
+    if kinds:
+        raise UserError(f"{source}: tensors of the wrong kind of dtype "
+                        f"{[(k, str(state[k].dtype), str(own[k].dtype)) for k in kinds[:3]]} (name, got, expected)")
+    bad = [k for k, v in state.items() if _kind(v) != "int" and not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{source}: NaN or Inf in {bad[:3]}")
     model.load_state_dict(state)

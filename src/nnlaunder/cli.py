@@ -25,7 +25,7 @@ from .checkpoint import (
     weights_digest,
 )
 from .device import deterministic, keep_freed_memory, set_device
-from .errors import UserError
+from .errors import Inconclusive, UserError
 from .models import ARCHS, DEFAULT_ARCH, build, check_fits
 from .recipes import owner_config
 from .train import NonFiniteLoss, TrainConfig, accuracy
@@ -256,7 +256,9 @@ def launder_cfg(args: argparse.Namespace):
 
     overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
                                     ("threshold_mode", args.threshold_mode), ("layers", args.layers),
-                                    ("triggers", args.triggers), ("add_masks", args.add_masks)) if v is not None}
+                                    ("triggers", args.triggers), ("add_masks", args.add_masks),
+                                    ("top_k", args.top_k), ("diff", args.diff), ("measure", args.measure),
+                                    ("bn_stats", args.bn_stats), ("stamping", args.stamping)) if v is not None}
     nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
     base = launder_config(args.variant).retrain
     retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
@@ -307,7 +309,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
             threshold = _threshold_value(args, args.verify_scheme)
     on_round = evaluator(te, wm)
     before = on_round(0, model)
-    print(f"attacker's clean set: {len(clean)} images ({args.budget:.2%} of {dataset} train); "
+    print(f"attacker's clean set: {len(clean)} images ({len(clean) / len(tr):.2%} of {dataset} train); "
           f"before: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
 
     def show(r, m, info):
@@ -560,8 +562,21 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--ct", type=_float, help="conv-layer threshold")
     s.add_argument("--threshold-mode", choices=("absolute", "relative"))
     s.add_argument("--layers", choices=("all", "second-half"))
-    s.add_argument("--triggers", choices=("all", "flagged"))
-    s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--triggers", choices=("all", "flagged", "top-k"),
+                   help="recovered triggers used: every class, the flagged ones (else the smallest mask), or the "
+                        "--top-k smallest masks (default: the variant's)")
+    s.add_argument("--top-k", type=_positive_int, help="with --triggers top-k: how many (default 3)")
+    s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="retrain on the recovered masks labelled as the least likely class (the paper's step 3)")
+    s.add_argument("--diff", choices=("pooled", "per-trigger"),
+                   help="Algorithm 1's activation difference over all used triggers pooled, or per trigger with "
+                        "the resets united")
+    s.add_argument("--measure", choices=("relu", "branch"),
+                   help="read a unit at the first ReLU after it, or at its own output before a residual add")
+    s.add_argument("--bn-stats", choices=("keep", "reset", "reestimate"),
+                   help="batch-norm running statistics before retraining (faithful: reset)")
+    s.add_argument("--stamping", choices=("each", "random"),
+                   help="retraining images stamped with each used trigger, or one drawn at random per image")
     s.add_argument("--nc-epochs", type=_positive_int, help="cap on Neural Cleanse epochs (default 1000)")
     s.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
                    help="Neural Cleanse settings: Wang et al.'s (default) or this project's fast preset "
@@ -656,6 +671,9 @@ def main(argv: list[str] | None = None) -> int:
                 if s.strip() and s.strip() not in SCHEMES:
                     raise UserError(f"unknown scheme {s.strip()!r}; choose from {', '.join(SCHEMES)}")
         return args.func(args)
+    except Inconclusive as e:
+        print(f"nnlaunder: {e}", file=sys.stderr)
+        return 3
     except UserError as e:
         print(f"nnlaunder: error: {e}", file=sys.stderr)
         return 2

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """A mistake the user can fix (bad argument, missing file, wrong dataset for a model)."""
+
+
+class Inconclusive(UserError):
+    """No verdict can be given: the model's outputs on the inputs that decide it are not real
+    predictions (NaN or Inf). The CLI says so and exits with code 3, never "owned"."""

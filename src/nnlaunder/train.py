@@ -171,19 +171,41 @@ def relu_after_pool(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted labels (N,) in eval mode, on the CPU (x may live anywhere)."""
+def predict_checked(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, int]:
+    """(predicted labels (N,), number of inputs whose outputs hold NaN or Inf), in eval mode, on the
+    CPU. An input with a non-finite output has no prediction: its label is -1, never a class
+    (argmax over NaN would name class 0)."""
     was = model.training
     model.eval()
     dev = model_device(model)
-    out = torch.cat([model(x[i:i + batch_size].to(dev)).argmax(1).cpu() for i in range(0, len(x), batch_size)]) \
-        if len(x) else torch.empty(0, dtype=torch.long)
-    model.train(was)
-    return out
+    preds, bad = [], 0
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                out = model(x[i:i + batch_size].to(dev))
+                if not isinstance(out, torch.Tensor) or out.ndim != 2:
+                    raise UserError(f"the model's output is {type(out).__name__} "
+                                    f"{tuple(getattr(out, 'shape', ()))}, not (batch, classes) logits")
+                if out.is_complex():
+                    raise UserError("the model's outputs are complex numbers, not logits")
+                ok = torch.isfinite(out).all(1)
+                p = out.argmax(1)
+                p[~ok] = -1
+                bad += int((~ok).sum())
+                preds.append(p.cpu())
+    finally:
+        model.train(was)
+    return (torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)), bad
+
+
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Predicted labels (N,) in eval mode, on the CPU (x may live anywhere); -1 where the
+    model's output is NaN or Inf, so such an input never counts as a hit."""
+    return predict_checked(model, x, batch_size)[0]
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Accuracy in percent (0-100)."""
+    """Accuracy in percent (0-100); an input with a non-finite output counts as wrong."""
     if len(x) == 0:
         raise UserError("cannot measure accuracy on an empty set")
     return 100.0 * (predict(model, x, batch_size) == y.cpu()).float().mean().item()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -42,11 +43,14 @@ from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, train
 from .neural_cleanse import NCConfig, NCResult, neural_cleanse, stamp
-from .units import Unit, discover_units, mean_activations, select_units
+from .units import MEASURE_POINTS, Unit, discover_units, mean_activations, select_units
 
-TRIGGER_CHOICES = ("all", "flagged")
+TRIGGER_CHOICES = ("all", "flagged", "top-k")
 THRESHOLD_MODES = ("absolute", "relative")
 LAYER_CHOICES = ("all", "second-half")
+BN_STATS = ("keep", "reset", "reestimate")
+STAMPING = ("each", "random")
+DIFF_MODES = ("pooled", "per-trigger")
 
 
 @dataclass(frozen=True)
@@ -56,8 +60,18 @@ class LaunderConfig:
     ct: float = 0.5                      # conv threshold
     threshold_mode: str = "absolute"     # "absolute": diff > t; "relative": diff > t · mean clean act of layer
     layers: str = "all"                  # "all" | "second-half" (deep ResNets, as in the paper)
-    triggers: str = "all"                # which recovered triggers: "all" classes | "flagged"
+    triggers: str = "all"                # which recovered triggers: "all" | "flagged" | "top-k" smallest masks
+    top_k: int = 3                       # with triggers = "top-k"
     add_masks: bool = True               # recovered masks as images labelled the least likely class
+    diff: str = "pooled"                 # "pooled": one A_diff over every used trigger's stamped images
+    #                                      (Algorithm 1); "per-trigger": one A_diff per trigger, resets united
+    measure: str = "relu"                # where a unit is read: "relu" (first ReLU after it) | "branch"
+    #                                      (its own output after its own batch norm, before a residual add)
+    bn_stats: str = "keep"               # batch-norm running statistics before retraining: "keep" |
+    #                                      "reset" (mean 0, var 1: the paper's "reset the batch normalization")
+    #                                      | "reestimate" (recomputed on the attacker's clean set)
+    stamping: str = "each"               # retraining set: every clean image stamped with "each" used
+    #                                      trigger, or with one trigger drawn at "random" per image
     early_stop: bool = True              # stop when round 1's most likely class becomes least likely
     holdout: float = 0.0                 # fraction of the clean set kept aside for the attacker's own check
     nc: NCConfig = NCConfig()
@@ -71,6 +85,12 @@ class LaunderConfig:
             (self.threshold_mode in THRESHOLD_MODES, f"threshold_mode must be one of {THRESHOLD_MODES}"),
             (self.layers in LAYER_CHOICES, f"layers must be one of {LAYER_CHOICES}"),
             (self.triggers in TRIGGER_CHOICES, f"triggers must be one of {TRIGGER_CHOICES}"),
+            (isinstance(self.top_k, int) and self.top_k >= 1, f"top_k must be an integer >= 1, got {self.top_k}"),
+            (self.diff in DIFF_MODES, f"diff must be one of {DIFF_MODES}"),
+            (self.measure in MEASURE_POINTS, f"measure must be one of {MEASURE_POINTS}"),
+            (self.bn_stats in BN_STATS, f"bn_stats must be one of {BN_STATS}"),
+            (self.stamping in STAMPING, f"stamping must be one of {STAMPING}"),
+            (math.isfinite(self.dt) and math.isfinite(self.ct), f"dt and ct must be finite, got {self.dt}, {self.ct}"),
             (0 <= self.holdout < 1, f"holdout must be in [0, 1), got {self.holdout}"),
         ]
         for ok, msg in checks:
@@ -80,7 +100,9 @@ class LaunderConfig:
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # DT = CT = 0.5 (absolute) is the prototype calibration in facts.md; the paper gives no values.
+    # "Before retraining, we also reset the batch normalization" (§5, Adi et al.'s models).
     "faithful": {"triggers": "all", "add_masks": True, "threshold_mode": "absolute", "dt": 0.5, "ct": 0.5,
+                 "bn_stats": "reset",
                  "retrain": TrainConfig(epochs=20, batch_size=32, optimizer="adam", lr=1e-3)},
     # Thresholds are multiples of the layer's mean clean activation; short, gentle retraining
     # (held-out accuracy plateaus within 5 epochs; longer retraining regrows the watermark).
@@ -146,10 +168,11 @@ OnState = Callable[[LaunderState, NCResult], None]
 
 # --------------------------------------------------------------------------------------------
 def activation_differences(model: nn.Module, units: list[Unit], clean_x: torch.Tensor,
-                           stamped_x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                           stamped_x: torch.Tensor, point: str = "relu"
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Algorithm 1, lines 3-10: (A_diff = AW_avg - AN_avg, AN_avg) per unit."""
-    an = mean_activations(model, units, clean_x)
-    aw = mean_activations(model, units, stamped_x)
+    an = mean_activations(model, units, clean_x, point=point)
+    aw = mean_activations(model, units, stamped_x, point=point)
     return {k: aw[k] - an[k] for k in an}, an
 
 
@@ -194,11 +217,21 @@ def apply_reset(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
             params[n].mul_(m)
 
 
-def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool, stamping: str = "each",
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3's set: the clean images; the clean images stamped with the used triggers, labelled with
+    their true class (every image with "each" trigger, or with one trigger drawn per image at
+    "random"); and, with `add_masks`, the used triggers' masks themselves labelled as the least
+    likely infected class."""
     xs, ys = [clean.x], [clean.y]
-    for t in used:
-        xs.append(stamp(clean.x, nc.masks[t], nc.patterns[t]))
+    if stamping == "each":
+        for t in used:
+            xs.append(stamp(clean.x, nc.masks[t], nc.patterns[t]))
+            ys.append(clean.y)
+    else:
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.tensor(used)[torch.randint(len(used), (len(clean),), generator=g)]
+        xs.append(stamp(clean.x, nc.masks[pick], nc.patterns[pick]))
         ys.append(clean.y)
     if add_masks:
         c = clean.x.shape[1]
@@ -207,24 +240,79 @@ def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool
     return torch.cat(xs), torch.cat(ys)
 
 
-def used_triggers(nc: NCResult, which: str) -> list[int]:
-    """The recovered triggers a round works with: every class, or the flagged ones (the
-    smallest-mask class when nothing is flagged: the attacker must assume a watermark, §7.6)."""
-    return list(range(len(nc.l1))) if which == "all" else (nc.flagged or [nc.most_likely])
+def used_triggers(nc: NCResult, which: str, top_k: int = 3) -> list[int]:
+    """The recovered triggers a round works with: every class, the flagged ones (the
+    smallest-mask class when nothing is flagged: the attacker must assume a watermark, §7.6), or
+    the `top_k` classes with the smallest masks."""
+    if which == "all":
+        return list(range(len(nc.l1)))
+    if which == "top-k":
+        return sorted(torch.argsort(torch.as_tensor(nc.l1), stable=True)[:top_k].tolist())
+    return nc.flagged or [nc.most_likely]
+
+
+def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> None:
+    """Recompute every batch norm's running mean and variance on `x`: a forward pass with the batch
+    norms in training mode (cumulative average over batches, as torch's SWA `update_bn`), every
+    other layer (dropout) in eval mode; weights are untouched."""
+    bns = batch_norms(model)
+    if not bns:
+        return
+    was = model.training
+    model.eval()
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        dev = next(model.parameters()).device
+        for i in range(0, len(x), batch_size):
+            model(x[i:i + batch_size].to(dev))
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+        model.train(was)
+
+
+def choose_resets(model: nn.Module, units: list[Unit], clean: Dataset, nc: NCResult, used: list[int],
+                  cfg: LaunderConfig) -> dict[str, torch.Tensor]:
+    """Algorithm 1's choice of units to reset: over the pooled stamped images of every used
+    trigger, or per trigger with the resets united (`cfg.diff`)."""
+    if cfg.diff == "pooled":
+        stamped = torch.cat([stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
+        diff, an = activation_differences(model, units, clean.x, stamped, cfg.measure)
+        return select_resets(units, diff, an, cfg.dt, cfg.ct, cfg.threshold_mode)
+    an = mean_activations(model, units, clean.x, point=cfg.measure)
+    chosen: dict[str, torch.Tensor] = {u.name: torch.empty(0, dtype=torch.long) for u in units}
+    for t in used:
+        aw = mean_activations(model, units, stamp(clean.x, nc.masks[t], nc.patterns[t]), point=cfg.measure)
+        one = select_resets(units, {k: aw[k] - an[k] for k in an}, an, cfg.dt, cfg.ct, cfg.threshold_mode)
+        chosen = {k: torch.unique(torch.cat([chosen[k], one[k]])) for k in chosen}
+    return chosen
 
 
 def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: LaunderConfig, units: list[Unit],
                       masks: dict[str, torch.Tensor], round_idx: int = 1, progress: bool = False
                       ) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
-    """Steps 2 and 3 of one round, in place: Algorithm 1's resets, then retraining with the reset
-    weights held at zero. Returns (all masks so far, resets per layer, retraining seconds)."""
-    used = used_triggers(nc, cfg.triggers)
-    stamped = torch.cat([stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
-    diff, an = activation_differences(model, units, clean.x, stamped)
-    chosen = select_resets(units, diff, an, cfg.dt, cfg.ct, cfg.threshold_mode)
+    """Steps 2 and 3 of one round, in place: Algorithm 1's resets (and the batch norms' statistics
+    as `cfg.bn_stats` says), then retraining with the reset weights held at zero. Returns (all
+    masks so far, resets per layer, retraining seconds)."""
+    used = used_triggers(nc, cfg.triggers, cfg.top_k)
+    chosen = choose_resets(model, units, clean, nc, used, cfg)
     masks = reset_masks(model, units, chosen, masks)
     apply_reset(model, masks)
-    rx, ry = _retrain_set(clean, nc, used, cfg.add_masks)
+    if cfg.bn_stats == "reset":
+        for m in batch_norms(model):
+            m.reset_running_stats()
+    elif cfg.bn_stats == "reestimate":
+        reestimate_bn(model, clean.x)
+    rx, ry = _retrain_set(clean, nc, used, cfg.add_masks, cfg.stamping, cfg.seed + round_idx)
     t1 = time.perf_counter()
     rcfg = dataclasses.replace(cfg.retrain, seed=cfg.retrain.seed + round_idx)
     train(model, rx, ry, rcfg, masks=masks, progress="retrain" if progress else False)
@@ -275,7 +363,10 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         if len(resume.rounds) > cfg.rounds:
             raise UserError(f"the state to resume has {len(resume.rounds)} rounds, more than the {cfg.rounds} "
                             "asked for")
-        model.load_state_dict(resume.model_state)
+        try:
+            model.load_state_dict(resume.model_state)
+        except RuntimeError as e:
+            raise UserError(f"the laundering state to resume does not fit this model ({str(e).splitlines()[0]})") from e
         masks, rounds, first_most = dict(resume.masks), list(resume.rounds), resume.first_most
     start = len(rounds) + 1 if not (rounds and rounds[-1].stopped) else cfg.rounds + 1
     for r in range(start, cfg.rounds + 1):
@@ -297,7 +388,7 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         ncs.append(nc)
         first_most = nc.most_likely if first_most is None else first_most
         info = RoundInfo(r, nc.seconds, nc.epochs.tolist(), nc.l1.tolist(), nc.anomaly.tolist(), nc.flagged,
-                         used_triggers(nc, cfg.triggers), nc.most_likely, nc.least_likely, {})
+                         used_triggers(nc, cfg.triggers, cfg.top_k), nc.most_likely, nc.least_likely, {})
         if cfg.early_stop and r > 1 and nc.least_likely == first_most:
             info.stopped = True
         else:

@@ -25,6 +25,8 @@ class Unit:
     width: int                # output channels / features
     act: str                  # name of the ReLU whose output is the activation
     bn: str | None            # name of the batch norm to reset with it, if any
+    own: str = ""             # the module whose output is this unit's own output: its batch norm when
+    #                           that runs before the ReLU (conv-BN-ReLU, a ResNet branch), else the layer
 
 
 def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit], list[tuple[str, str]]]:
@@ -69,15 +71,17 @@ def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit],
         if act is None:
             skipped.append((name, "no ReLU after it"))
             continue
-        bn = None
+        bn, own = None, name
+        relu_at = next(j for j in range(i + 1, len(order)) if order[j] == act)
         for j in range(i + 1, len(order)):
             m = mods[order[j]]
             if isinstance(m, nn.Conv2d | nn.Linear):
                 break
             if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.num_features == width:
                 bn = order[j]
+                own = bn if j < relu_at else name
                 break
-        units.append(Unit(name, "conv" if isinstance(mod, nn.Conv2d) else "dense", width, act, bn))
+        units.append(Unit(name, "conv" if isinstance(mod, nn.Conv2d) else "dense", width, act, bn, own))
     return units, skipped
 
 
@@ -90,21 +94,36 @@ def select_units(units: list[Unit], which: str) -> list[Unit]:
     raise ValueError(f"unknown layer selection {which!r}")
 
 
+MEASURE_POINTS = ("relu", "branch")
+
+
+def measure_module(u: Unit, point: str) -> str:
+    """Where a unit's activation is read. "relu": the first ReLU after the layer (after a residual
+    add, for a ResNet block's second conv and its shortcut). "branch": the unit's own output
+    (after its own batch norm, before any add), rectified: the quantity a reset sets to zero."""
+    if point not in MEASURE_POINTS:
+        raise ValueError(f"unknown measure point {point!r}")
+    return u.act if point == "relu" else (u.own or u.name)
+
+
 @torch.no_grad()
-def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch_size: int = 500
-                     ) -> dict[str, torch.Tensor]:
-    """Per unit: mean activation per channel/neuron over x (and over positions for convs)."""
+def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch_size: int = 500,
+                     point: str = "relu") -> dict[str, torch.Tensor]:
+    """Per unit: mean activation per channel/neuron over x (and over positions for convs), read
+    where `point` says (`measure_module`)."""
     mods = dict(model.named_modules())
-    acts = {u.act for u in units}
+    where = {u.name: measure_module(u, point) for u in units}
     sums: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def f(mod, inp, out):
+            if point == "branch":
+                out = out.clamp_min(0)
             v = out.sum(dim=(0, 2, 3)) / (out.shape[2] * out.shape[3]) if out.ndim == 4 else out.sum(0)
             sums[name] = sums.get(name, 0) + v
         return f
 
-    hooks = [mods[a].register_forward_hook(hook(a)) for a in acts]
+    hooks = [mods[a].register_forward_hook(hook(a)) for a in set(where.values())]
     was = model.training
     model.eval()
     try:
@@ -115,4 +134,4 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
         for h in hooks:
             h.remove()
         model.train(was)
-    return {u.name: sums[u.act].cpu() / len(x) for u in units}
+    return {u.name: sums[where[u.name]].cpu() / len(x) for u in units}

@@ -179,7 +179,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
         res = ATTACKS[cell.attack].run(model, clean, cfg)
         rows.append({"round": 1, **ev(1, res.model), "threshold": th, "seconds": res.seconds})
     for r in rows:
-        r["removed"] = r["wm_acc"] < th
+        r["removed"] = r["wm_acc"] < th and not r.get("wm_nonfinite")   # NaN outputs prove no removal
     last = rows[-1]
     summary = {"n_clean": len(clean), "threshold": th, "orig_test_acc": rows[0]["test_acc"],
                "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"], "wm_acc": last["wm_acc"],

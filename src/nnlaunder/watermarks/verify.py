@@ -16,14 +16,18 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from ..errors import UserError
-from ..train import predict
+from ..errors import Inconclusive, UserError
+from ..train import predict_checked
 from .schemes import Watermark
 
 
 def wm_hits(model: nn.Module, wm: Watermark) -> tuple[int, int]:
-    """(hits, n) on the verification set."""
-    pred = predict(model, wm.verify_x)
+    """(hits, n) on the verification set. Raises `Inconclusive` when any verification output is
+    NaN or Inf: a watermark accuracy is never computed over predictions that are not real."""
+    pred, bad = predict_checked(model, wm.verify_x)
+    if bad:
+        raise Inconclusive(f"inconclusive: the model's outputs on {bad} of {len(wm.verify_y)} verification inputs "
+                           "are NaN or Inf; no watermark accuracy and no verdict can be given")
     return int((pred == wm.verify_y).sum()), len(wm.verify_y)
 
 
