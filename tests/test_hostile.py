@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -133,3 +134,173 @@ def test_tampered_resume_state_is_refused(owner, tiny, tmp_path, capsys):
     code, out, err = _run([*args, "--resume"], tiny, capsys)
     assert code == 2 and "NaN/Inf" in err and "round 2" not in out
     json.loads(meta["launder_state"])          # the metadata itself was left intact
+
+
+# ---- validation at the door: each hostile input ends in one line naming the file or field
+def _one_line(code: int, err: str, needle: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+def _exp(tmp_path: Path, body: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(body)
+    return p
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('name = "../../escape"\n', "name:"),
+    ('name = "has space"\n', "name:"),
+    ('[attack_params]\nnc = {lr = inf}\n', "finite"),
+    ('[attack_params]\nnc = {max_epochs = 0}\n', "Neural Cleanse"),
+    ('[attack_params]\ndt = nan\n', "finite"),
+    ('scheme_params = {target = 99}\n', "target: 99"),
+    ('scheme_params = {n_embed = -5}\n', "n_embed"),
+    ('threshold = nan\n', "finite"),
+    ('[sweep]\nseed = [' + ",".join(str(i) for i in range(200)) + ']\nowner_seed = ['
+     + ",".join(str(i) for i in range(200)) + ']\n', "more than"),
+    ('a = ' + "[" * 600 + "]" * 600 + '\n', "exp.toml"),
+])
+def test_experiment_files_are_checked_at_dry_run(tmp_path, capsys, body, needle):
+    import time
+
+    t0 = time.perf_counter()
+    code = main(["run", str(_exp(tmp_path, body)), "--workspace", str(tmp_path / "ws"), "--dry-run"])
+    _one_line(code, capsys.readouterr().err, needle)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_report_stays_inside_its_folder(tmp_path, capsys):
+    from nnlaunder.report.build import _slug
+
+    assert "/" not in _slug("rounds-../../x-mnist-a b.png") and not _slug("../x").startswith(".")
+
+
+def _write_idx(path: Path, arr: np.ndarray, code: int = 0x08) -> None:
+    import gzip
+    import struct
+
+    header = bytes([0, 0, code, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    body = arr.astype(">f4").tobytes() if code == 0x0D else arr.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(header + body))
+
+
+def _copy_tiny(tiny: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(tiny, dst)
+    return dst
+
+
+def test_idx_labels_out_of_range_and_wrong_dtypes(tiny, tmp_path, capsys):
+    from nnlaunder import data as D
+
+    d = _copy_tiny(tiny, tmp_path / "d")
+    _write_idx(d / "mnist" / "t10k-labels-idx1-ubyte.gz", np.full(100, 42))
+    D._CACHE.clear()
+    _one_line(main(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+                    str(d)]), capsys.readouterr().err, "labels go up to 42")
+    _write_idx(d / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros(100), code=0x0D)
+    D._CACHE.clear()
+    _one_line(main(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+                    str(d)]), capsys.readouterr().err, "unsigned bytes")
+    import gzip
+    import struct
+    (d / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1)))
+    D._CACHE.clear()
+    _one_line(main(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+                    str(d)]), capsys.readouterr().err, "header says")
+    D._CACHE.clear()
+
+
+def test_cifar_batches_of_floats_are_refused(tiny, tmp_path, capsys):
+    import pickle
+
+    from nnlaunder import data as D
+
+    d = _copy_tiny(tiny, tmp_path / "d")
+    with open(d / "cifar10" / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.full((10, 3072), 300.5), b"labels": list(range(10))}, f, protocol=4)
+    D._CACHE.clear()
+    _one_line(main(["train", "--dataset", "cifar10", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+                    str(d)]), capsys.readouterr().err, "uint8 array")
+    D._CACHE.clear()
+
+
+def test_threads_are_capped(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "x", "--threads", "50000"])
+    assert e.value.code == 2 and "at most" in capsys.readouterr().err
+
+
+def test_image_folders_skip_fifos_and_refuse_bombs(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    from nnlaunder.data.external import read_image_folder
+    from nnlaunder.errors import UserError
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / c / "1.png")
+    os.mkfifo(tmp_path / "a" / "a.png")                     # would block a reader forever
+    assert len(read_image_folder(tmp_path)) == 2
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)      # an 8x8 image is now a "bomb"
+    with pytest.raises(UserError, match="decompression-bomb"):
+        read_image_folder(tmp_path)
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: np.savez(p, x=np.zeros((3, 8, 8), np.uint8), y=np.array([0, 1, 2**40])), "at most"),
+    (lambda p: p.write_bytes(b""), "not a readable .npz"),
+    (lambda p: p.write_bytes(b"PK\x03\x04garbage"), "not a readable .npz"),
+])
+def test_hostile_npz(tmp_path, make, needle):
+    from nnlaunder.data.external import read_npz
+    from nnlaunder.errors import UserError
+
+    p = tmp_path / "d.npz"
+    make(p)
+    with pytest.raises(UserError, match=needle):
+        read_npz(p)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ('{"thresholds": {"zhang-content": "abc"}}', "percentage"),
+    ('{"thresholds": {"zhang-content": 150}}', "percentage"),
+    ('{"thresholds": ["zhang-content"]}', "no threshold"),
+    ('\udcff', "no threshold"),
+])
+def test_hostile_threshold_files(owner, tiny, tmp_path, capsys, text, needle):
+    p = tmp_path / "t.json"
+    p.write_bytes(text.encode("utf-8", "surrogateescape"))
+    code, _, err = _run(["verify", str(owner), "--threshold-file", str(p)], tiny, capsys)
+    _one_line(code, err, needle)
+
+
+@pytest.mark.parametrize("meta,needle", [
+    ({"arch": ["mnist-cnn"], "num_classes": 10}, "'arch'"),
+    ({"arch": "mnist-cnn", "num_classes": 10**9}, "'num_classes'"),
+    ({"arch": "mnist-cnn", "num_classes": 10, "scheme_params": [1]}, "'scheme_params'"),
+])
+def test_hostile_metadata(owner, tiny, tmp_path, capsys, meta, needle):
+    dst = tmp_path / "m"
+    dst.with_suffix(".safetensors").write_bytes(owner.with_suffix(".safetensors").read_bytes())
+    dst.with_suffix(".json").write_text(json.dumps(meta))
+    code, _, err = _run(["verify", str(dst), "--threshold", "1"], tiny, capsys)
+    _one_line(code, err, needle)
+    dst.with_suffix(".json").write_bytes(b"\xff\xfe{")
+    code, _, err = _run(["verify", str(dst), "--threshold", "1"], tiny, capsys)
+    _one_line(code, err, "UTF-8 JSON")
+
+
+def test_written_files_follow_the_umask(owner):
+    import os
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (owner.with_suffix(".safetensors"), owner.with_suffix(".json")):
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f

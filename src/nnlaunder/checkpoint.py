@@ -25,11 +25,19 @@ from .errors import UserError
 from .models import build
 
 
+def _umask_mode() -> int:
+    """The mode a plain `open()` would give a new file (0666 less the umask); mkstemp's is 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -52,6 +60,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -157,11 +166,21 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"missing model metadata {p} (a model is <name>.safetensors + <name>.json)")
     try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p}: not valid JSON ({e})") from e
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise UserError(f"{p}: not valid UTF-8 JSON ({str(e).splitlines()[0][:200]})") from e
     if not isinstance(meta, dict) or "arch" not in meta or "num_classes" not in meta:
         raise UserError(f"{p}: metadata must name 'arch' and 'num_classes'")
+    checks = [("arch", isinstance(meta["arch"], str), "a string"),
+              ("num_classes", type(meta["num_classes"]) is int and 2 <= meta["num_classes"] <= 100_000,
+               "an integer in [2, 100000]"),
+              ("dataset", meta.get("dataset") is None or isinstance(meta.get("dataset"), str), "a string"),
+              ("scheme", meta.get("scheme") is None or isinstance(meta.get("scheme"), str), "a string or null"),
+              ("scheme_params", meta.get("scheme_params") is None or isinstance(meta.get("scheme_params"), dict),
+               "a table or null")]
+    for field_, ok, want in checks:
+        if not ok:
+            raise UserError(f"{p}: field {field_!r} must be {want}, got {meta.get(field_)!r:.80}")
     return meta
 
 

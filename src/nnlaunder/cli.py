@@ -53,6 +53,14 @@ def _int_at_least(low: int):
 
 
 _positive_int = _int_at_least(1)
+MAX_THREADS = 1024
+
+
+def _threads(s: str) -> int:
+    v = _positive_int(s)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {v}")
+    return v
 _nonneg_int = _int_at_least(0)
 
 
@@ -93,7 +101,7 @@ def _params(items: list[str] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="dataset folder (default: $NNLAUNDER_DATA)")
-    p.add_argument("--threads", type=_positive_int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=_threads, help=f"torch threads, 1-{MAX_THREADS} (default: all cores)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (default: $NNLAUNDER_DEVICE or cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--allow-torch-load", action="store_true",
@@ -197,9 +205,11 @@ def _threshold_value(args: argparse.Namespace, scheme: str) -> float:
         if not p.is_file():
             raise UserError(f"missing threshold file {p} (make one with `nnlaunder threshold`)")
         try:
-            t = json.loads(p.read_text())["thresholds"][scheme]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            t = json.loads(p.read_text(encoding="utf-8"))["thresholds"][scheme]
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
             raise UserError(f"{p}: no threshold for {scheme!r} in it") from e
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 100:
+            raise UserError(f"{p}: the threshold for {scheme!r} must be a percentage in [0, 100], got {t!r:.80}")
         return float(t)
     raise UserError("pass --threshold PERCENT or --threshold-file FILE (from `nnlaunder threshold`)")
 

@@ -4,6 +4,7 @@ wrong types with an error that names the key."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, TypeVar
@@ -24,7 +25,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
                 return _check_type(value, arm, key)
             except UserError as e:
                 errors.append(str(e))
-        raise UserError(f"{key}: {value!r} is not a {tp}")
+        real = [e for e in errors if "expected null" not in e]
+        raise UserError(real[0] if len(real) == 1 else f"{key}: {value!r} is not a {tp}")
     if tp is type(None):
         if value is None:
             return None
@@ -32,6 +34,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UserError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UserError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

@@ -84,7 +84,9 @@ class NCConfig:
     #                                      ("native": the library's backward; same sums, another order)
 
     def __post_init__(self) -> None:
-        if not (self.lr > 0 and self.batch_size >= 1 and self.max_epochs >= 1 and self.patience >= 1
+        finite = all(math.isfinite(v) for v in (self.lr, self.success, self.init_cost)
+                     if isinstance(v, int | float))
+        if not (finite and self.lr > 0 and self.batch_size >= 1 and self.max_epochs >= 1 and self.patience >= 1
                 and 0 < self.success <= 1 and self.init_cost > 0
                 and (self.steps_per_epoch is None or self.steps_per_epoch >= 1)
                 and (self.class_chunk is None or self.class_chunk >= 1)

@@ -83,8 +83,13 @@ def _idx_pair(folder: Path, split: str, hint: str) -> tuple[np.ndarray, np.ndarr
     prefix = "train" if split == "train" else "t10k"
     x = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", hint)
     y = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", hint)
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y) or len(y) == 0:
         raise UserError(f"{folder}: {prefix} images {x.shape} and labels {y.shape} do not match")
+    if x.dtype != np.uint8 or y.dtype != np.uint8:
+        raise UserError(f"{folder}: {prefix} images and labels must be unsigned bytes (IDX type 0x08), got "
+                        f"{x.dtype} / {y.dtype}")
+    if int(y.max()) > 9:
+        raise UserError(f"{folder}: {prefix} labels go up to {int(y.max())}; this dataset has 10 classes (0-9)")
     return x, y.astype(np.int64)
 
 
@@ -120,6 +125,8 @@ DATASETS: dict[str, Callable[[Path, str], Dataset]] = {
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
 }
+
+NUM_CLASSES = {"mnist": len(MNIST_CLASSES), "fashion-mnist": len(FASHION_CLASSES), "cifar10": len(CIFAR10_CLASSES)}
 
 _CACHE: dict[tuple[str, str, str], Dataset] = {}
 

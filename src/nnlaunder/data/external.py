@@ -9,6 +9,8 @@ Both give a `Dataset` like the registered ones: x float32 (N,C,H,W) in [0, 1], y
 from __future__ import annotations
 
 import os
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,9 @@ from . import Dataset
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+MAX_CLASSES = 100_000
+
+
 def read_image_folder(folder: str | os.PathLike) -> Dataset:
     from PIL import Image, UnidentifiedImageError
 
@@ -29,16 +34,20 @@ def read_image_folder(folder: str | os.PathLike) -> Dataset:
         raise UserError(f"{root}: an image folder needs one sub-folder per class (e.g. {root}/cat/1.png)")
     files: list[tuple[Path, int]] = []
     for k, c in enumerate(classes):
-        found = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
         if not found:
             raise UserError(f"{root / c}: no PNG/JPEG images in this class folder")
         files += [(f, k) for f in found]
     images = []
     for f, _ in files:
         try:
-            with Image.open(f) as im:
-                images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()))
-        except (UnidentifiedImageError, OSError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise UserError(f"{f}: refused, its pixel count is over Pillow's decompression-bomb limit ({e})") from e
+        except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"{f}: not a readable image ({e})") from e
     gray = all(a.ndim == 2 for a in images)
     if not gray:      # a mixed folder: grey images become three equal channels
@@ -59,13 +68,15 @@ def read_npz(path: str | os.PathLike) -> Dataset:
                 raise UserError(f"{p}: an .npz needs arrays 'x' (images) and 'y' (labels), has {sorted(z.files)}")
             x, y = z["x"], z["y"]
             classes = tuple(str(c) for c in z["classes"]) if "classes" in z else None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{p}: not a readable .npz without pickled objects ({e})") from e
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{p}: 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
     if y.size and y.min() < 0:
         raise UserError(f"{p}: labels must be >= 0")
     n = int(y.max()) + 1 if y.size else 0
+    if n > MAX_CLASSES:
+        raise UserError(f"{p}: labels go up to {n - 1}; at most {MAX_CLASSES} classes are supported")
     if classes is not None and len(classes) < n:
         raise UserError(f"{p}: 'classes' names {len(classes)} classes but labels go up to {n - 1}")
     return _dataset(p.stem, x, y.astype(np.int64), classes or tuple(str(i) for i in range(n)), str(p))

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +51,7 @@ def read_idx(path: Path, hint: str = "") -> np.ndarray:
     if len(raw) < header:
         raise UserError(f"{path}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize          # Python ints: a huge header cannot wrap around
     if len(raw) - header != expected:
         raise UserError(f"{path}: IDX body has {len(raw) - header} bytes, header says {expected}; "
                         "the file is truncated or corrupt")
@@ -80,11 +82,17 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         d = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         data, labels = d[b"data"], d[b"labels"]
-        x = np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32)
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+            raise ValueError(f"'data' must be a uint8 array of shape (N, 3072), got "
+                             f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
+        if not isinstance(labels, list | np.ndarray) or not all(type(v) is int or isinstance(v, np.integer)
+                                                                  for v in labels):
+            raise ValueError("'labels' must be a list of integers")
+        x = data.reshape(-1, 3, 32, 32)
         y = np.asarray(labels, dtype=np.int64)
     except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: corrupt or unexpected CIFAR-10 batch ({e}); {hint}") from e
-    if len(x) != len(y) or y.min() < 0 or y.max() > 9:
+    if len(x) != len(y) or len(y) == 0 or y.min() < 0 or y.max() > 9:
         raise UserError(f"{path}: images and labels disagree or labels out of range; {hint}")
     return x, y
 
@@ -93,11 +101,18 @@ def read_image_rgb(path: Path, size: int) -> np.ndarray:
     """Read an image file, convert to RGB, resize to size×size (bilinear) -> (3,H,W) uint8."""
     from PIL import Image, UnidentifiedImageError
 
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f"{path}: not a regular file")
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+                return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except FileNotFoundError:
         raise UserError(f"missing image {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"{path}: refused, its pixel count is over Pillow's decompression-bomb limit ({e})") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({e})") from e

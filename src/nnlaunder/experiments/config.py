@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ from ..train import TrainConfig
 from ..watermarks.schemes import scheme_spec
 
 _BUDGET = re.compile(r"^\s*(\d+)\s*/\s*class\s*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+MAX_FILE_BYTES = 1 << 20
+MAX_CELLS = 10_000              # a sweep larger than this is refused before it is expanded
 
 
 @dataclass(frozen=True)
@@ -119,11 +123,23 @@ class CellConfig:
         return from_dict(type(default), {**current, **params}, "attack_params")
 
     def validate(self) -> CellConfig:
+        if not _NAME.fullmatch(self.name):
+            raise UserError(f"name: {self.name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
+                            "letter or digit (it names files in the report folder)")
         if self.dataset not in D.DATASETS:
             raise UserError(f"dataset: unknown dataset {self.dataset!r}; choose from {', '.join(D.DATASETS)}")
         check_fits(self.arch_name, self.dataset)
         spec = scheme_spec(self.scheme)
-        from_dict(spec.params, self.scheme_params, "scheme_params")
+        params = from_dict(spec.params, self.scheme_params, "scheme_params")
+        n_classes = D.NUM_CLASSES[self.dataset]
+        for f in ("target", "source_class"):
+            v = getattr(params, f, None)
+            if v is not None and not 0 <= v < n_classes:
+                raise UserError(f"scheme_params.{f}: {v} is not a class of {self.dataset} (0-{n_classes - 1})")
+        for f in ("n_embed", "n_verify", "k"):
+            v = getattr(params, f, None)
+            if v is not None and v < 1:
+                raise UserError(f"scheme_params.{f}: must be >= 1, got {v}")
         self.owner_train()
         if self.threshold is not None and not 0 <= self.threshold <= 100:
             raise UserError(f"threshold: must be a percentage in [0, 100], got {self.threshold}")
@@ -175,6 +191,10 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
         if top not in {f.name for f in dataclasses.fields(CellConfig)}:
             raise UserError(f"sweep.{k}: unknown key {top!r}")
     keys = list(sweep)
+    size = math.prod(len(v) for v in sweep.values())
+    if size > MAX_CELLS:
+        raise UserError(f"sweep: the grid has {size} cells, more than the {MAX_CELLS} one experiment file may hold; "
+                        "split it into several files")
     cells = []
     for combo in itertools.product(*(sweep[k] for k in keys)) if keys else [()]:
         d = copy.deepcopy(base)
@@ -191,10 +211,14 @@ def load_experiment(path: str | Path) -> list[CellConfig]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"missing experiment file {p}")
+    if p.stat().st_size > MAX_FILE_BYTES:
+        raise UserError(f"{p}: {p.stat().st_size} bytes; an experiment file may hold at most {MAX_FILE_BYTES}")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{p}: not valid TOML ({e})") from e
+    except RecursionError:
+        raise UserError(f"{p}: not valid TOML (nested too deeply)") from None
     try:
         return expand(raw)
     except UserError as e:

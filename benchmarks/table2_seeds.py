@@ -1,0 +1,405 @@
+"""Benchmark: Table 2 over attacker seeds, and the ablation of the paper's steps on CIFAR-10.
+
+    python benchmarks/table2_seeds.py --datasets mnist --seeds 5                  # the MNIST rows
+    python benchmarks/table2_seeds.py --datasets cifar10 --seeds 5 --ablation     # + the CIFAR-10 ablation
+    python benchmarks/table2_seeds.py --markdown-only                             # rewrite the tables
+
+The owner models are fixed (models/<dataset>/); an attacker seed s draws the attacker's clean subset,
+seeds Neural Cleanse's initialisation and the retraining order. Neural Cleanse does not depend on the
+retraining options, so it runs once per (model, seed), is kept under runs/table2-seeds/ (safetensors),
+and every variant of the ablation reuses it. Every finished (row, seed, variant) is written at once to
+benchmarks/results/table2-seeds.json (the headline attack, "strong") or table2-ablation.json (the
+rest), so an interrupted run continues where it stopped.
+
+The headline attack is the one table2.json records for the row (the attacker-side calibration's
+DT / CT / retraining epochs, and the layer choice). Ablation variants switch on, alone and all
+together, the steps of the paper the strong variant leaves out (LaunderConfig options):
+  +bn      bn_stats = "reestimate"   (the paper resets the batch normalization before retraining)
+  +branch  measure = "branch"        (a ResNet unit is read where it is reset: before the residual add)
+  +masks   add_masks = true          (the recovered masks as images, labelled the least likely class)
+  +topk    triggers = "top-k" (3), diff = "per-trigger"   (several recovered triggers, not one)
+  +all     all four
+The owner's verification set is measured for the report only; nothing is chosen on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nnlaunder import data as D
+from nnlaunder.attacks.laundering import launder, launder_config
+from nnlaunder.attacks.neural_cleanse import NCResult, nc_config, neural_cleanse
+from nnlaunder.checkpoint import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_model, model_digest
+from nnlaunder.experiments.evaluate import evaluator
+from nnlaunder.watermarks.schemes import make_watermark
+from nnlaunder.watermarks.verify import verdict
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+CACHE = ROOT / "runs" / "table2-seeds"
+
+ROWS = {
+    "mnist": [("zhang-content", 0.006), ("zhang-noise", 0.006), ("zhang-unrelated", 0.006)],
+    "cifar10": [
+        ("zhang-content", 0.006),
+        ("zhang-noise", 0.006),
+        ("zhang-unrelated", 0.006),
+        ("adi-pt", 0.108),
+        ("adi-fs", 0.108),
+    ],
+}
+PAPER_TEST = {
+    ("mnist", "zhang-content"): 98.34,
+    ("mnist", "zhang-noise"): 97.45,
+    ("mnist", "zhang-unrelated"): 98.33,
+    ("cifar10", "zhang-content"): 87.65,
+    ("cifar10", "zhang-noise"): 84.14,
+    ("cifar10", "zhang-unrelated"): 85.34,
+    ("cifar10", "adi-pt"): 88.25,
+    ("cifar10", "adi-fs"): 84.73,
+}
+PAPER_WM = {
+    ("mnist", "zhang-content"): 0.01,
+    ("mnist", "zhang-noise"): 0.07,
+    ("mnist", "zhang-unrelated"): 15,
+    ("cifar10", "zhang-content"): 1.4,
+    ("cifar10", "zhang-noise"): 0.5,
+    ("cifar10", "zhang-unrelated"): 16,
+    ("cifar10", "adi-pt"): 7.0,
+    ("cifar10", "adi-fs"): 7.0,
+}
+ABLATION = {
+    "+bn": {"bn_stats": "reestimate"},
+    "+branch": {"measure": "branch"},
+    "+masks": {"add_masks": True},
+    "+topk": {"triggers": "top-k", "top_k": 3, "diff": "per-trigger"},
+}
+ABLATION["+all"] = {k: v for over in ABLATION.values() for k, v in over.items()}
+
+
+def machine() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def headline_config(ds: str, name: str) -> dict:
+    """The strong attack table2.json records for this row (the attacker-side calibration's choice)."""
+    for r in json.loads((RESULTS / "table2.json").read_text()):
+        if r["dataset"] == ds and r["name"] == name:
+            c = r["config"]
+            return {
+                "dt": c["dt"],
+                "ct": c["ct"],
+                "layers": c["layers"],
+                "threshold_mode": c["threshold_mode"],
+                "triggers": c["triggers"],
+                "add_masks": c["add_masks"],
+                "retrain_epochs": c["retrain"]["epochs"],
+            }
+    raise SystemExit(f"table2_seeds.py: error: table2.json has no {ds}/{name} row to take the attack from")
+
+
+# ---- Neural Cleanse once per (model, seed), kept on disk
+_NC_TENSORS = ("masks", "patterns", "l1", "success", "found", "epochs", "anomaly")
+
+
+def nc_cached(path: Path, sha: str, model, clean_x, cfg, num_classes: int) -> NCResult:
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["nc"])
+            if meta["model_sha256"] == sha and meta["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
+                t = {k: f.get_tensor(k) for k in _NC_TENSORS}
+                return NCResult(**t, flagged=meta["flagged"], seconds=meta["seconds"])
+    nc = neural_cleanse(model, clean_x, cfg, num_classes=num_classes)
+    meta = {"model_sha256": sha, "config": dataclasses.asdict(cfg), "flagged": nc.flagged, "seconds": nc.seconds}
+    atomic_save_tensors(path, {k: getattr(nc, k) for k in _NC_TENSORS}, {"nc": json.dumps(meta)})
+    return nc
+
+
+# ---- results store: one JSON list per file, rewritten atomically after every row
+def load_rows(name: str) -> list[dict]:
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def key(r: dict) -> tuple:
+    return (r["dataset"], r["name"], r["seed"], r["variant"], r["model_sha256"], r["nc_preset"])
+
+
+def run(args) -> None:
+    cmd = "python benchmarks/table2_seeds.py " + " ".join(sys.argv[1:])
+    store = {
+        "table2-seeds.json": load_rows("table2-seeds.json"),
+        "table2-ablation.json": load_rows("table2-ablation.json"),
+    }
+    done = {key(r) for rows in store.values() for r in rows}
+    nc_cfg_base = nc_config(args.nc_preset)
+    for ds in args.datasets:
+        tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
+        thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        for name, budget in ROWS[ds]:
+            if args.models and name not in args.models:
+                continue
+            path = ROOT / "models" / ds / name
+            model, meta = load_model(path)
+            sha = model_digest(path)
+            wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
+            ev = evaluator(te, wm)
+            head = headline_config(ds, name)
+            variants = {"strong": {}}
+            if args.ablation:
+                variants.update(
+                    {v: o for v, o in ABLATION.items() if not (v == "+branch" and meta["arch"] != "resnet20")}
+                )
+            before = None
+            for seed in range(args.seeds):
+                todo = [v for v in variants if (ds, name, seed, v, sha, args.nc_preset) not in done]
+                if not todo:
+                    continue
+                before = before or ev(0, model)
+                clean = D.stratified_subset(tr, fraction=budget, seed=seed)
+                nc_cfg = dataclasses.replace(nc_cfg_base, seed=seed)
+                nc = nc_cached(
+                    CACHE / f"nc-{ds}-{name}-s{seed}-{args.nc_preset}.safetensors",
+                    sha,
+                    model,
+                    clean.x,
+                    nc_cfg,
+                    tr.num_classes,
+                )
+                print(
+                    f"{ds}/{name} seed {seed}: Neural Cleanse {nc.seconds:.0f} s, flagged {nc.flagged}, "
+                    f"smallest {nc.most_likely}",
+                    flush=True,
+                )
+                for v in todo:
+                    over = variants[v]
+                    retrain = dataclasses.replace(
+                        launder_config("strong").retrain, epochs=head["retrain_epochs"], seed=seed
+                    )
+                    cfg = launder_config(
+                        "strong",
+                        dt=head["dt"],
+                        ct=head["ct"],
+                        layers=head["layers"],
+                        threshold_mode=head["threshold_mode"],
+                        triggers=head["triggers"],
+                        add_masks=head["add_masks"],
+                        retrain=retrain,
+                        nc=nc_cfg,
+                        seed=seed,
+                        **over,
+                    )
+                    t0 = time.perf_counter()
+                    res = launder(model, clean, cfg, on_round=ev, first_nc=nc)
+                    rnd = res.rounds[-1]
+                    n_wm = len(wm.verify_y)
+                    hits = round(rnd.metrics["wm_acc"] * n_wm / 100)
+                    th = thresholds[name]
+                    vd = verdict(hits, n_wm, th)
+                    row = {
+                        "dataset": ds,
+                        "arch": meta["arch"],
+                        "scheme": meta["scheme"],
+                        "name": name,
+                        "mode": (meta.get("scheme_params") or {}).get("mode"),
+                        "seed": seed,
+                        "variant": v,
+                        "budget": budget,
+                        "n_clean": len(clean),
+                        "orig_test_acc": before["test_acc"],
+                        "orig_wm_acc": before["wm_acc"],
+                        "test_acc": rnd.metrics["test_acc"],
+                        "wm_acc": rnd.metrics["wm_acc"],
+                        "threshold": th,
+                        "removed": rnd.metrics["wm_acc"] < th and not rnd.metrics.get("wm_nonfinite"),
+                        "p_value": vd.p_value,
+                        "seconds": time.perf_counter() - t0 + nc.seconds,
+                        "nc_seconds": nc.seconds,
+                        "flagged": rnd.flagged,
+                        "used_triggers": rnd.used_triggers,
+                        "resets": rnd.resets,
+                        "options": {
+                            **{
+                                k: getattr(cfg, k)
+                                for k in (
+                                    "dt",
+                                    "ct",
+                                    "threshold_mode",
+                                    "layers",
+                                    "triggers",
+                                    "top_k",
+                                    "add_masks",
+                                    "diff",
+                                    "measure",
+                                    "bn_stats",
+                                    "stamping",
+                                )
+                            },
+                            "retrain_epochs": cfg.retrain.epochs,
+                            "retrain_lr": cfg.retrain.lr,
+                        },
+                        "nc_preset": args.nc_preset,
+                        "machine": machine(),
+                        "date": datetime.date.today().isoformat(),
+                        "commit": commit(),
+                        "command": cmd,
+                        "model": f"models/{ds}/{name}.safetensors",
+                        "model_sha256": sha,
+                    }
+                    target = "table2-seeds.json" if v == "strong" else "table2-ablation.json"
+                    store[target].append(row)
+                    done.add(key(row))
+                    atomic_write_json(RESULTS / target, store[target])
+                    print(
+                        f"  [{v}] test {row['orig_test_acc']:.2f} -> {row['test_acc']:.2f}%, WM "
+                        f"{row['orig_wm_acc']:.2f} -> {row['wm_acc']:.2f}% (threshold {th:.2f}%) "
+                        f"{'removed' if row['removed'] else 'KEPT'}, {row['seconds']:.0f} s",
+                        flush=True,
+                    )
+            write_markdown()
+
+
+# ---- tables
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def summary(rs: list[dict]) -> dict:
+    k, n = sum(r["removed"] for r in rs), len(rs)
+    lo, hi = wilson(k, n)
+    tests = [r["test_acc"] for r in rs]
+    wms = [r["wm_acc"] for r in rs]
+    return {
+        "k": k,
+        "n": n,
+        "lo": lo,
+        "hi": hi,
+        "test_mean": statistics.mean(tests),
+        "test_sd": statistics.stdev(tests) if n > 1 else 0.0,
+        "wm_median": statistics.median(wms),
+        "wm_min": min(wms),
+        "wm_max": max(wms),
+        "secs": statistics.mean(r["seconds"] for r in rs),
+    }
+
+
+def _cells(s: dict) -> str:
+    return (
+        f"{s['k']}/{s['n']} [{100 * s['lo']:.0f}-{100 * s['hi']:.0f}%] | {s['test_mean']:.2f} ± {s['test_sd']:.2f} | "
+        f"{s['wm_median']:.2f} [{s['wm_min']:.2f}-{s['wm_max']:.2f}]"
+    )
+
+
+def write_markdown() -> None:
+    seeds, abl = load_rows("table2-seeds.json"), load_rows("table2-ablation.json")
+    order = [(ds, n) for ds, rows in ROWS.items() for n, _ in rows]
+    lines = [
+        "# Table 2 over attacker seeds",
+        "",
+        "One laundering round per seed; the owner models are fixed, each seed draws the attacker's clean subset "
+        "and seeds Neural Cleanse and retraining. Removed = WM accuracy below the vanilla threshold. Rate k/n "
+        "with its 95% Wilson interval; test accuracy mean ± sd; WM accuracy median [min-max]. The attack is "
+        "the strong variant with the calibrated choice table2.json records for the row. Written by "
+        "`benchmarks/table2_seeds.py` (the command, machine, date and commit are in each JSON row).",
+        "",
+        "| row | threshold % | removed | test acc % | WM acc % | paper test / WM % | NC preset | s / seed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ds, name in order:
+        rs = [r for r in seeds if (r["dataset"], r["name"]) == (ds, name)]
+        if not rs:
+            lines.append(f"| {ds}/{name} | | not run yet | | | {PAPER_TEST[(ds, name)]} / {PAPER_WM[(ds, name)]} | | |")
+            continue
+        s = summary(rs)
+        lines.append(
+            f"| {ds}/{name} | {rs[0]['threshold']:.2f} | {_cells(s)} | {PAPER_TEST[(ds, name)]} / "
+            f"{PAPER_WM[(ds, name)]} | {', '.join(sorted({r['nc_preset'] for r in rs}))} | {s['secs']:.0f} |"
+        )
+    machines = sorted({r["machine"] for r in seeds})
+    lines += ["", f"Machines: {'; '.join(machines) or 'none yet'}.", ""]
+    atomic_write_bytes(RESULTS / "table2-seeds.md", "\n".join(lines).encode())
+
+    lines = [
+        "# Table 2 ablation: the paper's steps, one at a time and together",
+        "",
+        "Each CIFAR-10 row, over the same attacker seeds and the same Neural Cleanse result per seed as "
+        "table2-seeds.md: the strong attack, then with one of the steps it leaves out switched on, then all "
+        "of them. +bn: batch-norm statistics re-estimated on the attacker's set before retraining; +branch: "
+        "a ResNet unit read on its own branch (ResNet-20 only; on the Table 7 CNN it reads the same units); "
+        "+masks: the recovered masks as retraining images labelled the least likely class; +topk: the 3 "
+        "smallest-mask triggers with per-trigger differences; +all: all four.",
+        "",
+        "| row | variant | removed | test acc % | WM acc % |",
+        "|---|---|---|---|---|",
+    ]
+    for ds, name in order:
+        base = [r for r in seeds if (r["dataset"], r["name"]) == (ds, name)]
+        rs_all = [r for r in abl if (r["dataset"], r["name"]) == (ds, name)]
+        if not rs_all:
+            continue
+        lines.append(f"| {ds}/{name} | strong | {_cells(summary(base))} |" if base else f"| {ds}/{name} | strong | |||")
+        for v in ABLATION:
+            rs = [r for r in rs_all if r["variant"] == v]
+            if rs:
+                lines.append(f"| | {v} | {_cells(summary(rs))} |")
+    atomic_write_bytes(RESULTS / "table2-ablation.md", "\n".join(lines).encode())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="mnist", help="comma-separated: mnist, cifar10")
+    ap.add_argument("--models", default=None, help="comma-separated row names (default: every row)")
+    ap.add_argument("--seeds", type=int, default=5, help="attacker seeds 0..N-1")
+    ap.add_argument("--ablation", action="store_true", help="also run the ablation variants")
+    ap.add_argument("--nc-preset", choices=("faithful", "fast"), default="fast")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown tables from the JSON files")
+    args = ap.parse_args(argv)
+    if args.markdown_only:
+        write_markdown()
+        return 0
+    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    bad = [d for d in args.datasets if d not in ROWS]
+    if bad or args.seeds < 1:
+        ap.error(f"unknown dataset(s) {bad}; choose from {list(ROWS)}" if bad else "--seeds must be >= 1")
+    args.models = [m.strip() for m in args.models.split(",")] if args.models else None
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
