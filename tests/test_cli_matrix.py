@@ -149,3 +149,14 @@ def test_launder_bring_your_own_model_with_batch_norm(tiny, tmp_path, capsys):
          "--out", str(tmp_path / "out")], capsys, tiny)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["rounds"]) == 1 and (tmp_path / "out" / "laundered.safetensors").is_file()
+
+
+def test_launder_calibrate_records_its_choice(tiny, work, capsys):
+    d = work / "mnist-cnn"
+    _need(d / "wm.safetensors")
+    out = cli(["launder", str(d / "wm"), "--per-class", "3", "--nc-preset", "fast", "--nc-epochs", "1", "--calibrate",
+               "--calibrate-folds", "2", "--out", str(d / "calibrated")], capsys, tiny)
+    report = json.loads((d / "calibrated" / "report.json").read_text())
+    cal = report["calibration"]
+    assert len(cal["scores"]) == 16 and cal["n"] == 30 and cal["chosen"] in [s["candidate"] for s in cal["scores"]]
+    assert report["config"]["ct"] == cal["chosen"]["ct"] and "calibration: chose" in out

@@ -191,3 +191,37 @@ def test_top_k_triggers_reach_both_targets_of_a_two_target_watermark():
     after = asr(res.model)
     assert max(after) < 10, after
     assert dataclasses.asdict(cfg)["top_k"] == 2
+
+
+def test_calibration_rule_and_k_fold():
+    from nnlaunder.attacks.calibrate import Score, apply_candidate, calibrate, choose
+
+    scores = [Score({"dt": 0.5, "ct": 1.0, "retrain_epochs": 5}, 90.0, 1.5, 10.0, 5),
+              Score({"dt": 0.5, "ct": 2.0, "retrain_epochs": 5}, 91.0, 1.5, 2.0, 3),
+              Score({"dt": 2.0, "ct": 2.0, "retrain_epochs": 20}, 92.0, 1.4, 2.0, 1),
+              Score({"dt": 0.5, "ct": 1.0, "retrain_epochs": 20}, 88.0, 1.6, 0.0, 9)]
+    chosen, margin = choose(scores, 300)
+    # within 1.4 points of 92: the 2nd and 3rd; equal flips -> the more aggressive
+    assert margin == 1.4 and chosen == {"dt": 0.5, "ct": 2.0, "retrain_epochs": 5}
+    assert [s.acceptable for s in scores] == [False, True, True, False]
+    cfg = apply_candidate(launder_config("strong"), {"ct": 3.0, "retrain_epochs": 7, "triggers": "top-k"})
+    assert cfg.ct == 3.0 and cfg.retrain.epochs == 7 and cfg.triggers == "top-k"
+    with pytest.raises(UserError, match="unknown option"):
+        apply_candidate(cfg, {"lr": 1})
+    # on the synthetic backdoor: two candidates, 2 folds, every clean image scored once
+    from nnlaunder.attacks.neural_cleanse import neural_cleanse
+
+    data = make_images(800, 40)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(8 * 36, 16), nn.ReLU(), nn.Linear(16, 4))
+    train(net, data.x, data.y, TrainConfig(epochs=2, batch_size=64, lr=3e-3), progress=False)
+    clean = make_images(60, 41)
+    base = launder_config("strong", nc=NCConfig(max_epochs=3, batch_size=16))
+    nc = neural_cleanse(net, clean.x, base.nc, num_classes=4)
+    grid = [{"ct": 1.0, "retrain_epochs": 1}, {"ct": 2.0, "retrain_epochs": 1, "triggers": "top-k", "top_k": 2}]
+    seen = []
+    cal = calibrate(net, clean, nc, base, grid=grid, folds=2, on_candidate=seen.append)
+    assert len(seen) == 2 and cal.n == 60 and cal.chosen in grid and any(s.acceptable for s in cal.scores)
+    assert all(0 <= s.acc <= 100 and 0 <= s.flips <= 100 for s in cal.scores)
+    with pytest.raises(UserError, match="too small"):
+        calibrate(net, clean.subset(torch.arange(3)), nc, base, grid=grid, folds=2)

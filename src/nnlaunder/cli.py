@@ -286,6 +286,8 @@ def cmd_launder(args: argparse.Namespace) -> int:
 
         if args.resume:
             raise UserError("--resume works with a MODEL of this project, not with --model-factory")
+        if args.calibrate:
+            raise UserError("--calibrate works with a MODEL of this project, not yet with --model-factory")
 
         return run_external(args, _out(str(Path(args.out) / "laundered")).parent)
     if not args.model:
@@ -334,6 +336,17 @@ def cmd_launder(args: argparse.Namespace) -> int:
 
     state_file = out_dir / "partial.safetensors"
     owner = weights_digest(model)
+    first_nc, calibration = None, None
+    if args.calibrate:
+        prior = load_launder_state(state_file, owner) if args.resume else None
+        if prior is not None and isinstance(prior[1].get("calibration"), dict):
+            calibration = prior[1]["calibration"]
+            print(f"calibration: the interrupted run's choice {calibration['chosen']}")
+        else:
+            first_nc, calibration = _calibrate(model, clean, cfg, args)
+        from .attacks.calibrate import apply_candidate
+
+        cfg = apply_candidate(cfg, calibration["chosen"])
     config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     resume = load_launder_state(state_file, owner) if args.resume else None
     if resume is not None:
@@ -348,13 +361,15 @@ def cmd_launder(args: argparse.Namespace) -> int:
 
     def keep(state, nc) -> None:
         if len(state.rounds) < cfg.rounds and not state.rounds[-1].stopped:   # a round is left to do
-            save_launder_state(state_file, state, owner, {"config": config, "n_clean": len(clean)})
+            save_launder_state(state_file, state, owner, {"config": config, "n_clean": len(clean),
+                                                          "calibration": calibration})
 
     res = launder(model, clean, cfg, on_round=show, progress=not args.quiet, on_state=keep,
-                  resume=None if resume is None else resume[0])
+                  resume=None if resume is None else resume[0], first_nc=first_nc if resume is None else None)
     report = {"model": str(args.model), "dataset": dataset, "budget": len(clean) / len(tr), "n_clean": len(clean),
               "config": dataclasses.asdict(cfg), "before": before, "threshold": threshold,
-              "verify_scheme": args.verify_scheme, "rounds": res.report(), "seconds": res.seconds}
+              "verify_scheme": args.verify_scheme, "rounds": res.report(), "seconds": res.seconds,
+              "calibration": calibration}
     new_meta = {**{k: meta[k] for k in ("arch", "num_classes", "dataset")}, "scheme": meta.get("scheme"),
                 "scheme_params": meta.get("scheme_params"), "laundered_from": str(args.model), "launder": report}
     save_model(out_dir / "laundered", res.model, new_meta)
@@ -369,6 +384,27 @@ def cmd_launder(args: argparse.Namespace) -> int:
         print(v.summary())
     print(f"wrote {out_dir}/laundered.safetensors, report.json, triggers.png ({res.seconds:.0f} s)")
     return 0
+
+
+def _calibrate(model, clean: D.Dataset, cfg, args: argparse.Namespace):
+    """Round 1's Neural Cleanse, then the attacker-side calibration (k-fold over the clean set)."""
+    from .attacks.calibrate import calibrate
+    from .attacks.neural_cleanse import neural_cleanse
+
+    if cfg.holdout:
+        raise UserError("--calibrate scores candidates by k-fold over the whole clean set; it takes no holdout")
+    print(f"calibration: Neural Cleanse on the {len(clean)} clean images ...", flush=True)
+    nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
+    print(f"calibration: {args.calibrate_folds}-fold over the clean set; per candidate: held-out accuracy ± se, "
+          "residual trigger flips, units reset", flush=True)
+
+    def show(sc) -> None:
+        print(f"  {json.dumps(sc.candidate)}: {sc.acc:.2f} ± {sc.se:.2f}%, flips {sc.flips:.2f}%, "
+              f"{sc.resets:.0f} units", flush=True)
+    cal = calibrate(model, clean, nc, cfg, folds=args.calibrate_folds, on_candidate=show)
+    print(f"calibration: chose {json.dumps(cal.chosen)} (acceptable: within {cal.margin:.2f} points of the best; "
+          "then fewest residual flips, then most aggressive)")
+    return nc, cal.as_dict()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -594,6 +630,10 @@ def make_parser() -> argparse.ArgumentParser:
                         "docs/methods.md)")
     s.add_argument("--retrain-epochs", type=_positive_int, help="retraining epochs per round (default: the variant's)")
     s.add_argument("--retrain-lr", type=_float, help="retraining learning rate (default: the variant's)")
+    s.add_argument("--calibrate", action="store_true",
+                   help="choose thresholds, retraining epochs and triggers from the attacker's own data (k-fold "
+                        "held-out accuracy and residual trigger flips; never the owner's verification set)")
+    s.add_argument("--calibrate-folds", type=_int_at_least(2), default=3, help="folds for --calibrate (default 3)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--verify-scheme", choices=sorted(SCHEMES), help="evaluator: the owner's scheme to measure")
     s.add_argument("--param", action="append", metavar="KEY=VALUE")

@@ -1,0 +1,155 @@
+"""Attacker-side calibration: choose laundering options from the attacker's own data only.
+
+The attacker holds the model and a small clean labelled set; it cannot see the owner's triggers,
+target class or verification set. What it can measure, for each candidate set of options:
+- its clean accuracy on held-out parts of its own set (k-fold: every image is held out once, so
+  the whole set scores each candidate, not one small slice);
+- residual trigger flips: how often the triggers Neural Cleanse recovered (every class's, not
+  only the ones a candidate used) still send held-out images to their class after laundering.
+
+The rule: the candidates whose k-fold accuracy is within one standard error of the best one's
+(the binomial standard error of an accuracy measured on n images, at least `min_margin` points)
+are acceptable; of those, the one with the fewest residual flips, ties to the most aggressive
+(lowest thresholds, then fewest retraining epochs). Neural Cleanse runs once, on the whole set,
+before calibration; its result is reused by every candidate and by the final laundering.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Dataset
+from ..errors import UserError
+from ..train import accuracy, predict
+from .laundering import LaunderConfig, reset_and_retrain
+from .neural_cleanse import NCResult, stamp
+from .units import discover_units, select_units
+
+# Options a candidate may set (LaunderConfig fields; the retraining epochs as "retrain_epochs").
+CANDIDATE_KEYS = {"dt", "ct", "retrain_epochs", "triggers", "top_k", "diff", "add_masks", "bn_stats", "measure",
+                  "stamping", "threshold_mode", "layers"}
+
+
+def apply_candidate(base: LaunderConfig, cand: dict[str, Any]) -> LaunderConfig:
+    unknown = sorted(set(cand) - CANDIDATE_KEYS)
+    if unknown:
+        raise UserError(f"calibration candidate: unknown option(s) {unknown}; allowed: {sorted(CANDIDATE_KEYS)}")
+    over = {k: v for k, v in cand.items() if k != "retrain_epochs"}
+    cfg = dataclasses.replace(base, **over)
+    if "retrain_epochs" in cand:
+        cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, epochs=int(cand["retrain_epochs"])))
+    return cfg
+
+
+def default_grid(model: nn.Module, example: torch.Tensor) -> list[dict[str, Any]]:
+    """What acts on this model: CT (conv channels) always, DT only when the model has a hidden
+    dense layer Algorithm 1 can reset; retraining length; one trigger or the three smallest."""
+    units, _ = discover_units(model, example[:2])
+    dts = (0.5, 2.0) if any(u.kind == "dense" for u in units) else (0.5,)
+    grid = []
+    for dt in dts:
+        for ct in (1.0, 2.0):
+            for ep in (5, 20):
+                for trig in ({"triggers": "flagged"}, {"triggers": "top-k", "top_k": 3, "diff": "per-trigger"}):
+                    grid.append({"dt": dt, "ct": ct, "retrain_epochs": ep, **trig})
+    return grid
+
+
+def residual_flips(model: nn.Module, held: Dataset, nc: NCResult) -> float:
+    """Percent of held-out images (not of class t) that every recovered trigger t still sends to t,
+    averaged over the classes."""
+    rates = []
+    for t in range(len(nc.l1)):
+        keep = held.y != t
+        if keep.any():
+            xs = stamp(held.x[keep], nc.masks[t], nc.patterns[t])
+            rates.append(100.0 * float((predict(model, xs) == t).float().mean()))
+    return sum(rates) / max(len(rates), 1)
+
+
+@dataclass
+class Score:
+    candidate: dict[str, Any]
+    acc: float                 # k-fold held-out accuracy, percent (every image held out once)
+    se: float                  # its binomial standard error, points
+    flips: float               # residual trigger flips, percent (mean over folds)
+    resets: float              # units reset (mean over folds)
+    acceptable: bool = False
+
+
+@dataclass
+class Calibration:
+    scores: list[Score]
+    chosen: dict[str, Any]
+    folds: int
+    margin: float              # accuracy points below the best that were acceptable
+    n: int                     # images scored
+    rule: str = field(default="within one standard error of the best k-fold accuracy, then fewest residual "
+                              "trigger flips, then lowest thresholds and fewest epochs")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _folds(n: int, k: int, seed: int) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [perm[i::k] for i in range(k)]
+
+
+def choose(scores: list[Score], n: int, min_margin: float = 1.0) -> tuple[dict[str, Any], float]:
+    """Mark the acceptable candidates and return (the chosen one, the accuracy margin used)."""
+    best = max(scores, key=lambda s: s.acc)
+    margin = max(min_margin, best.se)
+    for s in scores:
+        s.acceptable = s.acc >= best.acc - margin
+    ok = [s for s in scores if s.acceptable]
+
+    def aggressiveness(s: Score) -> tuple:
+        c = s.candidate
+        return (c.get("dt", 0) + c.get("ct", 0), c.get("retrain_epochs", 0))
+    pick = min(ok, key=lambda s: (round(s.flips, 6), *aggressiveness(s)))
+    return pick.candidate, margin
+
+
+def calibrate(model: nn.Module, clean: Dataset, nc: NCResult, base: LaunderConfig,
+              grid: list[dict[str, Any]] | None = None, folds: int = 3, min_margin: float = 1.0,
+              on_candidate: Callable[[Score], None] | None = None) -> Calibration:
+    """Score every candidate of `grid` (default: `default_grid`) by k-fold over `clean` with the
+    Neural Cleanse result `nc` (from the whole of `clean`), and choose one by the module's rule."""
+    if folds < 2:
+        raise UserError(f"calibration needs at least 2 folds, got {folds}")
+    if len(clean) < 2 * folds:
+        raise UserError(f"the clean set ({len(clean)} images) is too small for {folds}-fold calibration")
+    grid = grid if grid is not None else default_grid(model, clean.x)
+    if not grid:
+        raise UserError("calibration needs at least one candidate")
+    parts = _folds(len(clean), folds, base.seed)
+    scores = []
+    for cand in grid:
+        cfg = apply_candidate(base, cand)
+        hits, flips, resets = 0, [], []
+        for i, held_idx in enumerate(parts):
+            train_idx = torch.sort(torch.cat([p for j, p in enumerate(parts) if j != i])).values
+            part, held = clean.subset(train_idx), clean.subset(held_idx)
+            m = copy.deepcopy(model)
+            units = select_units(discover_units(m, part.x[:2])[0], cfg.layers)
+            _, r, _ = reset_and_retrain(m, part, nc, cfg, units, {})
+            hits += round(accuracy(m, held.x, held.y) * len(held) / 100)
+            flips.append(residual_flips(m, held, nc))
+            resets.append(sum(r.values()))
+        p = hits / len(clean)
+        s = Score(dict(cand), 100.0 * p, 100.0 * math.sqrt(max(p * (1 - p), 1e-12) / len(clean)),
+                  sum(flips) / len(flips), sum(resets) / len(resets))
+        scores.append(s)
+        if on_candidate is not None:
+            on_candidate(s)
+    chosen, margin = choose(scores, len(clean), min_margin)
+    return Calibration(scores, chosen, folds, margin, len(clean))
