@@ -239,8 +239,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_threshold(args: argparse.Namespace) -> int:
-    arch, tr, te = _task(args)
     out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give the JSON file to write (e.g. {out / 'thresholds.json'})")
+    arch, tr, te = _task(args)
     _out(str(out.with_suffix("")))
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     wms = {s: make_watermark(s, tr, te, args.data_dir) for s in schemes}

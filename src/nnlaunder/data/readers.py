@@ -13,6 +13,7 @@ import math
 import pickle
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def _open_maybe_gz(path: Path) -> bytes:
             if raw[:2] == b"\x1f\x8b":
                 try:
                     return gzip.decompress(raw)
-                except (OSError, EOFError) as e:
+                except (OSError, EOFError, zlib.error) as e:
                     raise UserError(f"{p}: corrupt gzip file ({e}); fetch it again") from e
             return raw
     raise FileNotFoundError(path)
