@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _img(t: torch.Tensor):
@@ -112,4 +113,32 @@ def landscape(alphas, betas, loss, acc, coords, path: Path, title: str = "") -> 
     ax.set_xlabel("PCA direction 1")
     ax.set_ylabel("PCA direction 2")
     ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, path, title)
+
+
+def threshold_provenance(curves: dict[str, list[list[float]]], thresholds: dict[str, float], path: Path,
+                         title: str = "") -> Path:
+    """One panel per scheme: a clean model's watermark accuracy over its training epochs, one line
+    per seed, with the vanilla threshold (the maximum over epochs and seeds) marked where it occurs."""
+    names = sorted(curves)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        best = (-1.0, 0, 0)
+        for s, curve in enumerate(curves[name]):
+            ax.plot(range(1, len(curve) + 1), curve, marker=".", lw=1, label=f"seed {s}")
+            for e, v in enumerate(curve, 1):
+                if v > best[0]:
+                    best = (v, e, s)
+        th = thresholds.get(name, best[0])
+        ax.axhline(th, color="black", lw=1, ls="--")
+        ax.plot([best[1]], [best[0]], marker="*", ms=12, color="red", zorder=5)
+        ax.annotate(f"threshold {th:.2f}%\n(seed {best[2]}, epoch {best[1]})", (best[1], best[0]),
+                    textcoords="offset points", xytext=(6, -24), fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("clean model's training epoch", fontsize=8)
+        ax.set_ylim(bottom=0, top=max(best[0] * 1.35, 1.0))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_ylabel("watermark accuracy of a clean model %", fontsize=8)
+    axes[0][0].legend(fontsize=6)
     return _save(fig, path, title)
