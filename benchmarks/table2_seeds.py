@@ -324,6 +324,21 @@ def _cells(s: dict) -> str:
     )
 
 
+def clean_distribution(ds: str, arch: str, scheme: str) -> list[float]:
+    """Every clean-model watermark accuracy (all epochs of all clean seeds) the threshold came from."""
+    d = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())
+    return [
+        row[f"wm:{scheme}_acc"] for hist in d["by_arch"][arch]["curves"] for row in hist if f"wm:{scheme}_acc" in row
+    ]
+
+
+def p_clean(r: dict) -> float:
+    """Empirical p-value of a laundered model against the clean distribution: the share of clean-model
+    measurements at or above its watermark accuracy."""
+    dist = clean_distribution(r["dataset"], r["arch"], r["name"])
+    return sum(v >= r["wm_acc"] for v in dist) / len(dist) if dist else float("nan")
+
+
 def write_markdown() -> None:
     seeds, abl = load_rows("table2-seeds.json"), load_rows("table2-ablation.json")
     order = [(ds, n) for ds, rows in ROWS.items() for n, _ in rows]
@@ -336,17 +351,27 @@ def write_markdown() -> None:
         "the strong variant with the calibrated choice table2.json records for the row. Written by "
         "`benchmarks/table2_seeds.py` (the command, machine, date and commit are in each JSON row).",
         "",
-        "| row | threshold % | removed | test acc % | WM acc % | paper test / WM % | NC preset | s / seed |",
-        "|---|---|---|---|---|---|---|---|",
+        "p (clean) is the median over seeds of the laundered model's empirical p-value against the clean "
+        "distribution: the share of clean-model watermark accuracies (every epoch of every clean seed that the "
+        "threshold comes from, thresholds.md) at or above the laundered model's; p (binomial) is the median "
+        "one-sided binomial p-value of its hits at the threshold's rate (the verdict's test).",
+        "",
+        "| row | threshold % | removed | test acc % | WM acc % | p (clean) | p (binomial) | paper test / WM % "
+        "| NC preset | s / seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ds, name in order:
         rs = [r for r in seeds if (r["dataset"], r["name"]) == (ds, name)]
         if not rs:
-            lines.append(f"| {ds}/{name} | | not run yet | | | {PAPER_TEST[(ds, name)]} / {PAPER_WM[(ds, name)]} | | |")
+            lines.append(
+                f"| {ds}/{name} | | not run yet | | | | | {PAPER_TEST[(ds, name)]} / {PAPER_WM[(ds, name)]} | | |"
+            )
             continue
         s = summary(rs)
         lines.append(
-            f"| {ds}/{name} | {rs[0]['threshold']:.2f} | {_cells(s)} | {PAPER_TEST[(ds, name)]} / "
+            f"| {ds}/{name} | {rs[0]['threshold']:.2f} | {_cells(s)} | "
+            f"{statistics.median(p_clean(r) for r in rs):.3g} | {statistics.median(r['p_value'] for r in rs):.3g} | "
+            f"{PAPER_TEST[(ds, name)]} / "
             f"{PAPER_WM[(ds, name)]} | {', '.join(sorted({r['nc_preset'] for r in rs}))} | {s['secs']:.0f} |"
         )
     machines = sorted({r["machine"] for r in seeds})
