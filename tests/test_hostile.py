@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from nnlaunder.cli import main
@@ -304,3 +306,30 @@ def test_written_files_follow_the_umask(owner):
     os.umask(mask)
     for f in (owner.with_suffix(".safetensors"), owner.with_suffix(".json")):
         assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+# ---- CLI fuzzing past argparse: valid argument structures, hostile values
+hostile_values = st.sampled_from(["0", "-5", "99", "1e308", "nan", "inf", "-inf", '""', '"TEST"', "[]", "[-5,99]",
+                                  "[22,16]", "[1e9,1e9]", "[0.5,0.5,0.5,0.5]", "[]", "null", "true", '"x"*3',
+                                  "2.5", "100000000000", '"mnist"', '"fashion-mnist"', '"cifar10"', "{}"])
+param_keys = st.sampled_from(["target", "text", "position", "scale", "color", "n_embed", "n_verify", "seed", "std",
+                              "source", "source_class", "mode", "k"])
+
+
+@settings(max_examples=200, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(scheme=st.sampled_from(["zhang-content", "zhang-noise", "zhang-unrelated", "adi"]),
+       params=st.lists(st.tuples(param_keys, hostile_values), max_size=3),
+       threshold=st.sampled_from(["0", "100", "50", "1e-300", "99.999"]),
+       alpha=st.sampled_from(["0.01", "0.5", "1e-300", "0.999999"]))
+def test_verify_with_hostile_scheme_parameters(owner, tiny, capsys, scheme, params, threshold, alpha):
+    argv = ["verify", str(owner), "--scheme", scheme, "--threshold", threshold, "--alpha", alpha, "--json"]
+    for k, v in params:
+        argv += ["--param", f"{k}={v}"]
+    code, out, err = _run(argv, tiny, capsys)
+    if code == 0:
+        v = json.loads(out)
+        assert 0 <= v["wm_acc"] <= 100 and 0 <= v["p_value"] <= 1 and v["n"] >= 1
+        assert v["owned"] == (v["wm_acc"] > v["threshold"] and v["p_value"] < v["alpha"])
+    else:
+        assert code in (2, 3) and len([ln for ln in err.strip().splitlines() if ln]) == 1, (argv, err)
