@@ -333,3 +333,32 @@ def test_verify_with_hostile_scheme_parameters(owner, tiny, capsys, scheme, para
         assert v["owned"] == (v["wm_acc"] > v["threshold"] and v["p_value"] < v["alpha"])
     else:
         assert code in (2, 3) and len([ln for ln in err.strip().splitlines() if ln]) == 1, (argv, err)
+
+
+def test_corrupt_or_read_only_results_store(tmp_path, capsys):
+    import os
+    import sqlite3
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "results.sqlite").write_bytes(b"this is not a database" * 100)
+    code, _, err = _run(["report", "--workspace", str(ws)], tmp_path, capsys)
+    _one_line(code, err, "results store")
+    from nnlaunder.experiments.store import Store
+
+    (ws / "results.sqlite").unlink()
+    with Store(ws / "results.sqlite"):
+        pass
+    code, _, err = _run(["report", "--workspace", str(ws)], tmp_path, capsys)
+    _one_line(code, err, "no finished cell")
+    db = sqlite3.connect(ws / "results.sqlite")
+    db.execute("INSERT INTO cells VALUES ('x', 'e', '[1]', 0, 0, '{}')")
+    db.commit()
+    db.close()
+    code, _, err = _run(["report", "--workspace", str(ws)], tmp_path, capsys)
+    _one_line(code, err, "corrupt results store")
+    if os.geteuid() != 0:                      # root writes anywhere
+        os.chmod(ws / "results.sqlite", 0o444)
+        from nnlaunder.errors import UserError
+        with pytest.raises(UserError, match="read and write"):
+            Store(ws / "results.sqlite")

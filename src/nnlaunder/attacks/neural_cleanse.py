@@ -90,6 +90,7 @@ class NCConfig:
                 and 0 < self.success <= 1 and self.init_cost > 0
                 and (self.steps_per_epoch is None or self.steps_per_epoch >= 1)
                 and (self.class_chunk is None or self.class_chunk >= 1)
+                and (self.max_images is None or self.max_images >= 1) and self.mad_threshold > 0
                 and self.input_grad in ("native", "matmul")):
             raise UserError(f"invalid Neural Cleanse settings: {self}")
 

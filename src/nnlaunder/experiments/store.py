@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
     cell_id   TEXT PRIMARY KEY,
@@ -32,13 +34,31 @@ CREATE TABLE IF NOT EXISTS rounds (
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        if readonly:
+            try:
+                self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+                self.db.execute("SELECT count(*) FROM cells").fetchone()
+                self.db.execute("SELECT count(*) FROM rounds").fetchone()
+            except (sqlite3.Error, OSError) as e:
+                raise UserError(f"{self.path}: not a results store this version can read ({e})") from e
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=60)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            cols = {t: [r[1] for r in self.db.execute(f"PRAGMA table_info({t})")] for t in ("cells", "rounds")}
+            self.db.execute("BEGIN IMMEDIATE")        # writable now, not after the first cell's hours of work
+            self.db.execute("ROLLBACK")
+        except (sqlite3.Error, OSError) as e:
+            raise UserError(f"{self.path}: not a results store this version can read and write ({e}); "
+                            "use another --workspace or delete the file") from e
+        if cols["cells"][:6] != ["cell_id", "experiment", "config", "finished", "seconds", "summary"] or \
+                cols["rounds"][:3] != ["cell_id", "round", "metrics"]:
+            raise UserError(f"{self.path}: a SQLite file with other tables than a results store's")
 
     def close(self) -> None:
         self.db.close()
@@ -79,9 +99,16 @@ class Store:
             q += " WHERE experiment = ?"
             args = (experiment,)
         out = []
-        for cid, exp, cfg, fin, sec, summ in self.db.execute(q + " ORDER BY finished", args):
-            rounds = [json.loads(m) for (m,) in self.db.execute(
-                "SELECT metrics FROM rounds WHERE cell_id = ? ORDER BY round", (cid,))]
-            out.append({"cell_id": cid, "experiment": exp, "config": json.loads(cfg), "finished": fin,
-                        "seconds": sec, "summary": json.loads(summ), "rounds": rounds})
+        try:
+            for cid, exp, cfg, fin, sec, summ in self.db.execute(q + " ORDER BY finished", args):
+                rounds = [json.loads(m) for (m,) in self.db.execute(
+                    "SELECT metrics FROM rounds WHERE cell_id = ? ORDER BY round", (cid,))]
+                cell = {"cell_id": cid, "experiment": exp, "config": json.loads(cfg), "finished": fin,
+                        "seconds": sec, "summary": json.loads(summ), "rounds": rounds}
+                if not (isinstance(cell["config"], dict) and isinstance(cell["summary"], dict)
+                        and all(isinstance(r, dict) for r in rounds) and isinstance(exp, str)):
+                    raise ValueError(f"cell {cid!r} is malformed")
+                out.append(cell)
+        except (sqlite3.Error, ValueError, TypeError, RecursionError) as e:
+            raise UserError(f"{self.path}: a corrupt results store ({str(e).splitlines()[0][:200]})") from e
         return out

@@ -104,8 +104,13 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
         from ..errors import UserError
 
         raise UserError(f"no results store at {db}; run an experiment first (`nnlaunder run FILE --workspace {ws}`)")
-    with Store(db) as s:
+    with Store(db, readonly=True) as s:
         cells = s.cells()
+    if not cells:
+        from ..errors import UserError
+
+        raise UserError(f"{db} holds no finished cell yet; run an experiment to the end of at least one cell "
+                        "(`nnlaunder run FILE --workspace ...`), then make the report")
     out.mkdir(parents=True, exist_ok=True)
     md = ["# nnlaunder report", "", f"Workspace `{ws}`: {len(cells)} finished cells.", "",
           "## Last round of every cell (Table 2 layout; the paper's figures in parentheses)", "",
