@@ -335,9 +335,15 @@ def write_markdown(rows: list[dict], variants: list[dict]) -> str:
             f"| {r['dataset']} | {scheme} | {r['budget']:.1%} ({r['n_clean']}) | {fmt(r['orig_test_acc'])} → "
             f"**{fmt(r['test_acc'])}** ({fmt(p.get('test_acc'))}) | {fmt(r['orig_wm_acc'])} → **{fmt(r['wm_acc'])}** "
             f"({fmt(p.get('wm_acc'))}) | {fmt(r['threshold'])} ({fmt(p.get('threshold'), 1)}) | "
-            f"{'yes' if r['removed'] else '**no**'} | {sum(r['resets'].values())} | {r['nc_seconds']:.0f}"
+            f"{'yes' if r['removed'] else '**no**'}"
+            f"{' (' + str(r['seeds']['removed']) + '/' + str(r['seeds']['n']) + ' seeds)' if r.get('seeds') else ''}"
+            f" | {sum(r['resets'].values())} | {r['nc_seconds']:.0f}"
             f"{'' if r.get('nc_preset', 'faithful') == 'faithful' else ' (' + r['nc_preset'] + ' NC)'} "
             f"| {r['seconds']:.0f} |")
+    if any(r.get("seeds") for r in rows):
+        lines += ["", "Rows with a seed count are the median-WM seed of the seeds protocol (table2-seeds.md: removal "
+                  "rate with its interval, test accuracy mean ± sd, over 5 attacker seeds, the fast Neural Cleanse "
+                  "preset); the others are one run with seed 0."]
     missing = sorted(f"{d}/{s}" for d, s in PAPER if not any(
         r["dataset"] == d and (r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")) == s for r in rows))
     for m in missing:
