@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 
 from nnlaunder import data as D
+from nnlaunder.attacks.calibrate import apply_candidate, calibrate
 from nnlaunder.attacks.laundering import launder, launder_config
 from nnlaunder.attacks.neural_cleanse import NCResult, nc_config, neural_cleanse
 from nnlaunder.checkpoint import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_model, model_digest
@@ -178,6 +179,8 @@ def run(args) -> None:
                 variants.update(
                     {v: o for v, o in ABLATION.items() if not (v == "+branch" and meta["arch"] != "resnet20")}
                 )
+            if args.calibrated:
+                variants["calibrated"] = {}
             before = None
             for seed in range(args.seeds):
                 todo = [v for v in variants if (ds, name, seed, v, sha, args.nc_preset) not in done]
@@ -204,20 +207,19 @@ def run(args) -> None:
                     retrain = dataclasses.replace(
                         launder_config("strong").retrain, epochs=head["retrain_epochs"], seed=seed
                     )
-                    cfg = launder_config(
-                        "strong",
-                        dt=head["dt"],
-                        ct=head["ct"],
-                        layers=head["layers"],
-                        threshold_mode=head["threshold_mode"],
-                        triggers=head["triggers"],
-                        add_masks=head["add_masks"],
-                        retrain=retrain,
-                        nc=nc_cfg,
-                        seed=seed,
-                        **over,
-                    )
+                    opts = {k: head[k] for k in ("dt", "ct", "layers", "threshold_mode", "triggers", "add_masks")}
+                    cfg = launder_config("strong", retrain=retrain, nc=nc_cfg, seed=seed, **{**opts, **over})
                     t0 = time.perf_counter()
+                    calibration = None
+                    if v == "calibrated":  # k-fold over the attacker's own set; layers stay the row's choice
+                        cal = calibrate(model, clean, nc, cfg)
+                        calibration = {
+                            "chosen": cal.chosen,
+                            "margin": cal.margin,
+                            "scores": [dataclasses.asdict(x) for x in cal.scores],
+                        }
+                        cfg = apply_candidate(cfg, cal.chosen)
+                        print(f"  [calibrated] chose {cal.chosen}", flush=True)
                     res = launder(model, clean, cfg, on_round=ev, first_nc=nc)
                     rnd = res.rounds[-1]
                     n_wm = len(wm.verify_y)
@@ -266,6 +268,7 @@ def run(args) -> None:
                             "retrain_epochs": cfg.retrain.epochs,
                             "retrain_lr": cfg.retrain.lr,
                         },
+                        "calibration": calibration,
                         "nc_preset": args.nc_preset,
                         "machine": machine(),
                         "date": datetime.date.today().isoformat(),
@@ -397,7 +400,7 @@ def write_markdown() -> None:
         if not rs_all:
             continue
         lines.append(f"| {ds}/{name} | strong | {_cells(summary(base))} |" if base else f"| {ds}/{name} | strong | |||")
-        for v in ABLATION:
+        for v in [*ABLATION, "calibrated"]:
             rs = [r for r in rs_all if r["variant"] == v]
             if rs:
                 lines.append(f"| | {v} | {_cells(summary(rs))} |")
@@ -531,6 +534,11 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated row names (default: every row)")
     ap.add_argument("--seeds", type=int, default=5, help="attacker seeds 0..N-1")
     ap.add_argument("--ablation", action="store_true", help="also run the ablation variants")
+    ap.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="also run the attack with options chosen per seed by attacks/calibrate.py (k-fold)",
+    )
     ap.add_argument("--nc-preset", choices=("faithful", "fast"), default="fast")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown tables from the JSON files")

@@ -4,6 +4,8 @@ Four classes on 1×12×12 images: the class is the quadrant holding a bright 3×
 backdoor: a 2×2 checkerboard at the centre sends any image to class 0.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -35,3 +37,24 @@ def tiny_net(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(16 * 9, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+@contextlib.contextmanager
+def launder_interrupted_at(round_no: int):
+    """While active, `nnlaunder.attacks.laundering.launder` raises KeyboardInterrupt when round
+    `round_no` finishes (as Ctrl-C would), before that round's state is kept."""
+    import nnlaunder.attacks.laundering as L
+
+    real = L.launder
+
+    def interrupted(*a, **kw):
+        def on_round(r, m, info):
+            if r == round_no:
+                raise KeyboardInterrupt
+            return kw["on_round"](r, m, info)
+        return real(*a, **{**kw, "on_round": on_round})
+    L.launder = interrupted
+    try:
+        yield
+    finally:
+        L.launder = real

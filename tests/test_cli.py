@@ -6,6 +6,8 @@ import pytest
 
 from nnlaunder.cli import main
 
+from .synthetic import launder_interrupted_at
+
 
 def run(args, capsys):
     code = main(args)
@@ -81,24 +83,12 @@ def test_embed_verify_end_to_end(capsys, data_dir, tmp_path):
     assert (ldir / "triggers.png").stat().st_size > 1000 and (ldir / "laundered.safetensors").is_file()
     assert "round 1:" in o and not (ldir / "partial.safetensors").exists()
     # interrupted during round 2, then --resume: round 1 is kept, the report equals the unbroken run's
-    import nnlaunder.attacks.laundering as L
-
-    real, cut = L.launder, tmp_path / "cut"
-
-    def interrupted(*a, **kw):
-        def on_round(r, m, info):
-            if r == 2:
-                raise KeyboardInterrupt
-            return kw["on_round"](r, m, info)
-        return real(*a, **{**kw, "on_round": on_round})
+    cut = tmp_path / "cut"
     args = ["launder", str(out), "--out", str(cut), "--budget", "0.002", "--nc-epochs", "3", "--nc-preset", "fast",
             "--rounds", "2", "--verify-scheme", "zhang-content", "--param", "n_verify=2000", "--threshold", "1.5",
             "--quiet"]
-    L.launder = interrupted
-    try:
+    with launder_interrupted_at(2):
         code, _, err = run(args, capsys)
-    finally:
-        L.launder = real
     assert code == 130 and "--resume" in err and (cut / "partial.safetensors").is_file()
     code, _, err = run([*args, "--resume", "--retrain-epochs", "1"], capsys)
     assert code == 2 and "other laundering settings" in err

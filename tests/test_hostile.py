@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from nnlaunder.cli import main
 
+from .synthetic import launder_interrupted_at
 from .tinydata import make_tiny_data
 
 
@@ -108,21 +109,8 @@ def test_evaluator_never_calls_nan_outputs_removed(owner, tiny, tmp_path):
 def test_tampered_resume_state_is_refused(owner, tiny, tmp_path, capsys):
     args = ["launder", str(owner), "--per-class", "3", "--nc-preset", "fast", "--nc-epochs", "1", "--rounds", "2",
             "--retrain-epochs", "1", "--out", str(tmp_path / "l")]
-    import nnlaunder.attacks.laundering as L
-
-    real = L.launder
-
-    def interrupted(*a, **kw):
-        def on_round(r, m, info):
-            if r == 2:
-                raise KeyboardInterrupt
-            return kw["on_round"](r, m, info)
-        return real(*a, **{**kw, "on_round": on_round})
-    L.launder = interrupted
-    try:
+    with launder_interrupted_at(2):
         code, _, _ = _run(args, tiny, capsys)
-    finally:
-        L.launder = real
     state_file = tmp_path / "l" / "partial.safetensors"
     assert code == 130 and state_file.is_file()
     from safetensors import safe_open

@@ -180,7 +180,7 @@ def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig) -> AttackRe
     t0 = time.perf_counter()
     model = _check(model, clean)
     nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
-    used = used_triggers(nc, cfg.triggers, cfg.top_k)
+    used = used_triggers(nc, cfg.triggers, getattr(cfg, "top_k", 3))
     xs = torch.cat([clean.x] + [stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
     ys = torch.cat([clean.y] * (1 + len(used)))
     train(model, xs, ys, cfg.retrain, progress=False)
