@@ -350,3 +350,17 @@ def test_corrupt_or_read_only_results_store(tmp_path, capsys):
         from nnlaunder.errors import UserError
         with pytest.raises(UserError, match="read and write"):
             Store(ws / "results.sqlite")
+
+
+def test_threshold_out_naming_a_folder_is_refused_before_training(tiny, tmp_path, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    code, _, err = _run(["threshold", "--dataset", "mnist", "--epochs", "1", "--out", str(tmp_path)], tiny, capsys)
+    _one_line(code, err, "is a folder")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_a_list_parameter_written_without_brackets_says_the_form(owner, tiny, capsys):
+    code, _, err = _run(["verify", str(owner), "--threshold", "1", "--param", "position=22,16"], tiny, capsys)
+    _one_line(code, err, "[22,16]")

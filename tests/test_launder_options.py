@@ -77,7 +77,7 @@ def test_reestimated_bn_statistics_equal_those_of_the_clean_set():
     assert net.training
 
 
-@pytest.mark.parametrize("mode", ["keep", "reset", "reestimate"])
+@pytest.mark.parametrize("mode", ["keep", "reset", "reestimate", "reinit"])
 def test_bn_stats_option_before_retraining(mode):
     net = _bn_net()
     clean = Dataset("toy", torch.rand(64, 3, 8, 8), torch.arange(64) % 4, ("a", "b", "c", "d"))
@@ -88,7 +88,9 @@ def test_bn_stats_option_before_retraining(mode):
     cfg = launder_config("strong", triggers="all", bn_stats=mode, retrain=TrainConfig(epochs=0))
     reset_and_retrain(net, clean, _fake_nc(4), cfg, units, {})
     bn = net[1]
-    if mode == "keep":
+    if mode == "reinit":
+        assert torch.all(bn.running_mean == 0) and torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    elif mode == "keep":
         assert torch.all(bn.running_mean == 7.0)
     elif mode == "reset":
         assert torch.all(bn.running_mean == 0) and torch.all(bn.running_var == 1)

@@ -625,7 +625,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="batch-norm running statistics before retraining (faithful: reset)")
     s.add_argument("--stamping", choices=("each", "random"),
                    help="retraining images stamped with each used trigger, or one drawn at random per image")
-    s.add_argument("--nc-epochs", type=_positive_int, help="cap on Neural Cleanse epochs (default 1000)")
+    s.add_argument("--nc-epochs", type=_positive_int,
+                   help="cap on Neural Cleanse epochs (default: the preset's, 1000 faithful, 100 fast)")
     s.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
                    help="Neural Cleanse settings: Wang et al.'s (default) or this project's fast preset "
                         "(8-minibatch schedule epochs, bf16 where the hardware has it, exact ReLU/pool reorder; "

@@ -52,7 +52,8 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, list | tuple):
-            raise UserError(f"{key}: expected a list, got {value!r}")
+            hint = f" (write a list in brackets: [{value}])" if isinstance(value, str) and "," in value else ""
+            raise UserError(f"{key}: expected a list, got {value!r}{hint}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):

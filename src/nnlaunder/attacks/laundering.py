@@ -48,7 +48,7 @@ from .units import MEASURE_POINTS, Unit, discover_units, mean_activations, selec
 TRIGGER_CHOICES = ("all", "flagged", "top-k")
 THRESHOLD_MODES = ("absolute", "relative")
 LAYER_CHOICES = ("all", "second-half")
-BN_STATS = ("keep", "reset", "reestimate")
+BN_STATS = ("keep", "reset", "reestimate", "reinit")
 STAMPING = ("each", "random")
 DIFF_MODES = ("pooled", "per-trigger")
 
@@ -69,7 +69,8 @@ class LaunderConfig:
     #                                      (its own output after its own batch norm, before a residual add)
     bn_stats: str = "keep"               # batch-norm running statistics before retraining: "keep" |
     #                                      "reset" (mean 0, var 1: the paper's "reset the batch normalization")
-    #                                      | "reestimate" (recomputed on the attacker's clean set)
+    #                                      | "reestimate" (recomputed on the attacker's clean set) | "reinit"
+    #                                      (every BN re-initialised: scale 1, shift 0, mean 0, var 1)
     stamping: str = "each"               # retraining set: every clean image stamped with "each" used
     #                                      trigger, or with one trigger drawn at "random" per image
     early_stop: bool = True              # stop when round 1's most likely class becomes least likely
@@ -312,6 +313,11 @@ def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: Laund
             m.reset_running_stats()
     elif cfg.bn_stats == "reestimate":
         reestimate_bn(model, clean.x)
+    elif cfg.bn_stats == "reinit":
+        with torch.no_grad():
+            for m in batch_norms(model):
+                m.reset_parameters()
+        apply_reset(model, masks)            # reset channels stay at zero
     rx, ry = _retrain_set(clean, nc, used, cfg.add_masks, cfg.stamping, cfg.seed + round_idx)
     t1 = time.perf_counter()
     rcfg = dataclasses.replace(cfg.retrain, seed=cfg.retrain.seed + round_idx)
