@@ -155,8 +155,10 @@ def test_launder_calibrate_records_its_choice(tiny, work, capsys):
     d = work / "mnist-cnn"
     _need(d / "wm.safetensors")
     out = cli(["launder", str(d / "wm"), "--per-class", "3", "--nc-preset", "fast", "--nc-epochs", "1", "--calibrate",
-               "--calibrate-folds", "2", "--out", str(d / "calibrated")], capsys, tiny)
+               "--calibrate-folds", "2", "--calibrate-grid",
+               '[{"ct": 1, "retrain_epochs": 1}, {"ct": 2, "retrain_epochs": 1, "triggers": "top-k"}]',
+               "--out", str(d / "calibrated")], capsys, tiny)
     report = json.loads((d / "calibrated" / "report.json").read_text())
     cal = report["calibration"]
-    assert len(cal["scores"]) == 16 and cal["n"] == 30 and cal["chosen"] in [s["candidate"] for s in cal["scores"]]
+    assert len(cal["scores"]) == 2 and cal["n"] == 30 and cal["chosen"] in [s["candidate"] for s in cal["scores"]]
     assert report["config"]["ct"] == cal["chosen"]["ct"] and "calibration: chose" in out

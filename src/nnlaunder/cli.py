@@ -403,7 +403,15 @@ def _calibrate(model, clean: D.Dataset, cfg, args: argparse.Namespace):
     def show(sc) -> None:
         print(f"  {json.dumps(sc.candidate)}: {sc.acc:.2f} ± {sc.se:.2f}%, flips {sc.flips:.2f}%, "
               f"{sc.resets:.0f} units", flush=True)
-    cal = calibrate(model, clean, nc, cfg, folds=args.calibrate_folds, on_candidate=show)
+    grid = None
+    if args.calibrate_grid is not None:
+        try:
+            grid = json.loads(args.calibrate_grid)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--calibrate-grid: not JSON ({e})") from e
+        if not isinstance(grid, list) or not grid or not all(isinstance(c, dict) for c in grid):
+            raise UserError("--calibrate-grid: expected a non-empty JSON list of tables of options")
+    cal = calibrate(model, clean, nc, cfg, grid=grid, folds=args.calibrate_folds, on_candidate=show)
     print(f"calibration: chose {json.dumps(cal.chosen)} (acceptable: within {cal.margin:.2f} points of the best; "
           "then fewest residual flips, then most aggressive)")
     return nc, cal.as_dict()
@@ -637,6 +645,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="choose thresholds, retraining epochs and triggers from the attacker's own data (k-fold "
                         "held-out accuracy and residual trigger flips; never the owner's verification set)")
     s.add_argument("--calibrate-folds", type=_int_at_least(2), default=3, help="folds for --calibrate (default 3)")
+    s.add_argument("--calibrate-grid", metavar="JSON",
+                   help='candidates for --calibrate as a JSON list of option tables, e.g. '
+                        '\'[{"ct": 1, "retrain_epochs": 5}, {"ct": 2, "triggers": "top-k"}]\' (default: a grid of '
+                        'CT, DT where a hidden dense layer exists, retraining epochs and triggers)')
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--verify-scheme", choices=sorted(SCHEMES), help="evaluator: the owner's scheme to measure")
     s.add_argument("--param", action="append", metavar="KEY=VALUE")

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..config import from_dict
 from ..data import Dataset
 from ..errors import UserError
 from ..train import accuracy, predict
@@ -42,8 +43,15 @@ def apply_candidate(base: LaunderConfig, cand: dict[str, Any]) -> LaunderConfig:
     unknown = sorted(set(cand) - CANDIDATE_KEYS)
     if unknown:
         raise UserError(f"calibration candidate: unknown option(s) {unknown}; allowed: {sorted(CANDIDATE_KEYS)}")
+    epochs = cand.get("retrain_epochs", base.retrain.epochs)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+        raise UserError(f"calibration candidate: retrain_epochs must be an integer >= 0, got {epochs!r}")
     over = {k: v for k, v in cand.items() if k != "retrain_epochs"}
-    cfg = dataclasses.replace(base, **over)
+    try:
+        cfg = from_dict(LaunderConfig, {**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, **over},
+                        "calibration candidate")
+    except TypeError as e:
+        raise UserError(f"calibration candidate: {e}") from e
     if "retrain_epochs" in cand:
         cfg = dataclasses.replace(cfg, retrain=dataclasses.replace(cfg.retrain, epochs=int(cand["retrain_epochs"])))
     return cfg
