@@ -55,7 +55,7 @@ def test_command_on_architecture(arch, command, tiny, work, capsys):
         out = cli(["train", "--dataset", ds, "--arch", arch, *train, "--out", str(d / "clean")], capsys, tiny)
         meta = json.loads((d / "clean.json").read_text())
         assert (d / "clean.safetensors").is_file() and meta["arch"] == arch and "test accuracy" in out
-        assert not (d / "clean.ckpt").exists() or list((d / "clean.ckpt").iterdir()) != []
+        assert not (d / "clean.ckpt").exists()              # the resume point goes once the model is saved
     elif command == "embed":
         cli(["embed", "--dataset", ds, "--arch", arch, "--scheme", "zhang-content", *train, "--out", str(d / "wm")],
             capsys, tiny)

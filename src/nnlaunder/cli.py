@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from . import __version__
 from . import data as D
 from .checkpoint import (
     atomic_write_json,
@@ -166,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_model(out, model, {"arch": arch, "num_classes": tr.num_classes, "dataset": args.dataset,
                             "scheme": None, "seed": args.seed, "config": cfg.__dict__,
                             "metrics": {"test_acc": test_acc}, "history": res.history})
+    shutil.rmtree(out.with_suffix(".ckpt"), ignore_errors=True)     # the finished model replaces the resume point
     print(f"saved {out}.safetensors: test accuracy {test_acc:.2f}% after {res.epochs_run} epochs")
     return 0
 
@@ -192,6 +195,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
                             "scheme": args.scheme, "scheme_params": wm.params, "seed": args.seed,
                             "base": args.base, "config": cfg.__dict__,
                             "metrics": {"test_acc": test_acc, "wm_acc": wm_acc}, "history": res.history})
+    shutil.rmtree(out.with_suffix(".ckpt"), ignore_errors=True)
+    if cfg.epochs == 0:
+        print(f"note: --epochs 0 trained nothing; the saved model is the {'base' if args.base else 'untrained'} "
+              "model as it was")
     print(f"saved {out}.safetensors ({args.scheme}): test accuracy {test_acc:.2f}%, "
           f"watermark accuracy {wm_acc:.2f}% on {len(wm.verify_y)} held-out triggers")
     return 0
@@ -560,6 +567,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nnlaunder", description=__doc__)
+    p.add_argument("--version", action="version", version=f"nnlaunder {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("train", help="train a clean model")
@@ -590,16 +598,19 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--param", action="append", metavar="KEY=VALUE")
     s.add_argument("--threshold", type=_float, help="vanilla threshold in percent")
     s.add_argument("--threshold-file", help="JSON written by `nnlaunder threshold`")
-    s.add_argument("--alpha", type=_float, default=0.01)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--alpha", type=_float, default=0.01,
+                   help="significance level of the binomial test (default 0.01)")
+    s.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     s.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("threshold", help="vanilla threshold: max watermark accuracy of clean models")
     _common(s)
     s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
     s.add_argument("--arch", choices=sorted(ARCHS))
-    s.add_argument("--schemes", default="zhang-content,zhang-noise,zhang-unrelated")
-    s.add_argument("--seeds", type=_int_list, default=[0])
+    s.add_argument("--schemes", default="zhang-content,zhang-noise,zhang-unrelated",
+                   help="comma-separated schemes to measure (default: the three Zhang schemes)")
+    s.add_argument("--seeds", type=_int_list, default=[0],
+                   help="clean models' seeds, comma-separated; the threshold is the max over all (default 0)")
     s.add_argument("--out", required=True, help="JSON file")
     _train_flags(s)
     s.set_defaults(func=cmd_threshold)
@@ -612,7 +623,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--budget", type=_float, default=None,
                    help="fraction of the training set the attacker holds (default 0.006; with --data: 1, all of it)")
     s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
-    s.add_argument("--rounds", type=_positive_int)
+    s.add_argument("--rounds", type=_positive_int,
+                   help="laundering rounds, each Neural Cleanse + Algorithm 1 + retraining (default 1)")
     s.add_argument("--variant", choices=("strong", "faithful"), default="strong")
     s.add_argument("--dt", type=_float, help="dense-layer threshold")
     s.add_argument("--ct", type=_float, help="conv-layer threshold")
@@ -686,7 +698,10 @@ def make_parser() -> argparse.ArgumentParser:
         s.add_argument("model")
         s.add_argument("--out", required=True, help="folder: epoch-NNN checkpoints, model, history.json")
         s.add_argument("--split", type=_float, default=0.3,
-                       help="fraction of the training set fine-tuned on; the owner's data is the rest")
+                       help="fraction of the training set fine-tuned on; the owner's data is the rest"
+                       if name == "finetune" else
+                       "the fine-tuning split's fraction, as given to finetune; restoration trains on the rest "
+                       "(the owner's own data)")
         s.add_argument("--epochs", type=_nonneg_int, default=epochs)
         s.add_argument("--lr", type=_float, default=1e-4)
         s.add_argument("--batch-size", type=_positive_int, default=128)
@@ -701,9 +716,11 @@ def make_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("checkpoints", help="folder of epoch-NNN checkpoints (from finetune / restore)")
     s.add_argument("--on", choices=("trigger", "train"), default="trigger")
-    s.add_argument("--grid", type=_int_at_least(3), default=15)
-    s.add_argument("--images", type=_positive_int, default=1000)
-    s.add_argument("--margin", type=_float, default=1.3)
+    s.add_argument("--grid", type=_int_at_least(3), default=15, help="grid points per axis (default 15)")
+    s.add_argument("--images", type=_positive_int, default=1000,
+                   help="images the loss is measured on (default 1000)")
+    s.add_argument("--margin", type=_float, default=1.3,
+                   help="plane extent as a multiple of the trajectory's span (default 1.3)")
     s.add_argument("--out", required=True, help="PNG path (a .json with the grid is written beside it)")
     s.set_defaults(func=cmd_landscape)
 
@@ -715,10 +732,20 @@ def make_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
     _common(s)
-    s.add_argument("--out-dir", default="runs/demo")
-    s.add_argument("--epochs", type=_positive_int, default=3)
+    s.add_argument("--out-dir", default="runs/demo", help="where models, plots and the table go (default runs/demo)")
+    s.add_argument("--epochs", type=_positive_int, default=3, help="owner training epochs (default 3)")
     s.set_defaults(func=cmd_demo)
     return p
+
+
+_KEPT = {  # what an interrupted command leaves to continue from
+    "train": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
+    "embed": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
+    "launder": "finished laundering rounds are kept in OUT/partial.safetensors (rerun with --resume)",
+    "run": "finished cells are in the workspace's store (rerun the same command to continue)",
+    "finetune": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
+    "restore": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -746,8 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnlaunder: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("nnlaunder: interrupted; finished epochs and laundering rounds are kept (rerun with --resume)",
-              file=sys.stderr)
+        print(f"nnlaunder: interrupted; {_KEPT.get(getattr(args, 'command', ''), 'nothing was kept')}", file=sys.stderr)
         return 130
 
 
