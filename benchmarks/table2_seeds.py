@@ -182,6 +182,8 @@ def run(args) -> None:
                 )
             if args.calibrated:
                 variants["calibrated"] = {}
+            if args.variants:
+                variants = {v: o for v, o in variants.items() if v in args.variants}
             before = None
             for seed in range(args.seeds):
                 todo = [v for v in variants if (ds, name, seed, v, sha, args.nc_preset) not in done]
@@ -550,6 +552,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="also run the attack with options chosen per seed by attacks/calibrate.py (k-fold)",
     )
+    ap.add_argument(
+        "--variants", default=None, help="comma-separated subset of the variants to run (strong, +bn, ..., calibrated)"
+    )
     ap.add_argument("--nc-preset", choices=("faithful", "fast"), default="fast")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown tables from the JSON files")
@@ -574,6 +579,10 @@ def main(argv=None) -> int:
     if bad or args.seeds < 1:
         ap.error(f"unknown dataset(s) {bad}; choose from {list(ROWS)}" if bad else "--seeds must be >= 1")
     args.models = [m.strip() for m in args.models.split(",")] if args.models else None
+    args.variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    unknown = sorted(set(args.variants or []) - {"strong", "calibrated", *ABLATION})
+    if unknown:
+        ap.error(f"unknown variant(s) {unknown}; choose from strong, calibrated, {', '.join(ABLATION)}")
     if args.nc_check:
         nc_check(args)
         return 0
