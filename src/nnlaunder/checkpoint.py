@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attacks.laundering import LaunderState, RoundInfo
+from .attacks.records import LaunderState, RoundInfo
 from .errors import UserError
 from .models import build
 

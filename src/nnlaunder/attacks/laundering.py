@@ -43,6 +43,7 @@ from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, train
 from .neural_cleanse import NCConfig, NCResult, neural_cleanse, stamp
+from .records import LaunderState, RoundInfo
 from .units import MEASURE_POINTS, Unit, discover_units, mean_activations, select_units
 
 TRIGGER_CHOICES = ("all", "flagged", "top-k")
@@ -119,25 +120,6 @@ def launder_config(variant: str = "strong", **overrides: Any) -> LaunderConfig:
 
 
 @dataclass
-class RoundInfo:
-    round: int
-    nc_seconds: float
-    nc_epochs: list[int]
-    l1: list[float]
-    anomaly: list[float]
-    flagged: list[int]
-    used_triggers: list[int]
-    most_likely: int
-    least_likely: int
-    resets: dict[str, int]
-    retrain_seconds: float = 0.0
-    seconds: float = 0.0
-    attacker_acc: float | None = None      # accuracy on the attacker's own held-out slice
-    stopped: bool = False                  # the early-stop rule fired; nothing was changed
-    metrics: dict[str, Any] = field(default_factory=dict)   # what the experiment's callback measured
-
-
-@dataclass
 class LaunderResult:
     model: nn.Module
     rounds: list[RoundInfo]
@@ -151,17 +133,6 @@ class LaunderResult:
 
 
 OnRound = Callable[[int, nn.Module, RoundInfo], "dict[str, Any] | None"]
-
-
-@dataclass
-class LaunderState:
-    """Where a multi-round laundering stands after a finished round: enough for
-    `launder(..., resume=state)` to go on exactly as an unbroken run would (each round's Neural
-    Cleanse and retraining are seeded by the round number)."""
-    rounds: list[RoundInfo]                 # the finished rounds, metrics included
-    masks: dict[str, torch.Tensor]          # weight masks of every unit reset so far
-    first_most: int                         # round 1's most likely infected class (early stop)
-    model_state: dict[str, torch.Tensor]    # the model after the last finished round
 
 
 OnState = Callable[[LaunderState, NCResult], None]
