@@ -149,6 +149,14 @@ def test_launder_bring_your_own_model_with_batch_norm(tiny, tmp_path, capsys):
          "--out", str(tmp_path / "out")], capsys, tiny)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert len(report["rounds"]) == 1 and (tmp_path / "out" / "laundered.safetensors").is_file()
+    # the attacker-side calibration works on a user's model too
+    cli(["launder", "--model-factory", "tests.test_cli_matrix:make_bn_net", "--weights",
+         str(tmp_path / "net.safetensors"), "--data", str(tmp_path / "clean.npz"), "--nc-preset", "fast",
+         "--nc-epochs", "1", "--calibrate", "--calibrate-folds", "2", "--calibrate-grid",
+         '[{"ct": 1, "retrain_epochs": 1}, {"ct": 2, "retrain_epochs": 1}]', "--out", str(tmp_path / "cal")],
+        capsys, tiny)
+    cal = json.loads((tmp_path / "cal" / "report.json").read_text())["calibration"]
+    assert cal["n"] == 60 and len(cal["scores"]) == 2
 
 
 def test_launder_calibrate_records_its_choice(tiny, work, capsys):

@@ -88,9 +88,15 @@ def run_external(args: Any, out_dir: Path) -> int:
         clean = D.stratified_subset(data, per_class=args.per_class, seed=args.seed)
     else:
         clean = D.stratified_subset(data, fraction=budget, seed=args.seed)
-    from .cli import launder_cfg
+    from .cli import calibrate_cli, launder_cfg
 
     cfg = launder_cfg(args)
+    first_nc, calibration = None, None
+    if args.calibrate:
+        from .attacks.calibrate import apply_candidate
+
+        first_nc, calibration = calibrate_cli(model, clean, cfg, args)
+        cfg = apply_candidate(cfg, calibration["chosen"])
 
     def measure(r: int, m: torch.nn.Module, info: Any = None) -> dict[str, float]:
         return {k: accuracy(m, x, y) for k, (x, y) in evals.items()}
@@ -108,7 +114,7 @@ def run_external(args: Any, out_dir: Path) -> int:
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = launder(model, clean, cfg, on_round=show, progress=not args.quiet)
+        res = launder(model, clean, cfg, on_round=show, progress=not args.quiet, first_nc=first_nc)
     for w in caught:
         print(f"nnlaunder: warning: {w.message}")
     after = res.rounds[-1].metrics if res.rounds else {}
@@ -117,7 +123,7 @@ def run_external(args: Any, out_dir: Path) -> int:
               "data": str(args.data), "n_data": len(data), "n_clean": len(clean), "budget": len(clean) / len(data),
               "config": dataclasses.asdict(cfg), "before": before, "after": after,
               "skipped_layers": [list(s) for s in res.skipped], "rounds": res.report(),
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "calibration": calibration}
     atomic_save_tensors(out_dir / "laundered.safetensors",
                         {k: v.detach().cpu().contiguous() for k, v in res.model.inner.state_dict().items()},
                         {"format": "pt"})

@@ -295,8 +295,6 @@ def cmd_launder(args: argparse.Namespace) -> int:
 
         if args.resume:
             raise UserError("--resume works with a MODEL of this project, not with --model-factory")
-        if args.calibrate:
-            raise UserError("--calibrate works with a MODEL of this project, not yet with --model-factory")
 
         return run_external(args, _out(str(Path(args.out) / "laundered")).parent)
     if not args.model:
@@ -352,7 +350,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
             calibration = prior[1]["calibration"]
             print(f"calibration: the interrupted run's choice {calibration['chosen']}")
         else:
-            first_nc, calibration = _calibrate(model, clean, cfg, args)
+            first_nc, calibration = calibrate_cli(model, clean, cfg, args)
         from .attacks.calibrate import apply_candidate
 
         cfg = apply_candidate(cfg, calibration["chosen"])
@@ -395,7 +393,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibrate(model, clean: D.Dataset, cfg, args: argparse.Namespace):
+def calibrate_cli(model, clean: D.Dataset, cfg, args: argparse.Namespace):
     """Round 1's Neural Cleanse, then the attacker-side calibration (k-fold over the clean set)."""
     from .attacks.calibrate import calibrate
     from .attacks.neural_cleanse import neural_cleanse
