@@ -351,12 +351,14 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         if r == 1 and first_nc is not None:
             nc = first_nc
         else:
-            bar = tqdm(total=cfg.nc.max_epochs, desc=f"neural cleanse r{r}", leave=False, disable=not progress,
-                       mininterval=1.0)
+            # Early stopping usually ends Neural Cleanse long before max_epochs: the bar counts epochs
+            # without a total (no ETA that would assume all of them) and shows the classes still optimised.
+            bar = tqdm(desc=f"neural cleanse r{r} (epochs, at most {cfg.nc.max_epochs})", leave=False,
+                       disable=not progress, mininterval=1.0, unit="epoch")
 
             def tick(epoch: int, active: int, bar=bar) -> None:
                 bar.n = epoch
-                bar.set_postfix(active_classes=active, refresh=False)
+                bar.set_postfix(classes_left=active, refresh=False)
                 bar.refresh()
 
             nc = neural_cleanse(model, clean.x, dataclasses.replace(cfg.nc, seed=cfg.nc.seed + 1000 * (r - 1)),
