@@ -27,7 +27,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
@@ -50,10 +49,7 @@ def run(args) -> list[dict]:
     for ds in args.datasets:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
         thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
-        idx = D.stratified_indices(tr.y, fraction=0.3, seed=args.seed)
-        rest = torch.ones(len(tr), dtype=torch.bool)
-        rest[idx] = False
-        split, owner = tr.subset(idx), tr.subset(torch.nonzero(rest).flatten())
+        split, owner = D.disjoint_split(tr, 0.3, seed=args.seed)
         ft = TrainConfig(epochs=args.ft_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
         rs = TrainConfig(epochs=args.restore_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
         for name in MODELS[ds]:

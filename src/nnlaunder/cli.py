@@ -459,22 +459,14 @@ def _owner_view(args: argparse.Namespace):
     return model, meta, tr, te, wm
 
 
-def _split(tr: D.Dataset, fraction: float, seed: int) -> tuple[D.Dataset, D.Dataset]:
-    """(the fine-tuning split, its complement = the owner's data), disjoint, stratified, seeded."""
-    if not 0 < fraction < 1:
-        raise UserError(f"--split must be a fraction in (0, 1), got {fraction}")
-    idx = D.stratified_indices(tr.y, fraction=fraction, seed=seed)
-    rest = torch.ones(len(tr), dtype=torch.bool)
-    rest[idx] = False
-    return tr.subset(idx, "split"), tr.subset(torch.nonzero(rest).flatten(), "owner")
-
-
 def _persistence_run(args: argparse.Namespace, phase: str) -> int:
     from .restore import finetune_threat, param_shift, restore
 
     model, meta, tr, te, wm = _owner_view(args)
     original = copy.deepcopy(model)
-    split, owner = _split(tr, args.split, args.seed)
+    if not 0 < args.split < 1:
+        raise UserError(f"--split must be a fraction in (0, 1), got {args.split}")
+    split, owner = D.disjoint_split(tr, args.split, args.seed)   # (fine-tuning split, the owner's data)
     out = Path(args.out)
     _out(str(out / "model"))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", lr=args.lr, seed=args.seed)

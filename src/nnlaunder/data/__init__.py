@@ -196,6 +196,17 @@ def stratified_indices(y: torch.Tensor, *, fraction: float | None = None,
     return torch.sort(torch.cat(picked)).values
 
 
+def disjoint_split(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(a stratified, seeded `fraction` of `ds`, the rest of it): two disjoint parts that cover `ds`
+    (the persistence threat's fine-tuning split and the owner's own data)."""
+    if not 0 < fraction < 1:
+        raise UserError(f"a split must be a fraction in (0, 1), got {fraction}")
+    idx = stratified_indices(ds.y, fraction=fraction, seed=seed)
+    rest = torch.ones(len(ds), dtype=torch.bool)
+    rest[idx] = False
+    return ds.subset(idx, f"{ds.name}[split]"), ds.subset(torch.nonzero(rest).flatten(), f"{ds.name}[rest]")
+
+
 def stratified_subset(ds: Dataset, *, fraction: float | None = None, per_class: int | None = None,
                       seed: int = 0) -> Dataset:
     idx = stratified_indices(ds.y, fraction=fraction, per_class=per_class, seed=seed)
