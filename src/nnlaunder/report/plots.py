@@ -43,7 +43,8 @@ def trigger_grid(masks: torch.Tensor, patterns: torch.Tensor, l1: Sequence[float
         axes[r][0].set_ylabel(label, fontsize=8)
     smallest = min(range(k), key=lambda i: l1[i])
     fig.text(0.5, 0.005, "L1: the recovered mask's size (smaller = an easier shortcut to that class). a: MAD anomaly "
-             "index of the L1 norms; a class is flagged (red) when its mask is an outlier below the median (a above the MAD threshold, 2 by default). "
+             "index of the L1 norms; a class is flagged (red) when its mask is an outlier below the median "
+             "(a above the MAD threshold, 2 by default). "
              f"Smallest mask: {class_names[smallest]}.", ha="center", va="bottom", fontsize=7, wrap=True)
     fig.subplots_adjust(bottom=0.08)
     return _save(fig, path, title)
