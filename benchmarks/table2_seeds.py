@@ -163,7 +163,7 @@ def run(args) -> None:
             if args.calibrated:
                 variants["calibrated"] = {}
             if args.variants:
-                variants = {v: o for v, o in variants.items() if v in args.variants}
+                variants = {v: variants[v] for v in args.variants if v in variants}  # in the order asked
             before = None
             for seed in range(args.seeds):
                 todo = [v for v in variants if (ds, name, seed, v, sha, args.nc_preset) not in done]
