@@ -386,7 +386,9 @@ def write_markdown() -> None:
         "options chosen per seed by `attacks/calibrate.py` from the attacker's own set alone (3-fold held-out "
         "accuracy within one "
         "standard error of the best, then fewest residual trigger flips; grid: CT 1/2, 5/20 retraining epochs, "
-        "the flagged trigger or the 3 smallest), with the row's layer choice.",
+        "the flagged trigger or the 3 smallest), with the row's layer choice. Where variants have different n, "
+        "they have not all been run on the same seeds yet: compare a variant with strong on the seeds both have "
+        "(table2-ablation.json and table2-seeds.json hold every run with its seed).",
         "",
         "| row | variant | removed | test acc % | WM acc % |",
         "|---|---|---|---|---|",
