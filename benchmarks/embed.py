@@ -197,7 +197,7 @@ def write_markdown(rows: list[dict]) -> str:
              "threshold is the highest watermark accuracy any clean model of the same task reached over any of",
              "its training epochs (Aiken et al. §7.1), over the seeds listed in thresholds-<dataset>.json.",
              "Paper figures: Aiken et al. Table 2 (\"Ours\" rows). \"wall min\" is the training's wall time on the",
-             "device it ran on (cpu = this 2-core machine; cuda = a lent H100 shared by 7 trainings at once).",
+             "device it ran on (cpu = this 2-core machine; cuda = an NVIDIA H100 shared by 7 trainings at once).",
              "\"CPU min\" is measured for CPU trainings and estimated (~) for GPU ones: epochs × the median",
              "CPU epoch of the same architecture measured here. Not speed claims (shared machines).", "",
              "| dataset | arch | scheme | test acc % (paper) | clean test acc % | WM acc % (paper) "
