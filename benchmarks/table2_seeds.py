@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import datetime
 import json
 import math
@@ -312,6 +313,7 @@ def _cells(s: dict) -> str:
     )
 
 
+@functools.cache  # read once per (dataset, arch, scheme), not once per row
 def clean_distribution(ds: str, arch: str, scheme: str) -> list[float]:
     """Every clean-model watermark accuracy (all epochs of all clean seeds) the threshold came from."""
     d = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())
