@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import datetime
+import functools
 import json
 import math
 import platform
