@@ -5,7 +5,7 @@
 Needs the models and thresholds of benchmarks/embed.py. Writes benchmarks/results/baselines.json
 (one row per model × attack × budget, written after every cell: a stopped run resumes where it
 stopped), baselines.md, and baselines-<dataset>.png (test vs watermark accuracy per attack, with
-the vanilla threshold). Attacks use their registry defaults (nnlaunder.attacks.baselines.ATTACKS).
+the vanilla threshold). Attacks use their registry defaults (nnlaunder.attacks.registry.ATTACKS).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
-from nnlaunder.attacks.baselines import ATTACKS, run_attack  # noqa: E402
+from nnlaunder.attacks.registry import ATTACKS, run_attack  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, made_from_current, model_digest  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402

@@ -41,9 +41,9 @@ def tiny_net(seed: int = 0) -> nn.Sequential:
 
 @contextlib.contextmanager
 def launder_interrupted_at(round_no: int):
-    """While active, `nnlaunder.attacks.laundering.launder` raises KeyboardInterrupt when round
-    `round_no` finishes (as Ctrl-C would), before that round's state is kept."""
-    import nnlaunder.attacks.laundering as L
+    """While active, `launder` as the laundering pipeline calls it raises KeyboardInterrupt when
+    round `round_no` finishes (as Ctrl-C would), before that round's state is kept."""
+    import nnlaunder.attacks.pipeline as L
 
     real = L.launder
 

@@ -5,7 +5,6 @@ import torch
 from torch import nn
 
 from nnlaunder.attacks.baselines import (
-    ATTACKS,
     FinePruneConfig,
     FinetuneConfig,
     PruneConfig,
@@ -14,9 +13,9 @@ from nnlaunder.attacks.baselines import (
     finetune,
     magnitude_masks,
     prune,
-    run_attack,
 )
 from nnlaunder.attacks.neural_cleanse import NCConfig
+from nnlaunder.attacks.registry import ATTACKS, run_attack
 from nnlaunder.errors import UserError
 from nnlaunder.train import TrainConfig, accuracy, train
 

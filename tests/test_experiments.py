@@ -312,6 +312,7 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
     and stores what an uninterrupted run stores; the partial state is gone once the cell is stored."""
     from pathlib import Path
 
+    from nnlaunder.attacks import pipeline
     from nnlaunder.experiments import runner
 
     repo = Path(__file__).resolve().parents[1]
@@ -320,7 +321,7 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
             "scheme_params": {"n_verify": 300}, "budget": "1/class", "rounds": 2,
             "attack_params": {"early_stop": False, "nc": {"max_epochs": 3}, "retrain": {"epochs": 2}}}
     (cell,) = expand(spec)
-    real = runner.launder
+    real = pipeline.launder
     calls = []
 
     def stopped_in_round_2(*args, **kw):
@@ -331,12 +332,12 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
             return kw["on_round"](r, m, info)
         return real(*args, **{**kw, "on_round": on_round})
 
-    monkeypatch.setattr(runner, "launder", stopped_in_round_2)
+    monkeypatch.setattr(pipeline, "launder", stopped_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
     partial = tmp_path / "ws" / "partial" / f"{cell.cell_id()}.safetensors"
     assert calls == [1, 2] and partial.is_file()
-    monkeypatch.setattr(runner, "launder", real)
+    monkeypatch.setattr(pipeline, "launder", real)
     seen = []
     real_ev = runner.evaluator
     monkeypatch.setattr(runner, "evaluator", lambda te, wm: (lambda r, m: seen.append(r) or real_ev(te, wm)(r, m)))

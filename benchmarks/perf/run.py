@@ -1,6 +1,6 @@
 """Benchmark: performance, measured in one run against IBM ART's Neural Cleanse and this machine's limits.
 
-    python benchmarks/perf/run.py --art-python /work/bench-venv/bin/python --nc-steps 60   # ~35 min, 2 cores
+    python benchmarks/perf/run.py --art-python /path/to/bench-venv/bin/python --nc-steps 60   # ~35 min, 2 cores
 
 Sections (each comparison is a ratio measured in this one run; the machine is shared and noisy):
   nc       Neural Cleanse on the Table 5 MNIST model (zhang-content), 1000 clean images, the same steps
@@ -16,7 +16,7 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
   denormal (opt-in, ~3 min) a CIFAR-10 retraining after heavy Algorithm 1 resets, with and without
            the trainer's denormal flushing (nnlaunder.train.SPEED["flush_denormal"], an attempt, off).
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes) and perf.md.
-The bench venv: python3 -m venv /work/bench-venv && /work/bench-venv/bin/pip install
+The bench venv: python3 -m venv /path/to/bench-venv && /path/to/bench-venv/bin/pip install
   'adversarial-robustness-toolbox==1.20.*' tensorflow-cpu packaging
 """
 

@@ -1,6 +1,6 @@
 """`nnlaunder launder --model-factory ...`: launder a model you did not train, with your own data.
 
-Glue between the CLI and the pure pieces: the user's network (`models.external`), their data
+Glue between the typed options (`ExternalModel`) and the pure pieces: the user's network (`models.external`), their data
 (`data.external`), laundering (`attacks.laundering`) and the measurements the user asked for
 (test accuracy on `--test-data`, attack success on `--verify-npz`). Nothing here knows a scheme,
 a target class or a trigger: the attacker's view only.
@@ -8,21 +8,22 @@ a target class or a trigger: the attacker's view only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import data as D
-from .attacks.laundering import launder
-from .checkpoint import atomic_save_tensors, atomic_write_json
+from .attacks.laundering import LaunderConfig
+from .attacks.pipeline import CalibrateOptions, run_launder
+from .checkpoint import atomic_save_tensors
 from .data.external import read_external, read_npz
 from .errors import UserError
 from .models.external import check_model_fits, external_model
+from .progress import LaunderBars
 from .train import accuracy
 
 
@@ -50,89 +51,81 @@ def _kwargs(s: str | None) -> dict[str, Any]:
     return out
 
 
-def run_external(args: Any, out_dir: Path) -> int:
-    """The `launder` command for a model from `--model-factory` and data from `--data`."""
-    if args.model:
-        raise UserError("give either a MODEL of this project or --model-factory with --weights, not both")
-    for flag, val in (("--weights", args.weights), ("--data", args.data)):
+@dataclass(frozen=True)
+class ExternalModel:
+    """A model this project did not train, and the user's data (the `--model-factory` flags, as given)."""
+    factory: str
+    weights: str | None
+    data: str | None
+    kwargs: str | None = None            # JSON object for the factory
+    test_data: str | None = None
+    verify_npz: str | None = None
+    input_range: str | None = None       # "LO,HI"
+    mean: str | None = None              # "M1[,M2,M3]"
+    std: str | None = None
+    allow_torch_load: bool = False
+
+
+def _evals(spec: ExternalModel, data: D.Dataset) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """What the user asked to be measured: test accuracy on --test-data, attack success on --verify-npz."""
+    evals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, path, flag, what in (("test_acc", spec.test_data, "--test-data", "labels"),
+                                  ("attack_success", spec.verify_npz, "--verify-npz", "target labels")):
+        if not path:
+            continue
+        d = read_npz(path) if key == "attack_success" else read_external(path)
+        if d.shape != data.shape:
+            raise UserError(f"{flag} images are {d.shape}, --data images {data.shape}")
+        if int(d.y.max()) >= data.num_classes:
+            raise UserError(f"{flag} has {what} up to {int(d.y.max())}; --data has {data.num_classes} classes")
+        evals[key] = (d.x, d.y)
+    return evals
+
+
+def run_external(spec: ExternalModel, cfg: LaunderConfig, out_dir: Path, *, budget: float | None = None,
+                 per_class: int | None = None, seed: int = 0, calibrate: CalibrateOptions | None = None,
+                 progress: bool = True) -> int:
+    """`launder` for a model from `--model-factory` and data from `--data`."""
+    for flag, val in (("--weights", spec.weights), ("--data", spec.data)):
         if not val:
             raise UserError(f"--model-factory needs {flag}")
-    if args.verify_scheme:
-        raise UserError("--verify-scheme needs a model of this project; for your own model give --verify-npz")
-    input_range = _floats(args.input_range, "--input-range", 2) or (0.0, 1.0)
-    model = external_model(args.model_factory, _kwargs(args.model_kwargs), args.weights,
-                           allow_torch_load=args.allow_torch_load, input_range=input_range,  # type: ignore[arg-type]
-                           mean=_floats(args.mean, "--mean"), std=_floats(args.std, "--std"))
-    data = read_external(args.data)
-    check_model_fits(model, data.x, data.num_classes, str(args.data))
-    evals: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if args.test_data:
-        test = read_external(args.test_data)
-        if test.shape != data.shape:
-            raise UserError(f"--test-data images are {test.shape}, --data images {data.shape}")
-        if int(test.y.max()) >= data.num_classes:
-            raise UserError(f"--test-data has labels up to {int(test.y.max())}; --data has {data.num_classes} classes")
-        evals["test_acc"] = (test.x, test.y)
-    if args.verify_npz:
-        v = read_npz(args.verify_npz)
-        if v.shape != data.shape:
-            raise UserError(f"--verify-npz images are {v.shape}, --data images {data.shape}")
-        if int(v.y.max()) >= data.num_classes:
-            raise UserError(f"--verify-npz target labels go up to {int(v.y.max())}; the model has "
-                            f"{data.num_classes} classes")
-        evals["attack_success"] = (v.x, v.y)
-    budget = 1.0 if args.budget is None else args.budget
+    assert spec.weights is not None and spec.data is not None
+    input_range = _floats(spec.input_range, "--input-range", 2) or (0.0, 1.0)
+    model = external_model(spec.factory, _kwargs(spec.kwargs), spec.weights,
+                           allow_torch_load=spec.allow_torch_load, input_range=input_range,  # type: ignore[arg-type]
+                           mean=_floats(spec.mean, "--mean"), std=_floats(spec.std, "--std"))
+    data = read_external(spec.data)
+    check_model_fits(model, data.x, data.num_classes, str(spec.data))
+    evals = _evals(spec, data)
+    budget = 1.0 if budget is None else budget
     if not 0 < budget <= 1:
         raise UserError(f"--budget is a fraction of --data in (0, 1], got {budget}")
-    if args.per_class:
-        clean = D.stratified_subset(data, per_class=args.per_class, seed=args.seed)
-    else:
-        clean = D.stratified_subset(data, fraction=budget, seed=args.seed)
-    from .cli import calibrate_cli, launder_cfg
-
-    cfg = launder_cfg(args)
-    first_nc, calibration = None, None
-    if args.calibrate:
-        from .attacks.calibrate import apply_candidate
-
-        first_nc, calibration = calibrate_cli(model, clean, cfg, args)
-        cfg = apply_candidate(cfg, calibration["chosen"])
+    clean = D.stratified_subset(data, seed=seed, **({"per_class": per_class} if per_class else {"fraction": budget}))
 
     def measure(r: int, m: torch.nn.Module, info: Any = None) -> dict[str, float]:
         return {k: accuracy(m, x, y) for k, (x, y) in evals.items()}
 
     before = measure(0, model)
-    shown = ", ".join(f"{k} {v:.2f}%" for k, v in before.items()) or "nothing to measure (no --test-data/--verify-npz)"
-    print(f"attacker's clean set: {len(clean)} images of {len(data)} in {args.data}; before: {shown}")
-
-    def show(r: int, m: torch.nn.Module, info: Any) -> dict[str, float]:
-        metrics = measure(r, m)
-        print(f"round {r}: flagged {info.flagged or 'none'}, reset {sum(info.resets.values())} units; "
-              + ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items()) + f"; {info.seconds:.0f} s")
-        return metrics
-
-    t0 = time.perf_counter()
+    shown = ", ".join(f"{k} {v:.2f}%" for k, v in before.items()) or \
+        "nothing to measure (no --test-data/--verify-npz)"
+    print(f"attacker's clean set: {len(clean)} images of {len(data)} in {spec.data}; before: {shown}")
+    report = {"model_factory": spec.factory, "model_kwargs": _kwargs(spec.kwargs), "weights": str(spec.weights),
+              "input_range": list(input_range), "mean": spec.mean, "std": spec.std, "data": str(spec.data),
+              "n_data": len(data), "budget": len(clean) / len(data), "before": before}
+    bars = LaunderBars(progress)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = launder(model, clean, cfg, on_round=show, progress=not args.quiet, first_nc=first_nc)
+        try:
+            run = run_launder(model, clean, cfg, evaluate=measure, calibrate=calibrate, out_dir=out_dir,
+                              classes=data.classes, report=report, log=lambda m: print(m, flush=True),
+                              on_progress=bars)
+        finally:
+            bars.close()
     for w in caught:
         print(f"nnlaunder: warning: {w.message}")
-    after = res.rounds[-1].metrics if res.rounds else {}
-    report = {"model_factory": args.model_factory, "model_kwargs": _kwargs(args.model_kwargs),
-              "weights": str(args.weights), "input_range": list(input_range), "mean": args.mean, "std": args.std,
-              "data": str(args.data), "n_data": len(data), "n_clean": len(clean), "budget": len(clean) / len(data),
-              "config": dataclasses.asdict(cfg), "before": before, "after": after,
-              "skipped_layers": [list(s) for s in res.skipped], "rounds": res.report(),
-              "seconds": time.perf_counter() - t0, "calibration": calibration}
     atomic_save_tensors(out_dir / "laundered.safetensors",
-                        {k: v.detach().cpu().contiguous() for k, v in res.model.inner.state_dict().items()},
+                        {k: v.detach().cpu().contiguous() for k, v in run.result.model.inner.state_dict().items()},
                         {"format": "pt"})
-    atomic_write_json(out_dir / "report.json", report)
-    from .report.plots import trigger_grid
-
-    last = res.nc[-1]
-    trigger_grid(last.masks, last.patterns, last.l1.tolist(), last.anomaly.tolist(), last.flagged, data.classes,
-                 out_dir / "triggers.png", title=f"Neural Cleanse, round {len(res.nc)}", example=clean.x[0])
-    print(f"wrote {out_dir}/laundered.safetensors (your model's own state_dict), report.json, triggers.png "
-          f"({report['seconds']:.0f} s)")
+    print(f"wrote {out_dir}/laundered.safetensors (your model's own state_dict), {', '.join(run.files)} "
+          f"({run.result.seconds:.0f} s)")
     return 0

@@ -7,7 +7,6 @@ Weights are only ever read from safetensors: nothing in a model file can run cod
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -16,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .attacks.records import LaunderState, RoundInfo
 from .errors import UserError
 from .models import build
 
@@ -83,47 +81,6 @@ def weights_digest(model: nn.Module) -> str:
         h.update(f"{k}{tuple(x.shape)}{x.dtype}".encode())
         h.update(tensor_bytes(x))
     return h.hexdigest()
-
-
-def save_launder_state(path: str | os.PathLike, state: LaunderState, owner: str, extra: dict[str, Any]) -> None:
-    """A multi-round laundering's state after a finished round (`launder(on_state=...)`), in one file
-    written atomically: model and reset masks as tensors; the rounds so far, round 1's most likely
-    class, the digest of the weights laundering started from and the caller's `extra` as JSON
-    metadata."""
-    tensors = {**{f"model.{k}": v for k, v in state.model_state.items()},
-               **{f"mask.{k}": v for k, v in state.masks.items()}}
-    meta = {"rounds": [dataclasses.asdict(r) for r in state.rounds], "first_most": state.first_most,
-            "owner": owner, "extra": extra}
-    atomic_save_tensors(Path(path), tensors, {"launder_state": json.dumps(meta, default=float)})
-
-
-def load_launder_state(path: str | os.PathLike, owner: str) -> tuple[LaunderState, dict[str, Any]] | None:
-    """(state, extra) as `save_launder_state` wrote them, or None when there is no such file or it was
-    made from other starting weights than those with digest `owner`."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("launder_state") or "null")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-    except (SafetensorError, ValueError) as e:
-        raise UserError(f"{path}: not a laundering state this version can read ({e}); delete it to start over") from e
-    if not isinstance(meta, dict) or meta.get("owner") != owner:
-        return None
-    try:
-        bad = [k for k, v in tensors.items() if _kind(v) in ("float", "complex") and not torch.isfinite(v).all()]
-        wrong = [k for k, v in tensors.items() if k.startswith("mask.") and not bool(((v == 0) | (v == 1)).all())]
-        rounds = [RoundInfo(**r) for r in meta["rounds"]]
-        first_most = int(meta["first_most"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise UserError(f"{path}: a laundering state with broken metadata ({e}); delete it to start over") from e
-    if bad or wrong or any(_kind(v) == "complex" for v in tensors.values()):
-        raise UserError(f"{path}: a laundering state with NaN/Inf or impossible values in {(bad + wrong)[:3]}; "
-                        "delete it to start over")
-    state = LaunderState(rounds, {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, first_most,
-                         {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    return state, meta["extra"] if isinstance(meta.get("extra"), dict) else {}
 
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -219,7 +176,7 @@ def load_state(path: str | os.PathLike, allow_torch_load: bool = False) -> dict[
     return dict(obj)
 
 
-def _kind(t: torch.Tensor) -> str:
+def dtype_kind(t: torch.Tensor) -> str:
     if t.is_complex():
         return "complex"
     if t.is_floating_point():
@@ -242,11 +199,11 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "c
         if wrong:
             parts.append(f"shape mismatch {[(k, tuple(state[k].shape), tuple(own[k].shape)) for k in wrong[:3]]}")
         raise UserError(f"{source}: tensors do not fit the architecture ({'; '.join(parts)})")
-    kinds = [k for k in state if _kind(state[k]) != _kind(own[k])]
+    kinds = [k for k in state if dtype_kind(state[k]) != dtype_kind(own[k])]
     if kinds:
         raise UserError(f"{source}: tensors of the wrong kind of dtype "
                         f"{[(k, str(state[k].dtype), str(own[k].dtype)) for k in kinds[:3]]} (name, got, expected)")
-    bad = [k for k, v in state.items() if _kind(v) != "int" and not torch.isfinite(v).all()]
+    bad = [k for k, v in state.items() if dtype_kind(v) != "int" and not torch.isfinite(v).all()]
     if bad:
         raise UserError(f"{source}: NaN or Inf in {bad[:3]}")
     model.load_state_dict(state)

@@ -11,123 +11,26 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
-from . import __version__
 from . import data as D
 from .checkpoint import (
     atomic_write_json,
-    load_launder_state,
     load_model,
-    save_launder_state,
     save_model,
     stem,
-    weights_digest,
 )
+from .cli_flags import KEPT, make_parser, param_table, train_config
 from .device import deterministic, keep_freed_memory, set_device
 from .errors import Inconclusive, UserError
-from .models import ARCHS, DEFAULT_ARCH, build, check_fits
+from .models import DEFAULT_ARCH, build, check_fits
 from .recipes import owner_config
 from .train import NonFiniteLoss, TrainConfig, accuracy
 from .watermarks.embed import clean_wm_curve, embed, thresholds_from_curves
 from .watermarks.schemes import SCHEMES, make_watermark
-from .watermarks.verify import verify
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _int_at_least(low: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
-        return v
-
-    return parse
-
-
-_positive_int = _int_at_least(1)
-MAX_THREADS = 1024
-
-
-def _threads(s: str) -> int:
-    v = _positive_int(s)
-    if v > MAX_THREADS:
-        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {v}")
-    return v
-_nonneg_int = _int_at_least(0)
-
-
-def _float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
-    return v
-
-
-def _int_list(s: str) -> list[int]:
-    try:
-        out = [int(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
-    if not out:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return out
-
-
-def _params(items: list[str] | None) -> dict[str, Any]:
-    """--param key=value (value parsed as JSON when it can be: 3, 0.4, [20,6], "TEST")."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--param expects key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="dataset folder (default: $NNLAUNDER_DATA)")
-    p.add_argument("--threads", type=_threads, help=f"torch threads, 1-{MAX_THREADS} (default: all cores)")
-    p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (default: $NNLAUNDER_DEVICE or cpu)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--allow-torch-load", action="store_true",
-                   help="accept a .pt/.pth state_dict as a model's weights, read with "
-                        "torch.load(weights_only=True) (default: safetensors only)")
-
-
-def _train_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training (defaults: the architecture's recipe)")
-    g.add_argument("--epochs", type=_nonneg_int)
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--lr", type=_float)
-    g.add_argument("--optimizer", choices=("sgd", "adam"))
-    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"))
-    g.add_argument("--augment", choices=("none", "crop-flip"))
-    g.add_argument("--label-smoothing", type=_float)
-    g.add_argument("--l2", type=_float)
-    g.add_argument("--seed", type=int, default=0)
-
-
-def _train_cfg(args: argparse.Namespace, arch: str) -> TrainConfig:
-    return owner_config(arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                        optimizer=args.optimizer, schedule=args.schedule, augment=args.augment,
-                        label_smoothing=args.label_smoothing, l2=args.l2, seed=args.seed)
+from .watermarks.verify import read_threshold, verify
 
 
 def _task(args: argparse.Namespace) -> tuple[str, D.Dataset, D.Dataset]:
@@ -158,7 +61,7 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     arch, tr, te = _task(args)
     out = _out(args.out)
-    cfg = _train_cfg(args, arch)
+    cfg = train_config(args, arch)
     model = build(arch, tr.num_classes, seed=args.seed)
     from .train import train
 
@@ -176,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     arch, tr, te = _task(args)
     out = _out(args.out)
-    params = _params(args.param)
+    params = param_table(args.param)
     wm = make_watermark(args.scheme, tr, te, args.data_dir, params)
     if args.base:
         model, base_meta = load_model(args.base, allow_torch_load=args.allow_torch_load)
@@ -187,7 +90,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if wm.params.get("mode") == "pt":
             raise UserError("adi mode=pt fine-tunes a clean pre-trained model: pass --base MODEL")
         model = build(arch, tr.num_classes, seed=args.seed)
-    cfg = _train_cfg(args, arch)
+    cfg = train_config(args, arch)
     res = embed(model, tr, wm, cfg, test=te, checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume,
                 progress=not args.quiet)
     test_acc, wm_acc = accuracy(model, te.x, te.y), accuracy(model, wm.verify_x, wm.verify_y)
@@ -208,31 +111,33 @@ def _threshold_value(args: argparse.Namespace, scheme: str) -> float:
     if args.threshold is not None:
         return args.threshold
     if args.threshold_file:
-        p = Path(args.threshold_file)
-        if not p.is_file():
-            raise UserError(f"missing threshold file {p} (make one with `nnlaunder threshold`)")
-        try:
-            t = json.loads(p.read_text(encoding="utf-8"))["thresholds"][scheme]
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
-            raise UserError(f"{p}: no threshold for {scheme!r} in it") from e
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 100:
-            raise UserError(f"{p}: the threshold for {scheme!r} must be a percentage in [0, 100], got {t!r:.80}")
-        return float(t)
+        return read_threshold(args.threshold_file, scheme)
     raise UserError("pass --threshold PERCENT or --threshold-file FILE (from `nnlaunder threshold`)")
 
 
+def _registered(args: argparse.Namespace, path: str) -> tuple[Any, dict, str, D.Dataset, D.Dataset]:
+    """(model, meta, dataset, train, test) for a model of this project."""
+    model, meta = load_model(path, allow_torch_load=args.allow_torch_load)
+    dataset = meta.get("dataset")
+    if dataset not in D.DATASETS:
+        raise UserError(f"{path} records dataset {dataset!r}, which is not registered")
+    return model, meta, dataset, D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
+
+
+def _watermark(args: argparse.Namespace, meta: dict, scheme: str, tr: D.Dataset, te: D.Dataset):
+    """The scheme's watermark with the model's recorded parameters (when it is the model's scheme)
+    and --param on top."""
+    params = dict(meta.get("scheme_params") or {}) if scheme == meta.get("scheme") else {}
+    params.update(param_table(args.param))
+    return make_watermark(scheme, tr, te, args.data_dir, params)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    model, meta = load_model(args.model, allow_torch_load=args.allow_torch_load)
+    model, meta, _, tr, te = _registered(args, args.model)
     scheme = args.scheme or meta.get("scheme")
     if not scheme:
         raise UserError(f"{args.model} records no scheme; pass --scheme")
-    params = dict(meta.get("scheme_params") or {}) if scheme == meta.get("scheme") else {}
-    params.update(_params(args.param))
-    dataset = meta.get("dataset")
-    if dataset not in D.DATASETS:
-        raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
-    tr, te = D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
-    wm = make_watermark(scheme, tr, te, args.data_dir, params)
+    wm = _watermark(args, meta, scheme, tr, te)
     v = verify(model, wm, _threshold_value(args, scheme), args.alpha)
     if args.json:
         print(json.dumps({"model": args.model, "scheme": scheme, **v.as_dict()}))
@@ -253,7 +158,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     _out(str(out.with_suffix("")))
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     wms = {s: make_watermark(s, tr, te, args.data_dir) for s in schemes}
-    cfg = _train_cfg(args, arch)
+    cfg = train_config(args, arch)
     curves = []
     t0 = time.perf_counter()
     for seed in args.seeds:
@@ -286,128 +191,62 @@ def launder_cfg(args: argparse.Namespace):
 
 
 def cmd_launder(args: argparse.Namespace) -> int:
-    from .attacks.laundering import launder
+    from .attacks.pipeline import run_launder
     from .experiments.evaluate import evaluator
-    from .report.plots import trigger_grid
+    from .progress import LaunderBars
 
     if args.model_factory:
-        from .byo import run_external
-
-        if args.resume:
-            raise UserError("--resume works with a MODEL of this project, not with --model-factory")
-
-        return run_external(args, _out(str(Path(args.out) / "laundered")).parent)
+        return _launder_external(args)
     if not args.model:
         raise UserError("launder needs a MODEL (a model of this project) or --model-factory with --weights and --data")
     for flag in ("weights", "data", "test_data", "verify_npz", "model_kwargs", "input_range", "mean", "std"):
         if getattr(args, flag) is not None:
             raise UserError(f"--{flag.replace('_', '-')} goes with --model-factory (your own model)")
-    if args.budget is None:
-        args.budget = 0.006
-    model, meta = load_model(args.model, allow_torch_load=args.allow_torch_load)
-    dataset = meta.get("dataset")
-    if dataset not in D.DATASETS:
-        raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
-    if not 0 < args.budget <= 1:
-        raise UserError(f"--budget is a fraction of the training set in (0, 1], got {args.budget}")
+    budget = 0.006 if args.budget is None else args.budget
+    if not 0 < budget <= 1:
+        raise UserError(f"--budget is a fraction of the training set in (0, 1], got {budget}")
     out_dir = Path(args.out)
     _out(str(out_dir / "laundered"))
-    tr, te = D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
-    if args.per_class:
-        clean = D.stratified_subset(tr, per_class=args.per_class, seed=args.seed)
-    else:
-        clean = D.stratified_subset(tr, fraction=args.budget, seed=args.seed)
-    cfg = launder_cfg(args)
-    wm = None
-    threshold = None
+    model, meta, dataset, tr, te = _registered(args, args.model)
+    spec = {"per_class": args.per_class} if args.per_class else {"fraction": budget}
+    clean = D.stratified_subset(tr, seed=args.seed, **spec)
+    wm, threshold = None, None
     if args.verify_scheme:
-        params = dict(meta.get("scheme_params") or {}) if args.verify_scheme == meta.get("scheme") else {}
-        params.update(_params(args.param))
-        wm = make_watermark(args.verify_scheme, tr, te, args.data_dir, params)
+        wm = _watermark(args, meta, args.verify_scheme, tr, te)
         if args.threshold is not None or args.threshold_file:
             threshold = _threshold_value(args, args.verify_scheme)
-    on_round = evaluator(te, wm)
-    before = on_round(0, model)
+    ev = evaluator(te, wm)
+    before = ev(0, model)
     print(f"attacker's clean set: {len(clean)} images ({len(clean) / len(tr):.2%} of {dataset} train); "
           f"before: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
-
-    def show(r, m, info):
-        metrics = on_round(r, m, info)
-        if info.stopped:
-            print(f"round {r}: early stop (class {info.least_likely} was the most likely infected in round 1)")
-        else:
-            print(f"round {r}: flagged {info.flagged or 'none'} (used {info.used_triggers}), reset "
-                  f"{sum(info.resets.values())} units {info.resets}; " +
-                  ", ".join(f"{k} {v:.2f}%" for k, v in metrics.items()) + f"; {info.seconds:.0f} s")
-        return metrics
-
-    state_file = out_dir / "partial.safetensors"
-    owner = weights_digest(model)
-    first_nc, calibration = None, None
-    if args.calibrate:
-        prior = load_launder_state(state_file, owner) if args.resume else None
-        if prior is not None and isinstance(prior[1].get("calibration"), dict):
-            calibration = prior[1]["calibration"]
-            print(f"calibration: the interrupted run's choice {calibration['chosen']}")
-        else:
-            first_nc, calibration = calibrate_cli(model, clean, cfg, args)
-        from .attacks.calibrate import apply_candidate
-
-        cfg = apply_candidate(cfg, calibration["chosen"])
-    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    resume = load_launder_state(state_file, owner) if args.resume else None
-    if resume is not None:
-        if resume[1].get("config") != config or resume[1].get("n_clean") != len(clean):
-            raise UserError(f"{state_file} was written with other laundering settings or another clean set; "
-                            "rerun with the same options, or without --resume to start over")
-        print(f"resuming after round {len(resume[0].rounds)} ({state_file})")
-    elif args.resume:
-        print(f"nothing to resume in {out_dir} for this model; starting at round 1")
-    elif state_file.is_file():
-        print(f"note: {state_file} (an interrupted run) is replaced; --resume would have continued it")
-
-    def keep(state, nc) -> None:
-        if len(state.rounds) < cfg.rounds and not state.rounds[-1].stopped:   # a round is left to do
-            save_launder_state(state_file, state, owner, {"config": config, "n_clean": len(clean),
-                                                          "calibration": calibration})
-
-    res = launder(model, clean, cfg, on_round=show, progress=not args.quiet, on_state=keep,
-                  resume=None if resume is None else resume[0], first_nc=first_nc if resume is None else None)
-    report = {"model": str(args.model), "dataset": dataset, "budget": len(clean) / len(tr), "n_clean": len(clean),
-              "config": dataclasses.asdict(cfg), "before": before, "threshold": threshold,
-              "verify_scheme": args.verify_scheme, "rounds": res.report(), "seconds": res.seconds,
-              "calibration": calibration}
+    bars = LaunderBars(not args.quiet)
+    try:
+        run = run_launder(model, clean, launder_cfg(args), evaluate=ev, calibrate=_calibrate_opts(args),
+                          state_file=out_dir / "partial.safetensors", resume=args.resume, out_dir=out_dir,
+                          classes=tr.classes, log=_say, on_progress=bars,
+                          report={"model": str(args.model), "dataset": dataset, "budget": len(clean) / len(tr),
+                                  "threshold": threshold, "verify_scheme": args.verify_scheme, "before": before})
+    finally:
+        bars.close()
     new_meta = {**{k: meta[k] for k in ("arch", "num_classes", "dataset")}, "scheme": meta.get("scheme"),
-                "scheme_params": meta.get("scheme_params"), "laundered_from": str(args.model), "launder": report}
-    save_model(out_dir / "laundered", res.model, new_meta)
-    atomic_write_json(out_dir / "report.json", report)
-    if res.nc:                                # empty when a resumed run had no round left to do
-        last = res.nc[-1]
-        trigger_grid(last.masks, last.patterns, last.l1.tolist(), last.anomaly.tolist(), last.flagged, tr.classes,
-                     out_dir / "triggers.png", title=f"Neural Cleanse, round {len(res.rounds)}", example=clean.x[0])
-    state_file.unlink(missing_ok=True)
+                "scheme_params": meta.get("scheme_params"), "laundered_from": str(args.model), "launder": run.report}
+    save_model(out_dir / "laundered", run.result.model, new_meta)
     if wm is not None and threshold is not None:
-        v = verify(res.model, wm, threshold)
-        print(v.summary())
-    print(f"wrote {out_dir}/laundered.safetensors, report.json, triggers.png ({res.seconds:.0f} s)")
+        print(verify(run.result.model, wm, threshold).summary())
+    print(f"wrote {out_dir}/laundered.safetensors, {', '.join(run.files)} ({run.result.seconds:.0f} s)")
     return 0
 
 
-def calibrate_cli(model, clean: D.Dataset, cfg, args: argparse.Namespace):
-    """Round 1's Neural Cleanse, then the attacker-side calibration (k-fold over the clean set)."""
-    from .attacks.calibrate import calibrate
-    from .attacks.neural_cleanse import neural_cleanse
+def _say(msg: str) -> None:
+    print(msg, flush=True)
 
-    if cfg.holdout:
-        raise UserError("--calibrate scores candidates by k-fold over the whole clean set; it takes no holdout")
-    print(f"calibration: Neural Cleanse on the {len(clean)} clean images ...", flush=True)
-    nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
-    print(f"calibration: {args.calibrate_folds}-fold over the clean set; per candidate: held-out accuracy ± se, "
-          "residual trigger flips, units reset", flush=True)
 
-    def show(sc) -> None:
-        print(f"  {json.dumps(sc.candidate)}: {sc.acc:.2f} ± {sc.se:.2f}%, flips {sc.flips:.2f}%, "
-              f"{sc.resets:.0f} units", flush=True)
+def _calibrate_opts(args: argparse.Namespace):
+    """--calibrate, --calibrate-folds and --calibrate-grid as CalibrateOptions (None: no calibration)."""
+    from .attacks.pipeline import CalibrateOptions
+
+    if not args.calibrate:
+        return None
     grid = None
     if args.calibrate_grid is not None:
         try:
@@ -416,10 +255,24 @@ def calibrate_cli(model, clean: D.Dataset, cfg, args: argparse.Namespace):
             raise UserError(f"--calibrate-grid: not JSON ({e})") from e
         if not isinstance(grid, list) or not grid or not all(isinstance(c, dict) for c in grid):
             raise UserError("--calibrate-grid: expected a non-empty JSON list of tables of options")
-    cal = calibrate(model, clean, nc, cfg, grid=grid, folds=args.calibrate_folds, on_candidate=show)
-    print(f"calibration: chose {json.dumps(cal.chosen)} (acceptable: within {cal.margin:.2f} points of the best; "
-          "then fewest residual flips, then most aggressive)")
-    return nc, cal.as_dict()
+    return CalibrateOptions(folds=args.calibrate_folds, grid=grid)
+
+
+def _launder_external(args: argparse.Namespace) -> int:
+    from .byo import ExternalModel, run_external
+
+    if args.resume:
+        raise UserError("--resume works with a MODEL of this project, not with --model-factory")
+    if args.model:
+        raise UserError("give either a MODEL of this project or --model-factory with --weights, not both")
+    if args.verify_scheme:
+        raise UserError("--verify-scheme needs a model of this project; for your own model give --verify-npz")
+    spec = ExternalModel(factory=args.model_factory, kwargs=args.model_kwargs, weights=args.weights, data=args.data,
+                         test_data=args.test_data, verify_npz=args.verify_npz, input_range=args.input_range,
+                         mean=args.mean, std=args.std, allow_torch_load=args.allow_torch_load)
+    out_dir = _out(str(Path(args.out) / "laundered")).parent
+    return run_external(spec, launder_cfg(args), out_dir, budget=args.budget, per_class=args.per_class,
+                        seed=args.seed, calibrate=_calibrate_opts(args), progress=not args.quiet)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -448,13 +301,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _owner_view(args: argparse.Namespace):
     """(model, meta, train, test, watermark) for the persistence commands (the owner's view)."""
-    model, meta = load_model(args.model, allow_torch_load=args.allow_torch_load)
-    dataset = meta.get("dataset")
-    if dataset not in D.DATASETS:
-        raise UserError(f"{args.model} records dataset {dataset!r}, which is not registered")
+    model, meta, _, tr, te = _registered(args, args.model)
     if not meta.get("scheme"):
         raise UserError(f"{args.model} records no watermark scheme; persistence needs a watermarked model")
-    tr, te = D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
     wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
     return model, meta, tr, te, wm
 
@@ -507,33 +356,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_landscape(args: argparse.Namespace) -> int:
     from .report.plots import landscape
-    from .restore import flat_params, loss_surface, pca_directions
+    from .restore import trajectory_landscape
 
     folder = Path(args.checkpoints)
     files = sorted(folder.glob("epoch-*.safetensors"))
     if len(files) < 3:
         raise UserError(f"{folder}: need at least 3 epoch-NNN.safetensors checkpoints (from `nnlaunder finetune` "
                         "or `restore`)")
-    models = [load_model(f, allow_torch_load=args.allow_torch_load) for f in files]
-    model, meta = models[-1]
-    plane = pca_directions([flat_params(m) for m, _ in models])
+    models = [load_model(f, allow_torch_load=args.allow_torch_load)[0] for f in files]
     args.model = str(files[-1])
-    _, _, tr, te, wm = _owner_view(args)
+    _, meta, tr, te, wm = _owner_view(args)
     if args.on == "trigger":
         x, y = wm.verify_x[:args.images], wm.verify_y[:args.images]
     else:
         sub = D.stratified_subset(tr, fraction=min(1.0, args.images / len(tr)), seed=0)
         x, y = sub.x, sub.y
-    span = float(plane.coords.abs().max()) * args.margin or 1.0
-    grid = torch.linspace(-span, span, args.grid)
-    loss, acc = loss_surface(model, plane, grid, grid, x, y)
     out = Path(args.out)
     _out(str(out.with_suffix("")))
-    landscape(grid, grid, loss, acc, plane.coords, out.with_suffix(".png"),
+    ls = trajectory_landscape(models, x, y, args.grid, args.margin)
+    landscape(ls["grid"], ls["grid"], ls["loss"], ls["acc"], ls["coords"], out.with_suffix(".png"),
               title=f"{meta.get('scheme')} {args.on} loss along the trajectory's PCA plane "
-                    f"({100 * float(plane.explained.sum()):.0f}% of its variance)")
-    atomic_write_json(out.with_suffix(".json"), {"grid": grid.tolist(), "loss": loss.tolist(), "acc": acc.tolist(),
-                                                 "coords": plane.coords.tolist(), "explained": plane.explained.tolist(),
+                    f"({100 * float(ls['explained'].sum()):.0f}% of its variance)")
+    atomic_write_json(out.with_suffix(".json"), {**{k: v.tolist() for k, v in ls.items()},
                                                  "checkpoints": [str(f) for f in files], "on": args.on})
     print(f"wrote {out.with_suffix('.png')} and .json")
     return 0
@@ -554,188 +398,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-# --------------------------------------------------------------------------------------------
-def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="nnlaunder", description=__doc__)
-    p.add_argument("--version", action="version", version=f"nnlaunder {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    s = sub.add_parser("train", help="train a clean model")
-    _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
-    s.add_argument("--arch", choices=sorted(ARCHS))
-    s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
-    s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
-    _train_flags(s)
-    s.set_defaults(func=cmd_train)
-
-    s = sub.add_parser("embed", help="train a watermarked model")
-    _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
-    s.add_argument("--arch", choices=sorted(ARCHS))
-    s.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
-    s.add_argument("--param", action="append", metavar="KEY=VALUE", help="scheme parameter (repeatable)")
-    s.add_argument("--base", help="start from this model (required for adi mode=pt)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--resume", action="store_true")
-    _train_flags(s)
-    s.set_defaults(func=cmd_embed)
-
-    s = sub.add_parser("verify", help="ownership verdict for a model")
-    _common(s)
-    s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
-    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
-    s.add_argument("--param", action="append", metavar="KEY=VALUE")
-    s.add_argument("--threshold", type=_float, help="vanilla threshold in percent")
-    s.add_argument("--threshold-file", help="JSON written by `nnlaunder threshold`")
-    s.add_argument("--alpha", type=_float, default=0.01,
-                   help="significance level of the binomial test (default 0.01)")
-    s.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
-    s.set_defaults(func=cmd_verify)
-
-    s = sub.add_parser("threshold", help="vanilla threshold: max watermark accuracy of clean models")
-    _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
-    s.add_argument("--arch", choices=sorted(ARCHS))
-    s.add_argument("--schemes", default="zhang-content,zhang-noise,zhang-unrelated",
-                   help="comma-separated schemes to measure (default: the three Zhang schemes)")
-    s.add_argument("--seeds", type=_int_list, default=[0],
-                   help="clean models' seeds, comma-separated; the threshold is the max over all (default 0)")
-    s.add_argument("--out", required=True, help="JSON file")
-    _train_flags(s)
-    s.set_defaults(func=cmd_threshold)
-
-    s = sub.add_parser("launder", help="launder a model with a small clean set (Aiken et al.)")
-    _common(s)
-    s.add_argument("model", nargs="?", help="model stem or .safetensors (with its .json beside it); "
-                                            "or leave out and give --model-factory")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--budget", type=_float, default=None,
-                   help="fraction of the training set the attacker holds (default 0.006; with --data: 1, all of it)")
-    s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
-    s.add_argument("--rounds", type=_positive_int,
-                   help="laundering rounds, each Neural Cleanse + Algorithm 1 + retraining (default 1)")
-    s.add_argument("--variant", choices=("strong", "faithful"), default="strong")
-    s.add_argument("--dt", type=_float, help="dense-layer threshold")
-    s.add_argument("--ct", type=_float, help="conv-layer threshold")
-    s.add_argument("--threshold-mode", choices=("absolute", "relative"))
-    s.add_argument("--layers", choices=("all", "second-half"))
-    s.add_argument("--triggers", choices=("all", "flagged", "top-k"),
-                   help="recovered triggers used: every class, the flagged ones (else the smallest mask), or the "
-                        "--top-k smallest masks (default: the variant's)")
-    s.add_argument("--top-k", type=_positive_int, help="with --triggers top-k: how many (default 3)")
-    s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None,
-                   help="retrain on the recovered masks labelled as the least likely class (the paper's step 3)")
-    s.add_argument("--diff", choices=("pooled", "per-trigger"),
-                   help="Algorithm 1's activation difference over all used triggers pooled, or per trigger with "
-                        "the resets united")
-    s.add_argument("--measure", choices=("relu", "branch"),
-                   help="read a unit at the first ReLU after it, or at its own output before a residual add")
-    s.add_argument("--bn-stats", choices=("keep", "reset", "reestimate"),
-                   help="batch-norm running statistics before retraining (faithful: reset)")
-    s.add_argument("--stamping", choices=("each", "random"),
-                   help="retraining images stamped with each used trigger, or one drawn at random per image")
-    s.add_argument("--nc-epochs", type=_positive_int,
-                   help="cap on Neural Cleanse epochs (default: the preset's, 1000 faithful, 100 fast)")
-    s.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
-                   help="Neural Cleanse settings: Wang et al.'s (default) or this project's fast preset "
-                        "(8-minibatch schedule epochs, bf16 where the hardware has it, exact ReLU/pool reorder; "
-                        "docs/methods.md)")
-    s.add_argument("--retrain-epochs", type=_positive_int, help="retraining epochs per round (default: the variant's)")
-    s.add_argument("--retrain-lr", type=_float, help="retraining learning rate (default: the variant's)")
-    s.add_argument("--calibrate", action="store_true",
-                   help="choose thresholds, retraining epochs and triggers from the attacker's own data (k-fold "
-                        "held-out accuracy and residual trigger flips; never the owner's verification set)")
-    s.add_argument("--calibrate-folds", type=_int_at_least(2), default=3, help="folds for --calibrate (default 3)")
-    s.add_argument("--calibrate-grid", metavar="JSON",
-                   help='candidates for --calibrate as a JSON list of option tables, e.g. '
-                        '\'[{"ct": 1, "retrain_epochs": 5}, {"ct": 2, "triggers": "top-k"}]\' (default: a grid of '
-                        'CT, DT where a hidden dense layer exists, retraining epochs and triggers)')
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--verify-scheme", choices=sorted(SCHEMES), help="evaluator: the owner's scheme to measure")
-    s.add_argument("--param", action="append", metavar="KEY=VALUE")
-    s.add_argument("--threshold", type=_float)
-    s.add_argument("--threshold-file")
-    s.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from OUT/partial.safetensors (its last finished round)")
-    g = s.add_argument_group("bring your own model and data (docs/byo.md)")
-    g.add_argument("--model-factory", metavar="PKG.MODULE:FUNCTION", help="builds your nn.Module")
-    g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the factory")
-    g.add_argument("--weights", help="your weights: .safetensors, or a .pt/.pth state_dict with --allow-torch-load")
-    g.add_argument("--data", help="the attacker's labelled images: a folder of class sub-folders or an .npz (x, y)")
-    g.add_argument("--test-data", help="labelled test images (folder or .npz) for test accuracy")
-    g.add_argument("--verify-npz", help=".npz of triggered inputs x and the target labels y: attack success rate")
-    g.add_argument("--input-range", metavar="LO,HI", help="pixel range your model expects (default 0,1)")
-    g.add_argument("--mean", metavar="M1[,M2,M3]", help="per-channel mean your model subtracts after scaling")
-    g.add_argument("--std", metavar="S1[,S2,S3]", help="per-channel std your model divides by")
-    s.set_defaults(func=cmd_launder)
-
-    s = sub.add_parser("run", help="run an experiment file (TOML), a single cell or a sweep")
-    _common(s)
-    s.add_argument("file")
-    s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
-    s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
-    s.add_argument("--executor", choices=("local", "ray"), default="local")
-    s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
-    s.add_argument("--jobs", type=_positive_int, default=1,
-                   help="local executor: cells run in this many worker processes (default 1)")
-    s.set_defaults(func=cmd_run)
-
-    for name, helptext, epochs in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", 50),
-                                   ("restore", "restoration: keep training on the owner's clean data only", 30)):
-        s = sub.add_parser(name, help=helptext)
-        _common(s)
-        s.add_argument("model")
-        s.add_argument("--out", required=True, help="folder: epoch-NNN checkpoints, model, history.json")
-        s.add_argument("--split", type=_float, default=0.3,
-                       help="fraction of the training set fine-tuned on; the owner's data is the rest"
-                       if name == "finetune" else
-                       "the fine-tuning split's fraction, as given to finetune; restoration trains on the rest "
-                       "(the owner's own data)")
-        s.add_argument("--epochs", type=_nonneg_int, default=epochs)
-        s.add_argument("--lr", type=_float, default=1e-4)
-        s.add_argument("--batch-size", type=_positive_int, default=128)
-        s.add_argument("--seed", type=int, default=0)
-        if name == "finetune":
-            s.add_argument("--mixed", action="store_true", help="one owner-data step every 2nd batch")
-            s.set_defaults(func=cmd_finetune)
-        else:
-            s.set_defaults(func=cmd_restore)
-
-    s = sub.add_parser("landscape", help="2-D loss surface along the PCA plane of a checkpoint trajectory")
-    _common(s)
-    s.add_argument("checkpoints", help="folder of epoch-NNN checkpoints (from finetune / restore)")
-    s.add_argument("--on", choices=("trigger", "train"), default="trigger")
-    s.add_argument("--grid", type=_int_at_least(3), default=15, help="grid points per axis (default 15)")
-    s.add_argument("--images", type=_positive_int, default=1000,
-                   help="images the loss is measured on (default 1000)")
-    s.add_argument("--margin", type=_float, default=1.3,
-                   help="plane extent as a multiple of the trajectory's span (default 1.3)")
-    s.add_argument("--out", required=True, help="PNG path (a .json with the grid is written beside it)")
-    s.set_defaults(func=cmd_landscape)
-
-    s = sub.add_parser("report", help="Markdown + HTML + plots from a workspace's results store")
-    _common(s)
-    s.add_argument("--workspace", default="runs/workspace")
-    s.add_argument("--out", default=None, help="output folder (default: WORKSPACE/report)")
-    s.set_defaults(func=cmd_report)
-
-    s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
-    _common(s)
-    s.add_argument("--out-dir", default="runs/demo", help="where models, plots and the table go (default runs/demo)")
-    s.add_argument("--epochs", type=_positive_int, default=3, help="owner training epochs (default 3)")
-    s.set_defaults(func=cmd_demo)
-    return p
-
-
-_KEPT = {  # what an interrupted command leaves to continue from
-    "train": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
-    "embed": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
-    "launder": "finished laundering rounds are kept in OUT/partial.safetensors (rerun with --resume)",
-    "run": "finished cells are in the workspace's store (rerun the same command to continue)",
-    "finetune": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
-    "restore": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
-}
+COMMANDS = {"train": cmd_train, "embed": cmd_embed, "verify": cmd_verify, "threshold": cmd_threshold,
+            "launder": cmd_launder, "run": cmd_run, "finetune": cmd_finetune, "restore": cmd_restore,
+            "landscape": cmd_landscape, "report": cmd_report, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -752,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.schemes.split(","):
                 if s.strip() and s.strip() not in SCHEMES:
                     raise UserError(f"unknown scheme {s.strip()!r}; choose from {', '.join(SCHEMES)}")
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except Inconclusive as e:
         print(f"nnlaunder: {e}", file=sys.stderr)
         return 3
@@ -763,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnlaunder: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"nnlaunder: interrupted; {_KEPT.get(getattr(args, 'command', ''), 'nothing was kept')}", file=sys.stderr)
+        print(f"nnlaunder: interrupted; {KEPT.get(getattr(args, 'command', ''), 'nothing was kept')}", file=sys.stderr)
         return 130
 
 

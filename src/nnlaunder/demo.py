@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 from . import data as D
-from .attacks.laundering import launder, launder_config
+from .attacks.laundering import launder_config
+from .attacks.pipeline import run_launder
 from .checkpoint import atomic_write_json, save_model
 from .experiments.evaluate import evaluator
 from .models import build
+from .progress import LaunderBars
 from .recipes import owner_config
 from .report.plots import before_after, trigger_grid
 from .train import accuracy
@@ -43,7 +45,11 @@ def run_demo(data_dir: str | None, out_dir: Path, epochs: int = 3, progress: boo
     print(f"[3/4] attacker launders it with {len(attacker)} clean images (Neural Cleanse over 10 classes, "
           "Algorithm 1, retraining)", flush=True)
     lcfg = launder_config("strong")
-    res = launder(model, attacker, lcfg, on_round=evaluator(te, wm), progress=progress)
+    bars = LaunderBars(progress)
+    try:
+        res = run_launder(model, attacker, lcfg, evaluate=evaluator(te, wm), on_progress=bars).result
+    finally:
+        bars.close()
     print("[4/4] verifying", flush=True)
     rows = []
     for name, m in (("clean", clean), ("watermarked", model), ("laundered", res.model)):

@@ -16,9 +16,7 @@ Like laundering, no function here can see the watermark.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +26,7 @@ from torch import nn
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, train
-from .laundering import launder, launder_config, used_triggers
+from .laundering import used_triggers
 from .neural_cleanse import NCConfig, neural_cleanse, stamp
 from .units import discover_units, mean_activations
 
@@ -187,38 +185,3 @@ def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig) -> AttackRe
     model.eval()
     return AttackResult(model, {"flagged": nc.flagged, "used_triggers": used, "nc_seconds": nc.seconds},
                         time.perf_counter() - t0)
-
-
-def launder_attack(model: nn.Module, clean: Dataset, cfg: Any) -> AttackResult:
-    res = launder(model, clean, cfg)
-    return AttackResult(res.model, {"rounds": res.report()}, res.seconds)
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    run: Callable[[nn.Module, Dataset, Any], AttackResult]
-    default: Callable[[], Any]
-    summary: str
-
-
-ATTACKS: dict[str, AttackSpec] = {
-    "launder": AttackSpec(launder_attack, lambda: launder_config("strong"), "Neural Network Laundering (ours)"),
-    "prune": AttackSpec(prune, lambda: PruneConfig(0.9), "90% magnitude pruning per layer"),
-    "prune-ft": AttackSpec(prune, lambda: PruneConfig(0.9, FINETUNE), "90% magnitude pruning, then fine-tuning"),
-    "ftll": AttackSpec(finetune, lambda: FinetuneConfig("ftll"), "fine-tune the last layer"),
-    "ftal": AttackSpec(finetune, lambda: FinetuneConfig("ftal"), "fine-tune all layers"),
-    "rtll": AttackSpec(finetune, lambda: FinetuneConfig("rtll"), "re-initialise and train the last layer"),
-    "rtal": AttackSpec(finetune, lambda: FinetuneConfig("rtal"), "re-initialise the last layer, train all"),
-    "fine-prune": AttackSpec(fine_prune, FinePruneConfig, "Liu et al.'s fine-pruning"),
-    "nc-unlearn": AttackSpec(nc_unlearn, UnlearnConfig, "Neural Cleanse unlearning (no reset)"),
-}
-
-
-def run_attack(name: str, model: nn.Module, clean: Dataset, cfg: Any = None, **overrides: Any) -> AttackResult:
-    if name not in ATTACKS:
-        raise UserError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
-    spec = ATTACKS[name]
-    cfg = cfg if cfg is not None else spec.default()
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    return spec.run(model, clean, cfg)

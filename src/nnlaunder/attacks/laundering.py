@@ -37,12 +37,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..config import from_dict
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, train
-from .neural_cleanse import NCConfig, NCResult, neural_cleanse, stamp
+from .neural_cleanse import NC_PRESETS, NCConfig, NCResult, neural_cleanse, stamp
 from .records import LaunderState, RoundInfo
 from .units import MEASURE_POINTS, Unit, discover_units, mean_activations, select_units
 
@@ -101,7 +101,7 @@ class LaunderConfig:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # DT = CT = 0.5 (absolute) is the prototype calibration in facts.md; the paper gives no values.
+    # DT = CT = 0.5 (absolute): the paper gives no values; 0.5 is its authors' prototype setting.
     # "Before retraining, we also reset the batch normalization" (§5, Adi et al.'s models).
     "faithful": {"triggers": "all", "add_masks": True, "threshold_mode": "absolute", "dt": 0.5, "ct": 0.5,
                  "bn_stats": "reset",
@@ -117,6 +117,27 @@ def launder_config(variant: str = "strong", **overrides: Any) -> LaunderConfig:
     if variant not in VARIANTS:
         raise UserError(f"unknown laundering variant {variant!r}; choose from {', '.join(VARIANTS)}")
     return LaunderConfig(**{**VARIANTS[variant], **overrides})
+
+
+def config_from_params(params: dict[str, Any], variant: str = "strong", rounds: int = 1, seed: int = 0
+                       ) -> LaunderConfig:
+    """An experiment file's `attack_params` table over the variant's settings: a partial `nc` or
+    `retrain` table overrides only the keys it names; `nc = {preset = "fast", ...}` starts from a
+    Neural Cleanse preset. Unknown keys are errors."""
+    if variant not in VARIANTS:
+        raise UserError(f"variant: unknown laundering variant {variant!r}; choose from {sorted(VARIANTS)}")
+    base = LaunderConfig(**VARIANTS[variant])
+    params = dict(params)
+    if isinstance(params.get("nc"), dict) and "preset" in params["nc"]:
+        nc = dict(params["nc"])
+        preset = nc.pop("preset")
+        if preset not in NC_PRESETS:
+            raise UserError(f"attack_params.nc.preset: unknown preset {preset!r}; choose from {', '.join(NC_PRESETS)}")
+        params["nc"] = {**NC_PRESETS[preset], **nc}
+    for nested in ("nc", "retrain"):
+        if isinstance(params.get(nested), dict):
+            params[nested] = {**dataclasses.asdict(getattr(base, nested)), **params[nested]}
+    return from_dict(LaunderConfig, {**VARIANTS[variant], "rounds": rounds, "seed": seed, **params}, "attack_params")
 
 
 @dataclass
@@ -136,6 +157,9 @@ OnRound = Callable[[int, nn.Module, RoundInfo], "dict[str, Any] | None"]
 
 
 OnState = Callable[[LaunderState, NCResult], None]
+# (stage, round, step, count): ("nc", r, epoch, classes still optimised) after every Neural Cleanse
+# epoch, ("retrain", r, epoch, epochs in all) after every retraining epoch. Drawn by the caller.
+OnProgress = Callable[[str, int, int, int], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,8 +294,8 @@ def choose_resets(model: nn.Module, units: list[Unit], clean: Dataset, nc: NCRes
 
 
 def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: LaunderConfig, units: list[Unit],
-                      masks: dict[str, torch.Tensor], round_idx: int = 1, progress: bool = False
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
+                      masks: dict[str, torch.Tensor], round_idx: int = 1,
+                      on_progress: OnProgress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
     """Steps 2 and 3 of one round, in place: Algorithm 1's resets (and the batch norms' statistics
     as `cfg.bn_stats` says), then retraining with the reset weights held at zero. Returns (all
     masks so far, resets per layer, retraining seconds)."""
@@ -292,7 +316,8 @@ def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: Laund
     rx, ry = _retrain_set(clean, nc, used, cfg.add_masks, cfg.stamping, cfg.seed + round_idx)
     t1 = time.perf_counter()
     rcfg = dataclasses.replace(cfg.retrain, seed=cfg.retrain.seed + round_idx)
-    train(model, rx, ry, rcfg, masks=masks, progress="retrain" if progress else False)
+    ticks = [] if on_progress is None else [lambda e, m: on_progress("retrain", round_idx, e, rcfg.epochs)]
+    train(model, rx, ry, rcfg, masks=masks, progress=False, callbacks=ticks)
     return masks, {u.name: int(len(chosen[u.name])) for u in units}, time.perf_counter() - t1
 
 
@@ -306,7 +331,7 @@ def split_holdout(clean: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
 
 
 def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: OnRound | None = None,
-            progress: bool = False, inplace: bool = False, first_nc: NCResult | None = None,
+            on_progress: OnProgress | None = None, inplace: bool = False, first_nc: NCResult | None = None,
             on_state: OnState | None = None, resume: LaunderState | None = None) -> LaunderResult:
     """Launder `model` with the attacker's clean labelled set `clean`. Returns a new model
     (unless `inplace`), per-round records and the weight masks of the reset neurons.
@@ -351,19 +376,12 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         if r == 1 and first_nc is not None:
             nc = first_nc
         else:
-            # Early stopping usually ends Neural Cleanse long before max_epochs: the bar counts epochs
-            # without a total (no ETA that would assume all of them) and shows the classes still optimised.
-            bar = tqdm(desc=f"neural cleanse r{r} (epochs, at most {cfg.nc.max_epochs})", leave=False,
-                       disable=not progress, mininterval=1.0, unit="epoch")
-
-            def tick(epoch: int, active: int, bar=bar) -> None:
-                bar.n = epoch
-                bar.set_postfix(classes_left=active, refresh=False)
-                bar.refresh()
+            def tick(epoch: int, active: int, r=r) -> None:
+                if on_progress is not None:
+                    on_progress("nc", r, epoch, active)
 
             nc = neural_cleanse(model, clean.x, dataclasses.replace(cfg.nc, seed=cfg.nc.seed + 1000 * (r - 1)),
                                 num_classes=clean.num_classes, progress=tick)
-            bar.close()
         ncs.append(nc)
         first_most = nc.most_likely if first_most is None else first_most
         info = RoundInfo(r, nc.seconds, nc.epochs.tolist(), nc.l1.tolist(), nc.anomaly.tolist(), nc.flagged,
@@ -372,7 +390,7 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
             info.stopped = True
         else:
             masks, info.resets, info.retrain_seconds = reset_and_retrain(model, clean, nc, cfg, units, masks, r,
-                                                                         progress)
+                                                                         on_progress)
             if held is not None:
                 info.attacker_acc = accuracy(model, held.x, held.y)
         info.seconds = time.perf_counter() - t0

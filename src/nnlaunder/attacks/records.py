@@ -1,13 +1,21 @@
-"""The records of a laundering run: one round's account and the state an interrupted run resumes
-from. Plain data, kept apart from the algorithm so that the I/O layer (`checkpoint.py`) can read and
-write them without importing laundering itself."""
+"""The records of a laundering run: one round's account, and the state an interrupted run resumes
+from with its file (`save_launder_state` / `load_launder_state`, on top of checkpoint's generic
+safetensors I/O)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from ..checkpoint import atomic_save_tensors, dtype_kind
+from ..errors import UserError
 
 
 @dataclass
@@ -39,3 +47,44 @@ class LaunderState:
     masks: dict[str, torch.Tensor]          # weight masks of every unit reset so far
     first_most: int                         # round 1's most likely infected class (early stop)
     model_state: dict[str, torch.Tensor]    # the model after the last finished round
+
+
+def save_launder_state(path: str | os.PathLike, state: LaunderState, owner: str, extra: dict[str, Any]) -> None:
+    """A multi-round laundering's state after a finished round (`launder(on_state=...)`), in one file
+    written atomically: model and reset masks as tensors; the rounds so far, round 1's most likely
+    class, the digest of the weights laundering started from and the caller's `extra` as JSON
+    metadata."""
+    tensors = {**{f"model.{k}": v for k, v in state.model_state.items()},
+               **{f"mask.{k}": v for k, v in state.masks.items()}}
+    meta = {"rounds": [dataclasses.asdict(r) for r in state.rounds], "first_most": state.first_most,
+            "owner": owner, "extra": extra}
+    atomic_save_tensors(Path(path), tensors, {"launder_state": json.dumps(meta, default=float)})
+
+
+def load_launder_state(path: str | os.PathLike, owner: str) -> tuple[LaunderState, dict[str, Any]] | None:
+    """(state, extra) as `save_launder_state` wrote them, or None when there is no such file or it was
+    made from other starting weights than those with digest `owner`."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("launder_state") or "null")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    except (SafetensorError, ValueError) as e:
+        raise UserError(f"{path}: not a laundering state this version can read ({e}); delete it to start over") from e
+    if not isinstance(meta, dict) or meta.get("owner") != owner:
+        return None
+    try:
+        bad = [k for k, v in tensors.items() if dtype_kind(v) in ("float", "complex") and not torch.isfinite(v).all()]
+        wrong = [k for k, v in tensors.items() if k.startswith("mask.") and not bool(((v == 0) | (v == 1)).all())]
+        rounds = [RoundInfo(**r) for r in meta["rounds"]]
+        first_most = int(meta["first_most"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: a laundering state with broken metadata ({e}); delete it to start over") from e
+    if bad or wrong or any(dtype_kind(v) == "complex" for v in tensors.values()):
+        raise UserError(f"{path}: a laundering state with NaN/Inf or impossible values in {(bad + wrong)[:3]}; "
+                        "delete it to start over")
+    state = LaunderState(rounds, {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, first_most,
+                         {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    return state, meta["extra"] if isinstance(meta.get("extra"), dict) else {}

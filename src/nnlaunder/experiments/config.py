@@ -33,9 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import data as D
-from ..attacks.baselines import ATTACKS
-from ..attacks.laundering import VARIANTS, LaunderConfig
-from ..attacks.neural_cleanse import NC_PRESETS
+from ..attacks.registry import configure
 from ..config import from_dict
 from ..errors import UserError
 from ..models import DEFAULT_ARCH, check_fits
@@ -95,32 +93,7 @@ class CellConfig:
         return {"fraction": float(self.budget)}
 
     def attack_config(self) -> Any:
-        if self.attack not in ATTACKS:
-            raise UserError(f"attack: unknown attack {self.attack!r}; choose from {', '.join(ATTACKS)}")
-        params = dict(self.attack_params)
-        if self.attack == "launder":
-            if self.variant not in VARIANTS:
-                raise UserError(f"variant: unknown laundering variant {self.variant!r}; choose from {sorted(VARIANTS)}")
-            base = LaunderConfig(**VARIANTS[self.variant])
-            if isinstance(params.get("nc"), dict) and "preset" in params["nc"]:   # nc = {preset = "fast", ...}
-                nc = dict(params["nc"])
-                preset = nc.pop("preset")
-                if preset not in NC_PRESETS:
-                    raise UserError(f"attack_params.nc.preset: unknown preset {preset!r}; choose from "
-                                    f"{', '.join(NC_PRESETS)}")
-                params["nc"] = {**NC_PRESETS[preset], **nc}
-            for nested in ("nc", "retrain"):       # a partial table overrides only the keys it names
-                if isinstance(params.get(nested), dict):
-                    params[nested] = {**dataclasses.asdict(getattr(base, nested)), **params[nested]}
-            merged = {**VARIANTS[self.variant], "rounds": self.rounds, "seed": self.seed, **params}
-            return from_dict(LaunderConfig, merged, "attack_params")
-        if self.rounds != 1:
-            raise UserError(f"rounds: only laundering has rounds; {self.attack} runs once")
-        default = ATTACKS[self.attack].default()
-        if not params:
-            return default
-        current = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
-        return from_dict(type(default), {**current, **params}, "attack_params")
+        return configure(self.attack, self.attack_params, self.variant, self.rounds, self.seed)
 
     def validate(self) -> CellConfig:
         if not _NAME.fullmatch(self.name):

@@ -28,17 +28,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .. import data as D
-from ..attacks.baselines import ATTACKS
-from ..attacks.laundering import LaunderState, launder
-from ..checkpoint import (
-    atomic_save_tensors,
-    atomic_write_json,
-    load_launder_state,
-    load_model,
-    save_launder_state,
-    save_model,
-    weights_digest,
-)
+from ..attacks.records import RoundInfo
+from ..attacks.registry import Hooks, attack_spec
+from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, save_model
 from ..config import from_dict
 from ..device import deterministic
 from ..errors import UserError
@@ -147,37 +139,29 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     rows = [{"round": 0, **ev(0, model), "threshold": th, "seconds": 0.0}]
     cfg = cell.attack_config()
     t1 = time.perf_counter()
-    if cell.attack == "launder":
-        bar = tqdm(total=cfg.rounds, desc=f"{cell.scheme} {cell.budget} rounds", leave=False, disable=not progress)
+    bar = tqdm(total=cell.rounds, desc=f"{cell.scheme} {cell.attack} {cell.budget}", leave=False,
+               disable=not progress)
 
-        partial = ws / "partial" / f"{cell.cell_id()}.safetensors"
-        owner = weights_digest(model)
-        resume = load_launder_state(partial, owner)
-        if resume is not None:
-            rows = resume[1]["rows"]
-            bar.update(len(resume[0].rounds))
+    def on_round(r: int, m, info) -> dict[str, Any]:
+        metrics = ev(r, m)
+        rows.append({"round": r, **metrics, "threshold": th, "seconds": info.seconds, **_round_record(info)})
+        bar.update(1)
+        bar.set_postfix(test=f"{metrics['test_acc']:.1f}", wm=f"{metrics['wm_acc']:.1f}")
+        return metrics
 
-        def on_round(r, m, info):
-            metrics = ev(r, m)
-            rows.append({"round": r, **metrics, "threshold": th, "seconds": info.seconds,
-                         "nc_seconds": info.nc_seconds, "flagged": info.flagged, "used": info.used_triggers,
-                         "resets": info.resets, "stopped": info.stopped})
-            bar.update(1)
-            bar.set_postfix(test=f"{metrics['test_acc']:.1f}", wm=f"{metrics['wm_acc']:.1f}")
-            return metrics
+    def on_resume(extra: dict[str, Any]) -> None:
+        if isinstance(extra.get("rows"), list):
+            rows[:] = extra["rows"]
+            bar.update(len(rows) - 1)
 
-        def on_state(state: LaunderState, nc) -> None:
-            save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds), nc, wm, te)
-            if len(state.rounds) < cfg.rounds and not state.rounds[-1].stopped:   # a round is left to do
-                save_launder_state(partial, state, owner, {"rows": rows})
-        try:
-            launder(model, clean, cfg, on_round=on_round, progress=progress, on_state=on_state,
-                    resume=None if resume is None else resume[0])
-        finally:
-            bar.close()
-    else:
-        res = ATTACKS[cell.attack].run(model, clean, cfg)
-        rows.append({"round": 1, **ev(1, res.model), "threshold": th, "seconds": res.seconds})
+    hooks = Hooks(on_round=on_round, state_file=ws / "partial" / f"{cell.cell_id()}.safetensors",
+                  extra=lambda: {"rows": rows}, on_resume=on_resume,
+                  on_state=lambda state, nc: save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds),
+                                                                 nc, wm, te))
+    try:
+        attack_spec(cell.attack).run(model, clean, cfg, hooks)
+    finally:
+        bar.close()
     for r in rows:
         r["removed"] = r["wm_acc"] < th and not r.get("wm_nonfinite")   # NaN outputs prove no removal
     last = rows[-1]
@@ -185,6 +169,14 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"], "wm_acc": last["wm_acc"],
                "removed": last["removed"], "rounds_run": len(rows) - 1, "attack_seconds": time.perf_counter() - t1}
     return rows, summary, time.perf_counter() - t0
+
+
+def _round_record(info: Any) -> dict[str, Any]:
+    """What a laundering round adds to its row (a one-shot attack's record has only its seconds)."""
+    if not isinstance(info, RoundInfo):
+        return {}
+    return {"nc_seconds": info.nc_seconds, "flagged": info.flagged, "used": info.used_triggers,
+            "resets": info.resets, "stopped": info.stopped}
 
 
 def save_round_triggers(folder: Path, cell_id: str, r: int, nc: Any, wm: Watermark, test: D.Dataset) -> None:

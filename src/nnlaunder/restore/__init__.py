@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from ..device import model_device
 from ..errors import UserError
 from ..train import Callback, TrainConfig, TrainResult, accuracy, train
 
-# Ngo et al.'s settings (facts.md): Adam 1e-4; 50 epochs fine-tuning, 30 epochs restoration.
+# Ngo et al.'s settings: Adam 1e-4; 50 epochs fine-tuning, 30 epochs restoration.
 FINETUNE = TrainConfig(epochs=50, batch_size=128, optimizer="adam", lr=1e-4)
 RESTORE = TrainConfig(epochs=30, batch_size=128, optimizer="adam", lr=1e-4)
 
@@ -139,3 +140,14 @@ def loss_surface(model: nn.Module, plane: PCAPlane, alphas: torch.Tensor, betas:
         set_flat_params(model, saved)
         model.train(was)
     return loss, acc
+
+
+def trajectory_landscape(models: Sequence[nn.Module], x: torch.Tensor, y: torch.Tensor, points: int = 15,
+                         margin: float = 1.3) -> dict[str, Any]:
+    """The loss and accuracy surface of the last model of a trajectory over the trajectory's PCA
+    plane, on a `points` x `points` grid spanning `margin` times the trajectory's extent."""
+    plane = pca_directions([flat_params(m) for m in models])
+    span = float(plane.coords.abs().max()) * margin or 1.0
+    grid = torch.linspace(-span, span, points)
+    loss, acc = loss_surface(models[-1], plane, grid, grid, x, y)
+    return {"grid": grid, "loss": loss, "acc": acc, "coords": plane.coords, "explained": plane.explained}

@@ -10,9 +10,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -108,3 +110,17 @@ def verdict(hits: int, n: int, threshold: float, alpha: float = 0.01) -> Verdict
 def verify(model: nn.Module, wm: Watermark, threshold: float, alpha: float = 0.01) -> Verdict:
     hits, n = wm_hits(model, wm)
     return verdict(hits, n, threshold, alpha)
+
+
+def read_threshold(path: str | Path, scheme: str) -> float:
+    """The vanilla threshold for `scheme` from a JSON file written by `nnlaunder threshold`."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"missing threshold file {p} (make one with `nnlaunder threshold`)")
+    try:
+        t = json.loads(p.read_text(encoding="utf-8"))["thresholds"][scheme]
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError) as e:
+        raise UserError(f"{p}: no threshold for {scheme!r} in it") from e
+    if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 100:
+        raise UserError(f"{p}: the threshold for {scheme!r} must be a percentage in [0, 100], got {t!r:.80}")
+    return float(t)

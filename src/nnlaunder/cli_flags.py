@@ -1,0 +1,284 @@
+"""The command line's flags: every subcommand's options, their types and help. The commands
+themselves are in `cli.py`; `make_parser()` records the chosen one in `args.command`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, NoReturn
+
+from . import __version__
+from . import data as D
+from .errors import UserError
+from .models import ARCHS
+from .recipes import owner_config
+from .train import TrainConfig
+from .watermarks.schemes import SCHEMES
+
+DESCRIPTION = "Test whether backdoor-based watermarks survive Neural Network Laundering."
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(low: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+MAX_THREADS = 1024
+
+
+def _threads(s: str) -> int:
+    v = _positive_int(s)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_THREADS} threads, got {v}")
+    return v
+_nonneg_int = _int_at_least(0)
+
+
+def _float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
+    return v
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        out = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return out
+
+
+
+def param_table(items: list[str] | None) -> dict[str, Any]:
+    """--param key=value (value parsed as JSON when it can be: 3, 0.4, [20,6], "TEST")."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--param expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
+    return owner_config(arch, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                        optimizer=args.optimizer, schedule=args.schedule, augment=args.augment,
+                        label_smoothing=args.label_smoothing, l2=args.l2, seed=args.seed)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="dataset folder (default: $NNLAUNDER_DATA)")
+    p.add_argument("--threads", type=_threads, help=f"torch threads, 1-{MAX_THREADS} (default: all cores)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (default: $NNLAUNDER_DEVICE or cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--allow-torch-load", action="store_true",
+                   help="accept a .pt/.pth state_dict as a model's weights, read with "
+                        "torch.load(weights_only=True) (default: safetensors only)")
+
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training (defaults: the architecture's recipe)")
+    g.add_argument("--epochs", type=_nonneg_int)
+    g.add_argument("--batch-size", type=_positive_int)
+    g.add_argument("--lr", type=_float)
+    g.add_argument("--optimizer", choices=("sgd", "adam"))
+    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"))
+    g.add_argument("--augment", choices=("none", "crop-flip"))
+    g.add_argument("--label-smoothing", type=_float)
+    g.add_argument("--l2", type=_float)
+    g.add_argument("--seed", type=int, default=0)
+
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="nnlaunder", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"nnlaunder {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("train", help="train a clean model")
+    _common(s)
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
+    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
+    s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
+    _train_flags(s)
+
+    s = sub.add_parser("embed", help="train a watermarked model")
+    _common(s)
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
+    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
+    s.add_argument("--param", action="append", metavar="KEY=VALUE", help="scheme parameter (repeatable)")
+    s.add_argument("--base", help="start from this model (required for adi mode=pt)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--resume", action="store_true")
+    _train_flags(s)
+
+    s = sub.add_parser("verify", help="ownership verdict for a model")
+    _common(s)
+    s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
+    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE")
+    s.add_argument("--threshold", type=_float, help="vanilla threshold in percent")
+    s.add_argument("--threshold-file", help="JSON written by `nnlaunder threshold`")
+    s.add_argument("--alpha", type=_float, default=0.01,
+                   help="significance level of the binomial test (default 0.01)")
+    s.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+
+    s = sub.add_parser("threshold", help="vanilla threshold: max watermark accuracy of clean models")
+    _common(s)
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
+    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--schemes", default="zhang-content,zhang-noise,zhang-unrelated",
+                   help="comma-separated schemes to measure (default: the three Zhang schemes)")
+    s.add_argument("--seeds", type=_int_list, default=[0],
+                   help="clean models' seeds, comma-separated; the threshold is the max over all (default 0)")
+    s.add_argument("--out", required=True, help="JSON file")
+    _train_flags(s)
+
+    s = sub.add_parser("launder", help="launder a model with a small clean set (Aiken et al.)")
+    _common(s)
+    s.add_argument("model", nargs="?", help="model stem or .safetensors (with its .json beside it); "
+                                            "or leave out and give --model-factory")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--budget", type=_float, default=None,
+                   help="fraction of the training set the attacker holds (default 0.006; with --data: 1, all of it)")
+    s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
+    s.add_argument("--rounds", type=_positive_int,
+                   help="laundering rounds, each Neural Cleanse + Algorithm 1 + retraining (default 1)")
+    s.add_argument("--variant", choices=("strong", "faithful"), default="strong")
+    s.add_argument("--dt", type=_float, help="dense-layer threshold")
+    s.add_argument("--ct", type=_float, help="conv-layer threshold")
+    s.add_argument("--threshold-mode", choices=("absolute", "relative"))
+    s.add_argument("--layers", choices=("all", "second-half"))
+    s.add_argument("--triggers", choices=("all", "flagged", "top-k"),
+                   help="recovered triggers used: every class, the flagged ones (else the smallest mask), or the "
+                        "--top-k smallest masks (default: the variant's)")
+    s.add_argument("--top-k", type=_positive_int, help="with --triggers top-k: how many (default 3)")
+    s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None,
+                   help="retrain on the recovered masks labelled as the least likely class (the paper's step 3)")
+    s.add_argument("--diff", choices=("pooled", "per-trigger"),
+                   help="Algorithm 1's activation difference over all used triggers pooled, or per trigger with "
+                        "the resets united")
+    s.add_argument("--measure", choices=("relu", "branch"),
+                   help="read a unit at the first ReLU after it, or at its own output before a residual add")
+    s.add_argument("--bn-stats", choices=("keep", "reset", "reestimate"),
+                   help="batch-norm running statistics before retraining (faithful: reset)")
+    s.add_argument("--stamping", choices=("each", "random"),
+                   help="retraining images stamped with each used trigger, or one drawn at random per image")
+    s.add_argument("--nc-epochs", type=_positive_int,
+                   help="cap on Neural Cleanse epochs (default: the preset's, 1000 faithful, 100 fast)")
+    s.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
+                   help="Neural Cleanse settings: Wang et al.'s (default) or this project's fast preset "
+                        "(8-minibatch schedule epochs, bf16 where the hardware has it, exact ReLU/pool reorder; "
+                        "docs/methods.md)")
+    s.add_argument("--retrain-epochs", type=_positive_int, help="retraining epochs per round (default: the variant's)")
+    s.add_argument("--retrain-lr", type=_float, help="retraining learning rate (default: the variant's)")
+    s.add_argument("--calibrate", action="store_true",
+                   help="choose thresholds, retraining epochs and triggers from the attacker's own data (k-fold "
+                        "held-out accuracy and residual trigger flips; never the owner's verification set)")
+    s.add_argument("--calibrate-folds", type=_int_at_least(2), default=3, help="folds for --calibrate (default 3)")
+    s.add_argument("--calibrate-grid", metavar="JSON",
+                   help='candidates for --calibrate as a JSON list of option tables, e.g. '
+                        '\'[{"ct": 1, "retrain_epochs": 5}, {"ct": 2, "triggers": "top-k"}]\' (default: a grid of '
+                        'CT, DT where a hidden dense layer exists, retraining epochs and triggers)')
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--verify-scheme", choices=sorted(SCHEMES), help="evaluator: the owner's scheme to measure")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE")
+    s.add_argument("--threshold", type=_float)
+    s.add_argument("--threshold-file")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from OUT/partial.safetensors (its last finished round)")
+    g = s.add_argument_group("bring your own model and data (docs/byo.md)")
+    g.add_argument("--model-factory", metavar="PKG.MODULE:FUNCTION", help="builds your nn.Module")
+    g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the factory")
+    g.add_argument("--weights", help="your weights: .safetensors, or a .pt/.pth state_dict with --allow-torch-load")
+    g.add_argument("--data", help="the attacker's labelled images: a folder of class sub-folders or an .npz (x, y)")
+    g.add_argument("--test-data", help="labelled test images (folder or .npz) for test accuracy")
+    g.add_argument("--verify-npz", help=".npz of triggered inputs x and the target labels y: attack success rate")
+    g.add_argument("--input-range", metavar="LO,HI", help="pixel range your model expects (default 0,1)")
+    g.add_argument("--mean", metavar="M1[,M2,M3]", help="per-channel mean your model subtracts after scaling")
+    g.add_argument("--std", metavar="S1[,S2,S3]", help="per-channel std your model divides by")
+
+    s = sub.add_parser("run", help="run an experiment file (TOML), a single cell or a sweep")
+    _common(s)
+    s.add_argument("file")
+    s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
+    s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    s.add_argument("--executor", choices=("local", "ray"), default="local")
+    s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
+    s.add_argument("--jobs", type=_positive_int, default=1,
+                   help="local executor: cells run in this many worker processes (default 1)")
+
+    for name, helptext, epochs in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", 50),
+                                   ("restore", "restoration: keep training on the owner's clean data only", 30)):
+        s = sub.add_parser(name, help=helptext)
+        _common(s)
+        s.add_argument("model")
+        s.add_argument("--out", required=True, help="folder: epoch-NNN checkpoints, model, history.json")
+        s.add_argument("--split", type=_float, default=0.3,
+                       help="fraction of the training set fine-tuned on; the owner's data is the rest"
+                       if name == "finetune" else
+                       "the fine-tuning split's fraction, as given to finetune; restoration trains on the rest "
+                       "(the owner's own data)")
+        s.add_argument("--epochs", type=_nonneg_int, default=epochs)
+        s.add_argument("--lr", type=_float, default=1e-4)
+        s.add_argument("--batch-size", type=_positive_int, default=128)
+        s.add_argument("--seed", type=int, default=0)
+        if name == "finetune":
+            s.add_argument("--mixed", action="store_true", help="one owner-data step every 2nd batch")
+
+    s = sub.add_parser("landscape", help="2-D loss surface along the PCA plane of a checkpoint trajectory")
+    _common(s)
+    s.add_argument("checkpoints", help="folder of epoch-NNN checkpoints (from finetune / restore)")
+    s.add_argument("--on", choices=("trigger", "train"), default="trigger")
+    s.add_argument("--grid", type=_int_at_least(3), default=15, help="grid points per axis (default 15)")
+    s.add_argument("--images", type=_positive_int, default=1000,
+                   help="images the loss is measured on (default 1000)")
+    s.add_argument("--margin", type=_float, default=1.3,
+                   help="plane extent as a multiple of the trajectory's span (default 1.3)")
+    s.add_argument("--out", required=True, help="PNG path (a .json with the grid is written beside it)")
+
+    s = sub.add_parser("report", help="Markdown + HTML + plots from a workspace's results store")
+    _common(s)
+    s.add_argument("--workspace", default="runs/workspace")
+    s.add_argument("--out", default=None, help="output folder (default: WORKSPACE/report)")
+
+    s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
+    _common(s)
+    s.add_argument("--out-dir", default="runs/demo", help="where models, plots and the table go (default runs/demo)")
+    s.add_argument("--epochs", type=_positive_int, default=3, help="owner training epochs (default 3)")
+    return p
+
+
+KEPT = {  # what an interrupted command leaves to continue from
+    "train": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
+    "embed": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
+    "launder": "finished laundering rounds are kept in OUT/partial.safetensors (rerun with --resume)",
+    "run": "finished cells are in the workspace's store (rerun the same command to continue)",
+    "finetune": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
+    "restore": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
+}
