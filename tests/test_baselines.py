@@ -105,3 +105,34 @@ def test_registry():
     assert {"launder", "prune", "prune-ft", "ftll", "ftal", "rtll", "rtal", "fine-prune", "nc-unlearn"} <= set(ATTACKS)
     with pytest.raises(UserError, match="unknown attack"):
         run_attack("magic", bn_net(), make_images(40, 0))
+
+
+def test_weight_noise_scales_with_each_layer_and_is_seeded(trained):
+    net, clean = trained
+    a = run_attack("weight-noise", net, clean)
+    b = run_attack("weight-noise", net, clean)
+    assert all(torch.equal(v, b.model.state_dict()[k]) for k, v in a.model.state_dict().items())
+    assert a.info["layers"] == 3 and not changed(net, a.model)["1.running_mean"]   # weights only
+    for name, p in net.named_parameters():
+        if name.endswith("weight") and p.ndim in (2, 4):
+            noise = dict(a.model.named_parameters())[name] - p
+            assert 0.07 < float(noise.std() / p.std()) < 0.13, name       # 0.1 x the layer's std
+    louder = run_attack("weight-noise", net, clean, scale=1.0)
+    assert accuracy(louder.model, clean.x, clean.y) < accuracy(a.model, clean.x, clean.y)
+    with pytest.raises(UserError, match="scale"):
+        run_attack("weight-noise", net, clean, scale=-1.0)
+
+
+def test_an_experiment_cell_runs_any_registered_attack_through_one_path(trained):
+    from nnlaunder.attacks.registry import Hooks, configure
+
+    net, clean = trained
+    cfg = configure("weight-noise", {"scale": 0.2, "seed": 3})
+    assert cfg.scale == 0.2 and cfg.seed == 3
+    with pytest.raises(UserError, match="only laundering has rounds"):
+        configure("weight-noise", {}, rounds=2)
+    with pytest.raises(UserError, match="unknown"):
+        configure("weight-noise", {"sigma": 1})
+    seen = []
+    ATTACKS["weight-noise"].run(net, clean, cfg, Hooks(on_round=lambda r, m, info: seen.append((r, info.seconds))))
+    assert len(seen) == 1 and seen[0][0] == 1 and seen[0][1] >= 0

@@ -14,7 +14,7 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
            and the laundering outcome on all three MNIST models), and `nnlaunder demo`.
   denormal (opt-in, ~3 min) a CIFAR-10 retraining after heavy Algorithm 1 resets, with and without
-           the trainer's denormal flushing (nnlaunder.train.SPEED["flush_denormal"], an attempt, off).
+           the trainer's denormal flushing (attempts.flushed_denormals, an attempt, not in the library).
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes) and perf.md.
 The bench venv: python3 -m venv /path/to/bench-venv && /path/to/bench-venv/bin/pip install
   'adversarial-robustness-toolbox==1.20.*' tensorflow-cpu packaging
@@ -41,6 +41,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+from attempts import flushed_denormals  # noqa: E402 (a sibling file: benchmarks/perf/ is on sys.path)
+
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder import train as T  # noqa: E402
 from nnlaunder.attacks import neural_cleanse as NC  # noqa: E402
@@ -254,11 +256,11 @@ def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base:
         NC.SPEED.update(saved)
     row("nc_faithful_batched_library_conv_relu_first", secs, "nc_faithful_batched", secs / base, kept=False,
         notes="attempt record: the same run with the library's forward for the one-channel conv and ReLU before "
-              "max-pool (the code before session 8); ratio = how many times slower than the default")
+              "max-pool (an earlier version of the library); ratio = how many times slower than the default")
 
 
 def section_malloc(args) -> None:
-    """glibc malloc keeping freed memory (device.keep_freed_memory, opt-in NNLAUNDER_MALLOC=keep) against
+    """glibc malloc keeping freed memory (attempts.keep_freed_memory, NNLAUNDER_MALLOC=keep) against
     its defaults, on the faithful batched Neural Cleanse run, each in a fresh child process."""
     print("[malloc] faithful batched Neural Cleanse, glibc defaults vs freed memory kept", flush=True)
     secs = {}
@@ -451,7 +453,7 @@ def section_e2e(args, tr: D.Dataset) -> None:
 def section_denormal(args) -> None:
     """Laundering's retraining after heavy resets, with and without flushing denormals to zero
     (an attempt: a slowdown seen there looked like denormal arithmetic; this measured 1.01x, so the
-    trainer keeps SPEED["flush_denormal"] off; the slowdown was two processes sharing the 2 cores).
+    trainer does not flush; the slowdown was two processes sharing the 2 cores).
 
     The setting where the slowdown was found: the CIFAR-10 zhang-unrelated model, 0.6% of the
     training set (80% of it trained on), the fast Neural Cleanse, Algorithm 1 resets for every
@@ -477,12 +479,8 @@ def section_denormal(args) -> None:
     for flush in (True, False):
         m = copy.deepcopy(model)
         apply_reset(m, masks)
-        saved = T.SPEED["flush_denormal"]
-        T.SPEED["flush_denormal"] = flush
-        try:
+        with flushed_denormals(flush):
             res = train(m, x, y, cfg, masks=masks, progress=False)
-        finally:
-            T.SPEED["flush_denormal"] = saved
         out[flush] = [h["seconds"] for h in res.history]
         print(f"    flush {flush}: {res.seconds:.1f} s, per epoch {[round(v, 1) for v in out[flush]]}", flush=True)
     on, off = sum(out[True]), sum(out[False])
@@ -628,7 +626,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from nnlaunder.device import keep_freed_memory
+    from attempts import keep_freed_memory
 
     KEPT_FREED_MEMORY = keep_freed_memory()       # process-wide allocator setting: entry points only
     sys.exit(main())

@@ -23,7 +23,7 @@ from .checkpoint import (
     stem,
 )
 from .cli_flags import KEPT, make_parser, param_table, train_config
-from .device import deterministic, keep_freed_memory, set_device
+from .device import deterministic, set_device
 from .errors import Inconclusive, UserError
 from .models import DEFAULT_ARCH, build, check_fits
 from .recipes import owner_config
@@ -408,7 +408,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         deterministic()
-        keep_freed_memory()
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         if getattr(args, "device", None):

@@ -117,7 +117,20 @@ def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nnlaunder", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"nnlaunder {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_train(sub)
+    _add_embed(sub)
+    _add_verify(sub)
+    _add_threshold(sub)
+    _add_launder(sub)
+    _add_run(sub)
+    _add_persistence(sub)
+    _add_landscape(sub)
+    _add_report(sub)
+    _add_demo(sub)
+    return p
 
+
+def _add_train(sub: Any) -> None:
     s = sub.add_parser("train", help="train a clean model")
     _common(s)
     s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
@@ -126,6 +139,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
     _train_flags(s)
 
+
+def _add_embed(sub: Any) -> None:
     s = sub.add_parser("embed", help="train a watermarked model")
     _common(s)
     s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
@@ -137,6 +152,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true")
     _train_flags(s)
 
+
+def _add_verify(sub: Any) -> None:
     s = sub.add_parser("verify", help="ownership verdict for a model")
     _common(s)
     s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
@@ -148,6 +165,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="significance level of the binomial test (default 0.01)")
     s.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
 
+
+def _add_threshold(sub: Any) -> None:
     s = sub.add_parser("threshold", help="vanilla threshold: max watermark accuracy of clean models")
     _common(s)
     s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
@@ -159,6 +178,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="JSON file")
     _train_flags(s)
 
+
+def _add_launder(sub: Any) -> None:
     s = sub.add_parser("launder", help="launder a model with a small clean set (Aiken et al.)")
     _common(s)
     s.add_argument("model", nargs="?", help="model stem or .safetensors (with its .json beside it); "
@@ -223,6 +244,8 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--mean", metavar="M1[,M2,M3]", help="per-channel mean your model subtracts after scaling")
     g.add_argument("--std", metavar="S1[,S2,S3]", help="per-channel std your model divides by")
 
+
+def _add_run(sub: Any) -> None:
     s = sub.add_parser("run", help="run an experiment file (TOML), a single cell or a sweep")
     _common(s)
     s.add_argument("file")
@@ -233,6 +256,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=_positive_int, default=1,
                    help="local executor: cells run in this many worker processes (default 1)")
 
+
+def _add_persistence(sub: Any) -> None:
     for name, helptext, epochs in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", 50),
                                    ("restore", "restoration: keep training on the owner's clean data only", 30)):
         s = sub.add_parser(name, help=helptext)
@@ -251,6 +276,8 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             s.add_argument("--mixed", action="store_true", help="one owner-data step every 2nd batch")
 
+
+def _add_landscape(sub: Any) -> None:
     s = sub.add_parser("landscape", help="2-D loss surface along the PCA plane of a checkpoint trajectory")
     _common(s)
     s.add_argument("checkpoints", help="folder of epoch-NNN checkpoints (from finetune / restore)")
@@ -262,16 +289,19 @@ def make_parser() -> argparse.ArgumentParser:
                    help="plane extent as a multiple of the trajectory's span (default 1.3)")
     s.add_argument("--out", required=True, help="PNG path (a .json with the grid is written beside it)")
 
+
+def _add_report(sub: Any) -> None:
     s = sub.add_parser("report", help="Markdown + HTML + plots from a workspace's results store")
     _common(s)
     s.add_argument("--workspace", default="runs/workspace")
     s.add_argument("--out", default=None, help="output folder (default: WORKSPACE/report)")
 
+
+def _add_demo(sub: Any) -> None:
     s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
     _common(s)
     s.add_argument("--out-dir", default="runs/demo", help="where models, plots and the table go (default runs/demo)")
     s.add_argument("--epochs", type=_positive_int, default=3, help="owner training epochs (default 3)")
-    return p
 
 
 KEPT = {  # what an interrupted command leaves to continue from

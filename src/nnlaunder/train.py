@@ -14,11 +14,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,28 +116,10 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-# The trainer's speed measures (on by default, except the flush_denormal attempt);
-# benchmarks/perf/run.py switches them one at a time to measure what each is worth. None changes
-# the function computed (channels_last can change the rounding: other kernels; flush_denormal
-# rounds values below 1.2e-38 to zero).
-SPEED = {"channels_last": True, "relu_after_pool": True, "flush_denormal": False}
-
-
-@contextlib.contextmanager
-def flushed_denormals(dev: torch.device) -> Iterator[None]:
-    """With SPEED["flush_denormal"], treat denormal floats as zero on the CPU while training
-    (switched back off afterwards: the setting is process-wide).
-
-    An attempt, off by default: a retraining that slowed from 22 to about 2 steps/s after large
-    reset sets looked like denormal arithmetic (Adam's averages of weights whose gradients went to
-    zero decay geometrically), but benchmarks/perf/run.py --sections denormal measured 1.01x on the
-    same retraining. The slowdown had been two of our processes sharing the 2 cores."""
-    on = SPEED["flush_denormal"] and dev.type == "cpu" and torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if on:
-            torch.set_flush_denormal(False)
+# The trainer's speed measures, on by default; benchmarks/perf/run.py switches them one at a time to
+# measure what each is worth. Neither changes the function computed (channels_last can change the
+# rounding: other kernels).
+SPEED = {"channels_last": True, "relu_after_pool": True}
 
 
 def relu_after_pool(model: nn.Module) -> nn.Module:
@@ -306,118 +287,167 @@ def train(
     mirrored or shifted trigger is a different trigger). The random draws are unchanged.
     Returns the per-epoch history (loss, lr, seconds, eval accuracies, callback metrics).
     """
-    if len(x) == 0 or len(x) != len(y):
-        raise UserError(f"training set is empty or mismatched (x {len(x)}, y {len(y)})")
-    if not 0 <= fixed_tail <= len(x):
-        raise UserError(f"fixed_tail must be in [0, {len(x)}], got {fixed_tail}")
-    if append is not None and (len(append[0]) == 0 or append[2] < 1):
-        raise UserError("append needs at least one example and k >= 1")
+    _check_inputs(x, y, fixed_tail, append)
     # Data follow the model: moved once, so batches are slices of device tensors.
     dev = model_device(model)
     x, y = x.to(dev), y.to(dev)
-    if append is not None:
-        append = (append[0].to(dev), append[1].to(dev), append[2])
-    if interleave is not None:
-        interleave = (interleave[0].to(dev), interleave[1].to(dev), interleave[2])
-    if masks:
-        masks = {k: v.to(dev) for k, v in masks.items()}
+    append, interleave = _moved(append, dev), _moved(interleave, dev)
+    masks = {k: v.to(dev) for k, v in masks.items()} if masks else masks
     opt = make_optimizer(model, cfg)
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     start, history = (0, [])
     if folder is not None and resume:
         start, history = _load_state(folder, model, opt, cfg)
     apply_masks(model, masks)
-    # channels_last is 1.2-1.4× faster for these convnets on CPU (measured: docs/recipes.md)
+    # channels_last is 1.2-1.4× faster for these convnets on CPU (docs/recipes.md)
     fmt = torch.channels_last if (SPEED["channels_last"] and x.ndim == 4
                                   and any(isinstance(m, nn.Conv2d) for m in model.modules())) \
         else torch.contiguous_format
     model.to(memory_format=fmt)
     # same function and parameters, fewer ReLU values
     net = relu_after_pool(model) if SPEED["relu_after_pool"] else model
-    n = len(x)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
+    run = _Run(model, net, opt, cfg, x, y, fmt, masks, append, interleave, fixed_tail, freeze_bn)
     result = TrainResult(history=history, epochs_run=start)
     t_all = time.perf_counter()
     desc = progress if isinstance(progress, str) else "train"
-    with flushed_denormals(dev):
-        for epoch in range(start, cfg.epochs):
-            t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-            perm = torch.randperm(n, generator=g).to(dev)
-            if append is not None:
-                ax, ay, k = append
-                aperm = torch.randperm(len(ax), generator=g).repeat(
-                    math.ceil(steps_per_epoch * k / len(ax)) + 1).to(dev)
-            if interleave is not None:
-                ix, iy, every = interleave
-                iperm = torch.randperm(len(ix), generator=g).repeat(
-                    math.ceil(steps_per_epoch * cfg.batch_size / every / len(ix)) + 1).to(dev)
-            model.train()
-            if freeze_bn:
-                for mod in model.modules():
-                    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                        mod.eval()
-            loss_sum, seen = 0.0, 0
-            bar = tqdm(range(steps_per_epoch), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=not progress, mininterval=1.0)
-            for i in bar:
-                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                xb, yb = x[idx], y[idx]
-                if cfg.augment == "crop-flip":
-                    xa = crop_flip(xb, g)
-                    if fixed_tail:
-                        keep = (idx >= n - fixed_tail).view(-1, 1, 1, 1)
-                        xa = torch.where(keep, xb, xa)
-                    xb = xa
-                if append is not None:
-                    aidx = aperm[i * k:(i + 1) * k]
-                    xb, yb = torch.cat([xb, ax[aidx]]), torch.cat([yb, ay[aidx]])
-                xb = xb.contiguous(memory_format=fmt)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, total)
-                loss = F.cross_entropy(net(xb), yb, label_smoothing=cfg.label_smoothing)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"training loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                                        "lower the learning rate")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                apply_masks(model, masks)
-                if interleave is not None and (i + 1) % every == 0:
-                    j = (i + 1) // every - 1
-                    sel = iperm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
-                    xi = ix[sel].contiguous(memory_format=fmt)
-                    extra_loss = F.cross_entropy(net(xi), iy[sel], label_smoothing=cfg.label_smoothing)
-                    opt.zero_grad(set_to_none=True)
-                    extra_loss.backward()
-                    opt.step()
-                    apply_masks(model, masks)
-                loss_sum += loss.item() * len(yb)
-                seen += len(yb)
-                if i % 20 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-            bar.close()
-            row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / seen,
-                                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
-            for name, (ex, ey) in (eval_sets or {}).items():
-                row[f"{name}_acc"] = accuracy(model, ex, ey)
-            stop = False
-            for cb in callbacks:
-                extra = cb(epoch + 1, model) or {}
-                stop = stop or bool(extra.pop("stop", False))
-                row.update(extra)
-            history.append(row)
-            result.epochs_run = epoch + 1
-            if folder is not None:
-                _save_state(folder, model, opt, epoch + 1, history, cfg)
-            if progress:
-                shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
-                tqdm.write(f"[{desc}] epoch {epoch + 1}/{cfg.epochs}: {shown}")
-            if stop:
-                result.stopped_early = True
-                break
+    for epoch in range(start, cfg.epochs):
+        t0 = time.perf_counter()
+        bar = tqdm(range(run.steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not progress, mininterval=1.0)
+        loss = run.epoch(epoch, bar)
+        bar.close()
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": opt.param_groups[0]["lr"],
+                               "seconds": time.perf_counter() - t0}
+        for name, (ex, ey) in (eval_sets or {}).items():
+            row[f"{name}_acc"] = accuracy(model, ex, ey)
+        stop = False
+        for cb in callbacks:
+            extra = cb(epoch + 1, model) or {}
+            stop = stop or bool(extra.pop("stop", False))
+            row.update(extra)
+        history.append(row)
+        result.epochs_run = epoch + 1
+        if folder is not None:
+            _save_state(folder, model, opt, epoch + 1, history, cfg)
+        if progress:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+            tqdm.write(f"[{desc}] epoch {epoch + 1}/{cfg.epochs}: {shown}")
+        if stop:
+            result.stopped_early = True
+            break
     model.eval()
     result.seconds = time.perf_counter() - t_all
     return result
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor, fixed_tail: int,
+                  append: tuple[torch.Tensor, torch.Tensor, int] | None) -> None:
+    if len(x) == 0 or len(x) != len(y):
+        raise UserError(f"training set is empty or mismatched (x {len(x)}, y {len(y)})")
+    if not 0 <= fixed_tail <= len(x):
+        raise UserError(f"fixed_tail must be in [0, {len(x)}], got {fixed_tail}")
+    if append is not None and (len(append[0]) == 0 or append[2] < 1):
+        raise UserError("append needs at least one example and k >= 1")
+
+
+def _moved(extra: tuple[torch.Tensor, torch.Tensor, int] | None, dev: torch.device
+           ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    return None if extra is None else (extra[0].to(dev), extra[1].to(dev), extra[2])
+
+
+# Epoch e's image order (and augmentation draws) come from the seed cfg.seed * EPOCH_SEED_STRIDE + e.
+EPOCH_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class _Run:
+    """One training run's fixed parts; `epoch` runs one pass over the data."""
+    model: nn.Module
+    net: nn.Module                     # the model as trained (ReLU/pool reordered: same function)
+    opt: torch.optim.Optimizer
+    cfg: TrainConfig
+    x: torch.Tensor
+    y: torch.Tensor
+    fmt: torch.memory_format
+    masks: dict[str, torch.Tensor] | None
+    append: tuple[torch.Tensor, torch.Tensor, int] | None
+    interleave: tuple[torch.Tensor, torch.Tensor, int] | None
+    fixed_tail: int
+    freeze_bn: bool
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(len(self.x) / self.cfg.batch_size)
+
+    def _orders(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """This epoch's image order, and the orders of the appended and interleaved sets."""
+        dev, steps, cfg = self.x.device, self.steps, self.cfg
+        perm = torch.randperm(len(self.x), generator=g).to(dev)
+        aperm = iperm = None
+        if self.append is not None:
+            ax, _, k = self.append
+            aperm = torch.randperm(len(ax), generator=g).repeat(math.ceil(steps * k / len(ax)) + 1).to(dev)
+        if self.interleave is not None:
+            ix, _, every = self.interleave
+            iperm = torch.randperm(len(ix), generator=g).repeat(
+                math.ceil(steps * cfg.batch_size / every / len(ix)) + 1).to(dev)
+        return perm, aperm, iperm
+
+    def _batch(self, i: int, perm: torch.Tensor, aperm: torch.Tensor | None, g: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.cfg.batch_size
+        idx = perm[i * bs:(i + 1) * bs]
+        xb, yb = self.x[idx], self.y[idx]
+        if self.cfg.augment == "crop-flip":
+            xa = crop_flip(xb, g)
+            if self.fixed_tail:
+                keep = (idx >= len(self.x) - self.fixed_tail).view(-1, 1, 1, 1)
+                xa = torch.where(keep, xb, xa)
+            xb = xa
+        if self.append is not None and aperm is not None:
+            ax, ay, k = self.append
+            aidx = aperm[i * k:(i + 1) * k]
+            xb, yb = torch.cat([xb, ax[aidx]]), torch.cat([yb, ay[aidx]])
+        return xb.contiguous(memory_format=self.fmt), yb
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(self.net(xb), yb, label_smoothing=self.cfg.label_smoothing)
+        return loss
+
+    def _update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        apply_masks(self.model, self.masks)
+
+    def epoch(self, epoch: int, bar: Any) -> float:
+        """One pass over the data; returns the mean training loss."""
+        cfg, steps = self.cfg, self.steps
+        g = torch.Generator().manual_seed(cfg.seed * EPOCH_SEED_STRIDE + epoch)
+        torch.manual_seed(cfg.seed * EPOCH_SEED_STRIDE + epoch)
+        perm, aperm, iperm = self._orders(g)
+        self.model.train()
+        if self.freeze_bn:
+            for mod in self.model.modules():
+                if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                    mod.eval()
+        loss_sum, seen = 0.0, 0
+        for i in bar:
+            xb, yb = self._batch(i, perm, aperm, g)
+            for group in self.opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch * steps + i, steps * cfg.epochs)
+            loss = self._step(xb, yb)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"training loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                                    "lower the learning rate")
+            self._update(loss)
+            if self.interleave is not None and iperm is not None and (i + 1) % self.interleave[2] == 0:
+                ix, iy, every = self.interleave
+                j = (i + 1) // every - 1
+                sel = iperm[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+                self._update(self._step(ix[sel].contiguous(memory_format=self.fmt), iy[sel]))
+            loss_sum += loss.item() * len(yb)
+            seen += len(yb)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        return loss_sum / seen

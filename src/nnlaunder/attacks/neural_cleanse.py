@@ -320,151 +320,214 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
                     time.perf_counter() - t0, history)
 
 
-def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
-              progress: Callable[[int, int], None] | None) -> dict:
-    k = len(cls)
-    n, c, h, w = x.shape
-    dtype = x.dtype
-    # Per-class random initialisation, seeded by (seed, class): batched == looped.
-    w_mask = torch.empty(k, 1, h, w, dtype=dtype)
-    w_pat = torch.empty(k, c, h, w, dtype=dtype)
+# Seeds: a class's initial mask and pattern come from (seed * INIT_SEED_STRIDE + class), the image
+# order of pass p over the images from (seed * PASS_SEED_STRIDE + p); batched and looped runs agree.
+INIT_SEED_STRIDE = 10007
+PASS_SEED_STRIDE = 1_000_003
+
+
+def _squash(w: torch.Tensor) -> torch.Tensor:
+    """Unconstrained variable -> value in [0, 1] (Wang et al.'s tanh parametrisation)."""
+    return torch.tanh(w) / 2 + 0.5
+
+
+def _init_variables(cls: list[int], seed: int, chw: tuple[int, int, int], dtype: torch.dtype,
+                    dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class random initial mask (K,1,H,W) and pattern (K,C,H,W) variables, seeded by (seed, class)."""
+    c, h, w = chw
+    w_mask = torch.empty(len(cls), 1, h, w, dtype=dtype)
+    w_pat = torch.empty(len(cls), c, h, w, dtype=dtype)
     for i, cl in enumerate(cls):
-        g = torch.Generator().manual_seed(cfg.seed * 10007 + cl)
+        g = torch.Generator().manual_seed(seed * INIT_SEED_STRIDE + cl)
         w_mask[i] = _atanh_init(torch.rand(1, h, w, generator=g, dtype=dtype))
         w_pat[i] = _atanh_init(torch.rand(c, h, w, generator=g, dtype=dtype))
-    dev = x.device
-    w_mask = w_mask.to(dev).requires_grad_(True)
-    w_pat = w_pat.to(dev).requires_grad_(True)
-    adam = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in (("m", w_mask), ("p", w_pat))}
-    steps_done = torch.zeros(k, dtype=torch.long, device=dev)
-    targets = torch.tensor(cls, device=dev)
-    b1, b2 = cfg.betas
+    return w_mask.to(dev).requires_grad_(True), w_pat.to(dev).requires_grad_(True)
 
-    # λ schedule state, one entry per class (Wang et al.'s visualizer, vectorised over classes)
-    cost = [0.0] * k
-    set_cnt, up_cnt, down_cnt = [0] * k, [0] * k, [0] * k
-    up_flag, down_flag = [False] * k, [False] * k
-    reg_best = [math.inf] * k
-    es_best, es_cnt = [math.inf] * k, [0] * k
-    active = [True] * k
-    best_mask = (torch.tanh(w_mask.detach()) / 2 + 0.5).cpu()
-    best_pat = (torch.tanh(w_pat.detach()) / 2 + 0.5).cpu()
-    best_succ = torch.zeros(k, dtype=torch.float32)
-    epochs = torch.zeros(k, dtype=torch.long)
-    history: list[dict] = []
-    steps_full = math.ceil(n / cfg.batch_size)        # minibatches in one pass over the images
-    steps_per_epoch = cfg.steps_per_epoch or steps_full
-    perms: dict[int, torch.Tensor] = {}
+
+@dataclass
+class _Lambda:
+    """One class's λ (cost) schedule and early stop, as Wang et al.'s visualizer runs them."""
+    cost: float = 0.0
+    set_cnt: int = 0
+    up_cnt: int = 0
+    down_cnt: int = 0
+    up_flag: bool = False
+    down_flag: bool = False
+    reg_best: float = math.inf          # smallest mask norm among epochs that reached the success target
+    es_best: float = math.inf
+    es_cnt: int = 0
+
+    def stops(self, cfg: NCConfig) -> bool:
+        """Early stop: the best norm has not improved by the threshold for `patience` epochs, after
+        λ went both up and down."""
+        if self.reg_best < math.inf:
+            self.es_cnt = self.es_cnt + 1 if self.reg_best >= cfg.early_stop_threshold * self.es_best else 0
+        self.es_best = min(self.reg_best, self.es_best)
+        return self.up_flag and self.down_flag and self.es_cnt >= cfg.early_stop_patience
+
+    def update(self, success: bool, cfg: NCConfig) -> None:
+        """λ starts at 0 until the target is reached for `patience` epochs, then goes up while it is
+        reached and down while it is not."""
+        if self.cost == 0 and success:
+            self.set_cnt += 1
+            if self.set_cnt >= cfg.patience:
+                self.cost = cfg.init_cost
+                self.up_cnt = self.down_cnt = 0
+                self.up_flag = self.down_flag = False
+        else:
+            self.set_cnt = 0
+        if success:
+            self.up_cnt += 1
+            self.down_cnt = 0
+        else:
+            self.up_cnt = 0
+            self.down_cnt += 1
+        if self.up_cnt >= cfg.patience:
+            self.up_cnt = 0
+            self.cost *= cfg.cost_up
+            self.up_flag = True
+        elif self.down_cnt >= cfg.patience:
+            self.down_cnt = 0
+            self.cost /= cfg.cost_down
+            self.down_flag = True
+
+
+class _Adam:
+    """Adam over the mask and pattern variables, one step count per class (a class stopped early
+    keeps its moments and count)."""
+
+    def __init__(self, w_mask: torch.Tensor, w_pat: torch.Tensor, cfg: NCConfig) -> None:
+        self.params = (w_mask, w_pat)
+        self.moments = [(torch.zeros_like(t), torch.zeros_like(t)) for t in self.params]
+        self.steps = torch.zeros(len(w_mask), dtype=torch.long, device=w_mask.device)
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def step(self, grads: tuple[torch.Tensor, torch.Tensor], a_idx: torch.Tensor) -> None:
+        b1, b2 = self.cfg.betas
+        self.steps[a_idx] += 1
+        t = self.steps[a_idx].to(self.params[0].dtype)
+        for param, grad, (mom, vel) in zip(self.params, grads, self.moments, strict=True):
+            ga = grad[a_idx]
+            mom[a_idx] = b1 * mom[a_idx] + (1 - b1) * ga
+            vel[a_idx] = b2 * vel[a_idx] + (1 - b2) * ga * ga
+            shape = (-1,) + (1,) * (param.ndim - 1)
+            mhat = mom[a_idx] / (1 - b1 ** t).view(shape)
+            vhat = vel[a_idx] / (1 - b2 ** t).view(shape)
+            param[a_idx] = param[a_idx] - self.cfg.lr * mhat / (vhat.sqrt() + self.cfg.eps)
+
+
+class _Batches:
+    """Minibatch `global_step` of the images: pass p over them uses its own seeded permutation."""
+
+    def __init__(self, x: torch.Tensor, cfg: NCConfig) -> None:
+        self.x, self.cfg = x, cfg
+        self.steps_full = math.ceil(len(x) / cfg.batch_size)     # minibatches in one pass
+        self.perms: dict[int, torch.Tensor] = {}
+
+    def __call__(self, global_step: int) -> torch.Tensor:
+        p_no, s_no = divmod(global_step, self.steps_full)
+        if p_no not in self.perms:
+            self.perms.clear()
+            g = torch.Generator().manual_seed(self.cfg.seed * PASS_SEED_STRIDE + p_no)
+            self.perms[p_no] = torch.randperm(len(self.x), generator=g).to(self.x.device)
+        bs = self.cfg.batch_size
+        return self.x[self.perms[p_no][s_no * bs:(s_no + 1) * bs]]
+
+
+def _stamped_logits(model: nn.Module, xb: torch.Tensor, m: torch.Tensor, p: torch.Tensor, chunk: int | None,
+                    use_amp: bool, mem: torch.memory_format) -> torch.Tensor:
+    """Logits of every minibatch image stamped with every active class's trigger, class-major
+    (A*B rows), computed `chunk` classes per forward."""
+    bsz, (c, h, w) = len(xb), xb.shape[1:]
+    parts, width = [], chunk or len(m)
+    for lo in range(0, len(m), width):
+        mc, pc = m[lo:lo + width], p[lo:lo + width]
+        xs = stamp(xb.unsqueeze(0), mc.unsqueeze(1), pc.unsqueeze(1)).reshape(len(mc) * bsz, c, h, w)
+        with (torch.autocast(xb.device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()):
+            parts.append(model(xs.contiguous(memory_format=mem)).float())
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _epoch(model: nn.Module, batches: _Batches, w_mask: torch.Tensor, w_pat: torch.Tensor, opt: _Adam,
+           targets: torch.Tensor, act: list[int], costs: list[float], epoch: int, steps: int, cfg: NCConfig
+           ) -> tuple[list[float], list[float]]:
+    """One epoch of `steps` minibatches for the active classes; returns their mean attack success
+    and mask norm."""
+    dev = w_mask.device
+    a_idx = torch.tensor(act, device=dev)
+    acc_sum, reg_sum, ce_sum = (torch.zeros(len(act), dtype=torch.float64, device=dev) for _ in range(3))
+    cost_t = torch.tensor(costs, dtype=w_mask.dtype, device=dev)
     use_amp = cfg.amp and amp_supported(dev)
     mem = torch.channels_last if cfg.exact_rewrite else torch.contiguous_format
     # Classes per forward pass. Every class's loss depends only on its own mask, so chunking changes
-    # nothing but speed: on a CPU, 10 x 32 stamped images per op fall out of cache and the batched pass
-    # ran slower than a per-class loop (perf.md); ~64 images per forward keeps it in cache.
+    # nothing but speed: on a CPU, 10 x 32 stamped images per op fall out of cache and a batched pass
+    # runs slower than a per-class loop; ~64 images per forward keeps it in cache.
     chunk = cfg.class_chunk or (max(1, 64 // cfg.batch_size) if dev.type == "cpu" else None)
+    for s in range(steps):
+        xb = batches(epoch * steps + s)
+        bsz = len(xb)
+        m, p = _squash(w_mask[a_idx]), _squash(w_pat[a_idx])           # (A,1,H,W), (A,C,H,W)
+        logits = _stamped_logits(model, xb, m, p, chunk, use_amp, mem)
+        tgt = targets[a_idx].repeat_interleave(bsz)
+        ce = F.cross_entropy(logits, tgt, reduction="none").view(len(act), bsz).mean(1)
+        reg = m.abs().sum((1, 2, 3))
+        loss = (ce + cost_t * reg).sum()
+        if dev.type == "cpu" and not torch.isfinite(loss):   # on a GPU: checked once per epoch
+            raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
+        opt.step(torch.autograd.grad(loss, (w_mask, w_pat)), a_idx)
+        with torch.no_grad():
+            acc_sum += (logits.argmax(1) == tgt).view(len(act), bsz).double().mean(1)
+            reg_sum += reg.double()
+            ce_sum += ce.double()
+    if not torch.isfinite(reg_sum).all() or not torch.isfinite(ce_sum).all():
+        raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
+    return (acc_sum / steps).tolist(), (reg_sum / steps).tolist()
 
-    def batch(global_step: int) -> torch.Tensor:
-        # Pass number p uses its own seeded permutation (full-pass epochs: pass == epoch, as before).
-        p_no, s_no = divmod(global_step, steps_full)
-        if p_no not in perms:
-            perms.clear()
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + p_no)
-            perms[p_no] = torch.randperm(n, generator=g).to(dev)
-        return x[perms[p_no][s_no * cfg.batch_size:(s_no + 1) * cfg.batch_size]]
 
+def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
+              progress: Callable[[int, int], None] | None) -> dict:
+    """Reverse-engineer a trigger (mask, pattern) for each class in `cls` at once."""
+    k = len(cls)
+    w_mask, w_pat = _init_variables(cls, cfg.seed, tuple(x.shape[1:]), x.dtype, x.device)
+    opt = _Adam(w_mask, w_pat, cfg)
+    targets = torch.tensor(cls, device=x.device)
+    sched = [_Lambda() for _ in range(k)]
+    active = [True] * k
+    best_mask, best_pat = _squash(w_mask.detach()).cpu(), _squash(w_pat.detach()).cpu()
+    best_succ = torch.zeros(k, dtype=torch.float32)
+    epochs = torch.zeros(k, dtype=torch.long)
+    history: list[dict] = []
+    batches = _Batches(x, cfg)
+    steps = cfg.steps_per_epoch or batches.steps_full
     for epoch in range(cfg.max_epochs):
         act = [i for i in range(k) if active[i]]
         if not act:
             break
-        a_idx = torch.tensor(act, device=dev)
-        acc_sum = torch.zeros(len(act), dtype=torch.float64, device=dev)
-        reg_sum = torch.zeros(len(act), dtype=torch.float64, device=dev)
-        ce_sum = torch.zeros(len(act), dtype=torch.float64, device=dev)
-        cost_t = torch.tensor([cost[i] for i in act], dtype=dtype, device=dev)
-        for s in range(steps_per_epoch):
-            xb = batch(epoch * steps_per_epoch + s)
-            bsz = len(xb)
-            m = torch.tanh(w_mask[a_idx]) / 2 + 0.5                 # (A,1,H,W)
-            p = torch.tanh(w_pat[a_idx]) / 2 + 0.5                  # (A,C,H,W)
-            parts, width = [], chunk or len(act)                 # classes per forward (cache-sized on a CPU)
-            for lo in range(0, len(act), width):
-                mc, pc = m[lo:lo + width], p[lo:lo + width]
-                xs = stamp(xb.unsqueeze(0), mc.unsqueeze(1), pc.unsqueeze(1)).reshape(len(mc) * bsz, c, h, w)
-                with (torch.autocast(dev.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()):
-                    parts.append(model(xs.contiguous(memory_format=mem)).float())
-            logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-            tgt = targets[a_idx].repeat_interleave(bsz)
-            ce = F.cross_entropy(logits, tgt, reduction="none").view(len(act), bsz).mean(1)
-            reg = m.abs().sum((1, 2, 3))
-            loss = (ce + cost_t * reg).sum()
-            if dev.type == "cpu" and not torch.isfinite(loss):   # on a GPU: checked once per epoch
-                raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
-            gm, gp = torch.autograd.grad(loss, (w_mask, w_pat))
-            steps_done[a_idx] += 1
-            t = steps_done[a_idx].to(dtype)
-            with torch.no_grad():
-                for name, param, grad in (("m", w_mask, gm), ("p", w_pat, gp)):
-                    mom, vel = adam[name]
-                    ga = grad[a_idx]
-                    mom[a_idx] = b1 * mom[a_idx] + (1 - b1) * ga
-                    vel[a_idx] = b2 * vel[a_idx] + (1 - b2) * ga * ga
-                    shape = (-1,) + (1,) * (param.ndim - 1)
-                    mhat = mom[a_idx] / (1 - b1 ** t).view(shape)
-                    vhat = vel[a_idx] / (1 - b2 ** t).view(shape)
-                    param[a_idx] = param[a_idx] - cfg.lr * mhat / (vhat.sqrt() + cfg.eps)
-                acc_sum += (logits.argmax(1) == tgt).view(len(act), bsz).double().mean(1)
-                reg_sum += reg.double()
-                ce_sum += ce.double()
-        if not torch.isfinite(reg_sum).all() or not torch.isfinite(ce_sum).all():
-            raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
-        acc = (acc_sum / steps_per_epoch).tolist()
-        regs = (reg_sum / steps_per_epoch).tolist()
+        acc, regs = _epoch(model, batches, w_mask, w_pat, opt, targets, act, [sched[i].cost for i in act], epoch,
+                           steps, cfg)
+        a_idx = torch.tensor(act, device=x.device)
         with torch.no_grad():
-            cur_m = (torch.tanh(w_mask[a_idx]) / 2 + 0.5).cpu()
-            cur_p = (torch.tanh(w_pat[a_idx]) / 2 + 0.5).cpu()
+            cur_m, cur_p = _squash(w_mask[a_idx]).cpu(), _squash(w_pat[a_idx]).cpu()
         for j, i in enumerate(act):
             epochs[i] = epoch + 1
-            if acc[j] >= cfg.success and regs[j] < reg_best[i]:
+            if acc[j] >= cfg.success and regs[j] < sched[i].reg_best:
                 best_mask[i], best_pat[i] = cur_m[j], cur_p[j]
-                reg_best[i] = regs[j]
+                sched[i].reg_best = regs[j]
                 best_succ[i] = acc[j]
-            if cfg.early_stop:
-                if reg_best[i] < math.inf:
-                    es_cnt[i] = es_cnt[i] + 1 if reg_best[i] >= cfg.early_stop_threshold * es_best[i] else 0
-                es_best[i] = min(reg_best[i], es_best[i])
-                if up_flag[i] and down_flag[i] and es_cnt[i] >= cfg.early_stop_patience:
-                    active[i] = False
-                    continue
-            if cost[i] == 0 and acc[j] >= cfg.success:
-                set_cnt[i] += 1
-                if set_cnt[i] >= cfg.patience:
-                    cost[i] = cfg.init_cost
-                    up_cnt[i] = down_cnt[i] = 0
-                    up_flag[i] = down_flag[i] = False
-            else:
-                set_cnt[i] = 0
-            if acc[j] >= cfg.success:
-                up_cnt[i] += 1
-                down_cnt[i] = 0
-            else:
-                up_cnt[i] = 0
-                down_cnt[i] += 1
-            if up_cnt[i] >= cfg.patience:
-                up_cnt[i] = 0
-                cost[i] *= cfg.cost_up
-                up_flag[i] = True
-            elif down_cnt[i] >= cfg.patience:
-                down_cnt[i] = 0
-                cost[i] /= cfg.cost_down
-                down_flag[i] = True
-        per = {cls[i]: {"acc": acc[j], "l1": regs[j], "cost": cost[i]} for j, i in enumerate(act)}
+            if cfg.early_stop and sched[i].stops(cfg):
+                active[i] = False
+                continue
+            sched[i].update(acc[j] >= cfg.success, cfg)
+        per = {cls[i]: {"acc": acc[j], "l1": regs[j], "cost": sched[i].cost} for j, i in enumerate(act)}
         history.append({"epoch": epoch + 1, "active": len(act), "classes": per})
         if progress is not None:
             progress(epoch + 1, sum(active))
+    reg_best = [sc.reg_best for sc in sched]
     found = torch.tensor([r < math.inf for r in reg_best])
     # Where no epoch reached the success target, keep the last mask and its norm.
     with torch.no_grad():
-        last_m = (torch.tanh(w_mask) / 2 + 0.5).cpu()
-        last_p = (torch.tanh(w_pat) / 2 + 0.5).cpu()
+        last_m, last_p = _squash(w_mask).cpu(), _squash(w_pat).cpu()
     l1 = torch.tensor(reg_best, dtype=torch.float32)
     for i in range(k):
         if not found[i]:
@@ -472,3 +535,4 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
             l1[i] = float(last_m[i].abs().sum())
     return {"masks": best_mask.float(), "patterns": best_pat.float(), "l1": l1, "success": best_succ,
             "found": found, "epochs": epochs, "history": history}
+

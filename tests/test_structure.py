@@ -1,0 +1,121 @@
+"""The package's shape: layers that import only downwards, no import circle, small functions, no
+repeated blocks. Read from the source (AST), nothing is imported."""
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "nnlaunder"
+
+# Lower layers never import higher ones. A module not listed takes its package's layer.
+LAYERS = [
+    {"nnlaunder", "nnlaunder.errors", "nnlaunder.config", "nnlaunder.device", "nnlaunder.kernels",
+     "nnlaunder.progress", "nnlaunder.report.plots"},
+    {"nnlaunder.data", "nnlaunder.models"},
+    {"nnlaunder.checkpoint", "nnlaunder.train", "nnlaunder.recipes", "nnlaunder.models.external"},
+    {"nnlaunder.watermarks"},
+    {"nnlaunder.attacks", "nnlaunder.restore"},
+    {"nnlaunder.experiments", "nnlaunder.report", "nnlaunder.report.build"},
+    {"nnlaunder.byo", "nnlaunder.demo"},
+    {"nnlaunder.cli_flags", "nnlaunder.cli"},
+]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for p in SRC.rglob("*.py"):
+        parts = list(p.relative_to(SRC.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
+    """Every nnlaunder module each module imports, at the top or inside a function."""
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for a in node.names:
+                    full = f"{target}.{a.name}"
+                    if full in mods:
+                        graph[m].add(full)
+                    elif target in mods:
+                        graph[m].add(target)
+            elif isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in mods}
+        graph[m].discard(m)
+    return graph
+
+
+def layer(m: str) -> int:
+    probe = m
+    while probe:
+        for i, names in enumerate(LAYERS):
+            if probe in names:
+                return i
+        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+    raise AssertionError(f"{m} has no layer in LAYERS: add it")
+
+
+def test_imports_go_downwards_only():
+    graph = imports(modules())
+    up = [f"{m} -> {t}" for m, ts in graph.items() for t in ts if layer(t) > layer(m)]
+    assert not up, up
+
+
+def test_no_import_circle():
+    graph = imports(modules())
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for t in sorted(graph[m]):
+            assert state.get(t) != 1, " -> ".join(path + [m, t])
+            if t not in state:
+                visit(t, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+
+
+def test_functions_stay_small_and_the_cli_thin():
+    long = []
+    for p in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{p.relative_to(SRC)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
+    assert len((SRC / "cli.py").read_text().splitlines()) < 450
+
+
+def test_no_block_of_six_lines_repeated():
+    trivial = {"", ")", "]", "}", "):", "else:", "try:", '"""'}
+    seen: dict[str, str] = {}
+    repeated = []
+    for p in sorted(SRC.rglob("*.py")):
+        lines = [ln.strip() for ln in p.read_text().splitlines()]
+        for i in range(len(lines) - 5):
+            block = lines[i:i + 6]
+            if any(ln in trivial or ln.startswith(("#", "from ", "import ")) for ln in block):
+                continue
+            key = "\n".join(block)
+            where = f"{p.relative_to(SRC)}:{i + 1}"
+            if key in seen:
+                repeated.append(f"{seen[key]} and {where}")
+            seen.setdefault(key, where)
+    assert not repeated, repeated
+
+
+def test_nothing_cites_a_file_outside_the_repository():
+    for p in SRC.rglob("*.py"):
+        text = p.read_text()
+        assert "facts.md" not in text and "shared/seeds" not in text and "shared/reference" not in text, p
