@@ -27,7 +27,7 @@ from .device import deterministic, set_device
 from .errors import Inconclusive, UserError
 from .models import DEFAULT_ARCH, build, check_fits
 from .recipes import owner_config
-from .train import NonFiniteLoss, TrainConfig, accuracy
+from .train import NonFiniteLoss, accuracy
 from .watermarks.embed import clean_wm_curve, embed, thresholds_from_curves
 from .watermarks.schemes import SCHEMES, make_watermark
 from .watermarks.verify import read_threshold, verify
@@ -318,7 +318,10 @@ def _persistence_run(args: argparse.Namespace, phase: str) -> int:
     split, owner = D.disjoint_split(tr, args.split, args.seed)   # (fine-tuning split, the owner's data)
     out = Path(args.out)
     _out(str(out / "model"))
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer="adam", lr=args.lr, seed=args.seed)
+    from .restore import FINETUNE, RESTORE
+
+    cfg = dataclasses.replace(RESTORE if phase == "restored" else FINETUNE, epochs=args.epochs,
+                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     base_meta = {k: meta[k] for k in ("arch", "num_classes", "dataset", "scheme", "scheme_params") if k in meta}
 
     def keep(epoch, m):

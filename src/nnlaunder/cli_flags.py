@@ -12,6 +12,7 @@ from . import data as D
 from .errors import UserError
 from .models import ARCHS
 from .recipes import owner_config
+from .restore import FINETUNE, RESTORE
 from .train import TrainConfig
 from .watermarks.schemes import SCHEMES
 
@@ -258,8 +259,8 @@ def _add_run(sub: Any) -> None:
 
 
 def _add_persistence(sub: Any) -> None:
-    for name, helptext, epochs in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", 50),
-                                   ("restore", "restoration: keep training on the owner's clean data only", 30)):
+    for name, helptext, base in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", FINETUNE),
+                                 ("restore", "restoration: keep training on the owner's clean data only", RESTORE)):
         s = sub.add_parser(name, help=helptext)
         _common(s)
         s.add_argument("model")
@@ -269,9 +270,10 @@ def _add_persistence(sub: Any) -> None:
                        if name == "finetune" else
                        "the fine-tuning split's fraction, as given to finetune; restoration trains on the rest "
                        "(the owner's own data)")
-        s.add_argument("--epochs", type=_nonneg_int, default=epochs)
-        s.add_argument("--lr", type=_float, default=1e-4)
-        s.add_argument("--batch-size", type=_positive_int, default=128)
+        s.add_argument("--epochs", type=_nonneg_int, default=base.epochs, help=f"default {base.epochs}")
+        s.add_argument("--lr", type=_float, default=base.lr, help=f"Adam learning rate (default {base.lr:g})")
+        s.add_argument("--batch-size", type=_positive_int, default=base.batch_size,
+                       help=f"default {base.batch_size}")
         s.add_argument("--seed", type=int, default=0)
         if name == "finetune":
             s.add_argument("--mixed", action="store_true", help="one owner-data step every 2nd batch")

@@ -7,9 +7,8 @@ crawls at a few GFLOP/s (docs/methods.md). These are the same sums in another or
 with the library's to fp32 rounding, not bit for bit (tested).
 
 Pure tensor code, used by Neural Cleanse (`attacks/neural_cleanse.py`), whose frozen first conv
-needs only the input gradient. Tried for the trainer's one-channel conv as well (forward, input and
-weight gradients by im2col): 0.8x, because the trainer's channels-last weights already get a fast
-library forward (0.71 ms for 128 images against 2.26 ms by im2col); docs/recipes.md.
+needs only the input gradient. The trainer does not use it: its channels-last weights already get
+a fast library forward (the measurement is in docs/recipes.md).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .device import model_device
 from .errors import UserError
+from .models.rewrite import relu_after_pool
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")
@@ -120,35 +121,6 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
 # measure what each is worth. Neither changes the function computed (channels_last can change the
 # rounding: other kernels).
 SPEED = {"channels_last": True, "relu_after_pool": True}
-
-
-def relu_after_pool(model: nn.Module) -> nn.Module:
-    """The same network with each ReLU -> MaxPool2d pair of an nn.Sequential run as MaxPool2d -> ReLU,
-    sharing the model's modules (so its parameters, buffers and train/eval state).
-
-    max and ReLU are both monotone, so relu(maxpool(x)) == maxpool(relu(x)) exactly, gradients
-    included (a window of non-positive values gives zero gradient either way); the ReLU then
-    touches 4x fewer values. Training the Table 5 MNIST CNN through it is ~1.1x faster on 2 CPU
-    cores (benchmarks/results/perf.md). A ReLU with hooks is left in place (its output would
-    change); models that are not nn.Sequential are returned as they are.
-    """
-    if type(model) is not nn.Sequential:
-        return model
-    mods = list(model)
-    out: list[nn.Module] = []
-    i, swapped = 0, False
-    while i < len(mods):
-        a = mods[i]
-        b = mods[i + 1] if i + 1 < len(mods) else None
-        if (type(a) is nn.ReLU and type(b) is nn.MaxPool2d and not b.return_indices
-                and not (a._forward_hooks or a._forward_pre_hooks or a._backward_hooks)):
-            out += [b, a]
-            i, swapped = i + 2, True
-        else:
-            out.append(relu_after_pool(a))
-            swapped = swapped or out[-1] is not a
-            i += 1
-    return nn.Sequential(*out) if swapped else model
 
 
 @torch.no_grad()
@@ -299,7 +271,7 @@ def train(
     if folder is not None and resume:
         start, history = _load_state(folder, model, opt, cfg)
     apply_masks(model, masks)
-    # channels_last is 1.2-1.4× faster for these convnets on CPU (docs/recipes.md)
+    # channels_last pays for these convnets on a CPU (measured in docs/recipes.md)
     fmt = torch.channels_last if (SPEED["channels_last"] and x.ndim == 4
                                   and any(isinstance(m, nn.Conv2d) for m in model.modules())) \
         else torch.contiguous_format

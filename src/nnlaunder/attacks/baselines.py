@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
-from ..train import TrainConfig, accuracy, train
+from ..train import TrainConfig, accuracy, apply_masks, train
 from .laundering import used_triggers
 from .neural_cleanse import NCConfig, neural_cleanse, stamp
 from .units import discover_units, mean_activations
@@ -40,7 +40,7 @@ class AttackResult:
     seconds: float = 0.0
 
 
-def _check(model: nn.Module, clean: Dataset) -> nn.Module:
+def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
     if len(clean) < clean.num_classes:
         raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
     return copy.deepcopy(model)
@@ -81,12 +81,9 @@ def magnitude_masks(model: nn.Module, fraction: float) -> dict[str, torch.Tensor
 
 def prune(model: nn.Module, clean: Dataset, cfg: PruneConfig) -> AttackResult:
     t0 = time.perf_counter()
-    model = _check(model, clean)
+    model = attack_copy(model, clean)
     masks = magnitude_masks(model, cfg.fraction)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, m in masks.items():
-            params[n].mul_(m)
+    apply_masks(model, masks)
     if cfg.finetune is not None:
         train(model, clean.x, clean.y, cfg.finetune, masks=masks, progress=False)
     model.eval()
@@ -110,7 +107,7 @@ def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackRes
     """Adi et al.: FTLL / FTAL fine-tune the last / all layers; RTLL / RTAL first re-initialise
     the last layer."""
     t0 = time.perf_counter()
-    model = _check(model, clean)
+    model = attack_copy(model, clean)
     name, last = last_linear(model)
     if cfg.mode.startswith("rt"):
         with torch.random.fork_rng(devices=[]):
@@ -139,7 +136,7 @@ class FinePruneConfig:
 
 def fine_prune(model: nn.Module, clean: Dataset, cfg: FinePruneConfig) -> AttackResult:
     t0 = time.perf_counter()
-    model = _check(model, clean)
+    model = attack_copy(model, clean)
     units, _ = discover_units(model, clean.x[:2])
     convs = [u for u in units if u.kind == "conv"]
     if not convs:
@@ -176,7 +173,7 @@ class UnlearnConfig:
 
 def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig) -> AttackResult:
     t0 = time.perf_counter()
-    model = _check(model, clean)
+    model = attack_copy(model, clean)
     nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
     used = used_triggers(nc, cfg.triggers, getattr(cfg, "top_k", 3))
     xs = torch.cat([clean.x] + [stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])

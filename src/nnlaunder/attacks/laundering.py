@@ -41,7 +41,7 @@ from torch import nn
 from ..config import from_dict
 from ..data import Dataset
 from ..errors import UserError
-from ..train import TrainConfig, accuracy, train
+from ..train import TrainConfig, accuracy, apply_masks, train
 from .neural_cleanse import NC_PRESETS, NCConfig, NCResult, neural_cleanse, stamp
 from .records import LaunderState, RoundInfo
 from .units import MEASURE_POINTS, Unit, discover_units, mean_activations, select_units
@@ -207,10 +207,8 @@ def reset_masks(model: nn.Module, units: list[Unit], chosen: dict[str, torch.Ten
 
 
 def apply_reset(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, m in masks.items():
-            params[n].mul_(m)
+    """Zero the reset weights (Algorithm 1's masks, weight name -> 0/1 tensor)."""
+    apply_masks(model, masks)
 
 
 def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool, stamping: str = "each",

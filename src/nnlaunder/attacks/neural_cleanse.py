@@ -21,7 +21,8 @@ crawls at a few GFLOP/s on a CPU) as one matmul plus k·k shifted adds (`input_g
 default of the faithful preset: the same sums in another order; the fast preset's bf16
 channels-last convs measured faster with the library's backward); with a one-channel image its
 forward is im2col + one matmul too, and every ReLU -> max-pool pair runs as max-pool -> ReLU (exact:
-the same function and gradients). Together 1.3-1.6x on the faithful MNIST run (`SPEED`, perf.md).
+the same function and gradients). `SPEED` switches the last two off for measurement
+(benchmarks/perf/run.py; the speed-ups are in benchmarks/results/perf.md).
 
 The "fast" preset (`NC_PRESETS["fast"]`, a named departure from Wang et al.; see docs/methods.md)
 adds three switches, each off in the faithful default:
@@ -55,7 +56,7 @@ from torch import nn
 from ..device import model_device
 from ..errors import UserError
 from ..kernels import conv_forward_im2col, conv_input_grad, im2col_ok
-from ..train import relu_after_pool
+from ..models.rewrite import relu_after_pool, rewrite_for_speed
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ class NCConfig:
 # (short schedule epochs, bf16, exact model rewrite), measured against it in benchmarks/perf.
 NC_PRESETS: dict[str, dict] = {
     "faithful": {},
-    # input_grad: bf16 channels-last convs keep the library's backward, which measured 1.15x faster than the
-    # matmul path on 2 threads (perf.md, nc_fast_batched_input_grad_native); fp32 contiguous gains from it
+    # input_grad: bf16 channels-last convs keep the library's backward, which measured faster than the
+    # matmul path (perf.md row nc_fast_batched_input_grad_native); fp32 contiguous gains from it
     "fast": {"steps_per_epoch": 8, "early_stop_patience": 10, "max_epochs": 100, "amp": True, "exact_rewrite": True,
              "input_grad": "native"},
 }
@@ -178,27 +179,6 @@ def with_input_grad_convs(model: nn.Module, max_channels: int = 3) -> nn.Module:
             if im2col_ok(child, max_channels):
                 setattr(parent, name, InputGradConv(child))
     return fast
-
-
-def rewrite_for_speed(model: nn.Module) -> nn.Module:
-    """A copy of `model` computing the same function faster on a CPU: in every nn.Sequential, a
-    ReLU immediately followed by a MaxPool2d is moved after the pool (max and ReLU commute: both
-    are monotone, so relu(maxpool(x)) == maxpool(relu(x)) and the ReLU touches 4x fewer values),
-    and parameters are channels-last. The original model is not touched."""
-    fast = copy.deepcopy(model)
-    for seq in fast.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        names = list(seq._modules)
-        i = 0
-        while i < len(names) - 1:
-            a, b = seq._modules[names[i]], seq._modules[names[i + 1]]
-            if type(a) is nn.ReLU and type(b) is nn.MaxPool2d and not b.return_indices:
-                seq._modules[names[i]], seq._modules[names[i + 1]] = b, a
-                i += 2
-            else:
-                i += 1
-    return fast.to(memory_format=torch.channels_last)
 
 
 @dataclass

@@ -34,7 +34,8 @@ class RoundInfo:
     seconds: float = 0.0
     attacker_acc: float | None = None      # accuracy on the attacker's own held-out slice
     stopped: bool = False                  # the early-stop rule fired; nothing was changed
-    metrics: dict[str, Any] = field(default_factory=dict)   # what the experiment's callback measured
+    metrics: dict[str, Any] = field(default_factory=dict)   # what the caller's on_round measured: recorded
+    #   for the report, never read by laundering (the attacker decides on nothing in it)
 
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, train
-from .baselines import AttackResult, _check
+from .baselines import AttackResult, attack_copy
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class WeightNoiseConfig:
 
 def weight_noise(model: nn.Module, clean: Dataset, cfg: WeightNoiseConfig) -> AttackResult:
     t0 = time.perf_counter()
-    model = _check(model, clean)
+    model = attack_copy(model, clean)
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = 0
     with torch.no_grad():

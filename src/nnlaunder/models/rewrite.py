@@ -1,0 +1,59 @@
+"""Model rewrites that compute the same function faster: the one place that reorders a network's
+modules (the trainer's and Neural Cleanse's ReLU / max-pool swap)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
+
+
+def swap_relu_pool(mods: list[nn.Module]) -> list[nn.Module]:
+    """The same modules with each ReLU immediately followed by a MaxPool2d moved after the pool
+    (a ReLU with hooks, or a pool that returns indices, stays where it is)."""
+    out: list[nn.Module] = []
+    i = 0
+    while i < len(mods):
+        a = mods[i]
+        b = mods[i + 1] if i + 1 < len(mods) else None
+        if type(a) is nn.ReLU and type(b) is nn.MaxPool2d and not b.return_indices and not _hooked(a):
+            out += [b, a]
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def relu_after_pool(model: nn.Module) -> nn.Module:
+    """The same network with each ReLU -> MaxPool2d pair of an nn.Sequential run as MaxPool2d -> ReLU,
+    sharing the model's modules (so its parameters, buffers and train/eval state).
+
+    max and ReLU are both monotone, so relu(maxpool(x)) == maxpool(relu(x)) exactly, gradients
+    included (a window of non-positive values gives zero gradient either way); the ReLU then
+    touches 4x fewer values. A ReLU with hooks is left in place (its output would
+    change); models that are not nn.Sequential are returned as they are.
+    """
+    if type(model) is not nn.Sequential:
+        return model
+    out = [relu_after_pool(m) for m in swap_relu_pool(list(model))]
+    return nn.Sequential(*out) if any(a is not b for a, b in zip(out, model, strict=True)) else model
+
+
+
+def rewrite_for_speed(model: nn.Module) -> nn.Module:
+    """A copy of `model` computing the same function faster on a CPU: in every nn.Sequential, a
+    ReLU immediately followed by a MaxPool2d is moved after the pool (max and ReLU commute: both
+    are monotone, so relu(maxpool(x)) == maxpool(relu(x)) and the ReLU touches 4x fewer values),
+    and parameters are channels-last. The original model is not touched."""
+    fast = copy.deepcopy(model)
+    for seq in fast.modules():
+        if isinstance(seq, nn.Sequential):
+            for key, mod in zip(list(seq._modules), swap_relu_pool(list(seq)), strict=True):
+                seq._modules[key] = mod
+    return fast.to(memory_format=torch.channels_last)
