@@ -9,8 +9,9 @@ warnings.filterwarnings("ignore", message="The given NumPy array is not writable
 
 
 def _data_dir() -> Path | None:
-    for cand in (os.environ.get("NNLAUNDER_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data"):
-        if cand and Path(cand).is_dir():
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nnlaunder" / "data"
+    for cand in (os.environ.get("NNLAUNDER_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data", cache):
+        if cand and (Path(cand) / "mnist").is_dir():
             return Path(cand)
     return None
 
@@ -19,7 +20,7 @@ def _data_dir() -> Path | None:
 def data_dir() -> Path:
     d = _data_dir()
     if d is None:
-        pytest.skip("real datasets not found: set NNLAUNDER_DATA (the Makefile uses ../shared/data)")
+        pytest.skip("real datasets not found: run `nnlaunder data fetch all` (or set NNLAUNDER_DATA)")
     os.environ["NNLAUNDER_DATA"] = str(d)
     return d
 
@@ -29,7 +30,7 @@ def has_fashion(data_dir):
     from nnlaunder.data import fashion_mnist_dir
 
     if not (fashion_mnist_dir(data_dir) / "t10k-labels-idx1-ubyte.gz").is_file():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+        pytest.skip("Fashion-MNIST not found: run `nnlaunder data fetch fashion-mnist`")
     return True
 
 

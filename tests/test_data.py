@@ -76,10 +76,13 @@ def test_cifar_unpickler_refuses_code(tmp_path):
         read_cifar_batch(p)
 
 
-def test_no_data_dir(monkeypatch):
+def test_no_data_dir_falls_back_to_the_user_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("NNLAUNDER_DATA", raising=False)
-    with pytest.raises(UserError, match="--data-dir"):
-        D.resolve_data_dir(None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert D.resolve_data_dir(None) == tmp_path / "nnlaunder" / "data"
+    with pytest.raises(UserError, match="nnlaunder data fetch mnist"):
+        D.load("mnist", None, "train")
 
 
 def test_stratified_fraction_and_per_class(data_dir):

@@ -22,7 +22,7 @@ from .checkpoint import (
     save_model,
     stem,
 )
-from .cli_flags import KEPT, make_parser, param_table, train_config
+from .cli_flags import KEPT, calibrate_options, launder_cfg, make_parser, param_table, train_config
 from .device import deterministic, set_device
 from .errors import Inconclusive, UserError
 from .models import DEFAULT_ARCH, build, check_fits
@@ -173,23 +173,6 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     return 0
 
 
-def launder_cfg(args: argparse.Namespace):
-    """The LaunderConfig the `launder` flags ask for (both the registered and the external path)."""
-    from .attacks.laundering import launder_config
-    from .attacks.neural_cleanse import nc_config
-
-    overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
-                                    ("threshold_mode", args.threshold_mode), ("layers", args.layers),
-                                    ("triggers", args.triggers), ("add_masks", args.add_masks),
-                                    ("top_k", args.top_k), ("diff", args.diff), ("measure", args.measure),
-                                    ("bn_stats", args.bn_stats), ("stamping", args.stamping)) if v is not None}
-    nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
-    base = launder_config(args.variant).retrain
-    retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
-                                           if v is not None})
-    return launder_config(args.variant, nc=nc, seed=args.seed, retrain=retrain, **overrides)
-
-
 def cmd_launder(args: argparse.Namespace) -> int:
     from .attacks.pipeline import run_launder
     from .experiments.evaluate import evaluator
@@ -221,7 +204,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
           f"before: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
     bars = LaunderBars(not args.quiet)
     try:
-        run = run_launder(model, clean, launder_cfg(args), evaluate=ev, calibrate=_calibrate_opts(args),
+        run = run_launder(model, clean, launder_cfg(args), evaluate=ev, calibrate=calibrate_options(args),
                           state_file=out_dir / "partial.safetensors", resume=args.resume, out_dir=out_dir,
                           classes=tr.classes, log=_say, on_progress=bars,
                           report={"model": str(args.model), "dataset": dataset, "budget": len(clean) / len(tr),
@@ -241,23 +224,6 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def _calibrate_opts(args: argparse.Namespace):
-    """--calibrate, --calibrate-folds and --calibrate-grid as CalibrateOptions (None: no calibration)."""
-    from .attacks.pipeline import CalibrateOptions
-
-    if not args.calibrate:
-        return None
-    grid = None
-    if args.calibrate_grid is not None:
-        try:
-            grid = json.loads(args.calibrate_grid)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--calibrate-grid: not JSON ({e})") from e
-        if not isinstance(grid, list) or not grid or not all(isinstance(c, dict) for c in grid):
-            raise UserError("--calibrate-grid: expected a non-empty JSON list of tables of options")
-    return CalibrateOptions(folds=args.calibrate_folds, grid=grid)
-
-
 def _launder_external(args: argparse.Namespace) -> int:
     from .byo import ExternalModel, run_external
 
@@ -272,7 +238,7 @@ def _launder_external(args: argparse.Namespace) -> int:
                          mean=args.mean, std=args.std, allow_torch_load=args.allow_torch_load)
     out_dir = _out(str(Path(args.out) / "laundered")).parent
     return run_external(spec, launder_cfg(args), out_dir, budget=args.budget, per_class=args.per_class,
-                        seed=args.seed, calibrate=_calibrate_opts(args), progress=not args.quiet)
+                        seed=args.seed, calibrate=calibrate_options(args), progress=not args.quiet)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -394,16 +360,34 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data.fetch import check_lines, fetch_all
+
+    root = D.resolve_data_dir(args.data_dir) if args.data_dir else D.default_data_dir()
+    if args.action == "check":
+        print("\n".join(check_lines(args.names, root)))
+    else:
+        fetch_all(args.names, root, mirror=args.mirror, mirror_only=args.mirror_only, progress=not args.quiet,
+                  log=_say)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .data.fetch import check, fetch
     from .demo import run_demo
 
-    run_demo(args.data_dir, Path(args.out_dir), epochs=args.epochs, progress=not args.quiet)
+    root = D.resolve_data_dir(args.data_dir)
+    if check("mnist", root).state == "missing":
+        print(f"MNIST is not in {root}: fetching it first (nnlaunder data fetch mnist)", flush=True)
+        fetch("mnist", root, progress=not args.quiet, log=_say)
+
+    run_demo(str(root), Path(args.out_dir), epochs=args.epochs, progress=not args.quiet)
     return 0
 
 
 COMMANDS = {"train": cmd_train, "embed": cmd_embed, "verify": cmd_verify, "threshold": cmd_threshold,
             "launder": cmd_launder, "run": cmd_run, "finetune": cmd_finetune, "restore": cmd_restore,
-            "landscape": cmd_landscape, "report": cmd_report, "demo": cmd_demo}
+            "landscape": cmd_landscape, "report": cmd_report, "demo": cmd_demo, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
-"""The command line's flags: every subcommand's options, their types and help. The commands
+"""The command line's flags: every subcommand's options, their types and help, and the typed
+options they stand for (`train_config`, `launder_cfg`, `calibrate_options`). The commands
 themselves are in `cli.py`; `make_parser()` records the chosen one in `args.command`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any, NoReturn
 
@@ -90,8 +92,43 @@ def train_config(args: argparse.Namespace, arch: str) -> TrainConfig:
                         label_smoothing=args.label_smoothing, l2=args.l2, seed=args.seed)
 
 
+def launder_cfg(args: argparse.Namespace):
+    """The LaunderConfig the `launder` flags ask for (both the registered and the external path)."""
+    from .attacks.laundering import launder_config
+    from .attacks.neural_cleanse import nc_config
+
+    overrides = {k: v for k, v in (("rounds", args.rounds), ("dt", args.dt), ("ct", args.ct),
+                                    ("threshold_mode", args.threshold_mode), ("layers", args.layers),
+                                    ("triggers", args.triggers), ("add_masks", args.add_masks),
+                                    ("top_k", args.top_k), ("diff", args.diff), ("measure", args.measure),
+                                    ("bn_stats", args.bn_stats), ("stamping", args.stamping)) if v is not None}
+    nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
+    base = launder_config(args.variant).retrain
+    retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
+                                           if v is not None})
+    return launder_config(args.variant, nc=nc, seed=args.seed, retrain=retrain, **overrides)
+
+
+def calibrate_options(args: argparse.Namespace):
+    """--calibrate, --calibrate-folds and --calibrate-grid as CalibrateOptions (None: no calibration)."""
+    from .attacks.pipeline import CalibrateOptions
+
+    if not args.calibrate:
+        return None
+    grid = None
+    if args.calibrate_grid is not None:
+        try:
+            grid = json.loads(args.calibrate_grid)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--calibrate-grid: not JSON ({e})") from e
+        if not isinstance(grid, list) or not grid or not all(isinstance(c, dict) for c in grid):
+            raise UserError("--calibrate-grid: expected a non-empty JSON list of tables of options")
+    return CalibrateOptions(folds=args.calibrate_folds, grid=grid)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="dataset folder (default: $NNLAUNDER_DATA)")
+    p.add_argument("--data-dir", help="dataset folder (default: $NNLAUNDER_DATA, else ../shared/data where it "
+                                      "exists, else ~/.cache/nnlaunder/data)")
     p.add_argument("--threads", type=_threads, help=f"torch threads, 1-{MAX_THREADS} (default: all cores)")
     p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (default: $NNLAUNDER_DEVICE or cpu)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -128,6 +165,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_landscape(sub)
     _add_report(sub)
     _add_demo(sub)
+    _add_data(sub)
     return p
 
 
@@ -304,6 +342,19 @@ def _add_demo(sub: Any) -> None:
     _common(s)
     s.add_argument("--out-dir", default="runs/demo", help="where models, plots and the table go (default runs/demo)")
     s.add_argument("--epochs", type=_positive_int, default=3, help="owner training epochs (default 3)")
+
+
+def _add_data(sub: Any) -> None:
+    s = sub.add_parser("data", help="fetch the datasets from their public sources, or check what is there")
+    _common(s)
+    s.add_argument("action", choices=("fetch", "check"),
+                   help="fetch: download, verify (pinned SHA-256) and unpack; check: list present, verified, missing")
+    s.add_argument("names", nargs="*", metavar="NAME",
+                   help="mnist, fashion-mnist, cifar10, adi-trigger-set, or all (default: all)")
+    s.add_argument("--mirror", metavar="URL", help="tried first: serves URL/<dataset>/<file> "
+                                                   "(default: $NNLAUNDER_DATA_MIRROR, else only the canonical URLs)")
+    s.add_argument("--mirror-only", action="store_true",
+                   help="ask only the mirror, never the canonical URLs (default: $NNLAUNDER_DATA_MIRROR_ONLY=1)")
 
 
 KEPT = {  # what an interrupted command leaves to continue from

@@ -58,15 +58,31 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return t.to(torch.float32).div_(255.0)
 
 
+def default_data_dir() -> Path:
+    """$NNLAUNDER_DATA, else ../shared/data where it exists, else the per-user cache
+    ($XDG_CACHE_HOME/nnlaunder/data, by default ~/.cache/nnlaunder/data)."""
+    env = os.environ.get("NNLAUNDER_DATA")
+    if env:
+        return Path(env).expanduser()
+    shared = Path("..") / "shared" / "data"
+    if shared.is_dir():
+        return shared.resolve()
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "nnlaunder" / "data"
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """The data folder: the argument, else $NNLAUNDER_DATA; an error when neither is set."""
-    value = data_dir if data_dir not in (None, "") else os.environ.get("NNLAUNDER_DATA")
-    if not value:
-        raise UserError("no data folder: pass --data-dir DIR or set NNLAUNDER_DATA "
-                        "(the project's Makefile uses ../shared/data)")
-    path = Path(value).expanduser()
+    """The data folder: the argument, else `default_data_dir()`. A folder named by the argument or
+    by $NNLAUNDER_DATA must exist; the default cache may not exist yet (`nnlaunder data fetch`
+    creates it, and a missing dataset's error names that command)."""
+    if data_dir not in (None, ""):
+        path = Path(data_dir).expanduser()  # type: ignore[arg-type]
+    else:
+        path = default_data_dir()
+        if not os.environ.get("NNLAUNDER_DATA"):
+            return path
     if not path.is_dir():
-        raise UserError(f"data folder {path} does not exist")
+        raise UserError(f"data folder {path} does not exist (`nnlaunder data fetch --data-dir {path}` creates it)")
     return path
 
 
@@ -94,7 +110,7 @@ def _idx_pair(folder: Path, split: str, hint: str) -> tuple[np.ndarray, np.ndarr
 
 
 def load_mnist(data_dir: Path, split: str) -> Dataset:
-    hint = "MNIST's four IDX files belong in <data-dir>/mnist/ (http://yann.lecun.com/exdb/mnist/)"
+    hint = "run `nnlaunder data fetch mnist` (or put MNIST's four IDX files in <data-dir>/mnist/)"
     x, y = _idx_pair(Path(data_dir) / "mnist", split, hint)
     return Dataset("mnist", to_float(x), torch.from_numpy(y), MNIST_CLASSES)
 
@@ -105,16 +121,20 @@ def fashion_mnist_dir(data_dir: Path) -> Path:
 
 
 def load_fashion_mnist(data_dir: Path, split: str) -> Dataset:
-    hint = ("install it with `apt-get install dataset-fashion-mnist` (puts the IDX files in "
-            f"{FASHION_MNIST_SYSTEM_DIR}) or copy them to <data-dir>/fashion-mnist/")
+    hint = ("run `nnlaunder data fetch fashion-mnist`, or `apt-get install dataset-fashion-mnist` (puts the IDX "
+            f"files in {FASHION_MNIST_SYSTEM_DIR})")
     x, y = _idx_pair(fashion_mnist_dir(data_dir), split, hint)
     return Dataset("fashion-mnist", to_float(x), torch.from_numpy(y), FASHION_CLASSES)
+
+
+CIFAR_HINT = ("run `nnlaunder data fetch cifar10` (or unpack cifar-10-python.tar.gz of "
+              "https://www.cs.toronto.edu/~kriz/cifar.html into <data-dir>/cifar10/)")
 
 
 def load_cifar10(data_dir: Path, split: str) -> Dataset:
     folder = Path(data_dir) / "cifar10" / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
-    parts = [read_cifar_batch(folder / n) for n in names]
+    parts = [read_cifar_batch(folder / n, CIFAR_HINT) for n in names]
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     return Dataset("cifar10", to_float(x), torch.from_numpy(y), CIFAR10_CLASSES)
@@ -147,8 +167,7 @@ def load(name: str, data_dir: str | os.PathLike | None, split: str = "train") ->
 def load_adi_trigger_set(data_dir: str | os.PathLike | None, size: int = 32) -> Dataset:
     """Adi et al.'s 100 abstract images (pics/1.jpg..100.jpg) and labels-cifar.txt."""
     folder = resolve_data_dir(data_dir) / "adi-trigger-set"
-    hint = ("copy data/trigger_set/ of https://github.com/adiyoss/WatermarkNN into "
-            "<data-dir>/adi-trigger-set/")
+    hint = "run `nnlaunder data fetch adi-trigger-set` (Adi et al.'s data/trigger_set/ of adiyoss/WatermarkNN)"
     labels_path = folder / "labels-cifar.txt"
     if not labels_path.is_file():
         raise UserError(f"missing trigger labels {labels_path}; {hint}")

@@ -73,11 +73,11 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
 
 
-def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_cifar_batch(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 python batch -> (N,3,32,32) uint8 images, (N,) int64 labels."""
     path = Path(path)
-    hint = ("download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
-            "and unpack it into <data-dir>/cifar10/")
+    hint = hint or ("download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+                    "and unpack it into <data-dir>/cifar10/")
     if not path.is_file():
         raise UserError(f"missing dataset file {path}; {hint}")
     try:
