@@ -348,3 +348,12 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
     assert _metrics(tmp_path / "ws" / "results.sqlite") == _metrics(tmp_path / "ref" / "results.sqlite")
     assert [r["round"] for r in next(iter(_metrics(tmp_path / "ws" / "results.sqlite").values()))] == [0, 1, 2]
     assert (tmp_path / "ws" / "triggers" / f"{cell.cell_id()}-round02.safetensors").is_file()
+
+
+def test_ray_without_a_cluster_is_one_line(tmp_path):
+    from nnlaunder.experiments import runner
+
+    with pytest.raises(UserError, match="no Ray cluster answers at 127.0.0.1:9"):
+        runner._run_on_ray([], tmp_path, str(tmp_path), "127.0.0.1:9", lambda c, r: None)
+    with pytest.raises(UserError, match="HOST:PORT"):
+        runner._run_on_ray([], tmp_path, str(tmp_path), "nowhere", lambda c, r: None)

@@ -119,3 +119,14 @@ def test_nothing_cites_a_file_outside_the_repository():
     for p in SRC.rglob("*.py"):
         text = p.read_text()
         assert "facts.md" not in text and "shared/seeds" not in text and "shared/reference" not in text, p
+
+
+def test_every_option_of_every_command_has_help():
+    import argparse
+
+    from nnlaunder.cli_flags import make_parser
+
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, sp in sub.choices.items() for a in sp._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not missing, missing

@@ -139,15 +139,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: the architecture's recipe)")
-    g.add_argument("--epochs", type=_nonneg_int)
-    g.add_argument("--batch-size", type=_positive_int)
-    g.add_argument("--lr", type=_float)
-    g.add_argument("--optimizer", choices=("sgd", "adam"))
-    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"))
-    g.add_argument("--augment", choices=("none", "crop-flip"))
-    g.add_argument("--label-smoothing", type=_float)
-    g.add_argument("--l2", type=_float)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--epochs", type=_nonneg_int, help="training epochs")
+    g.add_argument("--batch-size", type=_positive_int, help="images per step")
+    g.add_argument("--lr", type=_float, help="peak learning rate")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), help="optimizer")
+    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"), help="learning-rate schedule")
+    g.add_argument("--augment", choices=("none", "crop-flip"),
+                   help="data augmentation (crop-flip: 4-pixel padded random crop and horizontal flip)")
+    g.add_argument("--label-smoothing", type=_float, help="label smoothing in [0, 1)")
+    g.add_argument("--l2", type=_float, help="weight decay (L2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order (default 0)")
 
 
 
@@ -172,8 +173,8 @@ def make_parser() -> argparse.ArgumentParser:
 def _add_train(sub: Any) -> None:
     s = sub.add_parser("train", help="train a clean model")
     _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
-    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS), help="registered dataset")
+    s.add_argument("--arch", choices=sorted(ARCHS), help="architecture (default: the dataset's, as in the paper)")
     s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
     s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
     _train_flags(s)
@@ -182,13 +183,13 @@ def _add_train(sub: Any) -> None:
 def _add_embed(sub: Any) -> None:
     s = sub.add_parser("embed", help="train a watermarked model")
     _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
-    s.add_argument("--arch", choices=sorted(ARCHS))
-    s.add_argument("--scheme", required=True, choices=sorted(SCHEMES))
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS), help="registered dataset")
+    s.add_argument("--arch", choices=sorted(ARCHS), help="architecture (default: the dataset's, as in the paper)")
+    s.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="watermark scheme to embed")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="scheme parameter (repeatable)")
     s.add_argument("--base", help="start from this model (required for adi mode=pt)")
-    s.add_argument("--out", required=True)
-    s.add_argument("--resume", action="store_true")
+    s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
+    s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
     _train_flags(s)
 
 
@@ -197,7 +198,8 @@ def _add_verify(sub: Any) -> None:
     _common(s)
     s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
     s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
-    s.add_argument("--param", action="append", metavar="KEY=VALUE")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="scheme parameter over the model's recorded ones (repeatable; lists as [22,16])")
     s.add_argument("--threshold", type=_float, help="vanilla threshold in percent")
     s.add_argument("--threshold-file", help="JSON written by `nnlaunder threshold`")
     s.add_argument("--alpha", type=_float, default=0.01,
@@ -208,8 +210,8 @@ def _add_verify(sub: Any) -> None:
 def _add_threshold(sub: Any) -> None:
     s = sub.add_parser("threshold", help="vanilla threshold: max watermark accuracy of clean models")
     _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS))
-    s.add_argument("--arch", choices=sorted(ARCHS))
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS), help="registered dataset")
+    s.add_argument("--arch", choices=sorted(ARCHS), help="architecture (default: the dataset's, as in the paper)")
     s.add_argument("--schemes", default="zhang-content,zhang-noise,zhang-unrelated",
                    help="comma-separated schemes to measure (default: the three Zhang schemes)")
     s.add_argument("--seeds", type=_int_list, default=[0],
@@ -229,11 +231,14 @@ def _add_launder(sub: Any) -> None:
     s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
     s.add_argument("--rounds", type=_positive_int,
                    help="laundering rounds, each Neural Cleanse + Algorithm 1 + retraining (default 1)")
-    s.add_argument("--variant", choices=("strong", "faithful"), default="strong")
+    s.add_argument("--variant", choices=("strong", "faithful"), default="strong",
+                   help="laundering settings to start from: the paper's text (faithful) or this project's "
+                        "stronger defaults (strong, the default); docs/methods.md")
     s.add_argument("--dt", type=_float, help="dense-layer threshold")
     s.add_argument("--ct", type=_float, help="conv-layer threshold")
-    s.add_argument("--threshold-mode", choices=("absolute", "relative"))
-    s.add_argument("--layers", choices=("all", "second-half"))
+    s.add_argument("--threshold-mode", choices=("absolute", "relative"),
+                   help="DT/CT as activation values (absolute) or multiples of the unit's mean clean activation")
+    s.add_argument("--layers", choices=("all", "second-half"), help="which resettable layers Algorithm 1 may reset")
     s.add_argument("--triggers", choices=("all", "flagged", "top-k"),
                    help="recovered triggers used: every class, the flagged ones (else the smallest mask), or the "
                         "--top-k smallest masks (default: the variant's)")
@@ -265,11 +270,13 @@ def _add_launder(sub: Any) -> None:
                    help='candidates for --calibrate as a JSON list of option tables, e.g. '
                         '\'[{"ct": 1, "retrain_epochs": 5}, {"ct": 2, "triggers": "top-k"}]\' (default: a grid of '
                         'CT, DT where a hidden dense layer exists, retraining epochs and triggers)')
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="attacker seed: its clean subset, Neural Cleanse's initialisation, retraining order")
     s.add_argument("--verify-scheme", choices=sorted(SCHEMES), help="evaluator: the owner's scheme to measure")
-    s.add_argument("--param", action="append", metavar="KEY=VALUE")
-    s.add_argument("--threshold", type=_float)
-    s.add_argument("--threshold-file")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="scheme parameter over the model's recorded ones (repeatable; lists as [22,16])")
+    s.add_argument("--threshold", type=_float, help="with --verify-scheme: vanilla threshold in percent")
+    s.add_argument("--threshold-file", help="with --verify-scheme: JSON written by `nnlaunder threshold`")
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/partial.safetensors (its last finished round)")
     g = s.add_argument_group("bring your own model and data (docs/byo.md)")
@@ -287,10 +294,11 @@ def _add_launder(sub: Any) -> None:
 def _add_run(sub: Any) -> None:
     s = sub.add_parser("run", help="run an experiment file (TOML), a single cell or a sweep")
     _common(s)
-    s.add_argument("file")
+    s.add_argument("file", help="experiment file (TOML; docs/experiments.md)")
     s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
-    s.add_argument("--executor", choices=("local", "ray"), default="local")
+    s.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local (this machine) or ray (an existing Ray cluster at --address)")
     s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
     s.add_argument("--jobs", type=_positive_int, default=1,
                    help="local executor: cells run in this many worker processes (default 1)")
@@ -301,7 +309,7 @@ def _add_persistence(sub: Any) -> None:
                                  ("restore", "restoration: keep training on the owner's clean data only", RESTORE)):
         s = sub.add_parser(name, help=helptext)
         _common(s)
-        s.add_argument("model")
+        s.add_argument("model", help="the watermarked model (stem or .safetensors)")
         s.add_argument("--out", required=True, help="folder: epoch-NNN checkpoints, model, history.json")
         s.add_argument("--split", type=_float, default=0.3,
                        help="fraction of the training set fine-tuned on; the owner's data is the rest"
@@ -312,7 +320,7 @@ def _add_persistence(sub: Any) -> None:
         s.add_argument("--lr", type=_float, default=base.lr, help=f"Adam learning rate (default {base.lr:g})")
         s.add_argument("--batch-size", type=_positive_int, default=base.batch_size,
                        help=f"default {base.batch_size}")
-        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--seed", type=int, default=0, help="seed of the split and the training order (default 0)")
         if name == "finetune":
             s.add_argument("--mixed", action="store_true", help="one owner-data step every 2nd batch")
 
@@ -321,7 +329,8 @@ def _add_landscape(sub: Any) -> None:
     s = sub.add_parser("landscape", help="2-D loss surface along the PCA plane of a checkpoint trajectory")
     _common(s)
     s.add_argument("checkpoints", help="folder of epoch-NNN checkpoints (from finetune / restore)")
-    s.add_argument("--on", choices=("trigger", "train"), default="trigger")
+    s.add_argument("--on", choices=("trigger", "train"), default="trigger",
+                   help="loss on the watermark's verification images (default) or on training images")
     s.add_argument("--grid", type=_int_at_least(3), default=15, help="grid points per axis (default 15)")
     s.add_argument("--images", type=_positive_int, default=1000,
                    help="images the loss is measured on (default 1000)")
@@ -333,7 +342,8 @@ def _add_landscape(sub: Any) -> None:
 def _add_report(sub: Any) -> None:
     s = sub.add_parser("report", help="Markdown + HTML + plots from a workspace's results store")
     _common(s)
-    s.add_argument("--workspace", default="runs/workspace")
+    s.add_argument("--workspace", default="runs/workspace",
+                   help="workspace of `nnlaunder run` (default runs/workspace)")
     s.add_argument("--out", default=None, help="output folder (default: WORKSPACE/report)")
 
 

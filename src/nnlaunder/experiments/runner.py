@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -271,14 +272,29 @@ def _run_in_pool(todo: Sequence[CellConfig], ws: Path, data_dir: str | None, job
             finish(futures[fut], fut.result())
 
 
+def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
+    """One line when nothing listens at a Ray HOST:PORT, instead of Ray's retry loop."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except ValueError:
+        raise UserError(f"--address {address!r}: expected HOST:PORT of a running Ray cluster") from None
+    except OSError as e:
+        raise UserError(f"no Ray cluster answers at {address} ({e.strerror or e}); start one with `ray start --head` "
+                        "or use --executor local") from None
+
+
 def _run_on_ray(todo: Sequence[CellConfig], ws: Path, data_dir: str, address: str | None,
                 finish: Callable[[CellConfig, tuple], None]) -> None:
+    if not address:
+        raise UserError("--executor ray needs --address HOST:PORT of a running Ray cluster")
+    _check_reachable(address)
     try:
         import ray
     except ImportError:
         raise UserError("the ray executor needs Ray: pip install 'nnlaunder[ray]'") from None
-    if not address:
-        raise UserError("--executor ray needs --address HOST:PORT of a running Ray cluster")
     try:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False, logging_level="ERROR")
     except (ConnectionError, RuntimeError, ValueError) as e:
