@@ -157,7 +157,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     arch, tr, te = _task(args)
     _out(str(out.with_suffix("")))
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
-    wms = {s: make_watermark(s, tr, te, args.data_dir) for s in schemes}
+    wms = {s: make_watermark(s, tr, te, args.data_dir, param_table(args.param)) for s in schemes}
     cfg = train_config(args, arch)
     curves = []
     t0 = time.perf_counter()
@@ -167,6 +167,7 @@ def cmd_threshold(args: argparse.Namespace) -> int:
         curves.append(hist)
     th = thresholds_from_curves(curves, schemes)
     atomic_write_json(out, {"dataset": args.dataset, "arch": arch, "seeds": args.seeds, "config": cfg.__dict__,
+                            "params": param_table(args.param),
                             "thresholds": th, "curves": curves, "seconds": time.perf_counter() - t0})
     print(_table([(s, f"{v:.2f}%") for s, v in th.items()]))
     print(f"wrote {out}")
@@ -360,6 +361,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .experiments.audit import run_audit
+
+    run_audit(args.model, args.scheme, param_table(args.param), profile="quick" if args.quick else "full",
+              seeds=args.seeds, workspace=args.workspace, out=args.out, data_dir=args.data_dir,
+              executor=args.executor, address=args.address, jobs=args.jobs, progress=not args.quiet, log=_say)
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.fetch import check_lines, fetch_all
 
@@ -387,7 +397,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "embed": cmd_embed, "verify": cmd_verify, "threshold": cmd_threshold,
             "launder": cmd_launder, "run": cmd_run, "finetune": cmd_finetune, "restore": cmd_restore,
-            "landscape": cmd_landscape, "report": cmd_report, "demo": cmd_demo, "data": cmd_data}
+            "landscape": cmd_landscape, "report": cmd_report, "demo": cmd_demo, "data": cmd_data,
+            "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

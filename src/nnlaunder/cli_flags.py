@@ -167,6 +167,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_report(sub)
     _add_demo(sub)
     _add_data(sub)
+    _add_audit(sub)
     return p
 
 
@@ -216,6 +217,8 @@ def _add_threshold(sub: Any) -> None:
                    help="comma-separated schemes to measure (default: the three Zhang schemes)")
     s.add_argument("--seeds", type=_int_list, default=[0],
                    help="clean models' seeds, comma-separated; the threshold is the max over all (default 0)")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="scheme parameter, for a watermark other than the published one (repeatable)")
     s.add_argument("--out", required=True, help="JSON file")
     _train_flags(s)
 
@@ -354,6 +357,24 @@ def _add_demo(sub: Any) -> None:
     s.add_argument("--epochs", type=_positive_int, default=3, help="owner training epochs (default 3)")
 
 
+def _add_audit(sub: Any) -> None:
+    s = sub.add_parser("audit", help="does this watermark survive? threshold, attacks x budgets x seeds, restoration")
+    _common(s)
+    s.add_argument("model", help="the watermarked model of this project (stem or .safetensors)")
+    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="scheme parameter over the model's recorded ones (repeatable)")
+    s.add_argument("--quick", action="store_true",
+                   help="the quick profile (fast Neural Cleanse, 2 budgets, 2 seeds; MNIST in minutes on a CPU); "
+                        "default: the full profile")
+    s.add_argument("--seeds", type=_positive_int, help="attacker seeds per cell (default: the profile's)")
+    s.add_argument("--workspace", default="runs/audit", help="the experiment store and models (default runs/audit)")
+    s.add_argument("--out", help="report folder (default: WORKSPACE/audit/<name>)")
+    s.add_argument("--executor", choices=("local", "ray"), default="local", help="local or ray (with --address)")
+    s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
+    s.add_argument("--jobs", type=_positive_int, default=1, help="local executor: worker processes (default 1)")
+
+
 def _add_data(sub: Any) -> None:
     s = sub.add_parser("data", help="fetch the datasets from their public sources, or check what is there")
     _common(s)
@@ -373,5 +394,6 @@ KEPT = {  # what an interrupted command leaves to continue from
     "launder": "finished laundering rounds are kept in OUT/partial.safetensors (rerun with --resume)",
     "run": "finished cells are in the workspace's store (rerun the same command to continue)",
     "finetune": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
+    "audit": "finished cells are in the workspace's store (rerun the same command to continue)",
     "restore": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
 }

@@ -43,6 +43,7 @@ class Hooks:
     on_resume: Callable[[dict[str, Any]], None] | None = None    # ... handed back on resume
     on_state: Callable[[Any, Any], None] | None = None           # after each round: (state, round's NC)
     on_progress: OnProgress | None = None
+    calibrate: Any = None                       # laundering: CalibrateOptions, chosen on the attacker's set first
 
 
 @dataclass
@@ -65,8 +66,9 @@ def _launder(model: nn.Module, clean: Dataset, cfg: Any, hooks: Hooks | None = N
 
     h = hooks or Hooks()
     run = run_launder(model, clean, cfg, evaluate=h.on_round, state_file=h.state_file, resume=True, extra=h.extra,
-                      on_resume=h.on_resume, on_state=h.on_state, on_progress=h.on_progress)
-    return AttackResult(run.result.model, {"rounds": run.report["rounds"]}, run.result.seconds)
+                      on_resume=h.on_resume, on_state=h.on_state, on_progress=h.on_progress, calibrate=h.calibrate)
+    return AttackResult(run.result.model, {"rounds": run.report["rounds"], "calibration": run.calibration},
+                        run.result.seconds)
 
 
 def _one_round(name: str, default: Callable[[], Any]) -> Callable[[dict[str, Any], str, int, int], Any]:

@@ -67,6 +67,9 @@ class CellConfig:
     budget: float | str = 0.006
     rounds: int = 1
     seed: int = 0
+    calibrate: bool = False              # laundering: choose its options by k-fold over the attacker's set first
+    restore_epochs: int = 0              # > 0: the owner then retrains the attacked model on its own clean data
+    restore_fraction: float = 1.0        # ... on this stratified fraction of the training set
 
     # ---- derived, validated pieces
     @property
@@ -121,6 +124,10 @@ class CellConfig:
         if self.rounds < 1:
             raise UserError(f"rounds: must be >= 1, got {self.rounds}")
         self.budget_spec()
+        if self.calibrate and self.attack != "launder":
+            raise UserError(f"calibrate: only laundering calibrates; {self.attack} has nothing to choose")
+        if self.restore_epochs < 0 or not 0 < self.restore_fraction <= 1:
+            raise UserError("restore_epochs must be >= 0 and restore_fraction in (0, 1]")
         try:
             self.attack_config()
         except TypeError as e:
@@ -131,7 +138,14 @@ class CellConfig:
         return dataclasses.asdict(self)
 
     def cell_id(self) -> str:
-        return digest(self.as_dict())
+        d = self.as_dict()
+        for k, v in _LATER_FIELDS.items():      # at their defaults they leave earlier cells' ids as they were
+            if d[k] == v:
+                del d[k]
+        return digest(d)
+
+
+_LATER_FIELDS = {"calibrate": False, "restore_epochs": 0, "restore_fraction": 1.0}
 
 
 def digest(obj: Any) -> str:

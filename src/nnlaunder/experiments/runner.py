@@ -159,8 +159,12 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                   extra=lambda: {"rows": rows}, on_resume=on_resume,
                   on_state=lambda state, nc: save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds),
                                                                  nc, wm, te))
+    if cell.calibrate:
+        from ..attacks.pipeline import CalibrateOptions
+
+        hooks.calibrate = CalibrateOptions()
     try:
-        attack_spec(cell.attack).run(model, clean, cfg, hooks)
+        res = attack_spec(cell.attack).run(model, clean, cfg, hooks)
     finally:
         bar.close()
     for r in rows:
@@ -168,8 +172,32 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     last = rows[-1]
     summary = {"n_clean": len(clean), "threshold": th, "orig_test_acc": rows[0]["test_acc"],
                "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"], "wm_acc": last["wm_acc"],
-               "removed": last["removed"], "rounds_run": len(rows) - 1, "attack_seconds": time.perf_counter() - t1}
+               "removed": last["removed"], "rounds_run": len(rows) - 1, "attack_seconds": time.perf_counter() - t1,
+               "n_verify": len(wm.verify_y)}
+    if res.info.get("calibration"):
+        summary["calibration"] = res.info["calibration"]
+    if cell.restore_epochs:
+        summary.update(owner_restores(res.model, cell, tr, ev, th))
     return rows, summary, time.perf_counter() - t0
+
+
+def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev, th: float) -> dict[str, Any]:
+    """The owner's restoration after the attack: `restore_epochs` of training on its own clean data
+    (a stratified `restore_fraction` of the training set). A removal the restoration undoes was
+    only hidden."""
+    import copy
+
+    from ..restore import RESTORE, restore
+
+    t0 = time.perf_counter()
+    owner = tr if cell.restore_fraction >= 1 else D.stratified_subset(tr, fraction=cell.restore_fraction,
+                                                                        seed=cell.seed)
+    m = copy.deepcopy(model)
+    restore(m, owner, dataclasses.replace(RESTORE, epochs=cell.restore_epochs, seed=cell.seed))
+    after = ev(-1, m)
+    back = after["wm_acc"] >= th and not after.get("wm_nonfinite")
+    return {"restored_test_acc": after["test_acc"], "restored_wm_acc": after["wm_acc"], "restored": back,
+            "restore_seconds": time.perf_counter() - t0, "n_owner": len(owner)}
 
 
 def _round_record(info: Any) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
     md += trigger_section(ws, groups, out, images)
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "index.md", text.encode())
-    atomic_write_bytes(out / "index.html", _html(text, images).encode())
+    atomic_write_bytes(out / "index.html", html_page(text, images).encode())
     return out
 
 
@@ -191,7 +191,7 @@ def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images
     return md
 
 
-def _html(markdown: str, images: list[Path]) -> str:
+def html_page(markdown: str, images: list[Path], title: str = "nnlaunder report") -> str:
     """A self-contained page: the tables as HTML, every PNG inlined as base64."""
     rows, body = [], []
     embedded = {p.name: base64.b64encode(p.read_bytes()).decode() for p in images}
@@ -218,5 +218,5 @@ def _html(markdown: str, images: list[Path]) -> str:
         body.append("<table>" + "".join(rows) + "</table>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>nnlaunder report</title>"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")

@@ -1,0 +1,94 @@
+"""The audit's report: audit.md, a self-contained audit.html, audit.json and the plots (one
+Pareto plot of test accuracy against watermark accuracy per budget, the threshold drawn; the
+recovered triggers of laundering's first cell per budget)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
+from .build import _slug, html_page  # noqa: E402
+from .plots import _save, trigger_grid  # noqa: E402
+
+MARKERS = {"launder": "o", "rtal": "s", "ftal": "D", "fine-prune": "^", "nc-unlearn": "v", "prune-ft": "x",
+           "prune": "+", "ftll": "<", "rtll": ">", "weight-noise": "*"}
+
+
+def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in rows:
+        xs, ys = zip(*r["points"], strict=True)
+        ax.scatter(ys, xs, marker=MARKERS.get(r["attack"], "o"), s=36, label=f"{r['attack']} ({r['removed']}/{r['n']} "
+                   "removed)")
+    first = rows[0]
+    ax.axvline(first["threshold"], color="k", lw=1, ls="--", label=f"vanilla threshold {first['threshold']:.2f}%")
+    ax.scatter([first["orig_wm_acc"]], [first["orig_test_acc"]], marker="*", s=140, color="gold", edgecolor="k",
+               label="the owner's model", zorder=3)
+    ax.set_xlabel("watermark accuracy after the attack (%)   [left of the line: no ownership proof]")
+    ax.set_ylabel("test accuracy after the attack (%)")
+    ax.set_xlim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path, title)
+
+
+def _triggers(ws: Path, cells: Sequence[dict[str, Any]], out: Path, images: list[Path]) -> list[str]:
+    from safetensors import safe_open
+
+    md, seen = [], set()
+    for c in cells:
+        b = str(c["config"]["budget"])
+        f = ws / "triggers" / f"{c['cell_id']}-round01.safetensors"
+        if c["config"]["attack"] != "launder" or b in seen or not f.is_file():
+            continue
+        seen.add(b)
+        with safe_open(str(f), "pt") as st:
+            t = {k: st.get_tensor(k) for k in st.keys()}   # noqa: SIM118 (safe_open has no __iter__)
+            meta = st.metadata() or {}
+        classes = json.loads(meta.get("classes", "null")) or [str(i) for i in range(len(t["masks"]))]
+        png = trigger_grid(t["masks"], t["patterns"], t["l1"].tolist(), t["anomaly"].tolist(),
+                           json.loads(meta.get("flagged", "[]")), classes, out / _slug(f"triggers-{b}.png"),
+                           example=t["clean"], title=f"Neural Cleanse, laundering round 1, budget {b}")
+        images.append(png)
+        md += [f"![recovered triggers, budget {b}]({png.name})", ""]
+    return md
+
+
+def write_audit_report(out: Path, ws: Path, title: str, cells: Sequence[dict[str, Any]],
+                       rows: Sequence[dict[str, Any]], paragraph: str, facts: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    images: list[Path] = []
+    md = [f"# {title}", "", paragraph, ""]
+    md += [f"- {k}: {v}" for k, v in facts.items()] + [""]
+    md += ["| attack | budget | clean images | runs | removed (95% interval) | hidden | kept | test acc % after, "
+           "mean ± sd | WM acc % after, median [range] | p-value (median) | WM % after restoration (median) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["interval"]
+        rest = "-" if r["restored_wm_median"] is None else f"{r['restored_wm_median']:.2f}"
+        md.append(f"| {r['attack']} | {r['budget']} | {r['n_clean']} | {r['n']} | {r['removed']}/{r['n']} "
+                  f"({100 * lo:.0f}-{100 * hi:.0f}%) | {r['hidden']} | {r['kept']} | {r['test_mean']:.2f} ± "
+                  f"{r['test_sd']:.2f} | {r['wm_median']:.2f} [{r['wm_min']:.2f}-{r['wm_max']:.2f}] | "
+                  f"{r['p_median']:.3g} | {rest} |")
+    md += ["", "removed: below the threshold after the attack and after the owner's restoration; hidden: below "
+           "after the attack, back above after the restoration; kept: never below.", ""]
+    for b in dict.fromkeys(r["budget"] for r in rows):
+        sub = [r for r in rows if r["budget"] == b]
+        png = pareto_plot(sub, b, out / _slug(f"pareto-{b}.png"),
+                          f"{title}: budget {b} ({sub[0]['n_clean']} clean images)")
+        images.append(png)
+        md += [f"![test vs watermark accuracy, budget {b}]({png.name})", ""]
+    md += _triggers(ws, cells, out, images)
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(out / "audit.md", text.encode())
+    atomic_write_bytes(out / "audit.html", html_page(text, images, title).encode())
+    atomic_write_json(out / "audit.json", {"title": title, "verdict": paragraph, "facts": facts, "rows": rows})
+    return out
