@@ -44,7 +44,7 @@ from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is o
 from nnlaunder import data as D
 from nnlaunder.attacks.calibrate import apply_candidate, calibrate
 from nnlaunder.attacks.laundering import launder, launder_config
-from nnlaunder.attacks.neural_cleanse import NCResult, nc_config, neural_cleanse
+from nnlaunder.attacks.neural_cleanse import NCConfig, NCResult, nc_config, neural_cleanse
 from nnlaunder.checkpoint import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.watermarks.schemes import make_watermark
@@ -117,7 +117,10 @@ def nc_cached(path: Path, sha: str, model, clean_x, cfg, num_classes: int) -> NC
     if path.is_file():
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["nc"])
-            if meta["model_sha256"] == sha and meta["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
+            want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+            defaults = json.loads(json.dumps(dataclasses.asdict(NCConfig())))   # fields added since the cache
+            have = {**{k: defaults[k] for k in want if k not in meta["config"]}, **meta["config"]}  # was written
+            if meta["model_sha256"] == sha and have == want:
                 t = {k: f.get_tensor(k) for k in _NC_TENSORS}
                 return NCResult(**t, flagged=meta["flagged"], seconds=meta["seconds"])
     nc = neural_cleanse(model, clean_x, cfg, num_classes=num_classes)

@@ -44,8 +44,6 @@ sys.path.insert(0, str(ROOT / "src"))
 from attempts import flushed_denormals  # noqa: E402 (a sibling file: benchmarks/perf/ is on sys.path)
 
 from nnlaunder import data as D  # noqa: E402
-from nnlaunder import train as T  # noqa: E402
-from nnlaunder.attacks import neural_cleanse as NC  # noqa: E402
 from nnlaunder.attacks.laundering import (  # noqa: E402
     activation_differences,
     apply_reset,
@@ -244,16 +242,11 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
 
 
 def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base: float) -> None:
-    """The faithful batched run without this project's exact kernel measures of session 8: the
-    library's forward for the one-channel conv and ReLU before max-pool (NC.SPEED off)."""
-    saved = dict(NC.SPEED)
-    NC.SPEED.update(relu_after_pool=False, im2col_forward=False)
-    try:
-        t0 = time.perf_counter()
-        neural_cleanse(model, x, cfg, num_classes=10)
-        secs = time.perf_counter() - t0
-    finally:
-        NC.SPEED.update(saved)
+    """The faithful batched run without this project's exact kernel measures: the library's forward for
+    the one-channel conv and ReLU before max-pool (NCConfig.im2col_forward / relu_after_pool off)."""
+    t0 = time.perf_counter()
+    neural_cleanse(model, x, dataclasses.replace(cfg, relu_after_pool=False, im2col_forward=False), num_classes=10)
+    secs = time.perf_counter() - t0
     row("nc_faithful_batched_library_conv_relu_first", secs, "nc_faithful_batched", secs / base, kept=False,
         notes="attempt record: the same run with the library's forward for the one-channel conv and ReLU before "
               "max-pool (an earlier version of the library); ratio = how many times slower than the default")
@@ -344,20 +337,16 @@ def section_machine(args) -> dict:
 
 def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1, speed: dict | None = None,
                      compile_: bool = False) -> float:
-    """Images/s of nnlaunder's trainer; `speed` overrides its speed measures (nnlaunder.train.SPEED)
-    for this call only."""
+    """Images/s of nnlaunder's trainer; `speed` overrides its speed measures (TrainConfig's
+    channels_last / relu_after_pool) for this call."""
     model = build(arch, 10, seed=0)
     if compile_:
         model = torch.compile(model)
-    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none")
-    saved = dict(T.SPEED)
-    T.SPEED.update(speed or {})
-    try:
-        t0 = time.perf_counter()
-        train(model, x, y, cfg, progress=False)
-        return len(x) * steps_epochs / (time.perf_counter() - t0)
-    finally:
-        T.SPEED.update(saved)
+    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none",
+                              **(speed or {}))
+    t0 = time.perf_counter()
+    train(model, x, y, cfg, progress=False)
+    return len(x) * steps_epochs / (time.perf_counter() - t0)
 
 
 def section_train(args, mach: dict) -> None:

@@ -54,6 +54,16 @@ class TrainConfig:
     label_smoothing: float = 0.0
     augment: str = "none"
     seed: int = 0
+    # Speed measures that leave the function computed unchanged (channels-last can change the
+    # rounding: other kernels); benchmarks/perf switches them off to measure each. Not part of a
+    # model's identity (`identity()`).
+    channels_last: bool = True
+    relu_after_pool: bool = True
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what is trained (the speed measures left out): what names a
+        trained model in the experiment workspace."""
+        return {k: v for k, v in asdict(self).items() if k not in ("channels_last", "relu_after_pool")}
 
     def __post_init__(self) -> None:
         checks = [
@@ -115,12 +125,6 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
     idx_n = torch.arange(n, device=dev).view(n, 1, 1)
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.to(dev).view(n, h, 1), cols.to(dev).view(n, 1, w)]
     return out.permute(0, 3, 1, 2).contiguous()
-
-
-# The trainer's speed measures, on by default; benchmarks/perf/run.py switches them one at a time to
-# measure what each is worth. Neither changes the function computed (channels_last can change the
-# rounding: other kernels).
-SPEED = {"channels_last": True, "relu_after_pool": True}
 
 
 @torch.no_grad()
@@ -272,12 +276,12 @@ def train(
         start, history = _load_state(folder, model, opt, cfg)
     apply_masks(model, masks)
     # channels_last pays for these convnets on a CPU (measured in docs/recipes.md)
-    fmt = torch.channels_last if (SPEED["channels_last"] and x.ndim == 4
+    fmt = torch.channels_last if (cfg.channels_last and x.ndim == 4
                                   and any(isinstance(m, nn.Conv2d) for m in model.modules())) \
         else torch.contiguous_format
     model.to(memory_format=fmt)
     # same function and parameters, fewer ReLU values
-    net = relu_after_pool(model) if SPEED["relu_after_pool"] else model
+    net = relu_after_pool(model) if cfg.relu_after_pool else model
     run = _Run(model, net, opt, cfg, x, y, fmt, masks, append, interleave, fixed_tail, freeze_bn)
     result = TrainResult(history=history, epochs_run=start)
     t_all = time.perf_counter()

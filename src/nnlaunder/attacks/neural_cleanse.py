@@ -21,8 +21,8 @@ crawls at a few GFLOP/s on a CPU) as one matmul plus k·k shifted adds (`input_g
 default of the faithful preset: the same sums in another order; the fast preset's bf16
 channels-last convs measured faster with the library's backward); with a one-channel image its
 forward is im2col + one matmul too, and every ReLU -> max-pool pair runs as max-pool -> ReLU (exact:
-the same function and gradients). `SPEED` switches the last two off for measurement
-(benchmarks/perf/run.py; the speed-ups are in benchmarks/results/perf.md).
+the same function and gradients). `NCConfig.relu_after_pool` / `im2col_forward` switch the last two
+off for measurement (benchmarks/perf/run.py; the speed-ups are in benchmarks/results/perf.md).
 
 The "fast" preset (`NC_PRESETS["fast"]`, a named departure from Wang et al.; see docs/methods.md)
 adds three switches, each off in the faithful default:
@@ -83,6 +83,11 @@ class NCConfig:
     class_chunk: int | None = None       # classes per forward pass; None: auto (CPU: ~64 images, else all)
     input_grad: str = "matmul"           # few-channel convs' input gradient as one matmul + shifted adds
     #                                      ("native": the library's backward; same sums, another order)
+    # Speed measures that leave the function computed unchanged (benchmarks/perf switches them off to
+    # measure each): ReLU -> max-pool pairs run as max-pool -> ReLU; a one-channel first conv's forward
+    # as im2col + one matmul on a CPU.
+    relu_after_pool: bool = True
+    im2col_forward: bool = True
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(v) for v in (self.lr, self.success, self.init_cost)
@@ -125,11 +130,6 @@ def amp_supported(device: torch.device) -> bool:
     return False
 
 
-# Speed measures that leave the function computed unchanged (the same sums in another order, or a
-# reordering that is exact), on by default; benchmarks/perf switches them off to measure each.
-SPEED = {"relu_after_pool": True, "im2col_forward": True}
-
-
 class _InputGradConv2d(torch.autograd.Function):
     """conv2d whose backward gives the input gradient only, as (W^T @ grad_out) followed by k·k
     shifted adds (col2im, `kernels.conv_input_grad`), in fp32. For a frozen conv with 1-3 input
@@ -137,13 +137,13 @@ class _InputGradConv2d(torch.autograd.Function):
     CPU than the library's backward, which runs such convs at a few GFLOP/s (docs/methods.md). The
     same sums in another order: results agree with the native gradient to rounding, not bit for bit.
     Computed in fp32 (fp64 for fp64 inputs), also under bf16 autocast. On a CPU without autocast a
-    one-channel input's forward is im2col + matmul as well (SPEED["im2col_forward"])."""
+    one-channel input's forward is im2col + matmul as well (`im2col_forward`)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, padding):
+    def forward(ctx, x, weight, bias, padding, im2col_forward=True):
         ctx.save_for_backward(weight)
         ctx.in_shape, ctx.padding, ctx.in_dtype = x.shape, padding, x.dtype
-        if (not SPEED["im2col_forward"] or x.shape[1] != 1 or x.device.type != "cpu"
+        if (not im2col_forward or x.shape[1] != 1 or x.device.type != "cpu"
                 or torch.is_autocast_enabled(x.device.type)):
             return F.conv2d(x, weight, bias, padding=padding)
         # With 3 channels the library's forward is the faster one (docs/methods.md).
@@ -152,32 +152,33 @@ class _InputGradConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, go):
         (w,) = ctx.saved_tensors
-        return conv_input_grad(go, w, ctx.in_shape, ctx.padding).to(ctx.in_dtype), None, None, None
+        return conv_input_grad(go, w, ctx.in_shape, ctx.padding).to(ctx.in_dtype), None, None, None, None
 
 
 class InputGradConv(nn.Module):
     """Wraps a frozen nn.Conv2d (stride 1, no dilation, one group, zero padding) so that its input
     gradient runs through `_InputGradConv2d`. Shares the conv's parameters."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, im2col_forward: bool = True):
         super().__init__()
         self.conv = conv
+        self.im2col_forward = im2col_forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
         if c.weight.requires_grad or (c.bias is not None and c.bias.requires_grad) or not x.requires_grad:
             return c(x)
-        return _InputGradConv2d.apply(x, c.weight, c.bias, c.padding)
+        return _InputGradConv2d.apply(x, c.weight, c.bias, c.padding, self.im2col_forward)
 
 
-def with_input_grad_convs(model: nn.Module, max_channels: int = 3) -> nn.Module:
+def with_input_grad_convs(model: nn.Module, max_channels: int = 3, im2col_forward: bool = True) -> nn.Module:
     """A copy of `model` whose convs with at most `max_channels` input channels compute their input
     gradient as a matmul (`InputGradConv`); the original model is not touched."""
     fast = copy.deepcopy(model)
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
             if im2col_ok(child, max_channels):
-                setattr(parent, name, InputGradConv(child))
+                setattr(parent, name, InputGradConv(child, im2col_forward))
     return fast
 
 
@@ -265,9 +266,9 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         # The caller's model stays as it is; ReLU -> max-pool pairs run as max-pool -> ReLU (the same
         # function and gradients, 4x fewer ReLU values; exact_rewrite adds channels-last weights).
         net = (rewrite_for_speed(model) if cfg.exact_rewrite
-               else relu_after_pool(model) if SPEED["relu_after_pool"] else model)
+               else relu_after_pool(model) if cfg.relu_after_pool else model)
         if cfg.input_grad == "matmul":
-            net = with_input_grad_convs(net)
+            net = with_input_grad_convs(net, im2col_forward=cfg.im2col_forward)
         if per_class:
             parts = [_optimise(net, x, cfg, [c], progress) for c in cls]
             res = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "history"}

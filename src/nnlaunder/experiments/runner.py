@@ -47,7 +47,7 @@ from .store import Store
 
 def _clean_key(cell: CellConfig, seed: int) -> str:
     cfg = dataclasses.replace(cell.owner_train(), seed=seed)
-    return digest({"dataset": cell.dataset, "arch": cell.arch_name, "train": dataclasses.asdict(cfg), "seed": seed})
+    return digest({"dataset": cell.dataset, "arch": cell.arch_name, "train": cfg.identity(), "seed": seed})
 
 
 def clean_trajectory(cell: CellConfig, seed: int, ws: Path, tr: D.Dataset, progress: bool) -> list[Path]:
@@ -109,7 +109,7 @@ def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.
         return model
     cfg = cell.owner_train()
     key = digest({"dataset": cell.dataset, "arch": cell.arch_name, "scheme": cell.scheme, "params": wm.params,
-                  "train": dataclasses.asdict(cfg)})
+                  "train": cfg.identity()})
     path = ws / "models" / f"owner-{key}"
     if path.with_suffix(".safetensors").is_file():
         return load_model(path)[0]
