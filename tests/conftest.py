@@ -37,3 +37,23 @@ def has_fashion(data_dir):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny data folder in the canonical formats (tests/tinydata.py)."""
+    from .tinydata import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("tinydata"))
+
+
+@pytest.fixture(scope="session")
+def owner(tiny, tmp_path_factory) -> Path:
+    """A zhang-content MNIST model on the tiny data (one epoch)."""
+    from nnlaunder.cli import main
+
+    out = tmp_path_factory.mktemp("owner") / "wm"
+    assert main(["embed", "--dataset", "mnist", "--scheme", "zhang-content", "--epochs", "1", "--batch-size", "32",
+                 "--out", str(out), "--data-dir", str(tiny), "--quiet"]) == 0
+    return out
+

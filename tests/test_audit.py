@@ -15,23 +15,8 @@ from nnlaunder.cli import main
 from nnlaunder.experiments import runner
 from nnlaunder.experiments.audit import PROFILES, Profile, audit_cells, outcome, run_audit, summarize, verdict_paragraph
 
-from .tinydata import make_tiny_data
-
 TINY = Profile(budgets=("3/class",), attacks=("launder", "rtal"), seeds=2, rounds=2, nc_preset="fast",
                calibrate=False, threshold_seeds=(0,), restore_epochs=1, restore_fraction=0.5, nc_epochs=3)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_data(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def owner(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("owner") / "wm"
-    assert main(["embed", "--dataset", "mnist", "--scheme", "zhang-content", "--epochs", "2", "--batch-size", "32",
-                 "--out", str(out), "--data-dir", str(tiny), "--quiet"]) == 0
-    return out
 
 
 def test_the_grid_is_attacks_by_budgets_by_seeds():

@@ -20,8 +20,6 @@ from nnlaunder.data.fetch import check, fetch
 from nnlaunder.data.sources import Remote, Source
 from nnlaunder.errors import UserError
 
-from .tinydata import make_tiny_data
-
 
 class _Server:
     """Serves `files` (URL path -> bytes); /fail/* answers 500; /drop/* promises more bytes than it sends."""
@@ -58,11 +56,6 @@ class _Server:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-@pytest.fixture()
-def tiny(tmp_path):
-    return make_tiny_data(tmp_path / "tiny")
 
 
 def _sha(b: bytes) -> str:

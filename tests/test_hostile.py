@@ -16,21 +16,6 @@ from safetensors.torch import load_file, save_file
 from nnlaunder.cli import main
 
 from .synthetic import launder_interrupted_at
-from .tinydata import make_tiny_data
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny_data(tmp_path_factory.mktemp("tinydata"))
-
-
-@pytest.fixture(scope="module")
-def owner(tiny, tmp_path_factory) -> Path:
-    """A zhang-content MNIST model on the tiny data (one epoch)."""
-    out = tmp_path_factory.mktemp("owner") / "wm"
-    assert main(["embed", "--dataset", "mnist", "--scheme", "zhang-content", "--epochs", "1", "--batch-size", "32",
-                 "--out", str(out), "--data-dir", str(tiny), "--quiet"]) == 0
-    return out
 
 
 def _variant(owner: Path, tmp_path: Path, name: str, change) -> Path:

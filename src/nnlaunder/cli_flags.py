@@ -137,6 +137,23 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "torch.load(weights_only=True) (default: safetensors only)")
 
 
+def _model_scheme_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("model", help="model of this project: stem or .safetensors (with its .json beside it)")
+    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="scheme parameter over the model's recorded ones (repeatable; lists as [22,16])")
+
+
+def _task_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS), help="registered dataset")
+    s.add_argument("--arch", choices=sorted(ARCHS), help="architecture (default: the dataset's, as in the paper)")
+
+
+def _out_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
+    s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
+
+
 def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: the architecture's recipe)")
     g.add_argument("--epochs", type=_nonneg_int, help="training epochs")
@@ -174,33 +191,26 @@ def make_parser() -> argparse.ArgumentParser:
 def _add_train(sub: Any) -> None:
     s = sub.add_parser("train", help="train a clean model")
     _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS), help="registered dataset")
-    s.add_argument("--arch", choices=sorted(ARCHS), help="architecture (default: the dataset's, as in the paper)")
-    s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
-    s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
+    _task_flags(s)
+    _out_flags(s)
     _train_flags(s)
 
 
 def _add_embed(sub: Any) -> None:
     s = sub.add_parser("embed", help="train a watermarked model")
     _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS), help="registered dataset")
-    s.add_argument("--arch", choices=sorted(ARCHS), help="architecture (default: the dataset's, as in the paper)")
+    _task_flags(s)
     s.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="watermark scheme to embed")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="scheme parameter (repeatable)")
     s.add_argument("--base", help="start from this model (required for adi mode=pt)")
-    s.add_argument("--out", required=True, help="output stem: writes OUT.safetensors + OUT.json")
-    s.add_argument("--resume", action="store_true", help="continue from OUT.ckpt/ (last finished epoch)")
+    _out_flags(s)
     _train_flags(s)
 
 
 def _add_verify(sub: Any) -> None:
     s = sub.add_parser("verify", help="ownership verdict for a model")
     _common(s)
-    s.add_argument("model", help="model stem or .safetensors (with its .json beside it)")
-    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
-    s.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="scheme parameter over the model's recorded ones (repeatable; lists as [22,16])")
+    _model_scheme_flags(s)
     s.add_argument("--threshold", type=_float, help="vanilla threshold in percent")
     s.add_argument("--threshold-file", help="JSON written by `nnlaunder threshold`")
     s.add_argument("--alpha", type=_float, default=0.01,
@@ -211,8 +221,7 @@ def _add_verify(sub: Any) -> None:
 def _add_threshold(sub: Any) -> None:
     s = sub.add_parser("threshold", help="vanilla threshold: max watermark accuracy of clean models")
     _common(s)
-    s.add_argument("--dataset", required=True, choices=sorted(D.DATASETS), help="registered dataset")
-    s.add_argument("--arch", choices=sorted(ARCHS), help="architecture (default: the dataset's, as in the paper)")
+    _task_flags(s)
     s.add_argument("--schemes", default="zhang-content,zhang-noise,zhang-unrelated",
                    help="comma-separated schemes to measure (default: the three Zhang schemes)")
     s.add_argument("--seeds", type=_int_list, default=[0],
@@ -360,10 +369,7 @@ def _add_demo(sub: Any) -> None:
 def _add_audit(sub: Any) -> None:
     s = sub.add_parser("audit", help="does this watermark survive? threshold, attacks x budgets x seeds, restoration")
     _common(s)
-    s.add_argument("model", help="the watermarked model of this project (stem or .safetensors)")
-    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
-    s.add_argument("--param", action="append", metavar="KEY=VALUE",
-                   help="scheme parameter over the model's recorded ones (repeatable)")
+    _model_scheme_flags(s)
     s.add_argument("--quick", action="store_true",
                    help="the quick profile (fast Neural Cleanse, 2 budgets, 2 seeds; MNIST in minutes on a CPU); "
                         "default: the full profile")
