@@ -130,8 +130,8 @@ def nc_cached(path: Path, sha: str, model, clean_x, cfg, num_classes: int) -> NC
 
 
 # ---- results store: one JSON list per file, rewritten atomically after every row
-def load_rows(name: str) -> list[dict]:
-    p = RESULTS / name
+def load_rows(name: str, folder: Path = RESULTS) -> list[dict]:
+    p = folder / name
     return json.loads(p.read_text()) if p.is_file() else []
 
 
@@ -139,11 +139,11 @@ def key(r: dict) -> tuple:
     return (r["dataset"], r["name"], r["seed"], r["variant"], r["model_sha256"], r["nc_preset"])
 
 
-def run(args) -> None:
+def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
     cmd = "python benchmarks/table2_seeds.py " + " ".join(sys.argv[1:])
     store = {
-        "table2-seeds.json": load_rows("table2-seeds.json"),
-        "table2-ablation.json": load_rows("table2-ablation.json"),
+        "table2-seeds.json": load_rows("table2-seeds.json", folder),
+        "table2-ablation.json": load_rows("table2-ablation.json", folder),
     }
     done = {key(r) for rows in store.values() for r in rows}
     nc_cfg_base = nc_config(args.nc_preset)
@@ -177,7 +177,7 @@ def run(args) -> None:
                 clean = D.stratified_subset(tr, fraction=budget, seed=seed)
                 nc_cfg = dataclasses.replace(nc_cfg_base, seed=seed)
                 nc = nc_cached(
-                    CACHE / f"nc-{ds}-{name}-s{seed}-{args.nc_preset}.safetensors",
+                    cache / f"nc-{ds}-{name}-s{seed}-{args.nc_preset}.safetensors",
                     sha,
                     model,
                     clean.x,
@@ -269,14 +269,15 @@ def run(args) -> None:
                     target = "table2-seeds.json" if v == "strong" else "table2-ablation.json"
                     store[target].append(row)
                     done.add(key(row))
-                    atomic_write_json(RESULTS / target, store[target])
+                    atomic_write_json(folder / target, store[target])
                     print(
                         f"  [{v}] test {row['orig_test_acc']:.2f} -> {row['test_acc']:.2f}%, WM "
                         f"{row['orig_wm_acc']:.2f} -> {row['wm_acc']:.2f}% (threshold {th:.2f}%) "
                         f"{'removed' if row['removed'] else 'KEPT'}, {row['seconds']:.0f} s",
                         flush=True,
                     )
-            write_markdown()
+            if folder == RESULTS:
+                write_markdown()
 
 
 # ---- tables
@@ -548,6 +549,23 @@ def headline() -> None:
     print(f"table2.json: {sum('headline' in r for r in out)} rows from the seeds protocol")
 
 
+def recheck(args) -> None:
+    """Rerun the strong attack for the rows and seeds asked into a scratch folder (Neural Cleanse
+    included), and compare with the stored rows: the same seeds must give the same numbers."""
+    import shutil
+
+    stored = {(r["dataset"], r["name"], r["seed"]): r for r in load_rows("table2-seeds.json")}
+    scratch = ROOT / "runs" / "table2-recheck"
+    shutil.rmtree(scratch, ignore_errors=True)
+    run(args, folder=scratch, cache=scratch / "nc")
+    for r in load_rows("table2-seeds.json", scratch):
+        old = stored.get((r["dataset"], r["name"], r["seed"]))
+        same = old is not None and old["test_acc"] == r["test_acc"] and old["wm_acc"] == r["wm_acc"]
+        was = f"test {old['test_acc']:.4f} WM {old['wm_acc']:.4f}" if old else "no stored row"
+        print(f"{r['dataset']}/{r['name']} seed {r['seed']}: stored {was}; now test {r['test_acc']:.4f} "
+              f"WM {r['wm_acc']:.4f} -> {'identical' if same else 'DIFFERENT'}")
+
+
 def protocol_time() -> None:
     """perf.json row `table2_protocol`: the wall time of the whole protocol (every Table 2 row x 5
     seeds, one round each: Neural Cleanse + resets + retraining + evaluation), summed from the rows'
@@ -602,6 +620,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="write table2.json's rows that have >= 5 seeds from their median-WM seed",
     )
+    ap.add_argument("--recheck", action="store_true",
+                    help="rerun the strong attack for the rows and seeds asked and compare with the stored rows "
+                         "(nothing is stored)")
     ap.add_argument("--protocol-time", action="store_true",
                     help="write perf.json's table2_protocol row from the seeds' wall times")
     args = ap.parse_args(argv)
@@ -623,6 +644,9 @@ def main(argv=None) -> int:
         ap.error(f"unknown variant(s) {unknown}; choose from strong, calibrated, {', '.join(ABLATION)}")
     if args.nc_check:
         nc_check(args)
+        return 0
+    if args.recheck:
+        recheck(args)
         return 0
     run(args)
     return 0
