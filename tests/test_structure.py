@@ -130,3 +130,21 @@ def test_every_option_of_every_command_has_help():
     missing = [f"{name} {a.option_strings or a.dest}" for name, sp in sub.choices.items() for a in sp._actions
                if not a.help and not isinstance(a, argparse._HelpAction)]
     assert not missing, missing
+
+
+def test_the_nc_epochs_help_names_each_presets_own_cap():
+    import argparse
+
+    from nnlaunder.attacks.neural_cleanse import NCConfig, nc_config
+    from nnlaunder.cli_flags import make_parser
+
+    sub = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = next(a.help for a in sub.choices["launder"]._actions if "--nc-epochs" in a.option_strings)
+    assert f"{NCConfig().max_epochs} faithful" in text and f"{nc_config('fast').max_epochs} fast" in text
+
+
+def test_no_script_names_a_machine_path():
+    root = SRC.parents[1]
+    for p in [*root.glob("benchmarks/**/*.py"), *SRC.rglob("*.py")]:
+        text = p.read_text()
+        assert "/work/" not in text and "/home/" not in text and "/root/" not in text, p
