@@ -147,7 +147,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from nnlaunder.device import keep_freed_memory
 
-    keep_freed_memory()       # process-wide allocator setting: entry points only
     sys.exit(main())
