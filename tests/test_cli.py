@@ -39,8 +39,10 @@ def test_user_mistakes_are_one_line_exit_2(args, needle, capsys, data_dir, tmp_p
 
 def test_missing_data_dir_is_one_line(capsys, tmp_path, monkeypatch):
     monkeypatch.delenv("NNLAUNDER_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)                  # no ../shared/data from here: the empty user cache is used
     code, _, err = run(["train", "--dataset", "mnist", "--out", str(tmp_path / "m")], capsys)
-    assert code == 2 and "--data-dir" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "nnlaunder data fetch mnist" in err and len(err.strip().splitlines()) == 1
 
 
 def test_unwritable_output(capsys, data_dir, tmp_path):
