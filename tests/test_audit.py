@@ -33,20 +33,26 @@ def test_the_grid_is_attacks_by_budgets_by_seeds():
 
 
 def _cell(attack, removed, restored, test=98.0, wm=1.0, n_clean=60):
-    s = {"removed": removed, "restored": restored, "test_acc": test, "wm_acc": wm, "n_clean": n_clean,
-         "orig_test_acc": 99.0, "orig_wm_acc": 99.5, "threshold": 2.0, "n_verify": 1000, "restored_wm_acc": 50.0}
+    s = {"removed": removed, "test_acc": test, "wm_acc": wm, "n_clean": n_clean, "orig_test_acc": 99.0,
+         "orig_wm_acc": 99.5, "threshold": 2.0, "n_verify": 1000, "restored_wm_acc": 50.0 if restored else 0.5}
     return {"config": {"attack": attack, "budget": 0.006}, "summary": s}
 
 
 def test_outcomes_and_the_verdict_in_plain_words():
-    assert outcome({"removed": False}) == "kept"
-    assert outcome({"removed": True, "restored": True}) == "hidden"
-    assert outcome({"removed": True, "restored": False}) == "removed"
+    base = {"threshold": 2.0, "n_verify": 1000, "restored_wm_acc": 0.5}
+    assert outcome({**base, "wm_acc": 80.0, "removed": False}) == "kept"
+    assert outcome({**base, "wm_acc": 1.0, "removed": True, "restored_wm_acc": 50.0}) == "hidden"
+    assert outcome({**base, "wm_acc": 1.0, "removed": True}) == "removed"
+    # above the threshold, but 21 hits of 1000 against a 2% null is no proof (p ~ 0.4): not kept
+    assert outcome({**base, "wm_acc": 2.1, "removed": False}) == "removed"
+    assert outcome({**base, "wm_acc": 2.1, "removed": False, "restored_wm_acc": 2.1}) == "removed"
+    # NaN outputs on the verification set count as misses, but such a model is never called removed
+    assert outcome({**base, "wm_acc": 0.0, "removed": False}) == "kept"
     rows = summarize([_cell("launder", True, False, 98.2), _cell("launder", True, False, 98.4),
                       _cell("rtal", True, True), _cell("rtal", False, False, wm=80.0)])
     text = verdict_paragraph(rows, "zhang-content")
     assert "An attacker with 60 clean images removes this zhang-content watermark with launder in 2/2 runs" in text
-    assert "a cost of 0.7 points" in text and "rtal only hid it in 1 runs" in text
+    assert "a cost of 0.7 points" in text and "rtal only hid it in 1 run:" in text
     kept = verdict_paragraph(summarize([_cell("rtal", False, False, wm=90.0)]), "adi")
     assert "No attack of this audit removed this adi watermark" in kept
     some = verdict_paragraph(summarize([_cell("rtal", True, False), _cell("rtal", False, False, wm=50.0)]), "x")

@@ -1,7 +1,9 @@
 """Bring your own model and data: a network defined only in this file, loaded through
 `--model-factory tests.test_byo:make_net`, backdoored with plain PyTorch, laundered end to end."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,3 +193,80 @@ def test_image_folder_and_npz_readers(tmp_path):
 
 def test_load_factory_builds_the_module():
     assert isinstance(load_factory("tests.test_byo:make_net", {"width": 4}), Net)
+
+
+def _spec(d):
+    from nnlaunder.experiments.external import ExternalModel
+
+    return ExternalModel(factory="tests.test_byo:make_net", weights=str(d / "net.safetensors"),
+                         data=str(d / "clean.npz"), test_data=str(d / "test.npz"),
+                         verify_npz=str(d / "verify.npz"), input_range="0,255")
+
+
+def test_an_audit_of_your_own_model(backdoored, tmp_path):
+    """`nnlaunder audit --model-factory ...`: the threshold measured on the clean models the user gives, the
+    grid run as experiment cells, the owner's restoration after each attack, the report."""
+    from nnlaunder.experiments.audit import ExternalAudit, Profile, run_audit
+    from nnlaunder.experiments.external import load_external
+    from nnlaunder.train import accuracy
+
+    torch.manual_seed(1)
+    save_file(make_net().state_dict(), str(tmp_path / "clean.safetensors"))
+    spec = _spec(backdoored)
+    tiny = Profile(budgets=(0.5,), attacks=("launder", "rtal"), seeds=1, rounds=1, nc_preset="fast", calibrate=False,
+                   threshold_seeds=(0,), restore_epochs=1, restore_fraction=0.5, nc_epochs=3)
+    ext = ExternalAudit(spec, clean_weights=(str(tmp_path / "clean.safetensors"),))
+    got = run_audit(None, None, {}, profile=tiny, workspace=str(tmp_path / "ws"), progress=False, log=lambda m: None,
+                    external=ext)
+    clean = load_external(dataclasses.replace(spec, weights=str(tmp_path / "clean.safetensors")))
+    expected = accuracy(clean.model, *clean.verify)
+    rows = got["rows"]
+    assert [(r["attack"], r["n"], r["n_clean"]) for r in rows] == [("launder", 1, 50), ("rtal", 1, 50)]
+    assert all(r["threshold"] == pytest.approx(expected) for r in rows)
+    assert rows[0]["orig_wm_acc"] > 95 and rows[0]["restored_wm_median"] is not None
+    report = json.loads((Path(got["folder"]) / "audit.json").read_text())
+    assert "clean model(s) given with --clean-weights" in json.dumps(report)
+    assert (Path(got["folder"]) / "audit.html").stat().st_size > 5000
+    # the same weights again: every cell is already in the store; other weights under the same name: new cells
+    again = run_audit(None, None, {}, profile=tiny, workspace=str(tmp_path / "ws"), progress=False,
+                      log=lambda m: None, external=ext)
+    assert again["rows"] == rows
+    ids = {c.cell_id() for c in _cells(ext, tiny)}
+    save_file(make_net().state_dict(), str(backdoored / "net-copy.safetensors"))
+    moved = dataclasses.replace(ext, spec=dataclasses.replace(spec, weights=str(backdoored / "net-copy.safetensors")))
+    assert ids.isdisjoint(c.cell_id() for c in _cells(moved, tiny))
+
+
+def _cells(ext, profile):
+    from nnlaunder.experiments.audit import audit_cells
+
+    return audit_cells("a", None, {"dataset": "external"}, "external", {}, profile, external=ext.spec.identity(),
+                       threshold=5.0)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    ([], "needs its vanilla threshold"),
+    (["--threshold", "3", "--clean-weights", "x.safetensors"], "needs its vanilla threshold"),
+    (["--threshold", "130"], "[0, 100]"),
+    (["--threshold", "3", "--scheme", "zhang-content"], "--verify-npz"),
+    (["--threshold", "3", "models/mnist/zhang-content"], "not both"),
+])
+def test_audit_of_your_own_model_mistakes_are_one_line(backdoored, tmp_path, capsys, extra, needle):
+    d = backdoored
+    base = ["audit", "--model-factory", "tests.test_byo:make_net", "--weights", str(d / "net.safetensors"),
+            "--input-range", "0,255", "--data", str(d / "clean.npz"), "--test-data", str(d / "test.npz"),
+            "--verify-npz", str(d / "verify.npz"), "--workspace", str(tmp_path / "ws"), "--quick", "--quiet"]
+    assert main(base + extra) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_audit_flags_of_your_own_model_need_the_factory(tmp_path, capsys):
+    assert main(["audit", "models/mnist/zhang-content", "--threshold", "3", "--workspace", str(tmp_path)]) == 2
+    assert "--threshold goes with --model-factory" in capsys.readouterr().err
+    assert main(["audit", "--workspace", str(tmp_path)]) == 2
+    assert "audit needs a MODEL" in capsys.readouterr().err
+    d = tmp_path
+    assert main(["audit", "--model-factory", "tests.test_byo:make_net", "--weights", str(d / "w.safetensors"),
+                 "--data", str(d / "x.npz"), "--threshold", "3", "--workspace", str(tmp_path)]) == 2
+    assert "needs --test-data" in capsys.readouterr().err

@@ -183,9 +183,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
         return _launder_external(args)
     if not args.model:
         raise UserError("launder needs a MODEL (a model of this project) or --model-factory with --weights and --data")
-    for flag in ("weights", "data", "test_data", "verify_npz", "model_kwargs", "input_range", "mean", "std"):
-        if getattr(args, flag) is not None:
-            raise UserError(f"--{flag.replace('_', '-')} goes with --model-factory (your own model)")
+    _no_byo_flags(args)
     budget = 0.006 if args.budget is None else args.budget
     if not 0 < budget <= 1:
         raise UserError(f"--budget is a fraction of the training set in (0, 1], got {budget}")
@@ -225,8 +223,22 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _no_byo_flags(args: argparse.Namespace, more: tuple[str, ...] = ()) -> None:
+    for flag in ("weights", "data", "test_data", "verify_npz", "model_kwargs", "input_range", "mean", "std", *more):
+        if getattr(args, flag) is not None:
+            raise UserError(f"--{flag.replace('_', '-')} goes with --model-factory (your own model)")
+
+
+def _external_spec(args: argparse.Namespace):
+    from .byo import ExternalModel
+
+    return ExternalModel(factory=args.model_factory, kwargs=args.model_kwargs, weights=args.weights, data=args.data,
+                         test_data=args.test_data, verify_npz=args.verify_npz, input_range=args.input_range,
+                         mean=args.mean, std=args.std, allow_torch_load=args.allow_torch_load)
+
+
 def _launder_external(args: argparse.Namespace) -> int:
-    from .byo import ExternalModel, run_external
+    from .byo import run_external
 
     if args.resume:
         raise UserError("--resume works with a MODEL of this project, not with --model-factory")
@@ -234,11 +246,8 @@ def _launder_external(args: argparse.Namespace) -> int:
         raise UserError("give either a MODEL of this project or --model-factory with --weights, not both")
     if args.verify_scheme:
         raise UserError("--verify-scheme needs a model of this project; for your own model give --verify-npz")
-    spec = ExternalModel(factory=args.model_factory, kwargs=args.model_kwargs, weights=args.weights, data=args.data,
-                         test_data=args.test_data, verify_npz=args.verify_npz, input_range=args.input_range,
-                         mean=args.mean, std=args.std, allow_torch_load=args.allow_torch_load)
     out_dir = _out(str(Path(args.out) / "laundered")).parent
-    return run_external(spec, launder_cfg(args), out_dir, budget=args.budget, per_class=args.per_class,
+    return run_external(_external_spec(args), launder_cfg(args), out_dir, budget=args.budget, per_class=args.per_class,
                         seed=args.seed, calibrate=calibrate_options(args), progress=not args.quiet)
 
 
@@ -362,11 +371,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .experiments.audit import run_audit
+    from .experiments.audit import ExternalAudit, run_audit
 
+    ext = None
+    if args.model_factory:
+        ext = ExternalAudit(_external_spec(args), args.threshold,
+                            tuple(w for w in (args.clean_weights or "").split(",") if w.strip()))
+    else:
+        _no_byo_flags(args, ("threshold", "clean_weights"))
     run_audit(args.model, args.scheme, param_table(args.param), profile="quick" if args.quick else "full",
               seeds=args.seeds, workspace=args.workspace, out=args.out, data_dir=args.data_dir,
-              executor=args.executor, address=args.address, jobs=args.jobs, progress=not args.quiet, log=_say)
+              executor=args.executor, address=args.address, jobs=args.jobs, progress=not args.quiet, log=_say,
+              external=ext)
     return 0
 
 

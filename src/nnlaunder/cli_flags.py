@@ -291,16 +291,21 @@ def _add_launder(sub: Any) -> None:
     s.add_argument("--threshold-file", help="with --verify-scheme: JSON written by `nnlaunder threshold`")
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from OUT/partial.safetensors (its last finished round)")
+    _byo_flags(s, "the attacker's labelled images: a folder of class sub-folders or an .npz (x, y)")
+
+
+def _byo_flags(s: argparse.ArgumentParser, data_help: str) -> Any:
     g = s.add_argument_group("bring your own model and data (docs/byo.md)")
     g.add_argument("--model-factory", metavar="PKG.MODULE:FUNCTION", help="builds your nn.Module")
     g.add_argument("--model-kwargs", metavar="JSON", help="keyword arguments for the factory")
     g.add_argument("--weights", help="your weights: .safetensors, or a .pt/.pth state_dict with --allow-torch-load")
-    g.add_argument("--data", help="the attacker's labelled images: a folder of class sub-folders or an .npz (x, y)")
+    g.add_argument("--data", help=data_help)
     g.add_argument("--test-data", help="labelled test images (folder or .npz) for test accuracy")
     g.add_argument("--verify-npz", help=".npz of triggered inputs x and the target labels y: attack success rate")
     g.add_argument("--input-range", metavar="LO,HI", help="pixel range your model expects (default 0,1)")
     g.add_argument("--mean", metavar="M1[,M2,M3]", help="per-channel mean your model subtracts after scaling")
     g.add_argument("--std", metavar="S1[,S2,S3]", help="per-channel std your model divides by")
+    return g
 
 
 def _add_run(sub: Any) -> None:
@@ -369,7 +374,11 @@ def _add_demo(sub: Any) -> None:
 def _add_audit(sub: Any) -> None:
     s = sub.add_parser("audit", help="does this watermark survive? threshold, attacks x budgets x seeds, restoration")
     _common(s)
-    _model_scheme_flags(s)
+    s.add_argument("model", nargs="?", help="model of this project: stem or .safetensors (with its .json beside it); "
+                                            "or leave out and give --model-factory")
+    s.add_argument("--scheme", choices=sorted(SCHEMES), help="default: the one recorded in the model")
+    s.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="scheme parameter over the model's recorded ones (repeatable; lists as [22,16])")
     s.add_argument("--quick", action="store_true",
                    help="the quick profile (fast Neural Cleanse, 2 budgets, 2 seeds; MNIST in minutes on a CPU); "
                         "default: the full profile")
@@ -379,6 +388,12 @@ def _add_audit(sub: Any) -> None:
     s.add_argument("--executor", choices=("local", "ray"), default="local", help="local or ray (with --address)")
     s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
     s.add_argument("--jobs", type=_positive_int, default=1, help="local executor: worker processes (default 1)")
+    g = _byo_flags(s, "your labelled training images (folder or .npz): the attackers' subsets and your restoration "
+                      "set are drawn from it")
+    g.add_argument("--threshold", type=_float, help="with --model-factory: the vanilla threshold in percent")
+    g.add_argument("--clean-weights", metavar="W[,W...]",
+                   help="with --model-factory: clean models of the same factory; the threshold is their highest "
+                        "accuracy on --verify-npz")
 
 
 def _add_data(sub: Any) -> None:

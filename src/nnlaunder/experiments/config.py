@@ -70,6 +70,9 @@ class CellConfig:
     calibrate: bool = False              # laundering: choose its options by k-fold over the attacker's set first
     restore_epochs: int = 0              # > 0: the owner then retrains the attacked model on its own clean data
     restore_fraction: float = 1.0        # ... on this stratified fraction of the training set
+    external: dict[str, Any] | None = None   # a model this project did not train (`ExternalModel.identity()`):
+    #                                          the user's network, data (attacker's pool and the owner's
+    #                                          restoration set), test set and trigger set; needs `threshold`
 
     # ---- derived, validated pieces
     @property
@@ -102,6 +105,8 @@ class CellConfig:
         if not _NAME.fullmatch(self.name):
             raise UserError(f"name: {self.name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
                             "letter or digit (it names files in the report folder)")
+        if self.external is not None:
+            return self._validate_external()
         if self.dataset not in D.DATASETS:
             raise UserError(f"dataset: unknown dataset {self.dataset!r}; choose from {', '.join(D.DATASETS)}")
         check_fits(self.arch_name, self.dataset)
@@ -121,6 +126,22 @@ class CellConfig:
             raise UserError(f"threshold: must be a percentage in [0, 100], got {self.threshold}")
         if not self.threshold_seeds:
             raise UserError("threshold_seeds: at least one clean seed is needed for the vanilla threshold")
+        self._check_run_settings()
+        return self
+
+    def _validate_external(self) -> CellConfig:
+        """A cell on the user's own model: no registered dataset, architecture or scheme; the threshold
+        is given (the tool cannot train clean models of an architecture it does not know)."""
+        from .external import from_identity
+
+        spec = from_identity(self.external)
+        spec.require("weights", "data", "test_data", "verify_npz")
+        if self.threshold is None or not 0 <= self.threshold <= 100:
+            raise UserError("threshold: a cell on your own model needs the vanilla threshold in [0, 100] percent")
+        self._check_run_settings()
+        return self
+
+    def _check_run_settings(self) -> None:
         if self.rounds < 1:
             raise UserError(f"rounds: must be >= 1, got {self.rounds}")
         self.budget_spec()
@@ -132,7 +153,6 @@ class CellConfig:
             self.attack_config()
         except TypeError as e:
             raise UserError(f"attack_params: {e}") from e
-        return self
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -145,7 +165,7 @@ class CellConfig:
         return digest(d)
 
 
-_LATER_FIELDS = {"calibrate": False, "restore_epochs": 0, "restore_fraction": 1.0}
+_LATER_FIELDS = {"calibrate": False, "restore_epochs": 0, "restore_fraction": 1.0, "external": None}
 
 
 def digest(obj: Any) -> str:

@@ -131,9 +131,12 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     """Everything one cell needs, then its attack; returns (round rows, summary, seconds)."""
     deterministic()
     t0 = time.perf_counter()
-    tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
-    wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
-    model = owner_model(cell, wm, ws, tr, te, progress)
+    if cell.external is not None:
+        tr, te, wm, model = external_inputs(cell)
+    else:
+        tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
+        wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
+        model = owner_model(cell, wm, ws, tr, te, progress)
     th = cell.threshold if cell.threshold is not None else threshold_for(cell, wm, ws, tr, progress)["threshold"]
     clean = D.stratified_subset(tr, seed=cell.seed, **cell.budget_spec())
     ev = evaluator(te, wm)
@@ -179,6 +182,24 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     if cell.restore_epochs:
         summary.update(owner_restores(res.model, cell, tr, ev, th))
     return rows, summary, time.perf_counter() - t0
+
+
+def external_inputs(cell: CellConfig) -> tuple[D.Dataset, D.Dataset, Watermark, Any]:
+    """A cell on the user's own model: (their data, their test set, their trigger set as a watermark
+    with no known target, the model). The attacker's pool and the owner's restoration set are both
+    drawn from `data`, as the registered datasets' training sets are."""
+    import torch
+
+    from .external import from_identity, load_external
+
+    assert cell.external is not None
+    setup = load_external(from_identity(cell.external))
+    assert setup.test is not None and setup.verify is not None     # validate() requires both
+    vx, vy = setup.verify
+    empty = torch.zeros((0, *setup.data.shape))
+    wm = Watermark(scheme="external", embed_x=empty, embed_y=torch.zeros(0, dtype=torch.long), verify_x=vx,
+                   verify_y=vy, target=None, params={"verify_npz": cell.external.get("verify_npz")})
+    return setup.data, setup.test, wm, setup.model
 
 
 def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev, th: float) -> dict[str, Any]:
@@ -227,6 +248,8 @@ def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str) -> tuple[list
 def prepare_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool) -> None:
     """Train (once) what a cell shares with others: its owner model and vanilla threshold.
     Done in the parent before cells run in parallel, so no two workers train the same model."""
+    if cell.external is not None:
+        return
     tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
     wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
     owner_model(cell, wm, ws, tr, te, progress)
