@@ -9,7 +9,7 @@ table2-variants.json (every configuration tried, including the paper-faithful va
 triggers-<dataset>-<scheme>.png (the recovered triggers).
 
 Attack hyper-parameters are chosen per dataset and architecture from attacker-side signals only
-(../shared/reference/facts.md, "A fair protocol"): the attacker holds out 20% of its clean set,
+(a fair protocol: never the owner's verification set): the attacker holds out 20% of its clean set,
 launders with each candidate (DT, CT, retraining epochs) and keeps the most aggressive one
 (lowest thresholds, then fewest epochs) whose held-out accuracy is within 1 point of the best
 candidate's, averaged over the models of that architecture. The owner's verification set is
