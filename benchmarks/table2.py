@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from nnlaunder import data as D
+from nnlaunder.attacks.calibrate import joint_choice, most_aggressive_within
 from nnlaunder.attacks.laundering import (
     launder,
     launder_config,
@@ -40,6 +41,7 @@ from nnlaunder.attacks.laundering import (
 from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse, stamp
 from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest
+from nnlaunder.errors import UserError
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.report.plots import trigger_grid
 from nnlaunder.train import accuracy, predict
@@ -114,30 +116,6 @@ ROWS = {
 }
 # Candidates: thresholds relative to the layer's mean clean activation × retraining epochs.
 GRID = [(dt, ct, ep) for dt in (0.5, 1.0, 2.0) for ct in (1.0, 2.0) for ep in (5, 20)]
-
-
-def choose(acc: dict[tuple[float, float, int], float]) -> tuple[float, float, int]:
-    """The attacker's rule: of the candidates whose held-out accuracy is within 1 point of the best,
-    the most aggressive (lowest DT + CT, then fewest retraining epochs)."""
-    best = max(acc.values())
-    ok = [k for k, a in acc.items() if a >= best - 1.0]
-    return min(ok, key=lambda k: (k[0] + k[1], k[2], k))
-
-
-def joint_choice(variants: list[dict], ds: str, arch: str) -> tuple[tuple[float, float, int], list[str]]:
-    """The rule applied to every calibration record of `arch` on `ds` (held-out accuracy averaged
-    over the models, per candidate), for models that were calibrated in separate runs."""
-    cells: dict[tuple[float, float, int], dict[str, float]] = {}
-    for v in variants:
-        if v.get("stage") == "calibration" and v["dataset"] == ds and v["arch"] == arch:
-            cells.setdefault((v["dt"], v["ct"], v["epochs"]), {})[v["name"]] = v["attacker_acc"]
-    if not cells:
-        raise SystemExit(f"table2.py: error: no calibration records for {ds}/{arch} in table2-variants.json")
-    names = sorted({n for c in cells.values() for n in c})
-    full = {k: sum(c.values()) / len(c) for k, c in cells.items() if len(c) == len(names)}
-    if not full:
-        raise SystemExit(f"table2.py: error: no candidate was calibrated on all of {names}")
-    return choose(full), names
 
 
 CALIBRATION_LINE = re.compile(r"calibration (\S+) dt ([\d.]+) ct ([\d.]+) epochs (\d+): attacker held-out acc "
@@ -247,7 +225,10 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
                     v.get("stage") == "calibration" and v["dataset"] == ds and v["name"] in names)]
                 new, _ = calibrate(group, arch, ds, args)
                 args.variants += new          # main()'s list: the records are written with the rest
-            chosen[arch], names = joint_choice(args.variants, ds, arch)
+            try:
+                chosen[arch], names = joint_choice(args.variants, ds, arch)  # one choice per architecture
+            except UserError as e:
+                raise SystemExit(f"table2.py: error: {e} in table2-variants.json") from None
             print(f"    joint choice for {arch} over {names}: dt {chosen[arch][0]}, ct {chosen[arch][1]}, "
                   f"{chosen[arch][2]} epochs", flush=True)
             continue
@@ -257,7 +238,7 @@ def run_dataset(ds: str, args) -> tuple[list[dict], list[dict]]:
             continue
         new, scores = calibrate(group, arch, ds, args)
         variants += new
-        chosen[arch] = choose({k: a for k, (a, _) in scores.items()})
+        chosen[arch] = most_aggressive_within({k: a for k, (a, _) in scores.items()})
         print(f"    chosen for {arch}: dt {chosen[arch][0]}, ct {chosen[arch][1]} (relative), "
               f"{chosen[arch][2]} retraining epochs", flush=True)
 

@@ -1,9 +1,13 @@
-"""The attacker-side choice rule of benchmarks/table2.py (choices must rest on attacker signals only)."""
+"""The per-architecture choice rule of the Table 2 headline rows (choices rest on attacker signals only),
+and benchmarks/table2.py's reader of calibration lines from a log."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+
+from nnlaunder.attacks.calibrate import joint_choice, most_aggressive_within
+from nnlaunder.errors import UserError
 
 _path = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
 _spec = importlib.util.spec_from_file_location("table2_bench", _path)
@@ -18,9 +22,9 @@ def _cal(name, dt, ct, ep, acc):
 
 def test_choose_takes_the_most_aggressive_within_one_point():
     acc = {(0.5, 1.0, 5): 90.0, (0.5, 2.0, 5): 92.5, (2.0, 2.0, 5): 92.6, (0.5, 2.0, 20): 91.7}
-    assert table2.choose(acc) == (0.5, 2.0, 5)
+    assert most_aggressive_within(acc) == (0.5, 2.0, 5)
     # fewer epochs break a tie on thresholds; lower thresholds win over epochs
-    assert table2.choose({(0.5, 1.0, 20): 80.0, (0.5, 1.0, 5): 80.0, (1.0, 1.0, 5): 80.5}) == (0.5, 1.0, 5)
+    assert most_aggressive_within({(0.5, 1.0, 20): 80.0, (0.5, 1.0, 5): 80.0, (1.0, 1.0, 5): 80.5}) == (0.5, 1.0, 5)
 
 
 def test_joint_choice_averages_models_calibrated_apart():
@@ -29,11 +33,11 @@ def test_joint_choice_averages_models_calibrated_apart():
          _cal("b", 0.5, 1.0, 5, 90.2), _cal("b", 0.5, 2.0, 5, 92.5),
          _cal("b", 2.0, 2.0, 20, 99.0),                      # b only: not a joint candidate
          {**_cal("c", 0.5, 1.0, 5, 10.0), "arch": "cifar-cnn"}]
-    assert table2.choose({(0.5, 1.0, 5): 93.2, (0.5, 2.0, 5): 94.0}) == (0.5, 1.0, 5)
-    choice, names = table2.joint_choice(v, "cifar10", "resnet20")
+    assert most_aggressive_within({(0.5, 1.0, 5): 93.2, (0.5, 2.0, 5): 94.0}) == (0.5, 1.0, 5)
+    choice, names = joint_choice(v, "cifar10", "resnet20")
     assert choice == (0.5, 2.0, 5) and names == ["a", "b"]
-    with pytest.raises(SystemExit, match="no calibration records"):
-        table2.joint_choice(v, "mnist", "resnet20")
+    with pytest.raises(UserError, match="no calibration records"):
+        joint_choice(v, "mnist", "resnet20")
 
 
 def test_calibration_lines_are_read_from_a_log():
