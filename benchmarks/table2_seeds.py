@@ -333,6 +333,29 @@ def p_clean(r: dict) -> float:
     return sum(v >= r["wm_acc"] for v in dist) / len(dist) if dist else float("nan")
 
 
+def nc_check_lines(order: list[tuple[str, str]]) -> list[str]:
+    """What `--nc-check` found: does the fast preset pick the class the faithful one picks, per row?"""
+    checks = load_rows("table2-nc-check.json")
+    if not checks:
+        return []
+    lines = ["## Fast against faithful Neural Cleanse", "",
+             "Every row above used the fast preset. `--nc-check` runs both presets on the same owner model, attacker "
+             "subset and seed (table2-nc-check.md); the strong attack acts on the flagged class, else the "
+             "smallest-mask one, so that choice is what must agree.", ""]
+    for ds, name in order:
+        cs = [c for c in checks if (c["dataset"], c["name"]) == (ds, name)]
+        if not cs:
+            lines.append(f"- {ds}/{name}: not checked.")
+            continue
+        used = [tuple(c["flagged"][p] or [c["smallest"][p]] for p in ("fast", "faithful")) for c in cs]
+        same = sum(a == b for a, b in used)
+        picks = "; ".join(f"seed {c['seed']}: fast {a}, faithful {b}" for c, (a, b) in zip(cs, used, strict=True))
+        verdict = "agree" if same == len(cs) else "**disagree**" if same == 0 else "partly agree"
+        lines.append(f"- {ds}/{name}: the presets {verdict} on the class(es) the attack uses on {same}/{len(cs)} "
+                     f"seeds checked ({picks}).")
+    return lines + [""]
+
+
 def write_markdown() -> None:
     seeds, abl = load_rows("table2-seeds.json"), load_rows("table2-ablation.json")
     order = [(ds, n) for ds, rows in ROWS.items() for n, _ in rows]
@@ -375,6 +398,7 @@ def write_markdown() -> None:
         "were measured with other work sharing the 2 cores at times, so they are upper bounds, not timings.",
         "",
     ]
+    lines += nc_check_lines(order)
     atomic_write_bytes(RESULTS / "table2-seeds.md", "\n".join(lines).encode())
 
     lines = [

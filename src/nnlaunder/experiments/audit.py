@@ -249,7 +249,7 @@ def run_audit(model: str | None, scheme: str | None, params: dict[str, Any], *, 
     folder = Path(out) if out else Path(workspace) / "audit" / name
     if external is not None:
         facts["vanilla threshold"] = f"{cells[0].threshold:.2f}% ({_threshold_source(external)})"
-    write_audit_report(folder, Path(workspace), f"Audit: {scheme} on {Path(where).name}", done, rows, paragraph,
+    write_audit_report(folder, Path(workspace), f"Audit: {scheme} on {where}", done, rows, paragraph,
                        facts)
     log(paragraph)
     log(f"wrote {folder}/audit.md, audit.html, audit.json and the plots")
