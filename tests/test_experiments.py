@@ -357,3 +357,22 @@ def test_ray_without_a_cluster_is_one_line(tmp_path):
         runner._run_on_ray([], tmp_path, str(tmp_path), "127.0.0.1:9", lambda c, r: None)
     with pytest.raises(UserError, match="HOST:PORT"):
         runner._run_on_ray([], tmp_path, str(tmp_path), "nowhere", lambda c, r: None)
+
+
+def test_a_cells_seed_seeds_the_attacks_own_draws():
+    """A cell's seed reaches Neural Cleanse's initialisation and the retraining order, as the Table 2 seeds
+    protocol does, unless attack_params names a seed; seed 0 cells keep the ids (and configs) they had."""
+    from nnlaunder.experiments.config import CellConfig
+
+    cfg = CellConfig(attack="launder", attack_params={"nc": {"preset": "fast"}}, seed=3).attack_config()
+    assert (cfg.seed, cfg.nc.seed, cfg.retrain.seed, cfg.nc.steps_per_epoch) == (3, 3, 3, 8)
+    params = {"nc": {"seed": 9}, "retrain": {"epochs": 2}}
+    cfg = CellConfig(attack="launder", attack_params=params, seed=3).attack_config()
+    assert (cfg.seed, cfg.nc.seed, cfg.retrain.seed, cfg.retrain.epochs) == (3, 9, 3, 2)
+    rtal = CellConfig(attack="rtal", seed=2).attack_config()
+    assert rtal.seed == rtal.train.seed == 2
+    unlearn = CellConfig(attack="nc-unlearn", attack_params={"retrain": {"epochs": 1, "batch_size": 32}},
+                         seed=4).attack_config()
+    assert unlearn.nc.seed == unlearn.retrain.seed == 4 and unlearn.retrain.epochs == 1
+    assert CellConfig().cell_id() == "928921f2ccf53b81"          # the id a seed-0 cell always had
+    assert CellConfig(seed=1).cell_id() != "2ba37e6b2caa86f6"    # one seeded in its subset only: run again

@@ -104,8 +104,8 @@ def launder_cfg(args: argparse.Namespace):
                                     ("bn_stats", args.bn_stats), ("stamping", args.stamping)) if v is not None}
     nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
     base = launder_config(args.variant).retrain
-    retrain = dataclasses.replace(base, **{k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr))
-                                           if v is not None})
+    retrain = dataclasses.replace(base, seed=args.seed, **{k: v for k, v in (("epochs", args.retrain_epochs),
+                                                                           ("lr", args.retrain_lr)) if v is not None})
     return launder_config(args.variant, nc=nc, seed=args.seed, retrain=retrain, **overrides)
 
 

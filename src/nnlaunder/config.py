@@ -84,3 +84,20 @@ def from_dict(cls: type[T], data: Any, where: str = "config") -> T:
         return cls(**kwargs)
     except TypeError as e:
         raise UserError(f"{where}: {e}") from e
+
+
+def with_seed(cfg: T, seed: int, given: dict[str, Any] | None = None) -> T:
+    """`cfg` with every field named `seed`, its own and its nested configs' (e.g. an attack's Neural
+    Cleanse and training), set to `seed`, except where `given` (the settings a user wrote, as a nested
+    dict) names one."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        return cfg
+    given = given if isinstance(given, dict) else {}
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name == "seed" and "seed" not in given:
+            changes["seed"] = seed
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = with_seed(value, seed, given.get(f.name))
+    return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]

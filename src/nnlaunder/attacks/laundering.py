@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import from_dict
+from ..config import from_dict, with_seed
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
@@ -123,10 +123,13 @@ def config_from_params(params: dict[str, Any], variant: str = "strong", rounds: 
                        ) -> LaunderConfig:
     """An experiment file's `attack_params` table over the variant's settings: a partial `nc` or
     `retrain` table overrides only the keys it names; `nc = {preset = "fast", ...}` starts from a
-    Neural Cleanse preset. Unknown keys are errors."""
+    Neural Cleanse preset. `seed` seeds everything the attack draws (its retraining set, Neural
+    Cleanse's initialisation, the retraining order) unless the table names a seed. Unknown keys are
+    errors."""
     if variant not in VARIANTS:
         raise UserError(f"variant: unknown laundering variant {variant!r}; choose from {sorted(VARIANTS)}")
     base = LaunderConfig(**VARIANTS[variant])
+    given = copy.deepcopy(dict(params))            # what the table names, before the merges below
     params = dict(params)
     if isinstance(params.get("nc"), dict) and "preset" in params["nc"]:
         nc = dict(params["nc"])
@@ -137,7 +140,8 @@ def config_from_params(params: dict[str, Any], variant: str = "strong", rounds: 
     for nested in ("nc", "retrain"):
         if isinstance(params.get(nested), dict):
             params[nested] = {**dataclasses.asdict(getattr(base, nested)), **params[nested]}
-    return from_dict(LaunderConfig, {**VARIANTS[variant], "rounds": rounds, "seed": seed, **params}, "attack_params")
+    cfg = from_dict(LaunderConfig, {**VARIANTS[variant], "rounds": rounds, **params}, "attack_params")
+    return with_seed(cfg, seed, given)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import from_dict
+from ..config import from_dict, with_seed
 from ..data import Dataset
 from ..errors import UserError
 from .baselines import (
@@ -77,10 +77,10 @@ def _one_round(name: str, default: Callable[[], Any]) -> Callable[[dict[str, Any
         if rounds != 1:
             raise UserError(f"rounds: only laundering has rounds; {name} runs once")
         base = default()
-        if not params:
-            return base
-        current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-        return from_dict(type(base), {**current, **params}, "attack_params")
+        if params:
+            current = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+            base = from_dict(type(base), {**current, **params}, "attack_params")
+        return with_seed(base, seed, params)         # the cell's seed seeds the attack's own draws
     return configure
 
 

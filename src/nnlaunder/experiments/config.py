@@ -162,6 +162,11 @@ class CellConfig:
         for k, v in _LATER_FIELDS.items():      # at their defaults they leave earlier cells' ids as they were
             if d[k] == v:
                 del d[k]
+        if d["seed"] != 0:
+            # A cell's seed also seeds its attack's own draws (Neural Cleanse's initialisation, the
+            # retraining order); stores made before that held seed != 0 cells seeded in their subset
+            # only, so those ids change and such cells run again. Seed 0 cells were and are all zeros.
+            d["seeds_attack"] = True
         return digest(d)
 
 
