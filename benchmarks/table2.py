@@ -106,7 +106,7 @@ ROW_NOTES = {
         "and the noise and unrelated rows were re-run with that choice. To be plain about it: with the "
         "earlier choice (CT 1.0) this row gave test 84.63%, WM 2.07%, 0.02 points short of the 3-point bar, and "
         "that shortfall is why the stale records were looked at; the new choice came from the "
-        "attacker's held-out accuracy alone (calibration table below), and no seed was re-tried. Faithful "
+        "attacker's held-out accuracy alone (calibration table below), and no seed was re-tried. "
         "Faithful Neural Cleanse took 246 s on a 2-core AVX-512 CPU (369 s on another 2-core CPU)."),
 }
 ROWS = {

@@ -95,6 +95,7 @@ def test_an_audit_runs_resumes_after_a_kill_and_reports(owner, tiny, tmp_path, m
     folder = Path(got["folder"])
     page = (folder / "audit.html").read_text()
     assert page.count("<table>") == 1 and "data:image/png;base64," in page and html.escape(got["verdict"]) in page
+    assert page.count("<ul>") == 1 and "<li>vanilla threshold: " in page
     assert (folder / "pareto-3-class.png").stat().st_size > 5000 and (folder / "triggers-3-class.png").is_file()
     assert json.loads((folder / "audit.json").read_text())["verdict"] == got["verdict"]
 

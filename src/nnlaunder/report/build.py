@@ -193,9 +193,15 @@ def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images
 
 def html_page(markdown: str, images: list[Path], title: str = "nnlaunder report") -> str:
     """A self-contained page: the tables as HTML, every PNG inlined as base64."""
-    rows, body = [], []
+    rows, body, items = [], [], []
     embedded = {p.name: base64.b64encode(p.read_bytes()).decode() for p in images}
     for line in markdown.splitlines():
+        if line.startswith("- "):
+            items.append(f"<li>{html.escape(line[2:])}</li>")
+            continue
+        if items:
+            body.append("<ul>" + "".join(items) + "</ul>")
+            items = []
         if line.startswith("|") and not set(line) <= set("|-"):
             cells = [html.escape(x.strip()) for x in line.strip("|").split("|")]
             tag = "th" if not rows else "td"
@@ -216,6 +222,8 @@ def html_page(markdown: str, images: list[Path], title: str = "nnlaunder report"
             body.append(f"<p>{html.escape(line)}</p>")
     if rows:
         body.append("<table>" + "".join(rows) + "</table>")
+    if items:
+        body.append("<ul>" + "".join(items) + "</ul>")
     style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
