@@ -64,29 +64,17 @@ PAPER = {
     ("cifar10", "adi-fs"): dict(orig_test_acc=91.85, test_acc=84.73, orig_wm_acc=100, wm_acc=7.0, threshold=12),
 }
 # Rows that were run but have no JSON row, with what happened (shown under the table).
-MISSING_NOTES = {
-    "cifar10/adi-pt": (
-        "It ran on a lent H100 with the other CIFAR-10 rows; the attacker-side calibration chose DT 0.5, CT 1.0, "
-        "5 epochs, and the strong variant gave test 91.18 → 88.24%, WM 100.00 → 60.00% (not removed: threshold "
-        "then 21%, now 22%). The lent machine was returned while the faithful variant was still running, so the "
-        "JSON row was never written; the run's output is logs/table2-cifar10-adi-pt-h100.log. A CPU rerun with "
-        "the same choice (`python benchmarks/table2.py --datasets cifar10 --models adi-pt --fixed 0.5,1.0,5`) "
-        "had not finished Neural Cleanse (5400 images, ResNet-20) after 14 minutes on 2 cores and was stopped."),
-}
+MISSING_NOTES: dict[str, str] = {}
 # Notes shown under the table when the row exists.
 ROW_NOTES = {
     "cifar10/adi-pt": (
-        "This row was run on 2 CPU cores with Neural Cleanse's fast preset (docs/methods.md) and without the "
-        "paper-faithful variant, after the GPU run's JSON row was lost (its log: "
-        "benchmarks/results/logs/table2-cifar10-adi-pt-h100.log). The two Adi models were calibrated in separate "
-        "GPU runs, which chose differently (adi-FS: DT 0.5, CT 2.0; adi-PT: DT 0.5, CT 1.0), while the rule is one "
-        "choice per architecture. The calibration lines of the adi-PT log were imported into "
-        "table2-variants.json (`python benchmarks/table2.py --datasets cifar10 --models adi-pt "
-        "--import-calibration-log benchmarks/results/logs/table2-cifar10-adi-pt-h100.log`) and this row uses "
-        "the rule applied to both models' "
-        "records (`--fixed joint`: DT 0.5, CT 2.0, 5 epochs, the adi-FS row's choice). With the earlier per-model "
-        "choice (CT 1.0) the same CPU setup gave test 91.18 → 87.48%, WM 100 → 59% (faithful Neural Cleanse on "
-        "the GPU: 88.24%, 60%)."),
+        "Run on 2 CPU cores with Neural Cleanse's fast preset (docs/methods.md). Its options are the joint choice "
+        "for ResNet-20 (`--fixed joint`: DT 0.5, CT 2.0, 5 epochs): the rule applied to both Adi models' "
+        "calibration records, adi-PT's read from the log of its H100 run "
+        "(benchmarks/results/logs/table2-cifar10-adi-pt-h100.log, imported with `python benchmarks/table2.py "
+        "--datasets cifar10 --models adi-pt --import-calibration-log <log>`). Calibrated alone, adi-PT's records "
+        "choose CT 1.0; with that choice the same CPU setup gives test 91.18 → 87.48%, WM 100 → 59% (faithful "
+        "Neural Cleanse on the H100: 88.24%, 60%): not removed either."),
     "cifar10/zhang-noise": (
         "Over attacker seeds and with the paper's left-out steps switched on, see table2-seeds.md and "
         "table2-ablation.md. "

@@ -49,7 +49,7 @@ def test_unwritable_output(capsys, data_dir, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o500)
-    code, _, err = run(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(ro / "sub" / "m")], capsys)
+    code, _, err = run(["train", "--dataset", "mnist", "--epochs", "1", "--out", str(ro / "sub" / "m")], capsys)
     ro.chmod(0o700)
     if code == 0:
         pytest.skip("running as a user who can write anywhere (root)")
@@ -132,3 +132,14 @@ def test_console_entry_point_exit_code(tmp_path):
     r = subprocess.run([sys.executable, "-m", "nnlaunder.cli", "verify", str(tmp_path / "none")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("cmd", [["train", "--dataset", "mnist"],
+                                 ["embed", "--dataset", "mnist", "--scheme", "zhang-content"]])
+def test_zero_training_epochs_are_refused(cmd, capsys, tmp_path):
+    """An untrained model saved as if it were one (8.64% test accuracy) is a silently wrong result."""
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--epochs", "0", "--out", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--epochs: expected an integer >= 1, got 0" in err
+    assert not (tmp_path / "m.safetensors").exists()

@@ -173,18 +173,18 @@ def test_idx_labels_out_of_range_and_wrong_dtypes(tiny, tmp_path, capsys):
     d = _copy_tiny(tiny, tmp_path / "d")
     _write_idx(d / "mnist" / "t10k-labels-idx1-ubyte.gz", np.full(100, 42))
     D._CACHE.clear()
-    _one_line(main(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+    _one_line(main(["train", "--dataset", "mnist", "--epochs", "1", "--out", str(tmp_path / "m"), "--data-dir",
                     str(d)]), capsys.readouterr().err, "labels go up to 42")
     _write_idx(d / "mnist" / "t10k-labels-idx1-ubyte.gz", np.zeros(100), code=0x0D)
     D._CACHE.clear()
-    _one_line(main(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+    _one_line(main(["train", "--dataset", "mnist", "--epochs", "1", "--out", str(tmp_path / "m"), "--data-dir",
                     str(d)]), capsys.readouterr().err, "unsigned bytes")
     import gzip
     import struct
     (d / "mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(
         gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2**32 - 1, 2**32 - 1, 2**32 - 1)))
     D._CACHE.clear()
-    _one_line(main(["train", "--dataset", "mnist", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+    _one_line(main(["train", "--dataset", "mnist", "--epochs", "1", "--out", str(tmp_path / "m"), "--data-dir",
                     str(d)]), capsys.readouterr().err, "header says")
     D._CACHE.clear()
 
@@ -198,7 +198,7 @@ def test_cifar_batches_of_floats_are_refused(tiny, tmp_path, capsys):
     with open(d / "cifar10" / "cifar-10-batches-py" / "test_batch", "wb") as f:
         pickle.dump({b"data": np.full((10, 3072), 300.5), b"labels": list(range(10))}, f, protocol=4)
     D._CACHE.clear()
-    _one_line(main(["train", "--dataset", "cifar10", "--epochs", "0", "--out", str(tmp_path / "m"), "--data-dir",
+    _one_line(main(["train", "--dataset", "cifar10", "--epochs", "1", "--out", str(tmp_path / "m"), "--data-dir",
                     str(d)]), capsys.readouterr().err, "uint8 array")
     D._CACHE.clear()
 

@@ -156,7 +156,7 @@ def _out_flags(s: argparse.ArgumentParser) -> None:
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training (defaults: the architecture's recipe)")
-    g.add_argument("--epochs", type=_nonneg_int, help="training epochs")
+    g.add_argument("--epochs", type=_positive_int, help="training epochs (>= 1)")
     g.add_argument("--batch-size", type=_positive_int, help="images per step")
     g.add_argument("--lr", type=_float, help="peak learning rate")
     g.add_argument("--optimizer", choices=("sgd", "adam"), help="optimizer")
