@@ -356,6 +356,14 @@ def nc_check_lines(order: list[tuple[str, str]]) -> list[str]:
     return lines + [""]
 
 
+def _seeds_line(ds: str, name: str, rs: list[dict], preset: str) -> str:
+    s = summary(rs)
+    label = f"{ds}/{name}" if preset == "fast" else f"{ds}/{name} ({preset} Neural Cleanse)"
+    return (f"| {label} | {rs[0]['threshold']:.2f} | {_cells(s)} | "
+            f"{statistics.median(p_clean(r) for r in rs):.3g} | {statistics.median(r['p_value'] for r in rs):.3g} | "
+            f"{PAPER_TEST[(ds, name)]} / {PAPER_WM[(ds, name)]} | {preset} | {s['secs']:.0f} |")
+
+
 def write_markdown() -> None:
     seeds, abl = load_rows("table2-seeds.json"), load_rows("table2-ablation.json")
     order = [(ds, n) for ds, rows in ROWS.items() for n, _ in rows]
@@ -378,20 +386,16 @@ def write_markdown() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for ds, name in order:
-        rs = [r for r in seeds if (r["dataset"], r["name"]) == (ds, name)]
-        if not rs:
+        every = [r for r in seeds if (r["dataset"], r["name"]) == (ds, name)]
+        if not every:
             lines.append(
                 f"| {ds}/{name} | | not run yet | | | | | {PAPER_TEST[(ds, name)]} / {PAPER_WM[(ds, name)]} | | |"
             )
             continue
-        s = summary(rs)
-        lines.append(
-            f"| {ds}/{name} | {rs[0]['threshold']:.2f} | {_cells(s)} | "
-            f"{statistics.median(p_clean(r) for r in rs):.3g} | {statistics.median(r['p_value'] for r in rs):.3g} | "
-            f"{PAPER_TEST[(ds, name)]} / "
-            f"{PAPER_WM[(ds, name)]} | {', '.join(sorted({r['nc_preset'] for r in rs}))} | {s['secs']:.0f} |"
-        )
+        for preset in sorted({r["nc_preset"] for r in every}, key=lambda p: p != "fast"):   # fast first
+            lines.append(_seeds_line(ds, name, [r for r in every if r["nc_preset"] == preset], preset))
     machines = sorted({r["machine"] for r in seeds})
+
     lines += [
         "",
         f"Machines: {'; '.join(machines) or 'none yet'}. Seconds per seed (Neural Cleanse + retraining) "
@@ -425,7 +429,7 @@ def write_markdown() -> None:
     ]
     findings = []
     for ds, name in order:
-        base = [r for r in seeds if (r["dataset"], r["name"]) == (ds, name)]
+        base = [r for r in seeds if (r["dataset"], r["name"], r["nc_preset"]) == (ds, name, "fast")]
         rs_all = [r for r in abl if (r["dataset"], r["name"]) == (ds, name)]
         if not rs_all:
             continue
@@ -541,7 +545,7 @@ def headline() -> None:
     out = []
     for r in old:
         rs = sorted(
-            (x for x in seeds if (x["dataset"], x["name"]) == (r["dataset"], r["name"])),
+            (x for x in seeds if (x["dataset"], x["name"], x["nc_preset"]) == (r["dataset"], r["name"], "fast")),
             key=lambda x: (x["wm_acc"], x["seed"]),
         )
         if len(rs) < 5:
