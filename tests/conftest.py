@@ -8,11 +8,14 @@ import torch
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
 
+MNIST_FILES = [f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+
+
 def _data_dir() -> Path | None:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nnlaunder" / "data"
     for cand in (os.environ.get("NNLAUNDER_DATA"), Path(__file__).resolve().parents[2] / "shared" / "data", cache):
-        if cand and (Path(cand) / "mnist").is_dir():
-            return Path(cand)
+        if cand and all((Path(cand) / "mnist" / f).is_file() for f in MNIST_FILES):   # a folder a failed
+            return Path(cand)                                                          # fetch left is not data
     return None
 
 
