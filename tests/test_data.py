@@ -106,3 +106,12 @@ def test_stratified_errors():
         D.stratified_indices(y, per_class=3)
     with pytest.raises(UserError):
         D.stratified_indices(y)
+
+
+def test_an_empty_fashion_folder_left_by_a_failed_fetch_is_not_the_dataset(tmp_path):
+    from nnlaunder.data import FASHION_MNIST_SYSTEM_DIR, fashion_mnist_dir
+
+    (tmp_path / "fashion-mnist").mkdir()
+    assert fashion_mnist_dir(tmp_path) == FASHION_MNIST_SYSTEM_DIR
+    (tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
+    assert fashion_mnist_dir(tmp_path) == tmp_path / "fashion-mnist"

@@ -116,8 +116,9 @@ def load_mnist(data_dir: Path, split: str) -> Dataset:
 
 
 def fashion_mnist_dir(data_dir: Path) -> Path:
+    """<data-dir>/fashion-mnist where it holds files (a failed fetch may leave it empty), else Debian's copy."""
     local = Path(data_dir) / "fashion-mnist"
-    return local if local.is_dir() else FASHION_MNIST_SYSTEM_DIR
+    return local if local.is_dir() and any(local.glob("*-ubyte.gz")) else FASHION_MNIST_SYSTEM_DIR
 
 
 def load_fashion_mnist(data_dir: Path, split: str) -> Dataset:
