@@ -18,7 +18,7 @@ def run(args, capsys):
 @pytest.mark.parametrize("args,needle", [
     (["embed", "--dataset", "mnist", "--scheme", "zhang-logo", "--out", "x"], "invalid choice"),
     (["train", "--dataset", "mnist", "--arch", "cifar-cnn", "--out", "x"], "is for cifar10, not 'mnist'"),
-    (["train", "--dataset", "mnist", "--epochs", "-1", "--out", "x"], "expected an integer >= 0"),
+    (["train", "--dataset", "mnist", "--epochs", "-1", "--out", "x"], "expected an integer >= 1"),
     (["train", "--dataset", "mnist", "--lr", "fast", "--out", "x"], "expected a number"),
     (["verify", "no/such/model"], "missing model metadata"),
     (["threshold", "--dataset", "mnist", "--schemes", "zhang-foo", "--out", "t.json"], "unknown scheme"),
