@@ -1,6 +1,6 @@
 """Every `nnlaunder` command in the README parses as written (flags, choices, types)."""
 
-import re
+import importlib.util
 import shlex
 from pathlib import Path
 
@@ -12,14 +12,11 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def readme_commands() -> list[str]:
-    blocks = re.findall(r"```(?:bash)?\n(.*?)```", README.read_text(), flags=re.S)
-    text = "\n".join(blocks).replace("\\\n", " ")
-    cmds = []
-    for line in text.splitlines():
-        line = line.split("  #")[0].split(" # ")[0].strip()
-        if line.startswith("nnlaunder "):
-            cmds.append(line)
-    return cmds
+    """The README's `nnlaunder` commands as benchmarks/readme_walk.py runs them (one parser for both)."""
+    spec = importlib.util.spec_from_file_location("readme_walk", README.parent / "benchmarks" / "readme_walk.py")
+    walk = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(walk)
+    return walk.readme_commands()
 
 
 def test_the_readme_has_commands():
@@ -29,5 +26,4 @@ def test_the_readme_has_commands():
 @pytest.mark.parametrize("cmd", readme_commands())
 def test_a_readme_command_parses(cmd):
     argv = shlex.split(cmd)[1:]
-    argv = [a for a in argv if a != "[--mixed]"]          # an optional flag shown in brackets
     make_parser().parse_args(argv)
