@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 rc, tail = None, [f"timed out after {args.timeout} s"]
             secs = time.perf_counter() - t0
             want = next((c for k, c in EXPECTED_RC.items() if k in cmd), 0)
+            if cmd.startswith("nnlaunder report") and not args.all:
+                want = 2          # its workspace's only cells are the Figure 3 grid's, not run: it says so
             row.update(ok=rc == want, ran=True, seconds=round(secs, 1), rc=rc, note=" ".join(tail)[:300])
             print(f"    rc {rc} (want {want}), {secs:.0f} s: {row['note']}", flush=True)
         rows = [r for r in rows if r["command"] != cmd] + [row]
