@@ -23,7 +23,7 @@ MARKERS = {"launder": "o", "rtal": "s", "ftal": "D", "fine-prune": "^", "nc-unle
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for r in rows:
         xs, ys = zip(*r["points"], strict=True)
         ax.scatter(ys, xs, marker=MARKERS.get(r["attack"], "o"), s=36, label=f"{r['attack']} ({r['removed']}/{r['n']} "
@@ -36,7 +36,8 @@ def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: 
     ax.set_ylabel("test accuracy after the attack (%)")
     ax.set_xlim(-2, 102)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: it never hides a point
+    fig.tight_layout()
     return _save(fig, path, title)
 
 
