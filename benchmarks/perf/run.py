@@ -580,8 +580,9 @@ def merge_previous(sections: set[str]) -> None:
     keep = [r for r in json.loads(path.read_text())
             if not any(r["name"].startswith(SECTION_PREFIX[sec]) for sec in sections)]
     for r in keep:
-        if "(from an earlier run)" not in r["notes"]:
-            r["notes"] += " (from an earlier run)"
+        if "(from an earlier run)" not in r.get("notes", ""):
+            r["notes"] = r.get("notes", "") + " (from an earlier run)"
+        r.setdefault("machine", "not recorded: an earlier run, possibly on another machine")
     ROWS.extend(keep)
     HEAD.extend(r for r in keep if r["name"] in HEAD_NAMES)
 
