@@ -164,19 +164,24 @@ def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int
     plan = _from_entry(hit) if hit else None
     if plan is not None and (bf16_ok or not plan.amp):
         return plan, {"cached": True}
-    per = min(2, n_classes) if on_cpu else n_classes
+    per = min(4, n_classes) if on_cpu else n_classes    # two forward passes of the default chunk on a CPU
     stage1 = _stage(candidates(default, bf16_ok), step_seconds, per)
     best = pick(stage1)
     timed = {"stage1": [{**p.record(), "s_per_class_step": t} for p, t in stage1.items()]}
+    timed_stage2: dict[Plan, float] = {}
     if few_channel_conv:                # stage 2: the first conv's input-gradient path, on the chosen plan
         other = dataclasses.replace(best, input_grad="native" if best.input_grad == "matmul" else "matmul")
         stage2 = {best: stage1[best], **_stage([other], step_seconds, per)}
         best = min(stage2, key=stage2.__getitem__)
+        timed_stage2 = stage2
         timed["stage2"] = [{**p.record(), "s_per_class_step": t} for p, t in stage2.items()]
-    if on_cpu and n_classes > 1:        # stage 3: classes per forward pass
-        per = min(4, n_classes)
-        stage3 = _stage([dataclasses.replace(best, class_chunk=c) for c in sorted({1, 2, per})], step_seconds, per)
-        best = min(stage3, key=stage3.__getitem__)
+    if on_cpu and n_classes > 2:        # stage 3: classes per forward pass (a larger chunk must win by 10%)
+        seen = {**stage1, **timed_stage2}
+        stage3 = {best: seen[best],
+                  **_stage([dataclasses.replace(best, class_chunk=c) for c in (1, 4) if c != best.class_chunk],
+                           step_seconds, per)}
+        fastest = min(stage3, key=stage3.__getitem__)
+        best = fastest if stage3[fastest] <= 0.9 * stage3[best] else best
         timed["stage3"] = [{**p.record(), "s_per_class_step": t} for p, t in stage3.items()]
     _write_cache(path, k, {"key": key, "plan": {f.name: getattr(best, f.name) for f in dataclasses.fields(Plan)
                                                  if f.name != "tuned"}, "timed": timed})
