@@ -37,6 +37,18 @@ def has_fashion(data_dir):
     return True
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _nc_plan_cache(tmp_path_factory):
+    """Neural Cleanse's tuned plans go to a cache of the test session's own, never the user's."""
+    old = os.environ.get("NNLAUNDER_CACHE")
+    os.environ["NNLAUNDER_CACHE"] = str(tmp_path_factory.mktemp("nc-plans"))
+    yield
+    if old is None:
+        os.environ.pop("NNLAUNDER_CACHE", None)
+    else:
+        os.environ["NNLAUNDER_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

@@ -1,5 +1,6 @@
 import dataclasses
 
+import pytest
 import torch
 
 from nnlaunder.attacks.laundering import (
@@ -10,7 +11,7 @@ from nnlaunder.attacks.laundering import (
     reset_masks,
     select_resets,
 )
-from nnlaunder.attacks.neural_cleanse import NCConfig
+from nnlaunder.attacks.neural_cleanse import NCConfig, nc_config
 from nnlaunder.attacks.units import discover_units, mean_activations, select_units
 from nnlaunder.models import build
 from nnlaunder.train import TrainConfig, accuracy, predict, train
@@ -97,8 +98,10 @@ def test_bn_channels_are_reset_too():
     assert torch.count_nonzero(out["bn"][:, 4]) == 0
 
 
-def test_a_planted_backdoor_is_found_and_removed_end_to_end():
-    """Tiny synthetic model: plant a backdoor, launder with 100 clean images, backdoor gone."""
+@pytest.mark.parametrize("preset", ["faithful", "fast"])
+def test_a_planted_backdoor_is_found_and_removed_end_to_end(preset):
+    """Tiny synthetic model: plant a backdoor, launder with 100 clean images, backdoor gone, with
+    either Neural Cleanse preset (the fast one tuned on this machine, its plan recorded)."""
     train_set = make_images(3000, 10)
     poison = make_images(300, 11)
     x = torch.cat([train_set.x, add_trigger(poison.x)])
@@ -113,10 +116,12 @@ def test_a_planted_backdoor_is_found_and_removed_end_to_end():
 
     clean = make_images(100, 13)
     seen = []
-    cfg = launder_config("strong", dt=2.0, ct=2.0, nc=NCConfig(max_epochs=60, batch_size=32),
-                         retrain=TrainConfig(epochs=15, batch_size=32, lr=1e-3))
+    nc = NCConfig(max_epochs=60, batch_size=32) if preset == "faithful" else nc_config("fast", batch_size=32)
+    cfg = launder_config("strong", dt=2.0, ct=2.0, nc=nc, retrain=TrainConfig(epochs=15, batch_size=32, lr=1e-3))
     res = launder(net, clean, cfg, on_round=lambda r, m, info: seen.append(r) or {"checked": True})
     assert seen == [1] and res.rounds[0].metrics == {"checked": True}
+    assert res.rounds[0].nc_plan["tuned"] == (preset == "fast") and res.rounds[0].nc_plan["precision"] in (
+        "fp32", "bf16")
     assert 0 in res.rounds[0].used_triggers          # the backdoor class was recovered
     asr_after = 100 * float((predict(res.model, add_trigger(victims.x)) == 0).float().mean())
     acc_after = accuracy(res.model, test.x, test.y)

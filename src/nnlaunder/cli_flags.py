@@ -268,10 +268,11 @@ def _add_launder(sub: Any) -> None:
                    help="retraining images stamped with each used trigger, or one drawn at random per image")
     s.add_argument("--nc-epochs", type=_positive_int,
                    help="cap on Neural Cleanse epochs (default: the preset's, 1000 faithful, 100 fast)")
-    s.add_argument("--nc-preset", choices=("faithful", "fast"), default="faithful",
+    s.add_argument("--nc-preset", choices=("faithful", "fast", "fast-bf16"), default="faithful",
                    help="Neural Cleanse settings: Wang et al.'s (default) or this project's fast preset "
-                        "(8-minibatch schedule epochs, bf16 where the hardware has it, exact ReLU/pool reorder; "
-                        "docs/methods.md)")
+                        "(8-minibatch schedule epochs, exact ReLU/pool reorder, bf16 only where it times faster "
+                        "on this machine, masks confirmed on all images; fast-bf16: bf16 wherever the hardware "
+                        "has it, unconfirmed; docs/methods.md)")
     s.add_argument("--retrain-epochs", type=_positive_int, help="retraining epochs per round (default: the variant's)")
     s.add_argument("--retrain-lr", type=_float, help="retraining learning rate (default: the variant's)")
     s.add_argument("--calibrate", action="store_true",

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -56,7 +57,8 @@ from torch import nn
 from ..device import model_device
 from ..errors import UserError
 from ..kernels import conv_forward_im2col, conv_input_grad, im2col_ok
-from ..models.rewrite import relu_after_pool, rewrite_for_speed
+from ..models.rewrite import fold_batchnorm, relu_after_pool, rewrite_for_speed
+from .nc_tune import Plan, machine, model_signature, tuned_plan
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,10 @@ class NCConfig:
     amp: bool = False                    # bfloat16 autocast where the hardware has it
     exact_rewrite: bool = False          # ReLU/max-pool reorder + channels-last copy of the model
     class_chunk: int | None = None       # classes per forward pass; None: auto (CPU: ~64 images, else all)
+    tune: bool = False                   # time the plans (bf16 only where `amp` allows it and it is faster,
+    #                                      memory format, input_grad, class_chunk) and take the fastest (nc_tune.py)
+    confirm_best: bool = False           # the kept mask must reach `success` on all the images, not on one
+    #                                      short epoch's minibatches: the newest best that does is kept
     input_grad: str = "matmul"           # few-channel convs' input gradient as one matmul + shifted adds
     #                                      ("native": the library's backward; same sums, another order)
     # Speed measures that leave the function computed unchanged (benchmarks/perf switches them off to
@@ -88,6 +94,8 @@ class NCConfig:
     # as im2col + one matmul on a CPU.
     relu_after_pool: bool = True
     im2col_forward: bool = True
+    fold_bn: bool = False                # batch norm after a conv folded into it (models/rewrite.fold_batchnorm;
+    #                                      the same function, rounding aside)
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(v) for v in (self.lr, self.success, self.init_cost)
@@ -97,7 +105,7 @@ class NCConfig:
                 and (self.steps_per_epoch is None or self.steps_per_epoch >= 1)
                 and (self.class_chunk is None or self.class_chunk >= 1)
                 and (self.max_images is None or self.max_images >= 1) and self.mad_threshold > 0
-                and self.input_grad in ("native", "matmul")):
+                and self.input_grad in ("native", "matmul") and isinstance(self.amp, bool)):
             raise UserError(f"invalid Neural Cleanse settings: {self}")
 
 
@@ -107,8 +115,14 @@ NC_PRESETS: dict[str, dict] = {
     "faithful": {},
     # input_grad: bf16 channels-last convs keep the library's backward, which measured faster than the
     # matmul path (perf.md row nc_fast_batched_input_grad_native); fp32 contiguous gains from it
+    # tune: bf16 / memory format / input_grad / chunk by timing on the machine at hand, never bf16 where
+    # slower; confirm_best: a short epoch's 256 images can pass 99% where all the images do not
     "fast": {"steps_per_epoch": 8, "early_stop_patience": 10, "max_epochs": 100, "amp": True, "exact_rewrite": True,
-             "input_grad": "native"},
+             "input_grad": "native", "tune": True, "confirm_best": True, "fold_bn": True},
+    # The fast preset as it was before tuning and confirmation: bf16 wherever the hardware has it.
+    # The Table 2 study's fast runs used it (benchmarks/table2_seeds.py).
+    "fast-bf16": {"steps_per_epoch": 8, "early_stop_patience": 10, "max_epochs": 100, "amp": True,
+                  "exact_rewrite": True, "input_grad": "native"},
 }
 
 
@@ -194,6 +208,7 @@ class NCResult:
     flagged: list[int]         # classes whose mask is an outlier below the median
     seconds: float
     history: list[dict] = field(default_factory=list)
+    plan: dict = field(default_factory=dict)   # how it ran: precision, memory format, ... (nc_tune.Plan.record)
 
     @property
     def most_likely(self) -> int:
@@ -250,12 +265,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
         x = x[torch.sort(keep).values]
     x = x.to(model_device(model))     # the optimisation runs where the model is; results come back on the CPU
-    was_training = model.training
-    model.eval()
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    with _frozen(model):
         if num_classes is None:
             with torch.no_grad():
                 num_classes = int(model(x[:1]).shape[1])
@@ -263,23 +273,18 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         if not cls or min(cls) < 0 or max(cls) >= num_classes:
             raise UserError(f"candidate classes must be in 0..{num_classes - 1}, got {cls}")
         t0 = time.perf_counter()
-        # The caller's model stays as it is; ReLU -> max-pool pairs run as max-pool -> ReLU (the same
-        # function and gradients, 4x fewer ReLU values; exact_rewrite adds channels-last weights).
-        net = (rewrite_for_speed(model) if cfg.exact_rewrite
-               else relu_after_pool(model) if cfg.relu_after_pool else model)
-        if cfg.input_grad == "matmul":
-            net = with_input_grad_convs(net, im2col_forward=cfg.im2col_forward)
+        plan, timed = _plan(model, x, cfg, len(cls))
+        net = _net(model, cfg, plan, x[:8])
         if per_class:
-            parts = [_optimise(net, x, cfg, [c], progress) for c in cls]
-            res = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k != "history"}
+            parts = [_optimise(net, x, cfg, [c], progress, plan) for c in cls]
+            res = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("history", "candidates")}
             history = [h for p in parts for h in p["history"]]
+            res["candidates"] = [c for p in parts for c in p.get("candidates", [[]])]
         else:
-            res = _optimise(net, x, cfg, cls, progress)
+            res = _optimise(net, x, cfg, cls, progress, plan)
             history = res.pop("history")
-    finally:
-        for p, r in zip(model.parameters(), req, strict=True):
-            p.requires_grad_(r)
-        model.train(was_training)
+        if cfg.confirm_best:
+            _confirm(model, x, cfg, cls, res)
     # Full-size outputs indexed by class; the MAD test runs over the candidate classes.
     k_all = num_classes
     c, h, w = x.shape[1:]
@@ -298,7 +303,135 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
     anomaly[idx] = a
     flagged = [cls[i] for i in flagged_local]
     return NCResult(masks, patterns, l1, success, found, epochs, anomaly, flagged,
-                    time.perf_counter() - t0, history)
+                    time.perf_counter() - t0, history, {**plan.record(), **timed})
+
+
+def _default_chunk(dev: torch.device, batch_size: int) -> int | None:
+    # Every class's loss depends only on its own mask, so chunking changes nothing but speed: on a
+    # CPU, 10 x 32 stamped images per op fall out of cache and a batched pass runs slower than a
+    # per-class loop; ~64 images per forward keeps it in cache.
+    return max(1, 64 // batch_size) if dev.type == "cpu" else None
+
+
+def _net(model: nn.Module, cfg: NCConfig, plan: Plan, probe: torch.Tensor) -> nn.Module:
+    """The network the optimisation runs on; the caller's model stays as it is. ReLU -> max-pool
+    pairs run as max-pool -> ReLU (the same function and gradients, 4x fewer ReLU values); with
+    `fold_bn`, batch norms after convs are folded into them."""
+    if plan.channels_last:
+        net = rewrite_for_speed(model)      # a copy: swapped pairs, channels-last weights
+    else:
+        net = relu_after_pool(model) if (cfg.relu_after_pool or cfg.exact_rewrite) else model
+    if cfg.fold_bn:
+        net = fold_batchnorm(net, probe)
+        if plan.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+    if plan.input_grad == "matmul":
+        net = with_input_grad_convs(net, im2col_forward=cfg.im2col_forward)
+    return net
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """The model in eval mode with its parameters frozen; as it was afterwards."""
+    was_training = model.training
+    model.eval()
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), req, strict=True):
+            p.requires_grad_(r)
+        model.train(was_training)
+
+
+def plan_for(model: nn.Module, x: torch.Tensor, cfg: NCConfig, n_classes: int) -> Plan:
+    """The plan `neural_cleanse(model, x, cfg)` will run with for `n_classes` candidate classes (with
+    `tune`: timed now unless cached, so a caller can take the one-time cost outside a measurement)."""
+    with _frozen(model):
+        return _plan(model, x.to(model_device(model)), cfg, n_classes)[0]
+
+
+def _plan(model: nn.Module, x: torch.Tensor, cfg: NCConfig, n_classes: int) -> tuple[Plan, dict]:
+    """How this run computes: the configuration as it is, or (`tune`) the fastest plan on this machine."""
+    dev = model_device(model)
+    bf16_ok = cfg.amp and amp_supported(dev)
+    default = Plan(bf16_ok, cfg.exact_rewrite, cfg.input_grad, cfg.class_chunk or _default_chunk(dev, cfg.batch_size))
+    if not cfg.tune:
+        return default, {}
+    few = any(im2col_ok(m, 3) for m in model.modules())
+    key = {**machine(dev), "model": model_signature(model), "image": list(x.shape[1:]), "batch": cfg.batch_size,
+           "relu_after_pool": cfg.relu_after_pool, "im2col_forward": cfg.im2col_forward, "amp_allowed": bf16_ok}
+
+    def seconds(plan: Plan, n: int) -> float:
+        return _step_seconds(model, x, cfg, plan, n)
+
+    plan, timed = tuned_plan(dataclasses.replace(default, tuned=True), key, seconds, n_classes, bf16_ok, few,
+                             dev.type == "cpu")
+    return plan, {"timing": timed}
+
+
+def _step_seconds(model: nn.Module, x: torch.Tensor, cfg: NCConfig, plan: Plan, n: int, repeats: int = 3,
+                  min_total: float = 0.1) -> float:
+    """The fastest optimisation step for `n` classes under `plan`: after one warm-up, at least
+    `repeats` steps and `min_total` seconds (at most 4x `repeats` steps)."""
+    net = _net(model, cfg, plan, x[:8])
+    w_mask, w_pat = _init_variables(list(range(n)), cfg.seed, tuple(x.shape[1:]), x.dtype, x.device)
+    xb = x[:cfg.batch_size]
+    tgt = torch.arange(n, device=x.device).repeat_interleave(len(xb))
+    mem = torch.channels_last if plan.channels_last else torch.contiguous_format
+    best, spent, i = math.inf, 0.0, -1        # two warm-up steps: first-use kernel setup is slow
+    while i <= repeats or (spent < min_total and i <= 4 * repeats):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        m, p = _squash(w_mask), _squash(w_pat)
+        logits = _stamped_logits(net, xb, m, p, plan.class_chunk, plan.amp, mem)
+        loss = F.cross_entropy(logits, tgt) + 1e-3 * m.abs().sum()
+        torch.autograd.grad(loss, (w_mask, w_pat))
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        if i > 0:
+            best = min(best, time.perf_counter() - t0)
+            spent += time.perf_counter() - t0
+        i += 1
+    return best
+
+
+@torch.no_grad()
+def _confirm(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int], res: dict) -> None:
+    """Keep, per class, the newest best mask (of those looked at) whose trigger sends at least
+    `success` of all the images to the class (the model itself, in its own precision); where none
+    does, the one that sends the most, and the class counts as not found. `success` then holds
+    that share."""
+    net = _net(model, cfg, Plan(False, x.device.type == "cpu", "native", None), x[:8])   # fp32, forward only
+    mem = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    for i, c in enumerate(cls):
+        cands = res["candidates"][i]
+        if not cands:
+            continue
+        best = None
+        # newest first, one by one, then at doubling distances: a few forward passes, not one per improvement
+        look = sorted({j for j in (0, 1, 2, 3, *(2 ** e + 1 for e in range(2, 16))) if j < len(cands)})
+        for m, p, reg in (cands[-1 - j] for j in look):
+            rate = float((_predict_stamped(net, x, m, p, mem) == c).float().mean())
+            if best is None or rate > best[3]:
+                best = (m, p, reg, rate)
+            if rate >= cfg.success:
+                best = (m, p, reg, rate)
+                break
+        m, p, reg, rate = best
+        res["masks"][i], res["patterns"][i], res["l1"][i], res["success"][i] = m, p, reg, rate
+        res["found"][i] = rate >= cfg.success
+    del res["candidates"]
+
+
+def _predict_stamped(net: nn.Module, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, mem: torch.memory_format,
+                     chunk: int = 250) -> torch.Tensor:
+    m, p = m.to(x.device), p.to(x.device)
+    return torch.cat([net(stamp(x[i:i + chunk], m, p).contiguous(memory_format=mem)).argmax(1)
+                      for i in range(0, len(x), chunk)]).cpu()
 
 
 # Seeds: a class's initial mask and pattern come from (seed * INIT_SEED_STRIDE + class), the image
@@ -431,20 +564,16 @@ def _stamped_logits(model: nn.Module, xb: torch.Tensor, m: torch.Tensor, p: torc
 
 
 def _epoch(model: nn.Module, batches: _Batches, w_mask: torch.Tensor, w_pat: torch.Tensor, opt: _Adam,
-           targets: torch.Tensor, act: list[int], costs: list[float], epoch: int, steps: int, cfg: NCConfig
-           ) -> tuple[list[float], list[float]]:
+           targets: torch.Tensor, act: list[int], costs: list[float], epoch: int, steps: int, cfg: NCConfig,
+           plan: Plan) -> tuple[list[float], list[float]]:
     """One epoch of `steps` minibatches for the active classes; returns their mean attack success
     and mask norm."""
     dev = w_mask.device
     a_idx = torch.tensor(act, device=dev)
     acc_sum, reg_sum, ce_sum = (torch.zeros(len(act), dtype=torch.float64, device=dev) for _ in range(3))
     cost_t = torch.tensor(costs, dtype=w_mask.dtype, device=dev)
-    use_amp = cfg.amp and amp_supported(dev)
-    mem = torch.channels_last if cfg.exact_rewrite else torch.contiguous_format
-    # Classes per forward pass. Every class's loss depends only on its own mask, so chunking changes
-    # nothing but speed: on a CPU, 10 x 32 stamped images per op fall out of cache and a batched pass
-    # runs slower than a per-class loop; ~64 images per forward keeps it in cache.
-    chunk = cfg.class_chunk or (max(1, 64 // cfg.batch_size) if dev.type == "cpu" else None)
+    use_amp, chunk = plan.amp, plan.class_chunk
+    mem = torch.channels_last if plan.channels_last else torch.contiguous_format
     for s in range(steps):
         xb = batches(epoch * steps + s)
         bsz = len(xb)
@@ -467,7 +596,7 @@ def _epoch(model: nn.Module, batches: _Batches, w_mask: torch.Tensor, w_pat: tor
 
 
 def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
-              progress: Callable[[int, int], None] | None) -> dict:
+              progress: Callable[[int, int], None] | None, plan: Plan) -> dict:
     """Reverse-engineer a trigger (mask, pattern) for each class in `cls` at once."""
     k = len(cls)
     w_mask, w_pat = _init_variables(cls, cfg.seed, tuple(x.shape[1:]), x.dtype, x.device)
@@ -479,6 +608,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
     best_succ = torch.zeros(k, dtype=torch.float32)
     epochs = torch.zeros(k, dtype=torch.long)
     history: list[dict] = []
+    cands: list[list[tuple]] = [[] for _ in range(k)]     # every successive best (confirm_best)
     batches = _Batches(x, cfg)
     steps = cfg.steps_per_epoch or batches.steps_full
     for epoch in range(cfg.max_epochs):
@@ -486,7 +616,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
         if not act:
             break
         acc, regs = _epoch(model, batches, w_mask, w_pat, opt, targets, act, [sched[i].cost for i in act], epoch,
-                           steps, cfg)
+                           steps, cfg, plan)
         a_idx = torch.tensor(act, device=x.device)
         with torch.no_grad():
             cur_m, cur_p = _squash(w_mask[a_idx]).cpu(), _squash(w_pat[a_idx]).cpu()
@@ -494,6 +624,8 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
             epochs[i] = epoch + 1
             if acc[j] >= cfg.success and regs[j] < sched[i].reg_best:
                 best_mask[i], best_pat[i] = cur_m[j], cur_p[j]
+                if cfg.confirm_best:
+                    cands[i].append((cur_m[j].clone(), cur_p[j].clone(), regs[j]))
                 sched[i].reg_best = regs[j]
                 best_succ[i] = acc[j]
             if cfg.early_stop and sched[i].stops(cfg):
@@ -514,6 +646,9 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
         if not found[i]:
             best_mask[i], best_pat[i] = last_m[i], last_p[i]
             l1[i] = float(last_m[i].abs().sum())
-    return {"masks": best_mask.float(), "patterns": best_pat.float(), "l1": l1, "success": best_succ,
-            "found": found, "epochs": epochs, "history": history}
+    out = {"masks": best_mask.float(), "patterns": best_pat.float(), "l1": l1, "success": best_succ,
+           "found": found, "epochs": epochs, "history": history}
+    if cfg.confirm_best:
+        out["candidates"] = cands
+    return out
 

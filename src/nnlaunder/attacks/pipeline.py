@@ -62,8 +62,11 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
 def round_line(r: int, info: RoundInfo, metrics: dict[str, Any]) -> str:
     if info.stopped:
         return f"round {r}: early stop (class {info.least_likely} was the most likely infected in round 1)"
+    plan = info.nc_plan
+    how = (f" (Neural Cleanse in {plan['precision']}, {plan['memory_format']}"
+           f"{', tuned on this machine' if plan.get('tuned') else ''})" if plan else "")
     return (f"round {r}: flagged {info.flagged or 'none'} (used {info.used_triggers}), reset "
-            f"{sum(info.resets.values())} units {info.resets}; {_metrics_line(metrics)}; {info.seconds:.0f} s")
+            f"{sum(info.resets.values())} units {info.resets}; {_metrics_line(metrics)}; {info.seconds:.0f} s{how}")
 
 
 def run_calibration(model: nn.Module, clean: Dataset, cfg: LaunderConfig, opts: CalibrateOptions,

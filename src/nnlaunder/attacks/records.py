@@ -34,6 +34,7 @@ class RoundInfo:
     seconds: float = 0.0
     attacker_acc: float | None = None      # accuracy on the attacker's own held-out slice
     stopped: bool = False                  # the early-stop rule fired; nothing was changed
+    nc_plan: dict[str, Any] = field(default_factory=dict)  # how Neural Cleanse ran (precision, ...: NCResult.plan)
     metrics: dict[str, Any] = field(default_factory=dict)   # what the caller's on_round measured: recorded
     #   for the report, never read by laundering (the attacker decides on nothing in it)
 

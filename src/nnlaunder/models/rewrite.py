@@ -4,6 +4,7 @@ modules (the trainer's and Neural Cleanse's ReLU / max-pool swap)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -57,3 +58,28 @@ def rewrite_for_speed(model: nn.Module) -> nn.Module:
             for key, mod in zip(list(seq._modules), swap_relu_pool(list(seq)), strict=True):
                 seq._modules[key] = mod
     return fast.to(memory_format=torch.channels_last)
+
+
+def fold_batchnorm(model: nn.Module, probe: torch.Tensor) -> nn.Module:
+    """A copy of an eval-mode `model` in which every batch norm that directly follows a conv is folded
+    into the conv's weights and bias (the same affine function, one pass over memory instead of two;
+    torch.fx's `fuse`). Used where the weights are frozen (Neural Cleanse). The model is returned as
+    it is when it has no batch norm, is training, has hooks (a traced copy would drop them), cannot be
+    traced, or the folded copy's output on `probe` differs beyond rounding."""
+    mods = list(model.modules())
+    if model.training or not any(isinstance(m, nn.BatchNorm2d) for m in mods) or any(_hooked(m) for m in mods):
+        return model
+    with warnings.catch_warnings():             # the import touches deprecated torch.jit names
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(model)        # works on a deep copy
+        with torch.no_grad():
+            a, b = model(probe), folded(probe)
+    except Exception:               # untraceable control flow, unusual modules: keep the model
+        return model
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    ok = (n_bn < sum(isinstance(m, nn.BatchNorm2d) for m in mods) and a.shape == b.shape
+          and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * float(a.abs().max()) + 1e-6))
+    return folded if ok else model

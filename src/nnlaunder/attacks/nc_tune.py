@@ -1,0 +1,188 @@
+"""How Neural Cleanse runs on the machine at hand: precision, memory format, the first conv's
+input-gradient path and classes per forward pass, chosen by timing (`NCConfig.tune`, on in the
+fast preset).
+
+bfloat16 pays on a CPU with AMX and on most GPUs; on a CPU with AVX512-BF16 but no AMX it can be
+slower than fp32, and which memory format and chunk size win depends on the model. So a tuned run
+times one optimisation step of each candidate plan on the caller's own model and images (about a
+second on a small CNN, a few on ResNet-20), and keeps the fastest, with two rules:
+- bfloat16 only where the configuration allows it (`amp`), the hardware has it, and it measured
+  at least `BF16_MARGIN` faster than the best fp32 plan: never bf16 where it is slower;
+- the choice is cached per (machine, model architecture, image shape, batch size) in
+  `$NNLAUNDER_CACHE/nc-plans.json` (default `~/.cache/nnlaunder`; `NNLAUNDER_CACHE=off` turns the
+  cache off), so a machine times each model once and later runs take the same plan.
+Every plan computes the same function; they differ in rounding (bf16 much more than the others).
+The plan used is recorded in each result (`NCResult.plan`, a laundering round's `nc_plan`).
+
+This module holds the plan, the choice rule and the cache; the timing itself is Neural Cleanse's
+own step, passed in by `neural_cleanse.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+BF16_MARGIN = 0.9          # bf16 must take at most this share of the best fp32 plan's step time
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    amp: bool                  # bfloat16 autocast for the model's forward/backward
+    channels_last: bool        # weights and stamped images channels-last
+    input_grad: str            # "matmul" | "native": a few-channel first conv's input gradient
+    class_chunk: int | None    # classes per forward pass (None: all at once)
+    tuned: bool = False        # chosen by timing (False: taken from the configuration as it is)
+
+    def record(self) -> dict:
+        """What a result records of the plan."""
+        return {"precision": "bf16" if self.amp else "fp32",
+                "memory_format": "channels_last" if self.channels_last else "contiguous",
+                "input_grad": self.input_grad, "class_chunk": self.class_chunk, "tuned": self.tuned}
+
+
+StepTimer = Callable[[Plan, int], float]     # (plan, classes per step) -> seconds of one step
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that decide what pays (Linux /proc/cpuinfo; empty elsewhere)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def machine(device: torch.device) -> dict:
+    """The facts a timing depends on, recorded with every tuned plan and benchmark row."""
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    return {"device": cpu_name(), "flags": cpu_flags(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def model_signature(model: nn.Module) -> str:
+    """The architecture without the weights: module types and parameter shapes."""
+    parts = [f"{name}:{type(m).__name__}" for name, m in model.named_modules()]
+    parts += [f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_file() -> Path | None:
+    v = os.environ.get("NNLAUNDER_CACHE", "")
+    if v.lower() in ("off", "0", "none"):
+        return None
+    base = Path(v) if v else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nnlaunder"
+    return base / "nc-plans.json"
+
+
+def _read_cache(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}                       # a damaged cache is timed again, never trusted
+    return data if isinstance(data, dict) and data.get("version") == CACHE_VERSION else {}
+
+
+def _write_cache(path: Path | None, key: str, entry: dict) -> None:
+    if path is None:
+        return
+    data = _read_cache(path) or {"version": CACHE_VERSION, "plans": {}}
+    data.setdefault("plans", {})[key] = entry
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):  # an unwritable cache only costs the timing next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def _from_entry(entry: dict) -> Plan | None:
+    try:
+        p = Plan(**{**entry["plan"], "tuned": True})
+    except (KeyError, TypeError):
+        return None
+    ok = (isinstance(p.amp, bool) and isinstance(p.channels_last, bool) and p.input_grad in ("matmul", "native")
+          and (p.class_chunk is None or (isinstance(p.class_chunk, int) and p.class_chunk >= 1)))
+    return p if ok else None
+
+
+def pick(timings: dict[Plan, float]) -> Plan:
+    """The fastest plan, bf16 only where it beats the best fp32 plan by the margin."""
+    fp32 = {p: t for p, t in timings.items() if not p.amp}
+    bf16 = {p: t for p, t in timings.items() if p.amp}
+    best32 = min(fp32, key=fp32.__getitem__) if fp32 else None
+    best16 = min(bf16, key=bf16.__getitem__) if bf16 else None
+    if best16 is not None and (best32 is None or timings[best16] <= BF16_MARGIN * timings[best32]):
+        return best16
+    assert best32 is not None, "no fp32 candidate"
+    return best32
+
+
+def candidates(default: Plan, bf16_ok: bool) -> list[Plan]:
+    """Stage 1: precision x memory format, at the configured input-gradient path and the default chunk."""
+    return [Plan(amp, cl, default.input_grad, default.class_chunk, tuned=True)
+            for amp in ((False, True) if bf16_ok else (False,)) for cl in (False, True)]
+
+
+def _stage(plans: list[Plan], step_seconds: StepTimer, per: int) -> dict[Plan, float]:
+    return {p: step_seconds(p, per) / per for p in plans}
+
+
+def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int, bf16_ok: bool,
+               few_channel_conv: bool, on_cpu: bool) -> tuple[Plan, dict]:
+    """The cached plan for `key`, or the fastest by `step_seconds`; returns (plan, what was timed)."""
+    path = cache_file()
+    k = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    hit = _read_cache(path).get("plans", {}).get(k)
+    plan = _from_entry(hit) if hit else None
+    if plan is not None and (bf16_ok or not plan.amp):
+        return plan, {"cached": True}
+    per = min(4, n_classes) if on_cpu else n_classes    # two forward passes of the default chunk on a CPU
+    stage1 = _stage(candidates(default, bf16_ok), step_seconds, per)
+    best = pick(stage1)
+    timed = {"stage1": [{**p.record(), "s_per_class_step": t} for p, t in stage1.items()]}
+    timed_stage2: dict[Plan, float] = {}
+    if few_channel_conv:                # stage 2: the first conv's input-gradient path, on the chosen plan
+        other = dataclasses.replace(best, input_grad="native" if best.input_grad == "matmul" else "matmul")
+        stage2 = {best: stage1[best], **_stage([other], step_seconds, per)}
+        best = min(stage2, key=stage2.__getitem__)
+        timed_stage2 = stage2
+        timed["stage2"] = [{**p.record(), "s_per_class_step": t} for p, t in stage2.items()]
+    if on_cpu and n_classes > 2:        # stage 3: classes per forward pass (a larger chunk must win by 10%)
+        seen = {**stage1, **timed_stage2}
+        stage3 = {best: seen[best],
+                  **_stage([dataclasses.replace(best, class_chunk=c) for c in (1, 4) if c != best.class_chunk],
+                           step_seconds, per)}
+        fastest = min(stage3, key=stage3.__getitem__)
+        best = fastest if stage3[fastest] <= 0.9 * stage3[best] else best
+        timed["stage3"] = [{**p.record(), "s_per_class_step": t} for p, t in stage3.items()]
+    _write_cache(path, k, {"key": key, "plan": {f.name: getattr(best, f.name) for f in dataclasses.fields(Plan)
+                                                 if f.name != "tuned"}, "timed": timed})
+    return best, {"cached": False, **timed}
