@@ -75,6 +75,7 @@ from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MACHINE = {**machine(torch.device("cpu")), "cpus": os.cpu_count()}   # recorded in every row
+COMMAND = ""               # this run's command line, recorded in every row (set by main)
 ROWS: list[dict] = []
 KEPT_FREED_MEMORY = False      # set by the entry point (keep_freed_memory())
 HEAD: list[dict] = []     # headline comparison rows, written first
@@ -83,7 +84,7 @@ HEAD: list[dict] = []     # headline comparison rows, written first
 def row(name: str, seconds: float | None, baseline: str | None = None, ratio: float | None = None,
         notes: str = "", **extra) -> dict:
     r = {"name": name, "seconds": seconds, "baseline": baseline, "ratio": ratio, "notes": notes, **extra,
-         "machine": MACHINE}
+         "machine": MACHINE, "command": COMMAND}
     ROWS.append(r)
     print(f"  {name}: {'' if seconds is None else f'{seconds:.3f} s'} "
           f"{'' if ratio is None else f'ratio {ratio:.2f} vs {baseline}'} {notes}", flush=True)
@@ -596,7 +597,7 @@ def ordered() -> list[dict]:
 
 
 def markdown(machine: str, command: str) -> str:
-    lines = ["# Performance", "", f"Machine: {machine}. Every ratio is measured within this one run.", "",
+    lines = ["# Performance", "", f"Machine: {machine}. Each ratio is measured within one run (its row's command).", "",
              "| name | seconds | baseline | ratio | notes |", "|---|---|---|---|---|"]
     for r in ordered():
         s = "–" if r.get("seconds") is None else f"{r['seconds']:.3f}"
@@ -633,7 +634,8 @@ def markdown(machine: str, command: str) -> str:
     lines += ["", "ART defects handled by the harness (benchmarks/perf/art_nc.py): under Keras 3 its `reset()` zeroes "
               "the optimiser's learning rate (restored after each reset; without it no mask moves), its early stop "
               "never fires, and it prints a tensor per minibatch (sent to a file).", "",
-              "Command:", f"    {command}", ""]
+              "Commands (each row of perf.json records its own):",
+              *sorted({f"    {r['command']}" for r in ROWS if r.get("command")} | {f"    {command}"}), ""]
     return "\n".join(lines)
 
 
@@ -658,6 +660,8 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-faithful-nc", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
+    global COMMAND
+    COMMAND = ("python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     # Neural Cleanse's tuned plans start from an empty cache, so the one-time timing is measured here
     os.environ["NNLAUNDER_CACHE"] = tempfile.mkdtemp(prefix="nnlaunder-perf-")
     if args.probe_faithful_nc is not None:
@@ -686,9 +690,8 @@ def main(argv=None) -> int:
                f"{torch.get_num_threads()} threads"
                + (", glibc malloc keeps freed memory (NNLAUNDER_MALLOC=keep)" if KEPT_FREED_MEMORY else ""))
     merge_previous(sections)
-    command = "python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
     atomic_write_json(RESULTS / "perf.json", ordered())
-    atomic_write_bytes(RESULTS / "perf.md", markdown(machine, command.strip()).encode())
+    atomic_write_bytes(RESULTS / "perf.md", markdown(machine, COMMAND).encode())
     print(f"wrote {RESULTS / 'perf.json'} and perf.md")
     return 0
 

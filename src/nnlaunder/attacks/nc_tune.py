@@ -165,24 +165,22 @@ def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int
     if plan is not None and (bf16_ok or not plan.amp):
         return plan, {"cached": True}
     per = min(4, n_classes) if on_cpu else n_classes    # two forward passes of the default chunk on a CPU
-    stage1 = _stage(candidates(default, bf16_ok), step_seconds, per)
-    best = pick(stage1)
-    timed = {"stage1": [{**p.record(), "s_per_class_step": t} for p, t in stage1.items()]}
-    timed_stage2: dict[Plan, float] = {}
-    if few_channel_conv:                # stage 2: the first conv's input-gradient path, on the chosen plan
-        other = dataclasses.replace(best, input_grad="native" if best.input_grad == "matmul" else "matmul")
-        stage2 = {best: stage1[best], **_stage([other], step_seconds, per)}
-        best = min(stage2, key=stage2.__getitem__)
-        timed_stage2 = stage2
-        timed["stage2"] = [{**p.record(), "s_per_class_step": t} for p, t in stage2.items()]
-    if on_cpu and n_classes > 2:        # stage 3: classes per forward pass (a larger chunk must win by 10%)
-        seen = {**stage1, **timed_stage2}
-        stage3 = {best: seen[best],
-                  **_stage([dataclasses.replace(best, class_chunk=c) for c in (1, 4) if c != best.class_chunk],
-                           step_seconds, per)}
-        fastest = min(stage3, key=stage3.__getitem__)
-        best = fastest if stage3[fastest] <= 0.9 * stage3[best] else best
-        timed["stage3"] = [{**p.record(), "s_per_class_step": t} for p, t in stage3.items()]
+    measured = _stage(candidates(default, bf16_ok), step_seconds, per)
+    best = pick(measured)
+    timed = {"stage1": [{**p.record(), "s_per_class_step": t} for p, t in measured.items()]}
+    later = []                          # (name, alternatives to the best so far, margin they must beat)
+    if few_channel_conv:                # the first conv's input-gradient path
+        later.append(("stage2", lambda b: [dataclasses.replace(
+            b, input_grad="native" if b.input_grad == "matmul" else "matmul")], 1.0))
+    if on_cpu and n_classes > 2:        # classes per forward pass: another chunk must win by 10%
+        later.append(("stage3", lambda b: [dataclasses.replace(b, class_chunk=c) for c in (1, 4)], 0.9))
+    for name, alternatives, margin in later:
+        alts = [a for a in alternatives(best) if a != best]
+        measured.update(_stage(alts, step_seconds, per))
+        stage = {p: measured[p] for p in [best, *alts]}
+        fastest = min(stage, key=stage.__getitem__)
+        best = fastest if stage[fastest] <= margin * stage[best] else best
+        timed[name] = [{**p.record(), "s_per_class_step": t} for p, t in stage.items()]
     _write_cache(path, k, {"key": key, "plan": {f.name: getattr(best, f.name) for f in dataclasses.fields(Plan)
                                                  if f.name != "tuned"}, "timed": timed})
     return best, {"cached": False, **timed}
