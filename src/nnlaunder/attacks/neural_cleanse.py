@@ -379,17 +379,14 @@ def _step_seconds(model: nn.Module, x: torch.Tensor, cfg: NCConfig, plan: Plan, 
     net = _net(model, cfg, plan, x[:8])
     w_mask, w_pat = _init_variables(list(range(n)), cfg.seed, tuple(x.shape[1:]), x.dtype, x.device)
     xb = x[:cfg.batch_size]
-    tgt = torch.arange(n, device=x.device).repeat_interleave(len(xb))
-    mem = torch.channels_last if plan.channels_last else torch.contiguous_format
+    a_idx = torch.arange(n, device=x.device)
+    cost_t = torch.full((n,), cfg.init_cost, dtype=x.dtype, device=x.device)
     best, spent, i = math.inf, 0.0, -1        # two warm-up steps: first-use kernel setup is slow
     while i <= repeats or (spent < min_total and i <= 4 * repeats):
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
-        m, p = _squash(w_mask), _squash(w_pat)
-        logits = _stamped_logits(net, xb, m, p, plan.class_chunk, plan.amp, mem)
-        loss = F.cross_entropy(logits, tgt) + 1e-3 * m.abs().sum()
-        torch.autograd.grad(loss, (w_mask, w_pat))
+        _step_grads(net, xb, w_mask, w_pat, a_idx, a_idx, cost_t, plan)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         if i > 0:
@@ -404,34 +401,46 @@ def _confirm(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int], r
     """Keep, per class, the newest best mask (of those looked at) whose trigger sends at least
     `success` of all the images to the class (the model itself, in its own precision); where none
     does, the one that sends the most, and the class counts as not found. `success` then holds
-    that share."""
+    that share. A candidate is dropped as soon as its misses exceed what `success` allows, so a
+    failing one costs a part of a pass; where none passes, the share of each is counted in full."""
     net = _net(model, cfg, Plan(False, x.device.type == "cpu", "native", None), x[:8])   # fp32, forward only
     mem = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    allowed = len(x) - math.ceil(cfg.success * len(x) - 1e-9)      # most misses a passing trigger may have
     for i, c in enumerate(cls):
         cands = res["candidates"][i]
         if not cands:
             continue
-        best = None
         # newest first, one by one, then at doubling distances: a few forward passes, not one per improvement
         look = sorted({j for j in (0, 1, 2, 3, *(2 ** e + 1 for e in range(2, 16))) if j < len(cands)})
-        for m, p, reg in (cands[-1 - j] for j in look):
-            rate = float((_predict_stamped(net, x, m, p, mem) == c).float().mean())
-            if best is None or rate > best[3]:
-                best = (m, p, reg, rate)
-            if rate >= cfg.success:
-                best = (m, p, reg, rate)
+        tried = [cands[-1 - j] for j in look]
+        chosen = None
+        for m, p, reg in tried:
+            hits = _hits(net, x, m, p, c, mem, allowed)
+            if hits is not None:
+                chosen = (m, p, reg, hits / len(x))
                 break
-        m, p, reg, rate = best
+        if chosen is None:               # none passes: the one that sends the most (the newest of equals)
+            rates = [_hits(net, x, m, p, c, mem, None) / len(x) for m, p, _ in tried]
+            k = max(range(len(tried)), key=lambda j: (rates[j], -j))
+            chosen = (*tried[k], rates[k])
+        m, p, reg, rate = chosen
         res["masks"][i], res["patterns"][i], res["l1"][i], res["success"][i] = m, p, reg, rate
         res["found"][i] = rate >= cfg.success
     del res["candidates"]
 
 
-def _predict_stamped(net: nn.Module, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, mem: torch.memory_format,
-                     chunk: int = 250) -> torch.Tensor:
+def _hits(net: nn.Module, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, c: int, mem: torch.memory_format,
+          allowed: int | None, chunk: int = 250) -> int | None:
+    """How many images the stamped trigger sends to class c; None as soon as more than `allowed`
+    miss (None: count them all)."""
     m, p = m.to(x.device), p.to(x.device)
-    return torch.cat([net(stamp(x[i:i + chunk], m, p).contiguous(memory_format=mem)).argmax(1)
-                      for i in range(0, len(x), chunk)]).cpu()
+    hits = 0
+    for i in range(0, len(x), chunk):
+        xb = x[i:i + chunk]
+        hits += int((net(stamp(xb, m, p).contiguous(memory_format=mem)).argmax(1) == c).sum())
+        if allowed is not None and (i + len(xb)) - hits > allowed:
+            return None
+    return hits
 
 
 # Seeds: a class's initial mask and pattern come from (seed * INIT_SEED_STRIDE + class), the image
@@ -518,11 +527,22 @@ class _Adam:
 
     @torch.no_grad()
     def step(self, grads: tuple[torch.Tensor, torch.Tensor], a_idx: torch.Tensor) -> None:
+        """`grads`: the gradients of the active classes `a_idx` only, in that order."""
         b1, b2 = self.cfg.betas
+        if len(a_idx) == len(self.steps):        # every class active: in place, no gather or scatter
+            self.steps += 1
+            t = self.steps.to(self.params[0].dtype)
+            for param, ga, (mom, vel) in zip(self.params, grads, self.moments, strict=True):
+                shape = (-1,) + (1,) * (param.ndim - 1)
+                mom.mul_(b1).add_((1 - b1) * ga)
+                vel.mul_(b2).add_((1 - b2) * ga * ga)
+                mhat = mom / (1 - b1 ** t).view(shape)
+                vhat = vel / (1 - b2 ** t).view(shape)
+                param.sub_(self.cfg.lr * mhat / (vhat.sqrt() + self.cfg.eps))
+            return
         self.steps[a_idx] += 1
         t = self.steps[a_idx].to(self.params[0].dtype)
-        for param, grad, (mom, vel) in zip(self.params, grads, self.moments, strict=True):
-            ga = grad[a_idx]
+        for param, ga, (mom, vel) in zip(self.params, grads, self.moments, strict=True):
             mom[a_idx] = b1 * mom[a_idx] + (1 - b1) * ga
             vel[a_idx] = b2 * vel[a_idx] + (1 - b2) * ga * ga
             shape = (-1,) + (1,) * (param.ndim - 1)
@@ -549,18 +569,45 @@ class _Batches:
         return self.x[self.perms[p_no][s_no * bs:(s_no + 1) * bs]]
 
 
-def _stamped_logits(model: nn.Module, xb: torch.Tensor, m: torch.Tensor, p: torch.Tensor, chunk: int | None,
-                    use_amp: bool, mem: torch.memory_format) -> torch.Tensor:
-    """Logits of every minibatch image stamped with every active class's trigger, class-major
-    (A*B rows), computed `chunk` classes per forward."""
+def _stamped_logits(model: nn.Module, xb: torch.Tensor, m: torch.Tensor, p: torch.Tensor, use_amp: bool,
+                    mem: torch.memory_format) -> torch.Tensor:
+    """Logits (fp32) of every minibatch image stamped with every given class's trigger, class-major
+    (A*B rows), in one forward pass."""
     bsz, (c, h, w) = len(xb), xb.shape[1:]
-    parts, width = [], chunk or len(m)
-    for lo in range(0, len(m), width):
-        mc, pc = m[lo:lo + width], p[lo:lo + width]
-        xs = stamp(xb.unsqueeze(0), mc.unsqueeze(1), pc.unsqueeze(1)).reshape(len(mc) * bsz, c, h, w)
-        with (torch.autocast(xb.device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()):
-            parts.append(model(xs.contiguous(memory_format=mem)).float())
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+    xs = stamp(xb.unsqueeze(0), m.unsqueeze(1), p.unsqueeze(1)).reshape(len(m) * bsz, c, h, w)
+    with (torch.autocast(xb.device.type, dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()):
+        return model(xs.contiguous(memory_format=mem)).float()
+
+
+def _step_grads(model: nn.Module, xb: torch.Tensor, w_mask: torch.Tensor, w_pat: torch.Tensor, a_idx: torch.Tensor,
+                targets: torch.Tensor, cost_t: torch.Tensor, plan: Plan
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimisation step's gradients for the active classes `a_idx`, `plan.class_chunk` classes
+    per forward and backward pass. Every class's loss (mean CE of its stamped minibatch + its cost
+    times its mask's L1) depends on its own mask and pattern only, so each chunk's gradient is its
+    own backward pass, run while the chunk's activations are still in cache. Returns the gradients
+    of the active masks and patterns, and per active class: CE, mask L1, share classified as target."""
+    bsz, n = len(xb), len(a_idx)
+    mem = torch.channels_last if plan.channels_last else torch.contiguous_format
+    width = plan.class_chunk or n
+    g_mask, g_pat = torch.empty_like(w_mask[a_idx]), torch.empty_like(w_pat[a_idx])
+    ce_all, reg_all, acc_all = (torch.empty(n, dtype=w_mask.dtype, device=w_mask.device) for _ in range(3))
+    for lo in range(0, n, width):
+        idx = a_idx[lo:lo + width]
+        wm, wp = w_mask[idx].detach().requires_grad_(True), w_pat[idx].detach().requires_grad_(True)
+        m, p = _squash(wm), _squash(wp)                                  # (a,1,H,W), (a,C,H,W)
+        logits = _stamped_logits(model, xb, m, p, plan.amp, mem)
+        tgt = targets[idx].repeat_interleave(bsz)
+        ce = F.cross_entropy(logits, tgt, reduction="none").view(len(idx), bsz).mean(1)
+        reg = m.abs().sum((1, 2, 3))
+        loss = (ce + cost_t[lo:lo + width] * reg).sum()
+        if xb.device.type == "cpu" and not torch.isfinite(loss):   # on a GPU: checked once per epoch
+            raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
+        g_mask[lo:lo + width], g_pat[lo:lo + width] = torch.autograd.grad(loss, (wm, wp))
+        with torch.no_grad():
+            ce_all[lo:lo + width], reg_all[lo:lo + width] = ce, reg
+            acc_all[lo:lo + width] = (logits.argmax(1) == tgt).view(len(idx), bsz).to(w_mask.dtype).mean(1)
+    return g_mask, g_pat, ce_all, reg_all, acc_all
 
 
 def _epoch(model: nn.Module, batches: _Batches, w_mask: torch.Tensor, w_pat: torch.Tensor, opt: _Adam,
@@ -572,24 +619,13 @@ def _epoch(model: nn.Module, batches: _Batches, w_mask: torch.Tensor, w_pat: tor
     a_idx = torch.tensor(act, device=dev)
     acc_sum, reg_sum, ce_sum = (torch.zeros(len(act), dtype=torch.float64, device=dev) for _ in range(3))
     cost_t = torch.tensor(costs, dtype=w_mask.dtype, device=dev)
-    use_amp, chunk = plan.amp, plan.class_chunk
-    mem = torch.channels_last if plan.channels_last else torch.contiguous_format
     for s in range(steps):
-        xb = batches(epoch * steps + s)
-        bsz = len(xb)
-        m, p = _squash(w_mask[a_idx]), _squash(w_pat[a_idx])           # (A,1,H,W), (A,C,H,W)
-        logits = _stamped_logits(model, xb, m, p, chunk, use_amp, mem)
-        tgt = targets[a_idx].repeat_interleave(bsz)
-        ce = F.cross_entropy(logits, tgt, reduction="none").view(len(act), bsz).mean(1)
-        reg = m.abs().sum((1, 2, 3))
-        loss = (ce + cost_t * reg).sum()
-        if dev.type == "cpu" and not torch.isfinite(loss):   # on a GPU: checked once per epoch
-            raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
-        opt.step(torch.autograd.grad(loss, (w_mask, w_pat)), a_idx)
-        with torch.no_grad():
-            acc_sum += (logits.argmax(1) == tgt).view(len(act), bsz).double().mean(1)
-            reg_sum += reg.double()
-            ce_sum += ce.double()
+        g_mask, g_pat, ce, reg, acc = _step_grads(model, batches(epoch * steps + s), w_mask, w_pat, a_idx, targets,
+                                                  cost_t, plan)
+        opt.step((g_mask, g_pat), a_idx)
+        acc_sum += acc.double()
+        reg_sum += reg.double()
+        ce_sum += ce.double()
     if not torch.isfinite(reg_sum).all() or not torch.isfinite(ce_sum).all():
         raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
     return (acc_sum / steps).tolist(), (reg_sum / steps).tolist()
