@@ -44,7 +44,7 @@ def test_tuned_plan_is_recorded_cached_and_reused(cache):
     # the faithful preset does not tune: it runs as configured and says so
     c = neural_cleanse(model, x, NCConfig(max_epochs=2), num_classes=4)
     assert c.plan == {"precision": "fp32", "memory_format": "contiguous", "input_grad": "matmul",
-                      "class_chunk": 2 if x.device.type == "cpu" else None, "tuned": False}
+                      "class_chunk": 2 if x.device.type == "cpu" else None, "tuned": False, "im2col_forward": True}
 
 
 def test_never_bf16_where_slower_or_not_allowed(cache, monkeypatch):
@@ -60,6 +60,24 @@ def test_never_bf16_where_slower_or_not_allowed(cache, monkeypatch):
     r = neural_cleanse(model, x, nc_config("fast", max_epochs=1, amp=False), num_classes=4)
     assert r.plan["precision"] == "fp32"
     assert all(s["precision"] == "fp32" for s in r.plan["timing"]["stage1"])          # not even timed
+
+
+def test_one_channel_forward_path_is_timed_for_fp32_plans(cache, monkeypatch):
+    # fp32 wins and the library's own forward of the one-channel conv beats im2col: the plan says so
+    monkeypatch.setattr(NC, "_step_seconds", lambda model, x, cfg, plan, n: n * (
+        (2.0 if plan.amp else 1.0) * (1.0 if plan.im2col_forward else 0.5)))
+    model, x = tiny_net().eval(), make_images(32, 0).x
+    assert x.shape[1] == 1
+    r = neural_cleanse(model, x, nc_config("fast", max_epochs=1, input_grad="matmul"), num_classes=4)
+    assert r.plan["precision"] == "fp32" and r.plan["im2col_forward"] is False
+    assert {s["im2col_forward"] for s in r.plan["timing"]["stage2"]} == {True, False}
+    # and the choice reaches the network: no im2col forward in the run
+    calls = []
+    monkeypatch.setattr(NC, "conv_forward_im2col", lambda *a: calls.append(1) or (NC.F.conv2d(*a[:3], padding=a[3]), None))
+    r2 = neural_cleanse(model, x, nc_config("fast", max_epochs=1, input_grad="matmul"), num_classes=4)
+    assert r2.plan["timing"] == {"cached": True} and r2.plan["im2col_forward"] is False and not calls
+    neural_cleanse(model, x, NCConfig(max_epochs=1, input_grad="matmul", im2col_forward=True), num_classes=4)
+    assert calls                                   # (the untuned configuration does take the im2col path)
 
 
 def test_damaged_or_unwritable_cache_is_timed_again(cache, monkeypatch):

@@ -129,7 +129,7 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     row("nc_fast_tuning", tune_s, plan=plan.record(),
         notes=f"one-time timing of the fast preset's plans for this model on this machine (cached afterwards): "
               f"chose {plan.record()['precision']}, {plan.record()['memory_format']}, input gradient "
-              f"{plan.input_grad}, {plan.class_chunk} classes per forward (bf16 "
+              f"{plan.input_grad}, {plan.class_chunk} classes per forward and backward pass (bf16 "
               f"{'available' if amp_supported(torch.device('cpu')) else 'not available'} here)")
     res: dict[tuple[str, str], tuple[float, object]] = {}
     runs = [("faithful", "batched"), ("faithful", "per_class"), ("fast", "batched"), ("fast", "per_class"),
@@ -205,7 +205,7 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     HEAD.append(row("nc_batched_vs_per_class_loop", t[("faithful", "batched")], "nc_faithful_per_class_loop",
                     t[("faithful", "per_class")] / t[("faithful", "batched")],
                     notes=f"equal settings (faithful, {steps} max epochs, batch 32, 1000 images): batched over "
-                          f"the 10 classes (forward in chunks of 2 classes) vs one class at a time; mask L1, "
+                          f"the 10 classes (forward and backward in chunks of 2 classes) vs one class at a time; mask L1, "
                           f"largest difference between the two: "
                           f"{diff('faithful_batched', 'faithful_per_class'):.3g} (0: identical; fp32 kernels chosen "
                           f"by batch size round differently on some CPUs and 60 epochs of optimisation amplify it)"))
@@ -215,7 +215,7 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     row("nc_faithful_batched", t[("faithful", "batched")], "nc_faithful_per_class_loop",
         t[("faithful", "per_class")] / t[("faithful", "batched")], flagged=fl["faithful_batched"],
         per_class=per_class_rows,
-        notes="faithful preset, all classes in one batched step (forward in cache-sized chunks of 2 classes = 64 "
+        notes="faithful preset, all classes in one batched step (forward and backward in cache-sized chunks of 2 classes = 64 "
               "images on the CPU, the default)")
     row("nc_fast_per_class_loop", t[("fast", "per_class")], "nc_faithful_per_class_loop",
         t[("faithful", "per_class")] / t[("fast", "per_class")], flagged=fl["fast_per_class"],
@@ -308,7 +308,7 @@ def section_cifar_nc(args, mach: dict) -> None:
                 notes=f"{arch} ({name}), 1000 images, {epochs} schedule epochs, early stop off: {gf:.1f} GFLOP/s = "
                       f"{100 * gf / peak:.0f}% of the measured {plan['precision']} conv throughput ({peak:.0f} "
                       f"GFLOP/s); plan {plan['precision']}, {plan['memory_format']}, {plan['class_chunk']} classes "
-                      f"per forward" + (f"; one-time plan timing {tune_s:.1f} s" if plan["tuned"] else "")
+                      f"per pass" + (f"; one-time plan timing {tune_s:.1f} s" if plan["tuned"] else "")
                       + ("; ratio = stamped images per second against the faithful run" if preset != "faithful"
                          else ""))
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 BF16_MARGIN = 0.9          # bf16 must take at most this share of the best fp32 plan's step time
-CACHE_VERSION = 1
+CACHE_VERSION = 2          # 2: plans also choose the one-channel conv's forward
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,17 @@ class Plan:
     amp: bool                  # bfloat16 autocast for the model's forward/backward
     channels_last: bool        # weights and stamped images channels-last
     input_grad: str            # "matmul" | "native": a few-channel first conv's input gradient
-    class_chunk: int | None    # classes per forward pass (None: all at once)
+    class_chunk: int | None    # classes per forward and backward pass (None: all at once)
     tuned: bool = False        # chosen by timing (False: taken from the configuration as it is)
+    im2col_forward: bool = True  # with input_grad "matmul": a one-channel conv's fp32 CPU forward as
+    #                              im2col + matmul (faster on some CPUs, slower on others)
 
     def record(self) -> dict:
         """What a result records of the plan."""
         return {"precision": "bf16" if self.amp else "fp32",
                 "memory_format": "channels_last" if self.channels_last else "contiguous",
-                "input_grad": self.input_grad, "class_chunk": self.class_chunk, "tuned": self.tuned}
+                "input_grad": self.input_grad, "class_chunk": self.class_chunk, "tuned": self.tuned,
+                "im2col_forward": self.im2col_forward}
 
 
 StepTimer = Callable[[Plan, int], float]     # (plan, classes per step) -> seconds of one step
@@ -129,6 +132,7 @@ def _from_entry(entry: dict) -> Plan | None:
     except (KeyError, TypeError):
         return None
     ok = (isinstance(p.amp, bool) and isinstance(p.channels_last, bool) and p.input_grad in ("matmul", "native")
+          and isinstance(p.im2col_forward, bool)
           and (p.class_chunk is None or (isinstance(p.class_chunk, int) and p.class_chunk >= 1)))
     return p if ok else None
 
@@ -147,7 +151,7 @@ def pick(timings: dict[Plan, float]) -> Plan:
 
 def candidates(default: Plan, bf16_ok: bool) -> list[Plan]:
     """Stage 1: precision x memory format, at the configured input-gradient path and the default chunk."""
-    return [Plan(amp, cl, default.input_grad, default.class_chunk, tuned=True)
+    return [dataclasses.replace(default, amp=amp, channels_last=cl, tuned=True)
             for amp in ((False, True) if bf16_ok else (False,)) for cl in (False, True)]
 
 
@@ -156,7 +160,7 @@ def _stage(plans: list[Plan], step_seconds: StepTimer, per: int) -> dict[Plan, f
 
 
 def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int, bf16_ok: bool,
-               few_channel_conv: bool, on_cpu: bool) -> tuple[Plan, dict]:
+               few_channel_conv: bool, on_cpu: bool, one_channel_conv: bool = False) -> tuple[Plan, dict]:
     """The cached plan for `key`, or the fastest by `step_seconds`; returns (plan, what was timed)."""
     path = cache_file()
     k = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
@@ -169,9 +173,11 @@ def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int
     best = pick(measured)
     timed = {"stage1": [{**p.record(), "s_per_class_step": t} for p, t in measured.items()]}
     later = []                          # (name, alternatives to the best so far, margin they must beat)
-    if few_channel_conv:                # the first conv's input-gradient path
+    if few_channel_conv:                # the first conv's input-gradient path (and fp32 one-channel forward)
         later.append(("stage2", lambda b: [dataclasses.replace(
-            b, input_grad="native" if b.input_grad == "matmul" else "matmul")], 1.0))
+            b, input_grad="native" if b.input_grad == "matmul" else "matmul")] + (
+            [dataclasses.replace(b, im2col_forward=not b.im2col_forward)]
+            if one_channel_conv and on_cpu and not b.amp and b.input_grad == "matmul" else []), 1.0))
     if on_cpu and n_classes > 2:        # classes per forward pass: another chunk must win by 10%
         later.append(("stage3", lambda b: [dataclasses.replace(b, class_chunk=c) for c in (1, 4)], 0.9))
     for name, alternatives, margin in later:

@@ -326,7 +326,7 @@ def _net(model: nn.Module, cfg: NCConfig, plan: Plan, probe: torch.Tensor) -> nn
         if plan.channels_last:
             net = net.to(memory_format=torch.channels_last)
     if plan.input_grad == "matmul":
-        net = with_input_grad_convs(net, im2col_forward=cfg.im2col_forward)
+        net = with_input_grad_convs(net, im2col_forward=plan.im2col_forward)
     return net
 
 
@@ -357,7 +357,8 @@ def _plan(model: nn.Module, x: torch.Tensor, cfg: NCConfig, n_classes: int) -> t
     """How this run computes: the configuration as it is, or (`tune`) the fastest plan on this machine."""
     dev = model_device(model)
     bf16_ok = cfg.amp and amp_supported(dev)
-    default = Plan(bf16_ok, cfg.exact_rewrite, cfg.input_grad, cfg.class_chunk or _default_chunk(dev, cfg.batch_size))
+    default = Plan(bf16_ok, cfg.exact_rewrite, cfg.input_grad, cfg.class_chunk or _default_chunk(dev, cfg.batch_size),
+                   im2col_forward=cfg.im2col_forward)
     if not cfg.tune:
         return default, {}
     few = any(im2col_ok(m, 3) for m in model.modules())
@@ -367,8 +368,9 @@ def _plan(model: nn.Module, x: torch.Tensor, cfg: NCConfig, n_classes: int) -> t
     def seconds(plan: Plan, n: int) -> float:
         return _step_seconds(model, x, cfg, plan, n)
 
+    one = any(im2col_ok(m, 1) for m in model.modules())
     plan, timed = tuned_plan(dataclasses.replace(default, tuned=True), key, seconds, n_classes, bf16_ok, few,
-                             dev.type == "cpu")
+                             dev.type == "cpu", one)
     return plan, {"timing": timed}
 
 
@@ -430,7 +432,7 @@ def _confirm(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int], r
 
 
 def _hits(net: nn.Module, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, c: int, mem: torch.memory_format,
-          allowed: int | None, chunk: int = 250) -> int | None:
+          allowed: int | None, chunk: int = 500) -> int | None:
     """How many images the stamped trigger sends to class c; None as soon as more than `allowed`
     miss (None: count them all)."""
     m, p = m.to(x.device), p.to(x.device)
@@ -579,6 +581,14 @@ def _stamped_logits(model: nn.Module, xb: torch.Tensor, m: torch.Tensor, p: torc
         return model(xs.contiguous(memory_format=mem)).float()
 
 
+def _chunks(n: int, width: int) -> list[tuple[int, int]]:
+    """[lo, hi) bounds of n classes in as few chunks of at most `width` as possible, of near-equal
+    sizes (10 classes by 4: 3, 4, 3; not 4, 4, 2, whose small last chunk runs at a lower rate)."""
+    k = -(-n // width)
+    cuts = [round(i * n / k) for i in range(k + 1)]
+    return list(zip(cuts[:-1], cuts[1:], strict=True))
+
+
 def _step_grads(model: nn.Module, xb: torch.Tensor, w_mask: torch.Tensor, w_pat: torch.Tensor, a_idx: torch.Tensor,
                 targets: torch.Tensor, cost_t: torch.Tensor, plan: Plan
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -589,24 +599,23 @@ def _step_grads(model: nn.Module, xb: torch.Tensor, w_mask: torch.Tensor, w_pat:
     of the active masks and patterns, and per active class: CE, mask L1, share classified as target."""
     bsz, n = len(xb), len(a_idx)
     mem = torch.channels_last if plan.channels_last else torch.contiguous_format
-    width = plan.class_chunk or n
     g_mask, g_pat = torch.empty_like(w_mask[a_idx]), torch.empty_like(w_pat[a_idx])
     ce_all, reg_all, acc_all = (torch.empty(n, dtype=w_mask.dtype, device=w_mask.device) for _ in range(3))
-    for lo in range(0, n, width):
-        idx = a_idx[lo:lo + width]
+    for lo, hi in _chunks(n, plan.class_chunk or n):
+        idx = a_idx[lo:hi]
         wm, wp = w_mask[idx].detach().requires_grad_(True), w_pat[idx].detach().requires_grad_(True)
         m, p = _squash(wm), _squash(wp)                                  # (a,1,H,W), (a,C,H,W)
         logits = _stamped_logits(model, xb, m, p, plan.amp, mem)
         tgt = targets[idx].repeat_interleave(bsz)
         ce = F.cross_entropy(logits, tgt, reduction="none").view(len(idx), bsz).mean(1)
         reg = m.abs().sum((1, 2, 3))
-        loss = (ce + cost_t[lo:lo + width] * reg).sum()
+        loss = (ce + cost_t[lo:hi] * reg).sum()
         if xb.device.type == "cpu" and not torch.isfinite(loss):   # on a GPU: checked once per epoch
             raise UserError("Neural Cleanse loss became NaN/Inf; check the model and inputs")
-        g_mask[lo:lo + width], g_pat[lo:lo + width] = torch.autograd.grad(loss, (wm, wp))
+        g_mask[lo:hi], g_pat[lo:hi] = torch.autograd.grad(loss, (wm, wp))
         with torch.no_grad():
-            ce_all[lo:lo + width], reg_all[lo:lo + width] = ce, reg
-            acc_all[lo:lo + width] = (logits.argmax(1) == tgt).view(len(idx), bsz).to(w_mask.dtype).mean(1)
+            ce_all[lo:hi], reg_all[lo:hi] = ce, reg
+            acc_all[lo:hi] = (logits.argmax(1) == tgt).view(len(idx), bsz).to(w_mask.dtype).mean(1)
     return g_mask, g_pat, ce_all, reg_all, acc_all
 
 
