@@ -205,7 +205,8 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     HEAD.append(row("nc_batched_vs_per_class_loop", t[("faithful", "batched")], "nc_faithful_per_class_loop",
                     t[("faithful", "per_class")] / t[("faithful", "batched")],
                     notes=f"equal settings (faithful, {steps} max epochs, batch 32, 1000 images): batched over "
-                          f"the 10 classes (forward and backward in chunks of 2 classes) vs one class at a time; mask L1, "
+                          f"the 10 classes (forward and backward in chunks of 2 classes) vs one class at a time; "
+                          f"mask L1, "
                           f"largest difference between the two: "
                           f"{diff('faithful_batched', 'faithful_per_class'):.3g} (0: identical; fp32 kernels chosen "
                           f"by batch size round differently on some CPUs and 60 epochs of optimisation amplify it)"))
@@ -215,8 +216,8 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     row("nc_faithful_batched", t[("faithful", "batched")], "nc_faithful_per_class_loop",
         t[("faithful", "per_class")] / t[("faithful", "batched")], flagged=fl["faithful_batched"],
         per_class=per_class_rows,
-        notes="faithful preset, all classes in one batched step (forward and backward in cache-sized chunks of 2 classes = 64 "
-              "images on the CPU, the default)")
+        notes="faithful preset, all classes in one batched step (forward and backward in cache-sized chunks of 2 "
+              "classes = 64 images on the CPU, the default)")
     row("nc_fast_per_class_loop", t[("fast", "per_class")], "nc_faithful_per_class_loop",
         t[("faithful", "per_class")] / t[("fast", "per_class")], flagged=fl["fast_per_class"],
         notes=f"fast preset one class at a time; runs {', '.join(f'{v:.1f}' for v in res[('fast', 'per_class')][2])} s")
