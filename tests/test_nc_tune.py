@@ -108,6 +108,37 @@ def test_confirmed_masks_reach_the_target_on_all_images(cache):
     assert (r.l1 >= unconfirmed.l1 - 1e-4).all()
 
 
+@pytest.mark.parametrize("chunk", [8, 24, 64])
+def test_confirmation_rule_with_early_exit_equals_counting_everything(monkeypatch, chunk):
+    # Each candidate's share is computed in full here; the confirmation drops a failing one after the
+    # first chunk of images over the allowed misses (64: only ever at the last chunk; 24: a short last
+    # chunk), and must choose exactly the same masks.
+    monkeypatch.setattr(NC, "CONFIRM_CHUNK", chunk)
+    model, x = tiny_net(seed=1).eval(), make_images(64, 3).x
+    g = torch.Generator().manual_seed(0)
+    cands = [[(torch.rand(1, 12, 12, generator=g) * s, torch.rand(1, 12, 12, generator=g), float(j))
+              for j, s in enumerate((1.0, 0.9, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02))] for _ in range(4)]
+
+    def share(m, p, c):
+        with torch.no_grad():
+            return float((model(stamp(x, m, p)).argmax(1) == c).float().mean())
+
+    for success in (0.2, 0.5, 1.0):                 # some pass, few pass, none passes
+        cfg = NCConfig(success=success)
+        res = {"masks": torch.zeros(4, 1, 12, 12), "patterns": torch.zeros(4, 1, 12, 12), "l1": torch.zeros(4),
+               "success": torch.zeros(4), "found": torch.zeros(4, dtype=torch.bool),
+               "candidates": [list(c) for c in cands]}
+        NC._confirm(model, x, cfg, list(range(4)), res)
+        for k in range(4):
+            look = [j for j in (0, 1, 2, 3, 5, 9) if j < len(cands[k])]       # newest first, then doubling
+            tried = [cands[k][-1 - j] for j in look]
+            rates = [share(m, p, k) for m, p, _ in tried]
+            passing = [i for i, r in enumerate(rates) if r >= success]
+            i = passing[0] if passing else max(range(len(tried)), key=lambda j: (rates[j], -j))
+            assert torch.equal(res["masks"][k], tried[i][0]) and float(res["l1"][k]) == tried[i][2]
+            assert abs(float(res["success"][k]) - rates[i]) < 1e-6 and bool(res["found"][k]) == bool(passing)
+
+
 def _bn_net(seed: int = 0):
     from torch import nn
 

@@ -314,6 +314,41 @@ def section_cifar_nc(args, mach: dict) -> None:
                          else ""))
 
 
+def section_cifar_full(args) -> None:
+    """The fast preset at its own defaults (up to 100 schedule epochs, early stop on), as laundering
+    runs it, on each CIFAR-10 architecture: where its time goes (plan timing, optimisation, the mask
+    confirmation) and against fast-bf16 (no tuning, no confirmation), whose masks are checked here
+    on all images as the confirmation would."""
+    print("[cifar_full] Neural Cleanse at the fast presets' own defaults on the CIFAR-10 models", flush=True)
+    sub = D.stratified_subset(D.load("cifar10", args.data_dir, "train"), per_class=100, seed=0)
+    x, y = sub.x, sub.y
+    for arch, name in (("cifar-cnn", "zhang-content"), ("resnet20", "adi-pt")):
+        model, meta = load_model(ROOT / "models" / "cifar10" / name)
+        assert meta["arch"] == arch, meta["arch"]
+        out = {}
+        for preset in ("fast", "fast-bf16"):
+            cfg = nc_config(preset, seed=0)
+            plan_for(model, x, cfg, 10)            # a tuned plan's one-time timing, outside the measurement
+            t0 = time.perf_counter()
+            nc = neural_cleanse(model, x, cfg, num_classes=10)
+            secs = time.perf_counter() - t0
+            l1, _, succ_all = success_and_l1(model, x, y, nc.masks, nc.patterns)
+            out[preset] = (secs, nc)
+            below = [k for k in range(10) if succ_all[k] < 100 * cfg.success]
+            ph = nc.phase_seconds
+            row(f"cifar_full_nc_{arch}_{preset}", secs, None if preset == "fast" else f"cifar_full_nc_{arch}_fast",
+                None if preset == "fast" else secs / out["fast"][0],
+                plan={k: v for k, v in nc.plan.items() if k != "timing"}, phase_seconds=ph, epochs=nc.epochs.tolist(),
+                l1=l1, success_all=succ_all, flagged=nc.flagged,
+                notes=f"{arch} ({name}), 1000 images, preset {preset} at its defaults (max {cfg.max_epochs} "
+                      f"schedule epochs of {cfg.steps_per_epoch} minibatches, early stop on): "
+                      f"{int(nc.epochs.sum())} class-epochs; optimisation {ph['optimise']:.1f} s, mask "
+                      f"confirmation {ph['confirm']:.1f} s ({100 * ph['confirm'] / secs:.1f}% of the run); "
+                      f"masks under {100 * cfg.success:.0f}% success on all images: {below or 'none'}"
+                      + ("" if preset == "fast" else "; ratio = seconds against the tuned fast preset"))
+        print(f"    {arch}: fast {out['fast'][0]:.1f} s, fast-bf16 {out['fast-bf16'][0]:.1f} s", flush=True)
+
+
 def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base: float) -> None:
     """The faithful batched run without this project's exact kernel measures: the library's forward for
     the one-channel conv and ReLU before max-pool (NCConfig.im2col_forward / relu_after_pool off)."""
@@ -562,8 +597,8 @@ def section_denormal(args) -> None:
         epoch_seconds=out[False], resets=n_reset)
 
 
-SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "cifar_nc": "cifar_nc_", "train": "train_", "e2e": "e2e_",
-                  "denormal": "denormal_", "malloc": "malloc_"}
+SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_",
+                  "train": "train_", "e2e": "e2e_", "denormal": "denormal_", "malloc": "malloc_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
 
@@ -679,6 +714,8 @@ def main(argv=None) -> int:
         section_nc(args, tr, mach)
     if "cifar_nc" in sections:
         section_cifar_nc(args, mach)
+    if "cifar_full" in sections:
+        section_cifar_full(args)
     if "train" in sections:
         section_train(args, mach)
     if "e2e" in sections:

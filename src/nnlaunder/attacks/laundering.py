@@ -388,7 +388,7 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         first_most = nc.most_likely if first_most is None else first_most
         info = RoundInfo(r, nc.seconds, nc.epochs.tolist(), nc.l1.tolist(), nc.anomaly.tolist(), nc.flagged,
                          used_triggers(nc, cfg.triggers, cfg.top_k), nc.most_likely, nc.least_likely, {},
-                         nc_plan=nc.plan)
+                         nc_plan=nc.plan, nc_phase_seconds=nc.phase_seconds)
         if cfg.early_stop and r > 1 and nc.least_likely == first_most:
             info.stopped = True
         else:

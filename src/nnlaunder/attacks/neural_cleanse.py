@@ -209,6 +209,7 @@ class NCResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     plan: dict = field(default_factory=dict)   # how it ran: precision, memory format, ... (nc_tune.Plan.record)
+    phase_seconds: dict = field(default_factory=dict)  # seconds per phase: "plan", "optimise", "confirm"
 
     @property
     def most_likely(self) -> int:
@@ -274,6 +275,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
             raise UserError(f"candidate classes must be in 0..{num_classes - 1}, got {cls}")
         t0 = time.perf_counter()
         plan, timed = _plan(model, x, cfg, len(cls))
+        t1 = time.perf_counter()
         net = _net(model, cfg, plan, x[:8])
         if per_class:
             parts = [_optimise(net, x, cfg, [c], progress, plan) for c in cls]
@@ -283,8 +285,10 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         else:
             res = _optimise(net, x, cfg, cls, progress, plan)
             history = res.pop("history")
+        t2 = time.perf_counter()
         if cfg.confirm_best:
             _confirm(model, x, cfg, cls, res)
+        phases = {"plan": t1 - t0, "optimise": t2 - t1, "confirm": time.perf_counter() - t2}
     # Full-size outputs indexed by class; the MAD test runs over the candidate classes.
     k_all = num_classes
     c, h, w = x.shape[1:]
@@ -303,7 +307,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
     anomaly[idx] = a
     flagged = [cls[i] for i in flagged_local]
     return NCResult(masks, patterns, l1, success, found, epochs, anomaly, flagged,
-                    time.perf_counter() - t0, history, {**plan.record(), **timed})
+                    time.perf_counter() - t0, history, {**plan.record(), **timed}, phases)
 
 
 def _default_chunk(dev: torch.device, batch_size: int) -> int | None:
@@ -404,7 +408,8 @@ def _confirm(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int], r
     `success` of all the images to the class (the model itself, in its own precision); where none
     does, the one that sends the most, and the class counts as not found. `success` then holds
     that share. A candidate is dropped as soon as its misses exceed what `success` allows, so a
-    failing one costs a part of a pass; where none passes, the share of each is counted in full."""
+    failing one costs a part of a pass; where none passes, each one's count goes on from where it
+    stopped, to the end."""
     net = _net(model, cfg, Plan(False, x.device.type == "cpu", "native", None), x[:8])   # fp32, forward only
     mem = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
     allowed = len(x) - math.ceil(cfg.success * len(x) - 1e-9)      # most misses a passing trigger may have
@@ -415,14 +420,16 @@ def _confirm(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int], r
         # newest first, one by one, then at doubling distances: a few forward passes, not one per improvement
         look = sorted({j for j in (0, 1, 2, 3, *(2 ** e + 1 for e in range(2, 16))) if j < len(cands)})
         tried = [cands[-1 - j] for j in look]
-        chosen = None
+        counts, chosen = [], None
         for m, p, reg in tried:
-            hits = _hits(net, x, m, p, c, mem, allowed)
-            if hits is not None:
+            hits, seen = _hits(net, x, m, p, c, mem, allowed)
+            counts.append((hits, seen))
+            if seen == len(x) and len(x) - hits <= allowed:          # counted to the end: it passes
                 chosen = (m, p, reg, hits / len(x))
                 break
-        if chosen is None:               # none passes: the one that sends the most (the newest of equals)
-            rates = [_hits(net, x, m, p, c, mem, None) / len(x) for m, p, _ in tried]
+        if chosen is None:               # none passes: the one that sends the most (the newest of equals),
+            rates = [_hits(net, x, m, p, c, mem, None, *hs)[0] / len(x)     # each counted on from where it stopped
+                     for (m, p, _), hs in zip(tried, counts, strict=True)]
             k = max(range(len(tried)), key=lambda j: (rates[j], -j))
             chosen = (*tried[k], rates[k])
         m, p, reg, rate = chosen
@@ -431,18 +438,21 @@ def _confirm(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int], r
     del res["candidates"]
 
 
+CONFIRM_CHUNK = 250      # images per forward pass of the mask confirmation
+
+
 def _hits(net: nn.Module, x: torch.Tensor, m: torch.Tensor, p: torch.Tensor, c: int, mem: torch.memory_format,
-          allowed: int | None, chunk: int = 500) -> int | None:
-    """How many images the stamped trigger sends to class c; None as soon as more than `allowed`
-    miss (None: count them all)."""
+          allowed: int | None, hits: int = 0, start: int = 0) -> tuple[int, int]:
+    """(hits, images seen): how many of the images from `start` on (with `hits` of those before it)
+    the stamped trigger sends to class c, counting on until the end or until more than `allowed`
+    have missed (None: to the end)."""
     m, p = m.to(x.device), p.to(x.device)
-    hits = 0
-    for i in range(0, len(x), chunk):
-        xb = x[i:i + chunk]
+    for i in range(start, len(x), CONFIRM_CHUNK):
+        xb = x[i:i + CONFIRM_CHUNK]
         hits += int((net(stamp(xb, m, p).contiguous(memory_format=mem)).argmax(1) == c).sum())
         if allowed is not None and (i + len(xb)) - hits > allowed:
-            return None
-    return hits
+            return hits, i + len(xb)
+    return hits, len(x)
 
 
 # Seeds: a class's initial mask and pattern come from (seed * INIT_SEED_STRIDE + class), the image

@@ -35,6 +35,7 @@ class RoundInfo:
     attacker_acc: float | None = None      # accuracy on the attacker's own held-out slice
     stopped: bool = False                  # the early-stop rule fired; nothing was changed
     nc_plan: dict[str, Any] = field(default_factory=dict)  # how Neural Cleanse ran (precision, ...: NCResult.plan)
+    nc_phase_seconds: dict[str, float] = field(default_factory=dict)  # its seconds per phase (NCResult.phase_seconds)
     metrics: dict[str, Any] = field(default_factory=dict)   # what the caller's on_round measured: recorded
     #   for the report, never read by laundering (the attacker decides on nothing in it)
 
