@@ -541,26 +541,16 @@ class _Adam:
     def step(self, grads: tuple[torch.Tensor, torch.Tensor], a_idx: torch.Tensor) -> None:
         """`grads`: the gradients of the active classes `a_idx` only, in that order."""
         b1, b2 = self.cfg.betas
-        if len(a_idx) == len(self.steps):        # every class active: in place, no gather or scatter
-            self.steps += 1
-            t = self.steps.to(self.params[0].dtype)
-            for param, ga, (mom, vel) in zip(self.params, grads, self.moments, strict=True):
-                shape = (-1,) + (1,) * (param.ndim - 1)
-                mom.mul_(b1).add_((1 - b1) * ga)
-                vel.mul_(b2).add_((1 - b2) * ga * ga)
-                mhat = mom / (1 - b1 ** t).view(shape)
-                vhat = vel / (1 - b2 ** t).view(shape)
-                param.sub_(self.cfg.lr * mhat / (vhat.sqrt() + self.cfg.eps))
-            return
-        self.steps[a_idx] += 1
-        t = self.steps[a_idx].to(self.params[0].dtype)
+        idx = slice(None) if len(a_idx) == len(self.steps) else a_idx    # all active: views, no gather
+        self.steps[idx] += 1
+        t = self.steps[idx].to(self.params[0].dtype)
         for param, ga, (mom, vel) in zip(self.params, grads, self.moments, strict=True):
-            mom[a_idx] = b1 * mom[a_idx] + (1 - b1) * ga
-            vel[a_idx] = b2 * vel[a_idx] + (1 - b2) * ga * ga
+            mom[idx] = b1 * mom[idx] + (1 - b1) * ga
+            vel[idx] = b2 * vel[idx] + (1 - b2) * ga * ga
             shape = (-1,) + (1,) * (param.ndim - 1)
-            mhat = mom[a_idx] / (1 - b1 ** t).view(shape)
-            vhat = vel[a_idx] / (1 - b2 ** t).view(shape)
-            param[a_idx] = param[a_idx] - self.cfg.lr * mhat / (vhat.sqrt() + self.cfg.eps)
+            mhat = mom[idx] / (1 - b1 ** t).view(shape)
+            vhat = vel[idx] / (1 - b2 ** t).view(shape)
+            param[idx] = param[idx] - self.cfg.lr * mhat / (vhat.sqrt() + self.cfg.eps)
 
 
 class _Batches:
