@@ -44,7 +44,8 @@ def test_tuned_plan_is_recorded_cached_and_reused(cache):
     # the faithful preset does not tune: it runs as configured and says so
     c = neural_cleanse(model, x, NCConfig(max_epochs=2), num_classes=4)
     assert c.plan == {"precision": "fp32", "memory_format": "contiguous", "input_grad": "matmul",
-                      "class_chunk": 2 if x.device.type == "cpu" else None, "tuned": False, "im2col_forward": True}
+                      "class_chunk": 2 if x.device.type == "cpu" else None, "tuned": False, "im2col_forward": True,
+                      "fused_conv_pool": False}      # tiny_net's 8-channel conv is not one the kernel takes
 
 
 def test_never_bf16_where_slower_or_not_allowed(cache, monkeypatch):
@@ -192,3 +193,35 @@ def test_neural_cleanse_with_folded_batch_norm_matches(cache):
     finally:
         torch.set_default_dtype(torch.float32)
     assert torch.allclose(a.masks, b.masks, atol=1e-6) and torch.equal(a.epochs, b.epochs)
+
+
+def test_the_native_conv_pool_kernel_is_timed_and_taken_only_where_it_pays(cache, monkeypatch):
+    from torch import nn
+
+    from nnlaunder import native
+
+    native.reset()
+    if native.conv_pool() is None:
+        pytest.skip(f"native kernel unavailable here: {native.status()}")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 25, 4)).eval()
+    x = make_images(32, 0).x
+    for fused_cost, expect in ((0.5, True), (2.0, False)):
+        monkeypatch.setattr(NC, "_step_seconds", lambda model, x, cfg, plan, n, c=fused_cost: n * (
+            (2.0 if plan.amp else 1.0) * (c if plan.fused_conv_pool else 1.0)))
+        r = neural_cleanse(model, x, nc_config("fast", max_epochs=1), num_classes=4)
+        assert r.plan["fused_conv_pool"] is expect
+        assert {s["fused_conv_pool"] for s in r.plan["timing"]["stage_fused"]} == {True, False}
+        cache.unlink()
+    # switched off: not timed, not used, and a cached plan that used it is not taken
+    monkeypatch.setattr(NC, "_step_seconds", lambda model, x, cfg, plan, n: n * (0.5 if plan.fused_conv_pool else 1.0))
+    neural_cleanse(model, x, nc_config("fast", max_epochs=1), num_classes=4)
+    r = neural_cleanse(model, x, nc_config("fast", max_epochs=1, fused_conv_pool=False), num_classes=4)
+    assert r.plan["fused_conv_pool"] is False and "stage_fused" not in r.plan["timing"]
+    monkeypatch.setenv("NNLAUNDER_NATIVE", "off")
+    native.reset()
+    try:
+        r = neural_cleanse(model, x, nc_config("fast", max_epochs=1), num_classes=4)
+        assert r.plan["fused_conv_pool"] is False
+    finally:
+        native.reset()

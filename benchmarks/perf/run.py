@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from attempts import flushed_denormals  # noqa: E402 (a sibling file: benchmarks/perf/ is on sys.path)
 
 from nnlaunder import data as D  # noqa: E402
+from nnlaunder import native  # noqa: E402
 from nnlaunder.attacks.laundering import (  # noqa: E402
     activation_differences,
     apply_reset,
@@ -129,11 +130,15 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
     row("nc_fast_tuning", tune_s, plan=plan.record(),
         notes=f"one-time timing of the fast preset's plans for this model on this machine (cached afterwards): "
               f"chose {plan.record()['precision']}, {plan.record()['memory_format']}, input gradient "
-              f"{plan.input_grad}, {plan.class_chunk} classes per forward and backward pass (bf16 "
-              f"{'available' if amp_supported(torch.device('cpu')) else 'not available'} here)")
+              f"{plan.input_grad}, {plan.class_chunk} classes per forward and backward pass, first conv -> pool -> "
+              f"ReLU {'by the native kernel' if plan.fused_conv_pool else 'by the library'} (bf16 "
+              f"{'available' if amp_supported(torch.device('cpu')) else 'not available'} here; native kernel: "
+              f"{native.status()})")
     res: dict[tuple[str, str], tuple[float, object]] = {}
+    # fast-nonative: the fast preset without the native conv-pool kernel (what the kernel gains, in this run)
+    cfgs["fast-nonative"] = dataclasses.replace(cfgs["fast"], fused_conv_pool=False)
     runs = [("faithful", "batched"), ("faithful", "per_class"), ("fast", "batched"), ("fast", "per_class"),
-            ("fast-bf16", "batched")]
+            ("fast-bf16", "batched"), ("fast-nonative", "batched")]
     for preset, mode in runs:
         times, nc = [], None
         for _ in range(args.fast_repeats if preset != "faithful" else 1):
@@ -225,7 +230,8 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
         t[("fast", "per_class")] / t[("fast", "batched")], flagged=fl["fast_batched"],
         plan={k: v for k, v in res[("fast", "batched")][1].plan.items() if k != "timing"},
         notes=f"fast preset (8-step schedule epochs, ReLU/pool reorder, the tuned plan "
-              f"({res[('fast', 'batched')][1].plan['precision']}, {res[('fast', 'batched')][1].plan['memory_format']}),"
+              f"({res[('fast', 'batched')][1].plan['precision']}, {res[('fast', 'batched')][1].plan['memory_format']}"
+              f"{', native conv-pool kernel' if res[('fast', 'batched')][1].plan['fused_conv_pool'] else ''}),"
               f" masks confirmed on all images), "
               f"{steps} max epochs; runs {', '.join(f'{v:.1f}' for v in res[('fast', 'batched')][2])} s; "
               f"max |L1 diff| vs its per-class loop {diff('fast_batched', 'fast_per_class'):.3g}, "
@@ -239,6 +245,14 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
               f"(preset fast-bf16: {res[('fast-bf16', 'batched')][1].plan['precision']}); ratio = how many times "
               f"slower than the tuned fast preset; runs "
               f"{', '.join(f'{v:.1f}' for v in res[('fast-bf16', 'batched')][2])} s")
+    fast_nn = res[("fast-nonative", "batched")]
+    row("nc_fast_batched_no_native_kernel", fast_nn[0], "nc_fast_batched", fast_nn[0] / t[("fast", "batched")],
+        plan={k: v for k, v in fast_nn[1].plan.items() if k != "timing"}, flagged=fl["fast-nonative_batched"],
+        notes=f"the fast preset with the first conv -> max-pool -> ReLU by the library's ops instead of the native "
+              f"kernel (NCConfig.fused_conv_pool off; its own tuned plan: {fast_nn[1].plan['precision']}, "
+              f"{fast_nn[1].plan['memory_format']}, {fast_nn[1].plan['class_chunk']} classes per pass); ratio = how "
+              f"many times slower; runs {', '.join(f'{v:.1f}' for v in fast_nn[2])} s; max |L1 diff| vs the "
+              f"kernel's run {diff('fast_batched', 'fast-nonative_batched'):.3g}")
     # Where the time goes: achieved GFLOP/s of each run (forward + input-gradient pass = 2 × forward
     # FLOPs per stamped image; the weights are frozen, so no weight gradients) against the measured
     # fp32 conv throughput. The per-class loop's share of it bounds what batching can ever gain here.

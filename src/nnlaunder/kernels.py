@@ -67,3 +67,110 @@ def im2col_ok(m: nn.Module, max_channels: int = 1) -> bool:
     return (type(m) is nn.Conv2d and m.in_channels <= max_channels and m.stride == (1, 1)
             and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
             and isinstance(m.padding, tuple))
+
+
+# --- conv -> 2x2 max-pool -> ReLU fused (the native kernel, csrc/conv_pool.c) -------------------------
+
+NATIVE_MAX_PATCH = 128          # cin·(k+1)² the kernel's input gradient holds in registers
+
+
+def conv_pool_ok(conv: nn.Module, pool: nn.Module) -> bool:
+    """A conv the fused kernel takes (stride 1, zero padding, at most 3 input channels, a multiple of
+    16 output channels), followed by a 2x2 stride-2 floor max-pool without indices."""
+    if not (im2col_ok(conv, 3) and conv.out_channels % 16 == 0 and conv.kernel_size[0] == conv.kernel_size[1]
+            and conv.in_channels * (conv.kernel_size[0] + 1) ** 2 <= NATIVE_MAX_PATCH):
+        return False
+    if type(pool) is not nn.MaxPool2d or pool.return_indices or pool.ceil_mode:
+        return False
+    return (_pair(pool.kernel_size) == (2, 2) and _pair(pool.stride) == (2, 2) and _pair(pool.padding) == (0, 0)
+            and _pair(pool.dilation) == (1, 1))
+
+
+def _pair(v) -> tuple:
+    return tuple(v) if isinstance(v, tuple | list) else (v, v)
+
+
+class _ConvPoolFn(torch.autograd.Function):
+    """relu?(maxpool2x2(conv(x))) by the native kernel; the input gradient only (frozen weights)."""
+
+    @staticmethod
+    def forward(ctx, x, mod, lib):
+        ph, pw = mod.padding
+        xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        xp = xp.contiguous()
+        n, cin, hp, wp = xp.shape
+        k, cout = mod.k, mod.cout
+        oh, ow = (hp - k + 1) // 2, (wp - k + 1) // 2
+        wt, w6 = mod.packed()
+        y = torch.empty(n, oh, ow, cout, dtype=torch.float32)
+        arg = torch.empty(n, oh, ow, cout, dtype=torch.uint8)
+        bias = mod.bias.detach().contiguous() if mod.bias is not None else None
+        rc = lib.nnl_conv_pool_fwd(xp.data_ptr(), wt.data_ptr(), bias.data_ptr() if bias is not None else None,
+                                   y.data_ptr(), arg.data_ptr(), n, cin, hp, wp, k, cout, int(mod.relu),
+                                   torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native conv-pool kernel refused shape {tuple(xp.shape)}")
+        ctx.save_for_backward(y, arg, w6)
+        ctx.shape, ctx.pad, ctx.mod_relu, ctx.k, ctx.lib = xp.shape, mod.padding, mod.relu, k, lib
+        ctx.dtype = x.dtype
+        return y.permute(0, 3, 1, 2)            # (N, cout, OH, OW) with channels-last strides
+
+    @staticmethod
+    def backward(ctx, go):
+        y, arg, w6 = ctx.saved_tensors
+        n, cin, hp, wp = ctx.shape
+        g = go.float().permute(0, 2, 3, 1).contiguous()     # free when go is channels-last already
+        gin = torch.empty(n, cin, hp, wp, dtype=torch.float32)
+        rc = ctx.lib.nnl_conv_pool_bwd(g.data_ptr(), y.data_ptr(), arg.data_ptr(), w6.data_ptr(), gin.data_ptr(),
+                                       n, cin, hp, wp, ctx.k, y.shape[-1], int(ctx.mod_relu),
+                                       torch.get_num_threads())
+        if rc != 0:
+            raise RuntimeError(f"native conv-pool kernel refused shape {tuple(ctx.shape)}")
+        ph, pw = ctx.pad
+        return gin[:, :, ph:hp - ph, pw:wp - pw].to(ctx.dtype), None, None
+
+
+class FusedConvPool(nn.Module):
+    """conv -> 2x2 max-pool (-> ReLU) as one module: by the native kernel for fp32 CPU inputs (forward
+    and input gradient; the weights must be frozen), by the library's ops otherwise. Shares the conv's
+    parameters. The same function; the input gradient's sums run in another order (rounding), ties in a
+    pool window go to the first maximum as in the library's max-pool."""
+
+    def __init__(self, conv: nn.Conv2d, relu: bool) -> None:
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias
+        self.padding = tuple(conv.padding)
+        self.k, self.cout, self.relu = conv.kernel_size[0], conv.out_channels, relu
+        self._packed: tuple | None = None
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights as the kernel reads them (re-packed when they change): (k, k, cin, cout) for the
+        forward; for the gradient, each kernel placed at the four window positions of a (cin, k+1, k+1)
+        patch, padded to a multiple of 16 floats."""
+        w = self.weight.detach()
+        key = (w.data_ptr(), w._version)
+        if self._packed is None or self._packed[0] != key:
+            k, cout, cin = self.k, self.cout, w.shape[1]
+            wt = w.float().permute(2, 3, 1, 0).contiguous()
+            w6 = torch.zeros(4, cout, cin, k + 1, k + 1)
+            for d in range(4):
+                w6[d, :, :, d // 2:d // 2 + k, d % 2:d % 2 + k] = w.float()
+            w6 = w6.reshape(4, cout, -1)
+            w6 = F.pad(w6, (0, (-w6.shape[-1]) % 16)).contiguous()
+            self._packed = (key, wt, w6)
+        return self._packed[1], self._packed[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from . import native
+
+        lib = native.conv_pool()
+        frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+        if (lib is not None and frozen and x.device.type == "cpu" and x.dtype == torch.float32
+                and x.ndim == 4 and x.shape[2] + 2 * self.padding[0] > self.k
+                and x.shape[3] + 2 * self.padding[1] > self.k):
+            return _ConvPoolFn.apply(x, self, lib)
+        y = F.max_pool2d(F.conv2d(x, self.weight, self.bias, padding=self.padding), 2)
+        return F.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, cout={self.cout}, padding={self.padding}, relu={self.relu}"

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 BF16_MARGIN = 0.9          # bf16 must take at most this share of the best fp32 plan's step time
-CACHE_VERSION = 2          # 2: plans also choose the one-channel conv's forward
+CACHE_VERSION = 3          # 2: plans also choose the one-channel conv's forward; 3: and the fused conv-pool kernel
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,14 @@ class Plan:
     tuned: bool = False        # chosen by timing (False: taken from the configuration as it is)
     im2col_forward: bool = True  # with input_grad "matmul": a one-channel conv's fp32 CPU forward as
     #                              im2col + matmul (faster on some CPUs, slower on others)
+    fused_conv_pool: bool = False  # first conv -> max-pool -> ReLU runs by the native kernel (kernels.FusedConvPool)
 
     def record(self) -> dict:
         """What a result records of the plan."""
         return {"precision": "bf16" if self.amp else "fp32",
                 "memory_format": "channels_last" if self.channels_last else "contiguous",
                 "input_grad": self.input_grad, "class_chunk": self.class_chunk, "tuned": self.tuned,
-                "im2col_forward": self.im2col_forward}
+                "im2col_forward": self.im2col_forward, "fused_conv_pool": self.fused_conv_pool}
 
 
 StepTimer = Callable[[Plan, int], float]     # (plan, classes per step) -> seconds of one step
@@ -132,7 +133,7 @@ def _from_entry(entry: dict) -> Plan | None:
     except (KeyError, TypeError):
         return None
     ok = (isinstance(p.amp, bool) and isinstance(p.channels_last, bool) and p.input_grad in ("matmul", "native")
-          and isinstance(p.im2col_forward, bool)
+          and isinstance(p.im2col_forward, bool) and isinstance(p.fused_conv_pool, bool)
           and (p.class_chunk is None or (isinstance(p.class_chunk, int) and p.class_chunk >= 1)))
     return p if ok else None
 
@@ -160,13 +161,14 @@ def _stage(plans: list[Plan], step_seconds: StepTimer, per: int) -> dict[Plan, f
 
 
 def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int, bf16_ok: bool,
-               few_channel_conv: bool, on_cpu: bool, one_channel_conv: bool = False) -> tuple[Plan, dict]:
+               few_channel_conv: bool, on_cpu: bool, one_channel_conv: bool = False,
+               fusable: bool = False) -> tuple[Plan, dict]:
     """The cached plan for `key`, or the fastest by `step_seconds`; returns (plan, what was timed)."""
     path = cache_file()
     k = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     hit = _read_cache(path).get("plans", {}).get(k)
     plan = _from_entry(hit) if hit else None
-    if plan is not None and (bf16_ok or not plan.amp):
+    if plan is not None and (bf16_ok or not plan.amp) and (fusable or not plan.fused_conv_pool):
         return plan, {"cached": True}
     per = min(4, n_classes) if on_cpu else n_classes    # two forward passes of the default chunk on a CPU
     measured = _stage(candidates(default, bf16_ok), step_seconds, per)
@@ -178,6 +180,8 @@ def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int
             b, input_grad="native" if b.input_grad == "matmul" else "matmul")] + (
             [dataclasses.replace(b, im2col_forward=not b.im2col_forward)]
             if one_channel_conv and on_cpu and not b.amp and b.input_grad == "matmul" else []), 1.0))
+    if fusable:                         # the native conv-pool kernel (on in `default` where allowed): vs without
+        later.append(("stage_fused", lambda b: [dataclasses.replace(b, fused_conv_pool=not b.fused_conv_pool)], 1.0))
     if on_cpu and n_classes > 2:        # classes per forward pass: another chunk must win by 10%
         later.append(("stage3", lambda b: [dataclasses.replace(b, class_chunk=c) for c in (1, 4)], 0.9))
     for name, alternatives, margin in later:

@@ -57,7 +57,8 @@ from torch import nn
 from ..device import model_device
 from ..errors import UserError
 from ..kernels import conv_forward_im2col, conv_input_grad, im2col_ok
-from ..models.rewrite import fold_batchnorm, relu_after_pool, rewrite_for_speed
+from ..models.rewrite import conv_pool_runs, fold_batchnorm, fuse_conv_pool, relu_after_pool, rewrite_for_speed
+from ..native import conv_pool as native_conv_pool
 from .nc_tune import Plan, machine, model_signature, tuned_plan
 
 
@@ -96,6 +97,8 @@ class NCConfig:
     im2col_forward: bool = True
     fold_bn: bool = False                # batch norm after a conv folded into it (models/rewrite.fold_batchnorm;
     #                                      the same function, rounding aside)
+    fused_conv_pool: bool = True         # on a CPU, a few-channel conv -> 2x2 max-pool (-> ReLU) as one native
+    #                                      kernel where it builds (native.py; the same function, rounding aside)
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(v) for v in (self.lr, self.success, self.init_cost)
@@ -329,6 +332,8 @@ def _net(model: nn.Module, cfg: NCConfig, plan: Plan, probe: torch.Tensor) -> nn
         net = fold_batchnorm(net, probe)
         if plan.channels_last:
             net = net.to(memory_format=torch.channels_last)
+    if plan.fused_conv_pool:
+        net = fuse_conv_pool(net)
     if plan.input_grad == "matmul":
         net = with_input_grad_convs(net, im2col_forward=plan.im2col_forward)
     return net
@@ -361,20 +366,23 @@ def _plan(model: nn.Module, x: torch.Tensor, cfg: NCConfig, n_classes: int) -> t
     """How this run computes: the configuration as it is, or (`tune`) the fastest plan on this machine."""
     dev = model_device(model)
     bf16_ok = cfg.amp and amp_supported(dev)
+    fusable = (cfg.fused_conv_pool and dev.type == "cpu" and x.dtype == torch.float32 and conv_pool_runs(model) > 0
+               and native_conv_pool() is not None)
     default = Plan(bf16_ok, cfg.exact_rewrite, cfg.input_grad, cfg.class_chunk or _default_chunk(dev, cfg.batch_size),
-                   im2col_forward=cfg.im2col_forward)
+                   im2col_forward=cfg.im2col_forward, fused_conv_pool=fusable)
     if not cfg.tune:
         return default, {}
     few = any(im2col_ok(m, 3) for m in model.modules())
     key = {**machine(dev), "model": model_signature(model), "image": list(x.shape[1:]), "batch": cfg.batch_size,
-           "relu_after_pool": cfg.relu_after_pool, "im2col_forward": cfg.im2col_forward, "amp_allowed": bf16_ok}
+           "relu_after_pool": cfg.relu_after_pool, "im2col_forward": cfg.im2col_forward, "amp_allowed": bf16_ok,
+           "fused_allowed": fusable}
 
     def seconds(plan: Plan, n: int) -> float:
         return _step_seconds(model, x, cfg, plan, n)
 
     one = any(im2col_ok(m, 1) for m in model.modules())
     plan, timed = tuned_plan(dataclasses.replace(default, tuned=True), key, seconds, n_classes, bf16_ok, few,
-                             dev.type == "cpu", one)
+                             dev.type == "cpu", one, fusable)
     return plan, {"timing": timed}
 
 

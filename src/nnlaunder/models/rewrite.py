@@ -83,3 +83,54 @@ def fold_batchnorm(model: nn.Module, probe: torch.Tensor) -> nn.Module:
     ok = (n_bn < sum(isinstance(m, nn.BatchNorm2d) for m in mods) and a.shape == b.shape
           and torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-4 * float(a.abs().max()) + 1e-6))
     return folded if ok else model
+
+
+def fuse_conv_pool(model: nn.Module) -> nn.Module:
+    """A copy of `model` in which, inside every nn.Sequential, each conv -> 2x2 max-pool (-> ReLU) run,
+    or conv -> ReLU -> 2x2 max-pool (the same function: both are monotone), that the native kernel
+    takes (`kernels.conv_pool_ok`) is one `kernels.FusedConvPool` (the others become nn.Identity, so
+    indices keep their meaning). Modules with hooks are left as they are. Returns the model itself when
+    the kernel is not available (`native.status()`) or nothing matches."""
+    from .. import native
+    from ..kernels import FusedConvPool
+
+    if native.conv_pool() is None or not conv_pool_runs(model):
+        return model
+    fused = copy.deepcopy(model)
+    for seq in [s for s in fused.modules() if isinstance(s, nn.Sequential)]:
+        keys = list(seq._modules)
+        for start, length, relu in _runs(seq):
+            seq._modules[keys[start]] = FusedConvPool(seq[start], relu)
+            for j in range(start + 1, start + length):
+                seq._modules[keys[j]] = nn.Identity()
+    return fused
+
+
+def conv_pool_runs(model: nn.Module) -> int:
+    """How many conv -> max-pool (-> ReLU) runs of `model` the fused kernel would take."""
+    return sum(len(_runs(s)) for s in model.modules() if isinstance(s, nn.Sequential))
+
+
+def _plain(m: nn.Module | None) -> bool:
+    return m is not None and not _hooked(m)
+
+
+def _runs(seq: nn.Sequential) -> list[tuple[int, int, bool]]:
+    """(start, length, ReLU included) of each fusable run in `seq`."""
+    from ..kernels import conv_pool_ok
+
+    mods, found, i = list(seq), [], 0
+    while i < len(mods):
+        a, b, c = (mods[j] if j < len(mods) else None for j in (i, i + 1, i + 2))
+        if type(a) is nn.Conv2d and _plain(a) and _plain(b):
+            if conv_pool_ok(a, b):                                             # conv, pool[, ReLU]
+                relu = type(c) is nn.ReLU and _plain(c)
+                found.append((i, 3 if relu else 2, relu))
+                i += 3 if relu else 2
+                continue
+            if type(b) is nn.ReLU and _plain(c) and conv_pool_ok(a, c):         # conv, ReLU, pool
+                found.append((i, 3, True))
+                i += 3
+                continue
+        i += 1
+    return found
