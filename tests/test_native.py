@@ -76,6 +76,15 @@ def test_a_channels_last_gradient_and_weights_are_taken_as_they_come(lib):
     torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_inputs_the_kernel_cannot_take_get_the_library_s_answer(lib):
+    conv = nn.Conv2d(1, 16, 5).requires_grad_(False)
+    fused = FusedConvPool(conv, True)
+    with pytest.raises(RuntimeError):             # 3 channels into a 1-channel conv: the library's error
+        fused(torch.rand(2, 3, 28, 28))
+    with pytest.raises(RuntimeError, match="too small"):       # too small to pool: the library's error
+        fused(torch.rand(2, 1, 5, 5))
+
+
 def test_changed_weights_are_repacked(lib):
     conv = nn.Conv2d(1, 16, 3).requires_grad_(False)
     fused = FusedConvPool(conv, False)

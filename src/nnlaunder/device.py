@@ -10,6 +10,8 @@ sets stay CPU tensors everywhere else and files are written from CPU tensors.
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -66,3 +68,35 @@ def deterministic(on: bool = True) -> None:
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = not on
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's vector and matrix extensions that decide what pays (Linux /proc/cpuinfo; empty elsewhere)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in wanted if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def cache_dir() -> Path | None:
+    """The per-user cache of machine-specific choices (Neural Cleanse's plans, the native kernel's
+    build): $NNLAUNDER_CACHE, else ~/.cache/nnlaunder; None where `NNLAUNDER_CACHE=off`."""
+    v = os.environ.get("NNLAUNDER_CACHE", "")
+    if v.lower() in ("off", "0", "none"):
+        return None
+    return Path(v) if v else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nnlaunder"

@@ -166,7 +166,7 @@ class FusedConvPool(nn.Module):
         lib = native.conv_pool()
         frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
         if (lib is not None and frozen and x.device.type == "cpu" and x.dtype == torch.float32
-                and x.ndim == 4 and x.shape[2] + 2 * self.padding[0] > self.k
+                and x.ndim == 4 and x.shape[1] == self.weight.shape[1] and x.shape[2] + 2 * self.padding[0] > self.k
                 and x.shape[3] + 2 * self.padding[1] > self.k):
             return _ConvPoolFn.apply(x, self, lib)
         y = F.max_pool2d(F.conv2d(x, self.weight, self.bias, padding=self.padding), 2)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loaded first: the kernel then shares torch's OpenMP runtime)
 
-from .attacks.nc_tune import cache_file, cpu_flags, cpu_name
+from .device import cache_dir, cpu_flags, cpu_name
 
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp"]
 _state: dict = {}
@@ -41,9 +41,9 @@ def _compiler() -> str | None:
 
 
 def _build_dir() -> Path:
-    cache = cache_file()
+    cache = cache_dir()
     if cache is not None:
-        return cache.parent / "native"
+        return cache / "native"
     if "tmp" not in _state:
         _state["tmp"] = Path(tempfile.mkdtemp(prefix="nnlaunder-native-"))
     return _state["tmp"]

@@ -25,13 +25,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..device import cache_dir, cpu_flags, cpu_name
 
 BF16_MARGIN = 0.9          # bf16 must take at most this share of the best fp32 plan's step time
 CACHE_VERSION = 3          # 2: plans also choose the one-channel conv's forward; 3: and the fused conv-pool kernel
@@ -59,29 +60,6 @@ class Plan:
 StepTimer = Callable[[Plan, int], float]     # (plan, classes per step) -> seconds of one step
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The CPU's vector and matrix extensions that decide what pays (Linux /proc/cpuinfo; empty elsewhere)."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "amx_int8")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
-
-
 def machine(device: torch.device) -> dict:
     """The facts a timing depends on, recorded with every tuned plan and benchmark row."""
     if device.type == "cuda":
@@ -98,11 +76,8 @@ def model_signature(model: nn.Module) -> str:
 
 
 def cache_file() -> Path | None:
-    v = os.environ.get("NNLAUNDER_CACHE", "")
-    if v.lower() in ("off", "0", "none"):
-        return None
-    base = Path(v) if v else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nnlaunder"
-    return base / "nc-plans.json"
+    base = cache_dir()
+    return None if base is None else base / "nc-plans.json"
 
 
 def _read_cache(path: Path | None) -> dict:
