@@ -77,6 +77,7 @@ from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 MACHINE = {**machine(torch.device("cpu")), "cpus": os.cpu_count()}   # recorded in every row
 COMMAND = ""               # this run's command line, recorded in every row (set by main)
+RUN = {"commit": "", "date": ""}   # this run's commit and date, recorded in every row (set by main)
 ROWS: list[dict] = []
 KEPT_FREED_MEMORY = False      # set by the entry point (keep_freed_memory())
 HEAD: list[dict] = []     # headline comparison rows, written first
@@ -85,7 +86,7 @@ HEAD: list[dict] = []     # headline comparison rows, written first
 def row(name: str, seconds: float | None, baseline: str | None = None, ratio: float | None = None,
         notes: str = "", **extra) -> dict:
     r = {"name": name, "seconds": seconds, "baseline": baseline, "ratio": ratio, "notes": notes, **extra,
-         "machine": MACHINE, "command": COMMAND}
+         "machine": MACHINE, "command": COMMAND, **RUN}
     ROWS.append(r)
     print(f"  {name}: {'' if seconds is None else f'{seconds:.3f} s'} "
           f"{'' if ratio is None else f'ratio {ratio:.2f} vs {baseline}'} {notes}", flush=True)
@@ -630,6 +631,15 @@ def cpu_model() -> str:
     return f"{MACHINE['device']} ({', '.join(MACHINE['flags']) or 'no AVX2'})"
 
 
+def revision() -> str:
+    """The checked-out commit, with a mark when the code it measures has uncommitted changes."""
+    def git(*a: str) -> str:
+        p = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return p.stdout.strip() if p.returncode == 0 else ""
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + (" with uncommitted changes" if git("status", "--porcelain", "--", "src", "benchmarks/perf") else "")
+
+
 def merge_previous(sections: set[str]) -> None:
     """A run of some sections keeps the other sections' rows from the last perf.json (noted in
     their `notes` as carried over), so one file always holds every section."""
@@ -655,7 +665,9 @@ def ordered() -> list[dict]:
 
 
 def markdown(machine: str, command: str) -> str:
-    lines = ["# Performance", "", f"Machine: {machine}. Each ratio is measured within one run (its row's command).", "",
+    lines = ["# Performance", "", f"Machine: {machine}. Each ratio is measured within one run (its row's command).",
+             f"This run: commit {RUN['commit']}, {RUN['date']}; rows marked \"from an earlier run\" keep their own "
+             "commit and date in perf.json where it was recorded.", "",
              "| name | seconds | baseline | ratio | notes |", "|---|---|---|---|---|"]
     for r in ordered():
         s = "–" if r.get("seconds") is None else f"{r['seconds']:.3f}"
@@ -721,6 +733,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     global COMMAND
     COMMAND = ("python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    RUN.update(commit=revision(), date=time.strftime("%Y-%m-%d"))
     # Neural Cleanse's tuned plans start from an empty cache, so the one-time timing is measured here
     os.environ["NNLAUNDER_CACHE"] = tempfile.mkdtemp(prefix="nnlaunder-perf-")
     if args.probe_faithful_nc is not None:
