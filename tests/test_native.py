@@ -182,3 +182,23 @@ def test_neural_cleanse_with_the_kernel_recovers_the_same_triggers(lib):
     assert runs[True].plan["fused_conv_pool"] and not runs[False].plan["fused_conv_pool"]
     torch.testing.assert_close(runs[True].masks, runs[False].masks, rtol=0, atol=1e-4)
     torch.testing.assert_close(runs[True].l1, runs[False].l1, rtol=1e-4, atol=1e-3)
+
+
+def test_the_result_does_not_depend_on_the_thread_count_or_the_batch(lib):
+    torch.manual_seed(3)
+    conv = nn.Conv2d(1, 32, 5).requires_grad_(False)
+    fused = FusedConvPool(conv, True)
+    x = torch.rand(9, 1, 28, 28)
+    g = torch.randn(9, 32, 12, 12)
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        xi = x.clone().requires_grad_(True)
+        out = fused(xi)
+        outs.append((out.detach(), torch.autograd.grad(out, xi, g)[0]))
+    torch.set_num_threads(2)
+    assert all(torch.equal(a, outs[0][0]) and torch.equal(b, outs[0][1]) for a, b in outs)
+    xi = x[4:5].clone().requires_grad_(True)                    # one image alone: bit for bit the same
+    out = fused(xi)
+    assert torch.equal(out.detach(), outs[0][0][4:5])
+    assert torch.equal(torch.autograd.grad(out, xi, g[4:5])[0], outs[0][1][4:5])
