@@ -202,3 +202,45 @@ def test_the_result_does_not_depend_on_the_thread_count_or_the_batch(lib):
     out = fused(xi)
     assert torch.equal(out.detach(), outs[0][0][4:5])
     assert torch.equal(torch.autograd.grad(out, xi, g[4:5])[0], outs[0][1][4:5])
+
+
+def test_misaligned_packed_tensors_are_copied_to_aligned_memory():
+    from nnlaunder.kernels import _aligned
+
+    base = torch.arange(40, dtype=torch.float32)
+    t = base[1:33].view(4, 8)                      # 4 bytes past a 64-byte boundary
+    assert t.data_ptr() % 64 != 0
+    a = _aligned(t)
+    assert a.data_ptr() % 64 == 0 and torch.equal(a, t) and a.shape == t.shape
+    assert _aligned(a) is a
+
+
+
+@pytest.mark.parametrize("march,width", [("x86-64", 4), ("x86-64-v3", 8)])
+def test_builds_for_older_vector_units_compute_the_same(lib, tmp_path, monkeypatch, march, width):
+    """The kernel's SSE (4 floats) and AVX2 (8 floats) builds, which a machine with AVX-512 never makes by
+    itself: the same results as the library's ops."""
+    import platform
+    import shutil
+    import subprocess
+
+    cc = shutil.which("cc")
+    if platform.machine() != "x86_64" or cc is None:
+        pytest.skip("needs an x86-64 C compiler")
+    flags = [f if not f.startswith("-march=") else f"-march={march}" for f in native.FLAGS]
+    src = tmp_path / "conv_pool.c"
+    src.write_bytes(native._source())
+    so = tmp_path / f"conv_pool-{march}.so"
+    subprocess.run([cc, *flags, str(src), "-o", str(so)], check=True, capture_output=True)
+    built = native.bind(so)
+    assert built.nnl_conv_pool_vector_width() == width
+    monkeypatch.setitem(native._state, "lib", built)
+    for cin, k, pad, cout, size in [(1, 5, 0, 32, 28), (3, 3, 1, 48, 15)]:
+        torch.manual_seed(cout)
+        conv = nn.Conv2d(cin, cout, k, padding=pad).requires_grad_(False)
+        x = torch.rand(5, cin, size, size, requires_grad=True)
+        ref, out = _reference(x, conv, True), FusedConvPool(conv, True)(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ref)
+        torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                                   rtol=1e-4, atol=1e-5)

@@ -90,6 +90,18 @@ def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, tuple | list) else (v, v)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """`t` (contiguous) in 64-byte aligned memory, as the native kernel reads its vectors (the library's CPU
+    allocator aligns to 64 bytes already; a copy only where it did not)."""
+    if t.data_ptr() % 64 == 0:
+        return t
+    buf = torch.empty(t.numel() + 16, dtype=t.dtype)
+    off = (-buf.data_ptr() % 64) // t.element_size()
+    out = buf[off:off + t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+
 class _ConvPoolFn(torch.autograd.Function):
     """relu?(maxpool2x2(conv(x))) by the native kernel; the input gradient only (frozen weights)."""
 
@@ -102,7 +114,7 @@ class _ConvPoolFn(torch.autograd.Function):
         k, cout = mod.k, mod.cout
         oh, ow = (hp - k + 1) // 2, (wp - k + 1) // 2
         wt, w6 = mod.packed()
-        y = torch.empty(n, oh, ow, cout, dtype=torch.float32)
+        y = _aligned(torch.empty(n, oh, ow, cout, dtype=torch.float32))
         arg = torch.empty(n, oh, ow, cout, dtype=torch.uint8)
         bias = mod.bias.detach().contiguous() if mod.bias is not None else None
         rc = lib.nnl_conv_pool_fwd(xp.data_ptr(), wt.data_ptr(), bias.data_ptr() if bias is not None else None,
@@ -157,7 +169,7 @@ class FusedConvPool(nn.Module):
                 w6[d, :, :, d // 2:d // 2 + k, d % 2:d % 2 + k] = w.float()
             w6 = w6.reshape(4, cout, -1)
             w6 = F.pad(w6, (0, (-w6.shape[-1]) % 16)).contiguous()
-            self._packed = (key, wt, w6)
+            self._packed = (key, _aligned(wt), _aligned(w6))
         return self._packed[1], self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

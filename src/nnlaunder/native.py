@@ -81,18 +81,24 @@ def _load() -> ctypes.CDLL | None:
         _state["reason"] = f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc, _source())))
-        if lib.nnl_conv_pool_version() != 1:
-            raise RuntimeError("unexpected kernel version")
+        lib = bind(_build(cc, _source()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _state["reason"] = f"build or load failed: {e}"
         return None
+    _state["reason"] = "loaded"
+    return lib
+
+
+def bind(path: Path) -> ctypes.CDLL:
+    """Load a build of the kernel and declare its entry points."""
+    lib = ctypes.CDLL(str(path))
+    if lib.nnl_conv_pool_version() != 1:
+        raise RuntimeError("unexpected kernel version")
     ptr, i32 = ctypes.c_void_p, ctypes.c_int
     for name in ("nnl_conv_pool_fwd", "nnl_conv_pool_bwd"):
         fn = getattr(lib, name)
         fn.argtypes = [ptr] * 5 + [i32] * 8
         fn.restype = i32
-    _state["reason"] = "loaded"
     return lib
 
 

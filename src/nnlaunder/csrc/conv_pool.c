@@ -12,8 +12,23 @@
 #include <stdint.h>
 #include <string.h>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int vi16 __attribute__((vector_size(64), aligned(4)));
+/* One vector of VW floats: 16 with AVX-512, 8 with AVX, 4 otherwise (SSE, NEON); the layout the Python side
+   packs does not depend on it. */
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int vi __attribute__((vector_size(VW * 4)));
+typedef float vf_u __attribute__((vector_size(VW * 4), aligned(4)));
+/* Packed weights, outputs and the patch buffer are 64-byte aligned (checked by the entry points), so their
+   vectors load and store whole: some compilers' tunings split unaligned 256-bit loads, which through a
+   stack copy cost several times the arithmetic. */
+#define LOAD(p) (*(const vf *)(p))
+#define STORE(p, v) (*(vf *)(p) = (v))
 
 typedef struct {
     const float *x, *wt, *bias, *g, *out, *w6;
@@ -24,18 +39,19 @@ typedef struct {
 } job_t;
 
 /* The max over the four window positions (the first max in row-major order wins, a NaN wins, as in the
-   library's max-pool) of conv + bias, then the ReLU, for the 16 channels from cb on; branch-free. */
-static inline void pool_store(const job_t *j, size_t o, int cb, v16 a0, v16 a1, v16 a2, v16 a3) {
-    if (j->bias) { v16 bv; memcpy(&bv, j->bias + cb, sizeof bv); a0 += bv; a1 += bv; a2 += bv; a3 += bv; }
-    vi16 d = {0}, s;
-    v16 m = a0;
-    s = (a1 > m) | (a1 != a1); m = (v16)(((vi16)a1 & s) | ((vi16)m & ~s)); d = (d & ~s) | (s & 1);
-    s = (a2 > m) | (a2 != a2); m = (v16)(((vi16)a2 & s) | ((vi16)m & ~s)); d = (d & ~s) | (s & 2);
-    s = (a3 > m) | (a3 != a3); m = (v16)(((vi16)a3 & s) | ((vi16)m & ~s)); d = (d & ~s) | (s & 3);
-    if (j->relu) { s = (m > 0.f) | (m != m); m = (v16)((vi16)m & s); }      /* relu(NaN) = NaN */
-    memcpy(j->y + o + cb, &m, sizeof m);
-    uint8_t am[16];
-    for (int c = 0; c < 16; c++) am[c] = (uint8_t)d[c];
+   library's max-pool) of conv + bias, then the ReLU, for the VW channels from cb on; branch-free. */
+static inline __attribute__((always_inline)) void pool_store(const job_t *j, size_t o, int cb, vf a0, vf a1,
+                                                             vf a2, vf a3) {
+    if (j->bias) { const vf bv = *(const vf_u *)(j->bias + cb); a0 += bv; a1 += bv; a2 += bv; a3 += bv; }
+    vi d = {0}, s;
+    vf m = a0;
+    s = (a1 > m) | (a1 != a1); m = (vf)(((vi)a1 & s) | ((vi)m & ~s)); d = (d & ~s) | (s & 1);
+    s = (a2 > m) | (a2 != a2); m = (vf)(((vi)a2 & s) | ((vi)m & ~s)); d = (d & ~s) | (s & 2);
+    s = (a3 > m) | (a3 != a3); m = (vf)(((vi)a3 & s) | ((vi)m & ~s)); d = (d & ~s) | (s & 3);
+    if (j->relu) { s = (m > 0.f) | (m != m); m = (vf)((vi)m & s); }      /* relu(NaN) = NaN */
+    STORE(j->y + o + cb, m);
+    uint8_t am[VW];
+    for (int c = 0; c < VW; c++) am[c] = (uint8_t)d[c];
     memcpy(j->arg + o + cb, am, sizeof am);
 }
 
@@ -49,26 +65,24 @@ static void fwd_range(const job_t *j) {
         for (int i = 0; i < ph; i++) for (int jj = 0; jj < pw; jj++) {
             const size_t o = (((size_t)n * ph + i) * pw + jj) * cout;
             int cb = 0;
-            for (; cb + 32 <= cout; cb += 32) {      /* two blocks of 16 channels: 8 independent sums */
-                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+            for (; cb + 2 * VW <= cout; cb += 2 * VW) {      /* two vectors of channels: 8 independent sums */
+                vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
                 for (int ky = 0; ky < k; ky++) for (int kx = 0; kx < k; kx++) for (int ci = 0; ci < cin; ci++) {
                     const float *r0 = xn + ((size_t)ci * hp + 2 * i + ky) * wp + 2 * jj + kx, *r1 = r0 + wp;
                     const float x0 = r0[0], x1 = r0[1], x2 = r1[0], x3 = r1[1];
                     const float *w0 = wt + ((size_t)(ky * k + kx) * cin + ci) * cout + cb;
-                    v16 w, u;
-                    memcpy(&w, w0, sizeof w); memcpy(&u, w0 + 16, sizeof u);
+                    const vf w = LOAD(w0), u = LOAD(w0 + VW);
                     a0 += x0 * w; a1 += x1 * w; a2 += x2 * w; a3 += x3 * w;
                     b0 += x0 * u; b1 += x1 * u; b2 += x2 * u; b3 += x3 * u;
                 }
                 pool_store(j, o, cb, a0, a1, a2, a3);
-                pool_store(j, o, cb + 16, b0, b1, b2, b3);
+                pool_store(j, o, cb + VW, b0, b1, b2, b3);
             }
-            for (; cb < cout; cb += 16) {
-                v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (; cb < cout; cb += VW) {
+                vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
                 for (int ky = 0; ky < k; ky++) for (int kx = 0; kx < k; kx++) for (int ci = 0; ci < cin; ci++) {
                     const float *r0 = xn + ((size_t)ci * hp + 2 * i + ky) * wp + 2 * jj + kx, *r1 = r0 + wp;
-                    v16 w;
-                    memcpy(&w, wt + ((size_t)(ky * k + kx) * cin + ci) * cout + cb, sizeof w);
+                    const vf w = LOAD(wt + ((size_t)(ky * k + kx) * cin + ci) * cout + cb);
                     a0 += r0[0] * w; a1 += r0[1] * w; a2 += r1[0] * w; a3 += r1[1] * w;
                 }
                 pool_store(j, o, cb, a0, a1, a2, a3);
@@ -77,48 +91,51 @@ static void fwd_range(const job_t *j) {
     }
 }
 
-/* One image's input gradient. g: (N, ph, pw, cout), the gradient of y; y and carg from the forward;
-   w6: (4, cout, 16 * nb): for window position d = 2*dy + dx, channel c's kernel placed at (dy, dx) in a
-   (cin, k+1, k+1) patch, zeros elsewhere and after; gin: (N, cin, hp, wp), overwritten. Each pooled output
-   adds one patch: the sum over channels of gradient x kernel at the max's position. `nb` is a constant
-   at each call site, so the patch's sums stay in registers. */
-static inline __attribute__((always_inline)) void bwd_image(const job_t *j, int n, const int nb) {
-    const int cin = j->cin, hp = j->hp, wp = j->wp, cout = j->cout, ph = j->ph, pw = j->pw, k1 = j->k + 1;
-    const float *restrict w6 = j->w6;
-    float *restrict gn = j->gin + (size_t)n * cin * hp * wp;
-    memset(gn, 0, sizeof(float) * (size_t)cin * hp * wp);
-    for (int i = 0; i < ph; i++) for (int jj = 0; jj < pw; jj++) {
-        const size_t o = (((size_t)n * ph + i) * pw + jj) * cout;
-        v16 acc[8];
-        for (int b = 0; b < nb; b++) acc[b] = (v16){0};
-        for (int c = 0; c < cout; c++) {
-            float gc = j->g[o + c];
-            gc = (j->relu && !(j->out[o + c] > 0.f)) ? 0.f : gc;     /* the ReLU's gradient, as the library's */
-            const float *w = w6 + ((size_t)j->carg[o + c] * cout + c) * nb * 16;
-            for (int b = 0; b < nb; b++) { v16 wv; memcpy(&wv, w + 16 * b, sizeof wv); acc[b] += gc * wv; }
-        }
-        float pa[8 * 16];
-        memcpy(pa, acc, sizeof(v16) * nb);
-        for (int ci = 0; ci < cin; ci++) for (int yy = 0; yy < k1; yy++) {
-            float *row = gn + ((size_t)ci * hp + 2 * i + yy) * wp + 2 * jj;
-            const float *pr = pa + (ci * k1 + yy) * k1;
-            for (int xx = 0; xx < k1; xx++) row[xx] += pr[xx];
-        }
+/* Blocks b0 .. b0+nb-1 (VW floats each) of one pooled output's input-gradient patch: the sum over channels of
+   the output's gradient times the channel's kernel placed at the position of its max. w6: (4, cout, stride):
+   for window position d = 2*dy + dx, channel c's kernel at (dy, dx) in a (cin, k+1, k+1) patch, zeros
+   elsewhere and after. `nb` is a constant at each call site, so the sums stay in registers. */
+static inline __attribute__((always_inline)) void patch_blocks(const job_t *j, size_t o, int stride, int b0,
+                                                               const int nb, float *pa) {
+    vf acc[8];
+    for (int b = 0; b < nb; b++) acc[b] = (vf){0};
+    for (int c = 0; c < j->cout; c++) {
+        float gc = j->g[o + c];
+        gc = (j->relu && !(j->out[o + c] > 0.f)) ? 0.f : gc;         /* the ReLU's gradient, as the library's */
+        const float *w = j->w6 + ((size_t)j->carg[o + c] * j->cout + c) * stride + (size_t)b0 * VW;
+        for (int b = 0; b < nb; b++) acc[b] += gc * LOAD(w + VW * b);
     }
+    for (int b = 0; b < nb; b++) STORE(pa + (size_t)(b0 + b) * VW, acc[b]);
 }
 
+/* g: (N, ph, pw, cout), the gradient of y; y and carg from the forward; gin: (N, cin, hp, wp), overwritten.
+   Each pooled output adds one (cin, k+1, k+1) patch to the input gradient. */
 static void bwd_range(const job_t *j) {
-    const int nb = (j->cin * (j->k + 1) * (j->k + 1) + 15) / 16;      /* 1..8, checked by the caller */
+    const int cin = j->cin, hp = j->hp, wp = j->wp, ph = j->ph, pw = j->pw, k1 = j->k + 1;
+    const int stride = (cin * k1 * k1 + 15) / 16 * 16, nblk = stride / VW;       /* stride <= 128: checked */
+    float pa[128] __attribute__((aligned(64)));
     for (int n = j->n0; n < j->n1; n++) {
-        switch (nb) {
-        case 1: bwd_image(j, n, 1); break;
-        case 2: bwd_image(j, n, 2); break;
-        case 3: bwd_image(j, n, 3); break;
-        case 4: bwd_image(j, n, 4); break;
-        case 5: bwd_image(j, n, 5); break;
-        case 6: bwd_image(j, n, 6); break;
-        case 7: bwd_image(j, n, 7); break;
-        default: bwd_image(j, n, 8); break;
+        float *restrict gn = j->gin + (size_t)n * cin * hp * wp;
+        memset(gn, 0, sizeof(float) * (size_t)cin * hp * wp);
+        for (int i = 0; i < ph; i++) for (int jj = 0; jj < pw; jj++) {
+            const size_t o = (((size_t)n * ph + i) * pw + jj) * j->cout;
+            for (int b0 = 0; b0 < nblk; b0 += 8) {
+                switch (nblk - b0 < 8 ? nblk - b0 : 8) {
+                case 1: patch_blocks(j, o, stride, b0, 1, pa); break;
+                case 2: patch_blocks(j, o, stride, b0, 2, pa); break;
+                case 3: patch_blocks(j, o, stride, b0, 3, pa); break;
+                case 4: patch_blocks(j, o, stride, b0, 4, pa); break;
+                case 5: patch_blocks(j, o, stride, b0, 5, pa); break;
+                case 6: patch_blocks(j, o, stride, b0, 6, pa); break;
+                case 7: patch_blocks(j, o, stride, b0, 7, pa); break;
+                default: patch_blocks(j, o, stride, b0, 8, pa); break;
+                }
+            }
+            for (int ci = 0; ci < cin; ci++) for (int yy = 0; yy < k1; yy++) {
+                float *row = gn + ((size_t)ci * hp + 2 * i + yy) * wp + 2 * jj;
+                const float *pr = pa + (ci * k1 + yy) * k1;
+                for (int xx = 0; xx < k1; xx++) row[xx] += pr[xx];
+            }
         }
     }
 }
@@ -148,9 +165,14 @@ static job_t job(int n, int cin, int hp, int wp, int k, int cout, int relu) {
 
 int nnl_conv_pool_version(void) { return 1; }
 
+int nnl_conv_pool_vector_width(void) { return VW; }
+
+#define MISALIGNED(p) (((uintptr_t)(p)) % 64 != 0)
+
 int nnl_conv_pool_fwd(const float *x, const float *wt, const float *bias, float *y, uint8_t *arg,
                       int n, int cin, int hp, int wp, int k, int cout, int relu, int threads) {
     if (n < 0 || cin < 1 || k < 1 || cout < 16 || cout % 16 || hp < k + 1 || wp < k + 1) return 1;
+    if (MISALIGNED(wt) || MISALIGNED(y)) return 2;
     job_t b = job(n, cin, hp, wp, k, cout, relu);
     b.x = x; b.wt = wt; b.bias = bias; b.y = y; b.arg = arg;
     run(fwd_range, b, n, threads);
@@ -161,6 +183,7 @@ int nnl_conv_pool_bwd(const float *g, const float *y, const uint8_t *arg, const 
                       int n, int cin, int hp, int wp, int k, int cout, int relu, int threads) {
     if (n < 0 || cin < 1 || k < 1 || cout < 16 || cout % 16 || hp < k + 1 || wp < k + 1
         || cin * (k + 1) * (k + 1) > 8 * 16) return 1;
+    if (MISALIGNED(w6)) return 2;
     job_t b = job(n, cin, hp, wp, k, cout, relu);
     b.g = g; b.out = y; b.carg = arg; b.w6 = w6; b.gin = gin;
     run(bwd_range, b, n, threads);
