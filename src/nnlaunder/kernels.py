@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 
 def im2col(x: torch.Tensor, kh: int, kw: int, padding: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
     """x (B,C,H,W) -> (B·OH·OW, C·kh·kw) patches for a stride-1 conv, with OH, OW."""
@@ -124,7 +126,6 @@ class _ConvPoolFn(torch.autograd.Function):
             raise RuntimeError(f"native conv-pool kernel refused shape {tuple(xp.shape)}")
         ctx.save_for_backward(y, arg, w6)
         ctx.shape, ctx.pad, ctx.mod_relu, ctx.k, ctx.lib = xp.shape, mod.padding, mod.relu, k, lib
-        ctx.dtype = x.dtype
         return y.permute(0, 3, 1, 2)            # (N, cout, OH, OW) with channels-last strides
 
     @staticmethod
@@ -139,7 +140,7 @@ class _ConvPoolFn(torch.autograd.Function):
         if rc != 0:
             raise RuntimeError(f"native conv-pool kernel refused shape {tuple(ctx.shape)}")
         ph, pw = ctx.pad
-        return gin[:, :, ph:hp - ph, pw:wp - pw].to(ctx.dtype), None, None
+        return gin[:, :, ph:hp - ph, pw:wp - pw], None, None
 
 
 class FusedConvPool(nn.Module):
@@ -173,8 +174,6 @@ class FusedConvPool(nn.Module):
         return self._packed[1], self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from . import native
-
         lib = native.conv_pool()
         frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
         if (lib is not None and frozen and x.device.type == "cpu" and x.dtype == torch.float32

@@ -9,6 +9,9 @@ import warnings
 import torch
 from torch import nn
 
+from .. import native
+from ..kernels import FusedConvPool, conv_pool_ok
+
 
 def _hooked(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks)
@@ -91,9 +94,6 @@ def fuse_conv_pool(model: nn.Module) -> nn.Module:
     takes (`kernels.conv_pool_ok`) is one `kernels.FusedConvPool` (the others become nn.Identity, so
     indices keep their meaning). Modules with hooks are left as they are. Returns the model itself when
     the kernel is not available (`native.status()`) or nothing matches."""
-    from .. import native
-    from ..kernels import FusedConvPool
-
     if native.conv_pool() is None or not conv_pool_runs(model):
         return model
     fused = copy.deepcopy(model)
@@ -117,8 +117,6 @@ def _plain(m: nn.Module | None) -> bool:
 
 def _runs(seq: nn.Sequential) -> list[tuple[int, int, bool]]:
     """(start, length, ReLU included) of each fusable run in `seq`."""
-    from ..kernels import conv_pool_ok
-
     mods, found, i = list(seq), [], 0
     while i < len(mods):
         a, b, c = (mods[j] if j < len(mods) else None for j in (i, i + 1, i + 2))
