@@ -15,7 +15,7 @@ from nnlaunder.attacks.units import discover_units
 from nnlaunder.cli import main
 from nnlaunder.data.external import read_external, read_image_folder, read_npz
 from nnlaunder.errors import UserError
-from nnlaunder.models.external import PixelInput, check_model_fits, external_model, load_factory
+from nnlaunder.models.external import CodeAllowance, PixelInput, check_model_fits, external_model, load_factory
 
 from .synthetic import add_trigger, make_images
 
@@ -110,7 +110,7 @@ def test_pt_weights_need_the_flag(backdoored, tmp_path, capsys):
     assert main(args) == 2
     assert "--allow-torch-load" in capsys.readouterr().err
     m = external_model("tests.test_byo:make_net", {}, backdoored / "net.pt", allow_torch_load=True,
-                       input_range=(0, 255))
+                       allow=CodeAllowance.typed("tests.test_byo:make_net", torch_load=True), input_range=(0, 255))
     assert isinstance(m, PixelInput)
 
 
@@ -137,7 +137,8 @@ def test_factory_mistakes_are_one_line(backdoored, tmp_path, capsys, argv, needl
 def test_class_count_that_disagrees_with_the_data(backdoored, tmp_path):
     x = np.zeros((12, 12, 12), dtype=np.uint8)
     np.savez(tmp_path / "six.npz", x=x, y=np.arange(12) % 6)
-    m = external_model("tests.test_byo:make_net", {}, backdoored / "net.safetensors")
+    m = external_model("tests.test_byo:make_net", {}, backdoored / "net.safetensors",
+                       allow=CodeAllowance.typed("tests.test_byo:make_net"))
     with pytest.raises(UserError, match="4 outputs but .* 6 classes"):
         check_model_fits(m, read_npz(tmp_path / "six.npz").x, 6, "six.npz")
     np.savez(tmp_path / "big.npz", x=np.zeros((4, 20, 20), dtype=np.uint8), y=np.arange(4))
@@ -192,7 +193,8 @@ def test_image_folder_and_npz_readers(tmp_path):
 
 
 def test_load_factory_builds_the_module():
-    assert isinstance(load_factory("tests.test_byo:make_net", {"width": 4}), Net)
+    spec = "tests.test_byo:make_net"
+    assert isinstance(load_factory(spec, {"width": 4}, allow=CodeAllowance.typed(spec)), Net)
 
 
 def _spec(d):
@@ -218,7 +220,7 @@ def test_an_audit_of_your_own_model(backdoored, tmp_path):
     ext = ExternalAudit(spec, clean_weights=(str(tmp_path / "clean.safetensors"),))
     got = run_audit(None, None, {}, profile=tiny, workspace=str(tmp_path / "ws"), progress=False, log=lambda m: None,
                     external=ext)
-    clean = load_external(dataclasses.replace(spec, weights=str(tmp_path / "clean.safetensors")))
+    clean = load_external(dataclasses.replace(spec, weights=str(tmp_path / "clean.safetensors")), ext.allowance())
     expected = accuracy(clean.model, *clean.verify)
     rows = got["rows"]
     assert [(r["attack"], r["n"], r["n_clean"]) for r in rows] == [("launder", 1, 50), ("rtal", 1, 50)]

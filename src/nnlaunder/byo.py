@@ -20,6 +20,7 @@ from .attacks.pipeline import CalibrateOptions, run_launder
 from .checkpoint import atomic_save_tensors
 from .errors import UserError
 from .experiments.external import ExternalModel, ExternalSetup, factory_kwargs, load_external
+from .models.external import CodeAllowance
 from .progress import LaunderBars
 from .train import accuracy
 
@@ -38,7 +39,7 @@ def run_external(spec: ExternalModel, cfg: LaunderConfig, out_dir: Path, *, budg
                  per_class: int | None = None, seed: int = 0, calibrate: CalibrateOptions | None = None,
                  progress: bool = True) -> int:
     """`launder` for a model from `--model-factory` and data from `--data`."""
-    setup = load_external(spec)
+    setup = load_external(spec, CodeAllowance.typed(spec.factory, spec.allow_torch_load))
     model, data, input_range = setup.model, setup.data, setup.input_range
     evals = _evals(setup)
     budget = 1.0 if budget is None else budget

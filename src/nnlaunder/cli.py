@@ -22,7 +22,7 @@ from .checkpoint import (
     save_model,
     stem,
 )
-from .cli_flags import KEPT, calibrate_options, launder_cfg, make_parser, param_table, train_config
+from .cli_flags import KEPT, calibrate_options, code_allowance, launder_cfg, make_parser, param_table, train_config
 from .device import deterministic, set_device
 from .errors import Inconclusive, UserError
 from .models import DEFAULT_ARCH, build, check_fits
@@ -255,7 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .experiments.config import load_experiment
     from .experiments.runner import run_experiment
 
-    cells = load_experiment(args.file)
+    cells = load_experiment(args.file, allow := code_allowance(args))
     ws = Path(args.workspace)
     _out(str(ws / "results"))
     if args.dry_run:
@@ -270,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{' removed' if summary['removed'] else ''}", flush=True)
 
     out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show,
-                         executor=args.executor, address=args.address, jobs=args.jobs)
+                         executor=args.executor, address=args.address, jobs=args.jobs, allow=allow)
     print(f"{out['ran']} cells run, {out['skipped']} already in {ws / 'results.sqlite'}")
     return 0
 

@@ -320,6 +320,20 @@ def _add_run(sub: Any) -> None:
     s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")
     s.add_argument("--jobs", type=_positive_int, default=1,
                    help="local executor: cells run in this many worker processes (default 1)")
+    s.add_argument("--allow-factory", action="append", default=[], metavar="PKG.MODULE:FUNCTION",
+                   help="let the file's [external] factory run: it is imported and called (repeatable); a file "
+                        "that names code is refused without this or --allow-code")
+    s.add_argument("--allow-code", action="store_true",
+                   help="let any factory the file names run (you trust the file as you would a Python script)")
+
+
+def code_allowance(args: argparse.Namespace) -> Any:
+    """What `run`'s command line allows an experiment file to import (`--allow-factory`, `--allow-code`,
+    `--allow-torch-load`)."""
+    from .models.external import CodeAllowance, check_factory_spec
+
+    named = frozenset(check_factory_spec(f, "--allow-factory") for f in args.allow_factory)
+    return CodeAllowance(named, bool(args.allow_code), bool(args.allow_torch_load))
 
 
 def _add_persistence(sub: Any) -> None:

@@ -189,6 +189,12 @@ class ExternalAudit:
     threshold: float | None = None           # percent
     clean_weights: tuple[str, ...] = ()      # weights of clean models of the same factory
 
+    def allowance(self) -> Any:
+        """The factory this audit names was given by its caller (typed on the command line): it may run."""
+        from ..models.external import CodeAllowance
+
+        return CodeAllowance.typed(self.spec.factory, self.spec.allow_torch_load)
+
 
 def external_threshold(ext: ExternalAudit) -> tuple[float, dict[str, Any]]:
     """The vanilla threshold for the user's trigger set: given, or the maximum accuracy on it of the
@@ -207,7 +213,7 @@ def external_threshold(ext: ExternalAudit) -> tuple[float, dict[str, Any]]:
         return ext.threshold, {"threshold": "given"}
     accs = []
     for w in ext.clean_weights:
-        setup = load_external(dataclasses.replace(ext.spec, weights=w))
+        setup = load_external(dataclasses.replace(ext.spec, weights=w), ext.allowance())
         assert setup.verify is not None
         accs.append(accuracy(setup.model, *setup.verify))
     return max(accs), {"clean models": list(ext.clean_weights), "their trigger accuracy": accs}
@@ -232,6 +238,7 @@ def run_audit(model: str | None, scheme: str | None, params: dict[str, Any], *, 
     name, cells, scheme, params, where = _grid(model, scheme, params, prof, seeds, external)
     log(f"audit of {where} ({scheme}, {label} profile): {len(cells)} cells in {workspace}")
     run_experiment(cells, workspace, data_dir, progress=progress, executor=executor, address=address, jobs=jobs,
+                   allow=external.allowance() if external is not None else None,
                    on_cell=lambda c, s: log(f"  {c.attack} @ {c.budget} seed {c.seed}: test {s['test_acc']:.2f}%, "
                                             f"WM {s['wm_acc']:.2f}% -> {outcome(s)}"))
     ids = {c.cell_id() for c in cells}

@@ -37,6 +37,7 @@ from ..attacks.registry import configure
 from ..config import from_dict
 from ..errors import UserError
 from ..models import DEFAULT_ARCH, check_fits
+from ..models.external import NO_CODE, CodeAllowance
 from ..recipes import owner_config
 from ..train import TrainConfig
 from ..watermarks.schemes import scheme_spec
@@ -219,7 +220,10 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
     return cells
 
 
-def load_experiment(path: str | Path) -> list[CellConfig]:
+def load_experiment(path: str | Path, allow: CodeAllowance = NO_CODE) -> list[CellConfig]:
+    """The cells of an experiment file, fully validated. A file that names code (an `[external]`
+    factory, or `allow_torch_load`) is refused, before anything is imported, unless `allow` (what the
+    command line allows) lists it."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"missing experiment file {p}")
@@ -232,6 +236,12 @@ def load_experiment(path: str | Path) -> list[CellConfig]:
     except RecursionError:
         raise UserError(f"{p}: not valid TOML (nested too deeply)") from None
     try:
-        return expand(raw)
+        cells = expand(raw)
+        for cell in cells:
+            if cell.external is not None:
+                from .external import from_identity
+
+                from_identity(cell.external).check_allowed(allow, "[external]")
     except UserError as e:
         raise UserError(f"{p}: {e}") from e
+    return cells

@@ -20,7 +20,7 @@ from ..config import from_dict
 from ..data.external import read_external, read_npz
 from ..data.fetch import sha256_file
 from ..errors import UserError
-from ..models.external import PixelInput, check_model_fits, external_model
+from ..models.external import CodeAllowance, PixelInput, check_factory_spec, check_model_fits, external_model
 
 
 def floats(s: str | None, what: str, n: int | None = None) -> tuple[float, ...] | None:
@@ -67,6 +67,14 @@ class ExternalModel:
             if not getattr(self, f):
                 raise UserError(f"--model-factory needs --{f.replace('_', '-')}")
 
+    def check_allowed(self, allow: CodeAllowance, source: str) -> None:
+        """Refuse, before anything is imported or read, the code this spec asks to run (its factory, and
+        `torch.load` for .pt/.pth weights) unless `allow` (the command line) allows it."""
+        check_factory_spec(self.factory, f"{source}: factory")
+        allow.check_factory(self.factory, source)
+        if self.allow_torch_load:
+            allow.check_torch_load(source)
+
     def identity(self) -> dict[str, Any]:
         """The options plus the weights' and data files' SHA-256: what an experiment cell is keyed by, so a
         changed file under the same name is a new cell."""
@@ -98,12 +106,15 @@ class ExternalSetup:
     input_range: tuple[float, float]
 
 
-def load_external(spec: ExternalModel) -> ExternalSetup:
-    """Build the network, read the data, and check they fit each other."""
+def load_external(spec: ExternalModel, allow: CodeAllowance, source: str = "--model-factory") -> ExternalSetup:
+    """Build the network, read the data, and check they fit each other. `allow` is what the command line
+    allows (`CodeAllowance.typed(spec.factory)` when the user typed the spec); `source` names where the
+    spec came from, for the refusal."""
+    spec.check_allowed(allow, source)
     spec.require("weights", "data")
     assert spec.weights is not None and spec.data is not None
     input_range = floats(spec.input_range, "--input-range", 2) or (0.0, 1.0)
-    model = external_model(spec.factory, factory_kwargs(spec.kwargs), spec.weights,
+    model = external_model(spec.factory, factory_kwargs(spec.kwargs), spec.weights, allow=allow, source=source,
                            allow_torch_load=spec.allow_torch_load, input_range=input_range,  # type: ignore[arg-type]
                            mean=floats(spec.mean, "--mean"), std=floats(spec.std, "--std"))
     data = read_external(spec.data)

@@ -36,6 +36,7 @@ from ..config import from_dict
 from ..device import deterministic
 from ..errors import UserError
 from ..models import build
+from ..models.external import NO_CODE, CodeAllowance
 from ..train import accuracy
 from ..watermarks.embed import embed
 from ..watermarks.schemes import Watermark, make_watermark
@@ -126,13 +127,14 @@ def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.
     return model
 
 
-def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = False
-             ) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
-    """Everything one cell needs, then its attack; returns (round rows, summary, seconds)."""
+def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = False,
+             allow: CodeAllowance = NO_CODE) -> tuple[list[dict[str, Any]], dict[str, Any], float]:
+    """Everything one cell needs, then its attack; returns (round rows, summary, seconds). A cell on the
+    user's own model runs its factory only if `allow` (the command line) allows it."""
     deterministic()
     t0 = time.perf_counter()
     if cell.external is not None:
-        tr, te, wm, model = external_inputs(cell)
+        tr, te, wm, model = external_inputs(cell, allow)
     else:
         tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
         wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
@@ -184,7 +186,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     return rows, summary, time.perf_counter() - t0
 
 
-def external_inputs(cell: CellConfig) -> tuple[D.Dataset, D.Dataset, Watermark, Any]:
+def external_inputs(cell: CellConfig, allow: CodeAllowance) -> tuple[D.Dataset, D.Dataset, Watermark, Any]:
     """A cell on the user's own model: (their data, their test set, their trigger set as a watermark
     with no known target, the model). The attacker's pool and the owner's restoration set are both
     drawn from `data`, as the registered datasets' training sets are."""
@@ -193,7 +195,7 @@ def external_inputs(cell: CellConfig) -> tuple[D.Dataset, D.Dataset, Watermark, 
     from .external import from_identity, load_external
 
     assert cell.external is not None
-    setup = load_external(from_identity(cell.external))
+    setup = load_external(from_identity(cell.external), allow, f"experiment {cell.name!r}: [external]")
     assert setup.test is not None and setup.verify is not None     # validate() requires both
     vx, vy = setup.verify
     empty = torch.zeros((0, *setup.data.shape))
@@ -240,9 +242,10 @@ def save_round_triggers(folder: Path, cell_id: str, r: int, nc: Any, wm: Waterma
                          "classes": json.dumps(list(test.classes))})
 
 
-def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str) -> tuple[list[dict], dict, float]:
+def _run_cell_remote(cell: dict[str, Any], ws: str, data_dir: str, allow: CodeAllowance = NO_CODE
+                     ) -> tuple[list[dict], dict, float]:
     """A Ray task or pool job: rebuild the cell from its JSON-able dict and run it on a worker."""
-    return run_cell(from_dict(CellConfig, cell, "cell"), Path(ws), data_dir, progress=False)
+    return run_cell(from_dict(CellConfig, cell, "cell"), Path(ws), data_dir, progress=False, allow=allow)
 
 
 def prepare_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool) -> None:
@@ -268,8 +271,12 @@ def _pool_init(threads: int, device: str | None) -> None:
 
 def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | None, *, progress: bool = True,
                    on_cell: Callable[[CellConfig, dict[str, Any]], None] | None = None,
-                   executor: str = "local", address: str | None = None, jobs: int = 1) -> dict[str, int]:
+                   executor: str = "local", address: str | None = None, jobs: int = 1,
+                   allow: CodeAllowance | None = None) -> dict[str, int]:
     """Run every unfinished cell; finished cells (same config) are skipped.
+
+    `allow`: the factories the command line allows cells on the user's own model to import (none by
+    default); every such cell is checked against it before anything runs.
 
     executor "local": in this process, in order. "ray": each cell is a Ray task on the existing
     cluster at `address` (workers must see the workspace and data folders); results come back here
@@ -277,6 +284,8 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
     on this machine (useful with a GPU, where one cell leaves it mostly idle); owner models and
     thresholds are trained first, here, so workers only attack.
     """
+    allow = allow or NO_CODE
+    check_code(cells, allow)
     ws = Path(ws).resolve()
     ws.mkdir(parents=True, exist_ok=True)
     with Store(ws / "results.sqlite") as store:
@@ -294,19 +303,29 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
 
         if executor == "local" and jobs <= 1:
             for cell in todo:
-                finish(cell, run_cell(cell, ws, data_dir, progress))
+                finish(cell, run_cell(cell, ws, data_dir, progress, allow))
         elif executor == "local":
-            _run_in_pool(todo, ws, data_dir, jobs, progress, finish)
+            _run_in_pool(todo, ws, data_dir, jobs, progress, finish, allow)
         elif executor == "ray":
-            _run_on_ray(todo, ws, str(D.resolve_data_dir(data_dir).resolve()), address, finish)
+            _run_on_ray(todo, ws, str(D.resolve_data_dir(data_dir).resolve()), address, finish, allow)
         else:
             raise UserError(f"unknown executor {executor!r}; choose local or ray")
         bar.close()
     return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}
 
 
+def check_code(cells: Sequence[CellConfig], allow: CodeAllowance) -> None:
+    """Refuse, before anything is imported, a cell whose `[external]` factory (or torch.load) `allow`
+    does not allow."""
+    from .external import from_identity
+
+    for cell in cells:
+        if cell.external is not None:
+            from_identity(cell.external).check_allowed(allow, f"experiment {cell.name!r}: [external]")
+
+
 def _run_in_pool(todo: Sequence[CellConfig], ws: Path, data_dir: str | None, jobs: int, progress: bool,
-                 finish: Callable[[CellConfig, tuple], None]) -> None:
+                 finish: Callable[[CellConfig, tuple], None], allow: CodeAllowance = NO_CODE) -> None:
     import multiprocessing as mp
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -318,7 +337,7 @@ def _run_in_pool(todo: Sequence[CellConfig], ws: Path, data_dir: str | None, job
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              initializer=_pool_init, initargs=(threads, device_setting())) as pool:
-        futures = {pool.submit(_run_cell_remote, c.as_dict(), str(ws), data_dir): c for c in todo}
+        futures = {pool.submit(_run_cell_remote, c.as_dict(), str(ws), data_dir, allow): c for c in todo}
         for fut in as_completed(futures):
             finish(futures[fut], fut.result())
 
@@ -338,7 +357,7 @@ def _check_reachable(address: str, timeout_s: float = 3.0) -> None:
 
 
 def _run_on_ray(todo: Sequence[CellConfig], ws: Path, data_dir: str, address: str | None,
-                finish: Callable[[CellConfig, tuple], None]) -> None:
+                finish: Callable[[CellConfig, tuple], None], allow: CodeAllowance = NO_CODE) -> None:
     if not address:
         raise UserError("--executor ray needs --address HOST:PORT of a running Ray cluster")
     _check_reachable(address)
@@ -352,7 +371,7 @@ def _run_on_ray(todo: Sequence[CellConfig], ws: Path, data_dir: str, address: st
         raise UserError(f"cannot connect to the Ray cluster at {address}: {e}") from e
     try:
         task = ray.remote(num_cpus=1)(_run_cell_remote)
-        pending = {task.remote(c.as_dict(), str(ws), data_dir): c for c in todo}
+        pending = {task.remote(c.as_dict(), str(ws), data_dir, allow): c for c in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             cell = pending.pop(ready[0])
