@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nnlaunder.cli import main
+from nnlaunder.errors import UserError
 from nnlaunder.experiments import runner
 from nnlaunder.experiments.audit import PROFILES, Profile, audit_cells, outcome, run_audit, summarize, verdict_paragraph
 
@@ -33,21 +34,22 @@ def test_the_grid_is_attacks_by_budgets_by_seeds():
 
 
 def _cell(attack, removed, restored, test=98.0, wm=1.0, n_clean=60):
-    s = {"removed": removed, "test_acc": test, "wm_acc": wm, "n_clean": n_clean, "orig_test_acc": 99.0,
-         "orig_wm_acc": 99.5, "threshold": 2.0, "n_verify": 1000, "restored_wm_acc": 50.0 if restored else 0.5}
+    kept = not removed
+    s = {"removed": removed and not restored, "test_acc": test, "wm_acc": wm, "n_clean": n_clean,
+         "orig_test_acc": 99.0, "orig_wm_acc": 99.5, "threshold": 2.0, "n_verify": 1000,
+         "restored_wm_acc": 50.0 if restored else 0.5,
+         "outcome": "kept" if kept else "destroyed" if 99.0 - test > 3 else "hidden" if restored else "removed"}
     return {"config": {"attack": attack, "budget": 0.006}, "summary": s}
 
 
 def test_outcomes_and_the_verdict_in_plain_words():
-    base = {"threshold": 2.0, "n_verify": 1000, "restored_wm_acc": 0.5}
-    assert outcome({**base, "wm_acc": 80.0, "removed": False}) == "kept"
-    assert outcome({**base, "wm_acc": 1.0, "removed": True, "restored_wm_acc": 50.0}) == "hidden"
-    assert outcome({**base, "wm_acc": 1.0, "removed": True}) == "removed"
-    # above the threshold, but 21 hits of 1000 against a 2% null is no proof (p ~ 0.4): not kept
-    assert outcome({**base, "wm_acc": 2.1, "removed": False}) == "removed"
-    assert outcome({**base, "wm_acc": 2.1, "removed": False, "restored_wm_acc": 2.1}) == "removed"
-    # NaN outputs on the verification set count as misses, but such a model is never called removed
-    assert outcome({**base, "wm_acc": 0.0, "removed": False}) == "kept"
+    # the audit reads the outcome the runner decided (watermarks.verify.outcome, tested in test_verdicts.py);
+    # a store from before outcomes were recorded is refused, not re-guessed
+    assert outcome({"outcome": "destroyed"}) == "destroyed"
+    with pytest.raises(UserError, match="old rules"):
+        outcome({"wm_acc": 1.0, "removed": True})
+    destroyed = summarize([_cell("prune", True, False, test=10.3)])
+    assert destroyed[0]["destroyed"] == 1 and destroyed[0]["removed"] == 0
     rows = summarize([_cell("launder", True, False, 98.2), _cell("launder", True, False, 98.4),
                       _cell("rtal", True, True), _cell("rtal", False, False, wm=80.0)])
     text = verdict_paragraph(rows, "zhang-content")
@@ -65,7 +67,9 @@ def test_the_threshold_of_a_custom_watermark(tiny, tmp_path, capsys):
                  "--param", "target=3", "--epochs", "1", "--batch-size", "32", "--out", str(out),
                  "--data-dir", str(tiny), "--quiet"]) == 0
     got = json.loads(out.read_text())
-    assert got["params"] == {"text": "HI", "target": 3} and 0 <= got["thresholds"]["zhang-content"] <= 100
+    params = got["scheme_params"]["zhang-content"]
+    assert (params["text"], params["target"]) == ("HI", 3) and 0 <= got["thresholds"]["zhang-content"] <= 100
+    assert got["rule"] == "converged" and got["rules"]["zhang-content"]["paper"]["seeds"] == [0]
     assert main(["threshold", "--dataset", "mnist", "--schemes", "zhang-content", "--param", "colour=red",
                  "--out", str(tmp_path / "bad.json"), "--data-dir", str(tiny), "--quiet"]) == 2
 
@@ -90,12 +94,12 @@ def test_an_audit_runs_resumes_after_a_kill_and_reports(owner, tiny, tmp_path, m
     assert len(calls) == 3 + 2                      # 2 cells finished before the kill are not run again
     rows = got["rows"]
     assert [(r["attack"], r["n"]) for r in rows] == [("launder", 2), ("rtal", 2)]
-    assert all(r["removed"] + r["hidden"] + r["kept"] == 2 for r in rows)
+    assert all(r["removed"] + r["hidden"] + r["kept"] + r["destroyed"] == 2 for r in rows)
     assert all(r["restored_wm_median"] is not None for r in rows)
     folder = Path(got["folder"])
     page = (folder / "audit.html").read_text()
     assert page.count("<table>") == 1 and "data:image/png;base64," in page and html.escape(got["verdict"]) in page
-    assert page.count("<ul>") == 1 and "<li>vanilla threshold: " in page
+    assert page.count("<ul>") == 1 and "<li>threshold: " in page
     assert (folder / "pareto-3-class.png").stat().st_size > 5000 and (folder / "triggers-3-class.png").is_file()
     assert json.loads((folder / "audit.json").read_text())["verdict"] == got["verdict"]
 

@@ -340,7 +340,8 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
     monkeypatch.setattr(pipeline, "launder", real)
     seen = []
     real_ev = runner.evaluator
-    monkeypatch.setattr(runner, "evaluator", lambda te, wm: (lambda r, m: seen.append(r) or real_ev(te, wm)(r, m)))
+    monkeypatch.setattr(runner, "evaluator",
+                        lambda te, wm, *a: (lambda r, m: seen.append(r) or real_ev(te, wm, *a)(r, m)))
     runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
     assert seen == [0, 2] and not partial.exists()            # round 1 came from the partial state
     monkeypatch.setattr(runner, "evaluator", real_ev)

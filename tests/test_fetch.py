@@ -194,3 +194,40 @@ def test_the_default_data_folder_and_the_fetch_hint(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="does not exist"):
         D.resolve_data_dir(tmp_path / "nowhere")
     assert os.environ.get("NNLAUNDER_DATA") is None
+
+
+def test_a_tampered_unpacked_file_is_not_verified_even_with_a_forged_stamp(tiny, tmp_path):
+    import json
+    import os
+
+    batches = tiny / "cifar10" / "cifar-10-batches-py"
+    body = _tar({f"cifar-10-batches-py/{p.name}": p.read_bytes() for p in batches.iterdir()})
+    srv = _Server({"/cifar10/cifar-10-python.tar.gz": body})
+    try:
+        present = tuple(f"cifar-10-batches-py/{p.name}" for p in batches.iterdir())
+        url = f"{srv.url}/cifar10/cifar-10-python.tar.gz"
+        src = {"cifar10": Source("cifar10", (Remote("cifar-10-python.tar.gz", (url,), _sha(body), unpack=True),),
+                                 present, "test")}
+        out = tmp_path / "d"
+        assert fetch("cifar10", out, sources=src, progress=False, log=lambda m: None).state == "verified"
+        folder = out / "cifar10"
+        victim = folder / "cifar-10-batches-py" / "test_batch"
+        st = victim.stat()
+        data = bytearray(victim.read_bytes())
+        data[-10] ^= 0xFF                                   # same size ...
+        victim.write_bytes(bytes(data))
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+        assert check("cifar10", out, src).state == "present"      # size and mtime differ: hashed again
+        # a forged stamp of the old form (the archive's pinned hash, no record of the files) vouches for nothing
+        (folder / ".nnlaunder-fetch.json").write_text(json.dumps({"cifar-10-python.tar.gz": _sha(body)}))
+        got = check("cifar10", out, src)
+        assert got.state == "present" and "unchecked" in got.detail
+        # fetch does not keep what it cannot vouch for: it fetches the archive again
+        assert fetch("cifar10", out, sources=src, progress=False, log=lambda m: None).state == "verified"
+        assert victim.read_bytes() == (batches / "test_batch").read_bytes()
+        # a FIFO as the stamp is never opened
+        (folder / ".nnlaunder-fetch.json").unlink()
+        os.mkfifo(folder / ".nnlaunder-fetch.json")
+        assert check("cifar10", out, src).state == "present"
+    finally:
+        srv.close()

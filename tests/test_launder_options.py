@@ -42,7 +42,8 @@ def _fake_nc(k: int, shape=(3, 8, 8), least: int = 2):
     g = torch.Generator().manual_seed(0)
     return SimpleNamespace(masks=torch.rand(k, 1, *shape[1:], generator=g),
                            patterns=torch.rand(k, *shape, generator=g), least_likely=least,
-                           l1=torch.tensor([5.0, 1.0, 9.0, 2.0][:k]), flagged=[], most_likely=1)
+                           l1=torch.tensor([5.0, 1.0, 9.0, 2.0][:k]), flagged=[], most_likely=1,
+                           found=torch.ones(k, dtype=torch.bool))
 
 
 def test_reestimated_bn_statistics_equal_those_of_the_clean_set():
@@ -198,14 +199,26 @@ def test_top_k_triggers_reach_both_targets_of_a_two_target_watermark():
 def test_calibration_rule_and_k_fold():
     from nnlaunder.attacks.calibrate import Score, apply_candidate, calibrate, choose
 
-    scores = [Score({"dt": 0.5, "ct": 1.0, "retrain_epochs": 5}, 90.0, 1.5, 10.0, 5),
-              Score({"dt": 0.5, "ct": 2.0, "retrain_epochs": 5}, 91.0, 1.5, 2.0, 3),
-              Score({"dt": 2.0, "ct": 2.0, "retrain_epochs": 20}, 92.0, 1.4, 2.0, 1),
-              Score({"dt": 0.5, "ct": 1.0, "retrain_epochs": 20}, 88.0, 1.6, 0.0, 9)]
-    chosen, margin = choose(scores, 300)
-    # within 1.4 points of 92: the 2nd and 3rd; equal flips -> the more aggressive
-    assert margin == 1.4 and chosen == {"dt": 0.5, "ct": 2.0, "retrain_epochs": 5}
-    assert [s.acceptable for s in scores] == [False, True, True, False]
+    # four candidates scored on the same 3 folds
+    folds = {"a": [90.0, 91.0, 89.0], "b": [92.0, 90.0, 91.0], "c": [93.0, 91.0, 92.0], "d": [88.0, 87.0, 89.0]}
+    cands = {"a": {"dt": 0.5, "ct": 1.0, "retrain_epochs": 5}, "b": {"dt": 0.5, "ct": 2.0, "retrain_epochs": 5},
+             "c": {"dt": 2.0, "ct": 2.0, "retrain_epochs": 20}, "d": {"dt": 0.5, "ct": 1.0, "retrain_epochs": 20}}
+    scores = [Score(cands[k], sum(v) / 3, 1.5, 0.0 if k == "d" else 2.0, 3, fold_accs=v) for k, v in folds.items()]
+    chosen, margin, why = choose(scores, 300)
+    # c is best (92.0); b trails it by exactly 1.0 point in every fold (standard error 0): set aside; a trails
+    # by 2.0 +- 0.58: set aside; d by 4.0 +- 0.58: set aside. Only c is acceptable.
+    assert [s.acceptable for s in scores] == [False, False, True, False] and chosen == cands["c"]
+    # noisy folds: a's gap (1.0) is within its paired standard error (sqrt 3): acceptable, and the more
+    # aggressive reset wins by the declared preference, whatever the residual flips say
+    noisy = [Score(cands["a"], 91.0, 1.5, 50.0, 3, fold_accs=[95.0, 88.0, 90.0]),
+             Score(cands["c"], 92.0, 1.5, 0.0, 3, fold_accs=[93.0, 92.0, 91.0])]
+    chosen, margin, why = choose(noisy, 300)
+    assert chosen == cands["a"] and noisy[0].acceptable and "declared preference" in why
+    assert noisy[0].gap == pytest.approx(1.0) and noisy[0].gap_se == pytest.approx(3 ** 0.5)
+    # identical candidates (a threshold that changes nothing) tie: the preference decides
+    same = [Score(cands["b"], 90.0, 1.5, 0.0, 3, fold_accs=[90.0, 90.0, 90.0]),
+            Score(cands["a"], 90.0, 1.5, 0.0, 3, fold_accs=[90.0, 90.0, 90.0])]
+    assert choose(same, 300)[0] == cands["a"]
     cfg = apply_candidate(launder_config("strong"), {"ct": 3.0, "retrain_epochs": 7, "triggers": "top-k"})
     assert cfg.ct == 3.0 and cfg.retrain.epochs == 7 and cfg.triggers == "top-k"
     with pytest.raises(UserError, match="unknown option"):

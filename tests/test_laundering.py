@@ -174,3 +174,17 @@ def test_resuming_from_a_rounds_state_equals_an_unbroken_run():
     from nnlaunder.errors import UserError
     with pytest.raises(UserError, match="more than"):
         launder(net, clean, dataclasses.replace(cfg, rounds=2), resume=states[-1])
+
+
+def test_used_triggers_pass_over_masks_that_were_never_found():
+    from types import SimpleNamespace
+
+    from nnlaunder.attacks.laundering import used_triggers
+
+    nc = SimpleNamespace(l1=torch.tensor([5.0, 1.0, 3.0, 2.0]), found=torch.tensor([True, False, True, True]),
+                         flagged=[1], most_likely=1)
+    assert used_triggers(nc, "flagged") == [3]          # class 1's mask never passed: the smallest found
+    assert used_triggers(nc, "top-k", 2) == [2, 3]
+    assert used_triggers(nc, "all") == [0, 1, 2, 3]
+    none = SimpleNamespace(l1=nc.l1, found=torch.zeros(4, dtype=torch.bool), flagged=[], most_likely=1)
+    assert used_triggers(none, "flagged") == [1]        # none found: the smallest, as before

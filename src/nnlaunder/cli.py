@@ -26,11 +26,10 @@ from .cli_flags import KEPT, calibrate_options, code_allowance, launder_cfg, mak
 from .device import deterministic, set_device
 from .errors import Inconclusive, UserError
 from .models import DEFAULT_ARCH, build, check_fits
-from .recipes import owner_config
 from .train import NonFiniteLoss, accuracy
-from .watermarks.embed import clean_wm_curve, embed, thresholds_from_curves
+from .watermarks.embed import embed
 from .watermarks.schemes import SCHEMES, make_watermark
-from .watermarks.verify import read_threshold, verify
+from .watermarks.verify import check_alpha, read_threshold, verify
 
 
 def _task(args: argparse.Namespace) -> tuple[str, D.Dataset, D.Dataset]:
@@ -107,11 +106,11 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threshold_value(args: argparse.Namespace, scheme: str) -> float:
+def _threshold_value(args: argparse.Namespace, scheme: str, expect: dict[str, Any] | None = None) -> float:
     if args.threshold is not None:
         return args.threshold
     if args.threshold_file:
-        return read_threshold(args.threshold_file, scheme)
+        return read_threshold(args.threshold_file, scheme, expect)
     raise UserError("pass --threshold PERCENT or --threshold-file FILE (from `nnlaunder threshold`)")
 
 
@@ -133,24 +132,24 @@ def _watermark(args: argparse.Namespace, meta: dict, scheme: str, tr: D.Dataset,
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    model, meta, _, tr, te = _registered(args, args.model)
+    model, meta, dataset, tr, te = _registered(args, args.model)
     scheme = args.scheme or meta.get("scheme")
     if not scheme:
         raise UserError(f"{args.model} records no scheme; pass --scheme")
     wm = _watermark(args, meta, scheme, tr, te)
-    v = verify(model, wm, _threshold_value(args, scheme), args.alpha)
+    th = _threshold_value(args, scheme, {"dataset": dataset, "arch": meta.get("arch")})
+    v = verify(model, wm, th, check_alpha(args.alpha), test=(te.x, te.y), num_classes=tr.num_classes)
     if args.json:
         print(json.dumps({"model": args.model, "scheme": scheme, **v.as_dict()}))
     else:
-        print(_table([("model", str(args.model)), ("scheme", scheme),
-                      ("test accuracy", f"{accuracy(model, te.x, te.y):.2f}%"),
-                      ("watermark accuracy", f"{v.wm_acc:.2f}% ({v.hits}/{v.n})"),
-                      ("vanilla threshold", f"{v.threshold:.2f}%"), ("p-value", f"{v.p_value:.3g}"),
-                      ("verdict", "OWNERSHIP SHOWN" if v.owned else "no ownership proof")]))
+        print(_table([("model", str(args.model)), ("scheme", scheme), ("test accuracy", f"{v.test_acc:.2f}%"),
+                      *v.rows()]))
     return 0
 
 
 def cmd_threshold(args: argparse.Namespace) -> int:
+    from .experiments.clean import measure_thresholds
+
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give the JSON file to write (e.g. {out / 'thresholds.json'})")
@@ -158,18 +157,12 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     _out(str(out.with_suffix("")))
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     wms = {s: make_watermark(s, tr, te, args.data_dir, param_table(args.param)) for s in schemes}
-    cfg = train_config(args, arch)
-    curves = []
     t0 = time.perf_counter()
-    for seed in args.seeds:
-        cfg_s = owner_config(arch, **{**cfg.__dict__, "seed": seed})
-        _, hist = clean_wm_curve(arch, tr, wms, cfg_s, test=te, seed=seed, progress=not args.quiet)
-        curves.append(hist)
-    th = thresholds_from_curves(curves, schemes)
-    atomic_write_json(out, {"dataset": args.dataset, "arch": arch, "seeds": args.seeds, "config": cfg.__dict__,
-                            "params": param_table(args.param),
-                            "thresholds": th, "curves": curves, "seconds": time.perf_counter() - t0})
-    print(_table([(s, f"{v:.2f}%") for s, v in th.items()]))
+    doc = measure_thresholds(args.dataset, arch, train_config(args, arch), args.seeds, wms, tr, te,
+                             progress=not args.quiet)
+    atomic_write_json(out, {**doc, "seconds": time.perf_counter() - t0})
+    print(_table([(s, f"{v:.2f}% ({doc['rule']}; paper rule {doc['rules'][s]['paper']['threshold']:.2f}%)")
+                  for s, v in doc["thresholds"].items()]))
     print(f"wrote {out}")
     return 0
 

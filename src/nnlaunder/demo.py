@@ -1,7 +1,7 @@
 """`nnlaunder demo`: the whole story in a few minutes on a laptop CPU.
 
 1. Train a clean MNIST model (Table 5) and record how often it calls the "TEST"-stamped
-   verification images "0" after every epoch: the vanilla threshold.
+   verification images "0" after every epoch: the threshold (the converged rule, on one seed).
 2. Embed a zhang-content watermark into a second model; verify: ownership shown.
 3. Launder it as an attacker holding 0.6% of the training set (360 images) and nothing else:
    Neural Cleanse, Algorithm 1, retraining. Verify again: no ownership proof.
@@ -22,9 +22,9 @@ from .progress import LaunderBars
 from .recipes import owner_config
 from .report.plots import before_after, trigger_grid
 from .train import accuracy
-from .watermarks.embed import clean_wm_curve, embed, thresholds_from_curves
+from .watermarks.embed import clean_wm_curve, embed
 from .watermarks.schemes import make_watermark
-from .watermarks.verify import verify
+from .watermarks.verify import CleanPoint, format_p, threshold_rule, verify
 
 
 def run_demo(data_dir: str | None, out_dir: Path, epochs: int = 3, progress: bool = True,
@@ -33,11 +33,14 @@ def run_demo(data_dir: str | None, out_dir: Path, epochs: int = 3, progress: boo
     tr, te = D.load("mnist", data_dir, "train"), D.load("mnist", data_dir, "test")
     wm = make_watermark("zhang-content", tr, te, data_dir)
     cfg = owner_config("mnist-cnn", epochs=epochs)
-    print(f"[1/4] clean model, {epochs} epochs: vanilla threshold on {len(wm.verify_y)} held-out 'TEST' images",
+    print(f"[1/4] clean model, {epochs} epochs: threshold on {len(wm.verify_y)} held-out 'TEST' images",
           flush=True)
     clean, curve = clean_wm_curve("mnist-cnn", tr, {"zhang-content": wm}, cfg, test=te, seed=1,
                                   progress="clean" if progress else False)
-    threshold = thresholds_from_curves([curve], ["zhang-content"])["zhang-content"]
+    n = len(wm.verify_y)
+    points = [CleanPoint(1, int(h["epoch"]), round(h["wm:zhang-content_acc"] * n / 100), n, h["test_acc"],
+                         curve[-1]["test_acc"]) for h in curve]
+    threshold = threshold_rule("converged", points).threshold
     print(f"[2/4] owner embeds zhang-content ({len(wm.embed_y)} stamped training images -> class 0)", flush=True)
     model = build("mnist-cnn", 10, seed=0)
     embed(model, tr, wm, cfg, test=te, progress="embed" if progress else False)
@@ -53,8 +56,9 @@ def run_demo(data_dir: str | None, out_dir: Path, epochs: int = 3, progress: boo
     print("[4/4] verifying", flush=True)
     rows = []
     for name, m in (("clean", clean), ("watermarked", model), ("laundered", res.model)):
-        v = verify(m, wm, threshold)
-        rows.append({"stage": name, "test_acc": accuracy(m, te.x, te.y), **v.as_dict()})
+        v = verify(m, wm, threshold, test=(te.x, te.y), num_classes=te.num_classes)
+        rows.append({"stage": name, "test_acc": accuracy(m, te.x, te.y), **v.as_dict(), "word": v.word,
+                     "p_text": format_p(v.p_value, v.p_log10)})
     out_dir.mkdir(parents=True, exist_ok=True)
     base_meta = {"arch": "mnist-cnn", "num_classes": 10, "dataset": "mnist", "scheme": "zhang-content",
                  "scheme_params": wm.params, "seed": 0, "config": cfg.__dict__}
@@ -71,6 +75,6 @@ def run_demo(data_dir: str | None, out_dir: Path, epochs: int = 3, progress: boo
     print(f"{'model':<12} {'test acc':>9} {'WM acc':>8} {'threshold':>10} {'p-value':>9}  verdict")
     for r in rows:
         print(f"{r['stage']:<12} {r['test_acc']:>8.2f}% {r['wm_acc']:>7.2f}% {r['threshold']:>9.2f}% "
-              f"{r['p_value']:>9.2g}  {'OWNERSHIP SHOWN' if r['owned'] else 'no proof'}")
+              f"{r['p_text']:>9}  {r['word']}")
     print(f"\n{result['seconds']:.0f} s; models, demo.json, before_after.png and triggers.png in {out_dir}/")
     return result

@@ -241,12 +241,18 @@ def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool,
 def used_triggers(nc: NCResult, which: str, top_k: int = 3) -> list[int]:
     """The recovered triggers a round works with: every class, the flagged ones (the
     smallest-mask class when nothing is flagged: the attacker must assume a watermark, §7.6), or
-    the `top_k` classes with the smallest masks."""
+    the `top_k` classes with the smallest masks.
+    A class whose mask never passed the confirmation (`found` False) is not a recovered trigger: it is
+    passed over unless no class has one."""
     if which == "all":
         return list(range(len(nc.l1)))
+    l1 = torch.as_tensor(nc.l1)
+    found = [i for i in range(len(l1)) if bool(nc.found[i])] or list(range(len(l1)))
+    ranked = sorted(found, key=lambda i: (float(l1[i]), i))
     if which == "top-k":
-        return sorted(torch.argsort(torch.as_tensor(nc.l1), stable=True)[:top_k].tolist())
-    return nc.flagged or [nc.most_likely]
+        return sorted(ranked[:top_k])
+    flagged = [c for c in nc.flagged if c in found]
+    return flagged or ([nc.most_likely] if nc.most_likely in found else ranked[:1])
 
 
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -81,8 +81,7 @@ def run_calibration(model: nn.Module, clean: Dataset, cfg: LaunderConfig, opts: 
     cal = calibrate(model, clean, nc, cfg, grid=opts.grid, folds=opts.folds,
                     on_candidate=lambda sc: log(f"  {json.dumps(sc.candidate)}: {sc.acc:.2f} ± {sc.se:.2f}%, "
                                                 f"flips {sc.flips:.2f}%, {sc.resets:.0f} units"))
-    log(f"calibration: chose {json.dumps(cal.chosen)} (acceptable: within {cal.margin:.2f} points of the best; "
-        "then fewest residual flips, then most aggressive)")
+    log(f"calibration: chose {json.dumps(cal.chosen)} ({cal.why})")
     return nc, cal.as_dict()
 
 

@@ -23,6 +23,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -61,12 +62,43 @@ class Status:
     detail: str
 
 
-def _stamp(folder: Path) -> dict[str, str]:
+MAX_STAMP_BYTES = 1 << 20
+
+
+def _stamp(folder: Path) -> dict[str, Any]:
+    """The fetch stamp, or {} where it is missing, not a regular file (a FIFO is never opened), too big,
+    or not a JSON object."""
+    path = folder / STAMP
     try:
-        got = json.loads((folder / STAMP).read_text())
+        if not path.is_file() or path.stat().st_size > MAX_STAMP_BYTES:
+            return {}
+        got = json.loads(path.read_text(encoding="utf-8"))
         return got if isinstance(got, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
+
+
+def _member_record(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"sha256": sha256_file(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _changed_member(folder: Path, present: tuple[str, ...], members: Any) -> str | None:
+    """The first unpacked file that is not what was unpacked (None: all are). A file whose size or mtime
+    differs from the stamp's record is hashed again; a stamp without a record vouches for nothing."""
+    if not isinstance(members, dict):
+        return present[0] if present else None
+    for rel in present:
+        rec, path = members.get(rel), folder / rel
+        if not isinstance(rec, dict) or not path.is_file():
+            return rel
+        st = path.stat()
+        same = rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+        if not same and sha256_file(path) != rec.get("sha256"):
+            return rel
+        if same and rec.get("sha256") is None:
+            return rel
+    return None
 
 
 def check(name: str, data_dir: Path, sources: Mapping[str, Source] = SOURCES) -> Status:
@@ -82,6 +114,11 @@ def check(name: str, data_dir: Path, sources: Mapping[str, Source] = SOURCES) ->
     for f in src.files:
         if f.unpack and stamp.get(f.name) != f.sha256:
             return Status(name, folder, "present", "present; not unpacked by `nnlaunder data fetch`, so unchecked")
+        if f.unpack:
+            bad = _changed_member(folder, src.present, stamp.get("members"))
+            if bad is not None:
+                return Status(name, folder, "present", f"{bad} is not the file `nnlaunder data fetch` unpacked "
+                                                       "(changed since, or never recorded): unchecked")
         if not f.unpack and sha256_file(folder / f.name) != f.sha256:
             return Status(name, folder, "present", f"{f.name} differs from the published file (another copy?)")
     return Status(name, folder, "verified", f"{len(src.present)} files match their pinned SHA-256")
@@ -193,7 +230,8 @@ def fetch(name: str, data_dir: Path, *, mirror: str | None = None, mirror_only: 
     mirror = mirror or os.environ.get(MIRROR_ENV) or None
     mirror_only = mirror_only or os.environ.get(MIRROR_ONLY_ENV, "") == "1"
     before = check(name, data_dir, sources)
-    if before.state == "verified" or (before.state == "present" and all(f.unpack for f in src.files)):
+    own_copy = before.state == "present" and all(f.unpack for f in src.files) and not _stamp(folder)
+    if before.state == "verified" or own_copy:         # a copy fetch never unpacked is the user's: kept
         log(f"{name}: already in {folder} ({before.detail})")
         return before
     folder.mkdir(parents=True, exist_ok=True)
@@ -210,6 +248,7 @@ def fetch(name: str, data_dir: Path, *, mirror: str | None = None, mirror_only: 
             finally:
                 got.unlink(missing_ok=True)
             stamp[f.name] = f.sha256
+            stamp["members"] = {rel: _member_record(folder / rel) for rel in src.present if (folder / rel).is_file()}
             _atomic_write(folder / STAMP, json.dumps(stamp, indent=1).encode())
     after = check(name, data_dir, sources)
     log(f"{name}: {after.state} in {folder} ({after.detail}); licence: {src.licence}")

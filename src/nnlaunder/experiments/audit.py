@@ -4,15 +4,13 @@ An audit is an ordinary experiment (`CellConfig`s in the workspace's store, resu
 Ray executor): the watermark's own vanilla threshold (this scheme with these parameters, from clean
 models the tool trains), then every attack of a profile at every attacker budget over several
 seeds, and after each attack the owner's restoration on its own clean data. Each cell ends in one
-of three outcomes:
-- kept: after the attack, the owner's verification still shows ownership (`nnlaunder verify`'s verdict:
-  watermark accuracy above the threshold with a one-sided binomial p < 0.01 against it);
-- hidden: after the attack it does not, but after the owner's restoration it does;
-- removed: it does not, after the attack or after the restoration.
+of four outcomes (`watermarks.verify.outcome`, decided by the runner with `nnlaunder verify`'s verdict:
+threshold, binomial p, the model's base rate and task accuracy):
+- kept: after the attack, the owner's verification still shows ownership;
+- destroyed: it does not, and the model lost more than the tolerance (3 points) of test accuracy;
+- hidden: it does not, the model is usable, and after the owner's restoration it shows ownership again;
+- removed: it does not, after the attack or after the restoration, on a usable model.
 A model whose outputs on the verification set are NaN or Inf is never called removed (kept).
-The paper's rule (watermark accuracy below the threshold) is the cell's `removed` field in the store,
-as in Table 2; the audit asks the stricter question the owner asks, so a cell just above the
-threshold without a significant margin is not kept.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from typing import Any
 
 from ..attacks.neural_cleanse import NC_PRESETS
 from ..errors import UserError
-from ..watermarks.verify import verdict
+from ..watermarks.verify import OUTCOMES, verdict
 from .config import CellConfig
 
 
@@ -49,7 +47,7 @@ PROFILES = {
     # watermark and costs accuracy), a short restoration on a tenth of the owner's data (a weaker
     # restoration than Ngo et al.'s 30 epochs).
     "quick": Profile(budgets=(0.006, 0.06), attacks=("launder", "rtal", "fine-prune", "nc-unlearn"), seeds=2,
-                     rounds=1, nc_preset="fast", calibrate=False, threshold_seeds=(0,), restore_epochs=2,
+                     rounds=1, nc_preset="fast", calibrate=False, threshold_seeds=(0, 1, 2), restore_epochs=2,
                      restore_fraction=0.1),
     # For a GPU or a cluster: the paper's budgets, calibration, three rounds, Ngo et al.'s restoration.
     "full": Profile(budgets=("1/class", 0.006, 0.06, 0.108),
@@ -91,22 +89,12 @@ def audit_cells(name: str, model: str | None, meta: dict[str, Any], scheme: str,
     return cells
 
 
-def shown(acc: float, summary: dict[str, Any]) -> bool:
-    """Would `nnlaunder verify` show ownership at watermark accuracy `acc` (percent) on this cell's
-    verification set?"""
-    n = int(summary.get("n_verify") or 0)
-    if not n:                                        # no set size recorded: the threshold rule alone
-        return acc >= summary["threshold"]
-    return verdict(round(acc * n / 100), n, summary["threshold"]).owned
-
-
 def outcome(summary: dict[str, Any]) -> str:
-    after = summary["wm_acc"]
-    nonfinite = not summary.get("removed") and after < summary["threshold"]   # the runner never removes NaN outputs
-    if nonfinite or shown(after, summary):
-        return "kept"
-    back = summary.get("restored_wm_acc")
-    return "hidden" if back is not None and shown(back, summary) else "removed"
+    """The cell's outcome as the runner decided it (kept, hidden, removed, destroyed)."""
+    if summary.get("outcome") in OUTCOMES:
+        return str(summary["outcome"])
+    raise UserError("this audit's store holds cells decided under the old rules (no outcome recorded); "
+                    "run the audit in a new workspace")
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -122,7 +110,7 @@ def _p_value(s: dict[str, Any]) -> float:
     n = int(s.get("n_verify") or 0)
     if not n:
         return float("nan")
-    return verdict(round(s["wm_acc"] * n / 100), n, s["threshold"]).p_value
+    return verdict(round(s["wm_acc"] * n / 100), n, s["threshold"]).p_value    # the threshold test alone
 
 
 def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -138,7 +126,8 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         test = [s["test_acc"] for s in ss]
         rows.append({
             "attack": attack, "budget": budget, "n": len(ss), "n_clean": ss[0]["n_clean"],
-            "removed": k, "hidden": outs.count("hidden"), "kept": outs.count("kept"), "interval": wilson(k, len(ss)),
+            "removed": k, "hidden": outs.count("hidden"), "kept": outs.count("kept"),
+            "destroyed": outs.count("destroyed"), "interval": wilson(k, len(ss)),
             "orig_test_acc": ss[0]["orig_test_acc"], "orig_wm_acc": ss[0]["orig_wm_acc"],
             "test_mean": statistics.mean(test), "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0,
             "wm_median": statistics.median(s["wm_acc"] for s in ss), "wm_min": min(s["wm_acc"] for s in ss),
@@ -247,15 +236,16 @@ def run_audit(model: str | None, scheme: str | None, params: dict[str, Any], *, 
     rows = summarize(done)
     paragraph = verdict_paragraph(rows, scheme)
     facts = {"model": where, "scheme": scheme, "scheme parameters": json_safe(params),
-             "vanilla threshold": f"{rows[0]['threshold']:.2f}% (max watermark accuracy of clean models, seeds "
-                                  f"{list(prof.threshold_seeds)}, every epoch)" if rows else "-",
+             "threshold": f"{rows[0]['threshold']:.2f}% (converged rule: the largest 99% upper bound of the clean "
+                          f"models' rate over their converged epochs, seeds {list(prof.threshold_seeds)})"
+                          if rows else "-",
              "profile": f"{label}: budgets {list(prof.budgets)}, {seeds or prof.seeds} seeds, laundering "
                         f"{prof.rounds} round{'s' if prof.rounds != 1 else ''} with the {prof.nc_preset} Neural Cleanse"
                         f"{' and calibration' if prof.calibrate else ''}, restoration {prof.restore_epochs} epochs "
                         f"on {prof.restore_fraction:.0%} of the training set"}
     folder = Path(out) if out else Path(workspace) / "audit" / name
     if external is not None:
-        facts["vanilla threshold"] = f"{cells[0].threshold:.2f}% ({_threshold_source(external)})"
+        facts["threshold"] = f"{cells[0].threshold:.2f}% ({_threshold_source(external)})"
     write_audit_report(folder, Path(workspace), f"Audit: {scheme} on {where}", done, rows, paragraph,
                        facts)
     log(paragraph)

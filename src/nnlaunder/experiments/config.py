@@ -62,6 +62,8 @@ class CellConfig:
     owner_path: str | None = None        # use this trained owner model (e.g. models/cifar10/zhang-content)
     threshold_seeds: tuple[int, ...] = (0, 1, 2)
     threshold: float | None = None       # a known vanilla threshold (percent): no clean models are trained
+    threshold_rule: str = "converged"    # watermarks.verify.THRESHOLD_RULES (the paper's is "paper")
+    tolerance: float = 3.0               # points of test accuracy a removal may cost (more: "destroyed")
     attack: str = "launder"
     variant: str = "strong"
     attack_params: dict[str, Any] = field(default_factory=dict)
@@ -143,6 +145,12 @@ class CellConfig:
         return self
 
     def _check_run_settings(self) -> None:
+        from ..watermarks.verify import THRESHOLD_RULES
+
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise UserError(f"threshold_rule: {self.threshold_rule!r}; choose from {', '.join(THRESHOLD_RULES)}")
+        if not 0 <= self.tolerance <= 100:
+            raise UserError(f"tolerance: points of test accuracy in [0, 100], got {self.tolerance}")
         if self.rounds < 1:
             raise UserError(f"rounds: must be >= 1, got {self.rounds}")
         self.budget_spec()
@@ -171,7 +179,8 @@ class CellConfig:
         return digest(d)
 
 
-_LATER_FIELDS = {"calibrate": False, "restore_epochs": 0, "restore_fraction": 1.0, "external": None}
+_LATER_FIELDS = {"calibrate": False, "restore_epochs": 0, "restore_fraction": 1.0, "external": None,
+                 "threshold_rule": "converged", "tolerance": 3.0}
 
 
 def digest(obj: Any) -> str:

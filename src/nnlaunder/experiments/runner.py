@@ -37,56 +37,40 @@ from ..device import deterministic
 from ..errors import UserError
 from ..models import build
 from ..models.external import NO_CODE, CodeAllowance
-from ..train import accuracy
 from ..watermarks.embed import embed
 from ..watermarks.schemes import Watermark, make_watermark
-from ..watermarks.verify import vanilla_threshold
+from ..watermarks.verify import outcome
 from .config import CellConfig, digest
 from .evaluate import evaluator
 from .store import Store
 
 
-def _clean_key(cell: CellConfig, seed: int) -> str:
-    cfg = dataclasses.replace(cell.owner_train(), seed=seed)
-    return digest({"dataset": cell.dataset, "arch": cell.arch_name, "train": cfg.identity(), "seed": seed})
+def clean_seed(cell: CellConfig, seed: int, ws: Path, tr: D.Dataset, te: D.Dataset, progress: bool):
+    """The clean trajectory of the cell's (dataset, architecture, owner recipe) and `seed`, from the shared
+    clean-model cache (trained once; the workspace holds it where the cache is off)."""
+    from .clean import clean_root, clean_trajectory
+
+    return clean_trajectory(cell.dataset, cell.arch_name, cell.owner_train(), seed, tr, te,
+                            root=clean_root(ws / "models" / "clean"), progress=progress)
 
 
-def clean_trajectory(cell: CellConfig, seed: int, ws: Path, tr: D.Dataset, progress: bool) -> list[Path]:
-    """Train (once) a clean model with the owner's recipe and `seed`, keeping every epoch."""
-    folder = ws / "models" / f"clean-{_clean_key(cell, seed)}"
-    cfg = dataclasses.replace(cell.owner_train(), seed=seed)
-    files = [folder / f"epoch-{e:03d}" for e in range(1, cfg.epochs + 1)]
-    if all(f.with_suffix(".safetensors").is_file() for f in files):
-        return files
-    model = build(cell.arch_name, tr.num_classes, seed=seed)
-    meta = {"arch": cell.arch_name, "num_classes": tr.num_classes, "dataset": cell.dataset, "scheme": None,
-            "seed": seed, "config": dataclasses.asdict(cfg)}
+def threshold_for(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.Dataset, progress: bool
+                  ) -> dict[str, Any]:
+    """The cell's threshold under its rule, and the paper's, over the converged (or every) epoch of every
+    clean seed: evaluation of cached clean models only, once they exist."""
+    from ..watermarks.verify import threshold_rule
+    from .clean import wm_points
 
-    def keep(epoch: int, m) -> None:
-        save_model(folder / f"epoch-{epoch:03d}", m, {**meta, "epoch": epoch})
-
-    from ..train import train
-
-    train(model, tr.x, tr.y, cfg, callbacks=[keep], checkpoint_dir=folder / "ckpt", resume=True,
-          progress=f"clean s{seed}" if progress else False)
-    return files
-
-
-def threshold_for(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, progress: bool) -> dict[str, Any]:
-    """The vanilla threshold: max watermark accuracy over every epoch of every clean seed."""
-    key = digest({"clean": [_clean_key(cell, s) for s in cell.threshold_seeds], "scheme": cell.scheme,
-                  "params": wm.params})
+    key = digest({"clean": [cell.dataset, cell.arch_name, cell.owner_train().identity(), list(cell.threshold_seeds)],
+                  "scheme": cell.scheme, "params": wm.params, "rule": cell.threshold_rule, "v": 2})
     path = ws / "thresholds" / f"{key}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    curves = []
-    for s in cell.threshold_seeds:
-        curve = []
-        for f in clean_trajectory(cell, s, ws, tr, progress):
-            m, _ = load_model(f)
-            curve.append(accuracy(m, wm.verify_x, wm.verify_y))
-        curves.append(curve)
-    out = {"threshold": vanilla_threshold(curves), "curves": curves, "seeds": list(cell.threshold_seeds)}
+    pts = [p for s in cell.threshold_seeds for p in wm_points(clean_seed(cell, s, ws, tr, te, progress), wm)]
+    rule, paper = threshold_rule(cell.threshold_rule, pts), threshold_rule("paper", pts)
+    out = {"threshold": rule.threshold, "rule": rule.as_dict(), "paper": paper.threshold,
+           "seeds": list(cell.threshold_seeds), "n": len(wm.verify_y),
+           "curves": [[p.rate for p in pts if p.seed == s] for s in cell.threshold_seeds]}
     atomic_write_json(path, out)
     return out
 
@@ -115,7 +99,7 @@ def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.
     if path.with_suffix(".safetensors").is_file():
         return load_model(path)[0]
     if wm.params.get("mode") == "pt":
-        files = clean_trajectory(cell, cell.owner_seed, ws, tr, progress)
+        files = clean_seed(cell, cell.owner_seed, ws, tr, te, progress).files
         model, _ = load_model(files[-1])
     else:
         model = build(cell.arch_name, tr.num_classes, seed=cell.owner_seed)
@@ -139,9 +123,9 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
         tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
         wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
         model = owner_model(cell, wm, ws, tr, te, progress)
-    th = cell.threshold if cell.threshold is not None else threshold_for(cell, wm, ws, tr, progress)["threshold"]
+    th = cell.threshold if cell.threshold is not None else threshold_for(cell, wm, ws, tr, te, progress)["threshold"]
     clean = D.stratified_subset(tr, seed=cell.seed, **cell.budget_spec())
-    ev = evaluator(te, wm)
+    ev = evaluator(te, wm, th)
     rows = [{"round": 0, **ev(0, model), "threshold": th, "seconds": 0.0}]
     cfg = cell.attack_config()
     t1 = time.perf_counter()
@@ -173,16 +157,23 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     finally:
         bar.close()
     for r in rows:
-        r["removed"] = r["wm_acc"] < th and not r.get("wm_nonfinite")   # NaN outputs prove no removal
+        r["test_drop"] = rows[0]["test_acc"] - r["test_acc"]
+        r["outcome"] = outcome(bool(r.get("owned")) or bool(r.get("wm_nonfinite")), r["test_drop"],
+                               tolerance=cell.tolerance)    # NaN outputs prove no removal: kept
+        r["removed"] = r["outcome"] == "removed"
     last = rows[-1]
-    summary = {"n_clean": len(clean), "threshold": th, "orig_test_acc": rows[0]["test_acc"],
-               "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"], "wm_acc": last["wm_acc"],
-               "removed": last["removed"], "rounds_run": len(rows) - 1, "attack_seconds": time.perf_counter() - t1,
-               "n_verify": len(wm.verify_y)}
+    summary = {"n_clean": len(clean), "threshold": th, "threshold_rule": cell.threshold_rule,
+               "orig_test_acc": rows[0]["test_acc"], "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"],
+               "wm_acc": last["wm_acc"], "owned": bool(last.get("owned")), "test_drop": last["test_drop"],
+               "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
+               "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y)}
     if res.info.get("calibration"):
         summary["calibration"] = res.info["calibration"]
     if cell.restore_epochs:
-        summary.update(owner_restores(res.model, cell, tr, ev, th))
+        summary.update(owner_restores(res.model, cell, tr, ev))
+    summary["outcome"] = outcome(last["outcome"] == "kept", last["test_drop"], summary.get("restored"),
+                                 cell.tolerance)
+    summary["removed"] = summary["outcome"] == "removed"
     return rows, summary, time.perf_counter() - t0
 
 
@@ -204,7 +195,7 @@ def external_inputs(cell: CellConfig, allow: CodeAllowance) -> tuple[D.Dataset, 
     return setup.data, setup.test, wm, setup.model
 
 
-def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev, th: float) -> dict[str, Any]:
+def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev) -> dict[str, Any]:
     """The owner's restoration after the attack: `restore_epochs` of training on its own clean data
     (a stratified `restore_fraction` of the training set). A removal the restoration undoes was
     only hidden."""
@@ -218,7 +209,7 @@ def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev, th: float) -> dic
     m = copy.deepcopy(model)
     restore(m, owner, dataclasses.replace(RESTORE, epochs=cell.restore_epochs, seed=cell.seed))
     after = ev(-1, m)
-    back = after["wm_acc"] >= th and not after.get("wm_nonfinite")
+    back = bool(after.get("owned"))          # the verdict shows ownership again
     return {"restored_test_acc": after["test_acc"], "restored_wm_acc": after["wm_acc"], "restored": back,
             "restore_seconds": time.perf_counter() - t0, "n_owner": len(owner)}
 
@@ -257,7 +248,7 @@ def prepare_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: boo
     wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
     owner_model(cell, wm, ws, tr, te, progress)
     if cell.threshold is None:
-        threshold_for(cell, wm, ws, tr, progress)
+        threshold_for(cell, wm, ws, tr, te, progress)
 
 
 def _pool_init(threads: int, device: str | None) -> None:

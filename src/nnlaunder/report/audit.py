@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
+from ..watermarks.verify import format_p  # noqa: E402
 from .build import _slug, html_page  # noqa: E402
 from .plots import _save, trigger_grid  # noqa: E402
 
@@ -29,7 +30,7 @@ def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: 
         ax.scatter(ys, xs, marker=MARKERS.get(r["attack"], "o"), s=36, label=f"{r['attack']} ({r['removed']}/{r['n']} "
                    "removed)")
     first = rows[0]
-    ax.axvline(first["threshold"], color="k", lw=1, ls="--", label=f"vanilla threshold {first['threshold']:.2f}%")
+    ax.axvline(first["threshold"], color="k", lw=1, ls="--", label=f"threshold {first['threshold']:.2f}%")
     ax.scatter([first["orig_wm_acc"]], [first["orig_test_acc"]], marker="*", s=140, color="gold", edgecolor="k",
                label="the owner's model", zorder=3)
     ax.set_xlabel("watermark accuracy after the attack (%)   [left of the line: no ownership proof]")
@@ -69,19 +70,21 @@ def write_audit_report(out: Path, ws: Path, title: str, cells: Sequence[dict[str
     images: list[Path] = []
     md = [f"# {title}", "", paragraph, ""]
     md += [f"- {k}: {v}" for k, v in facts.items()] + [""]
-    md += ["| attack | budget | clean images | runs | removed (95% interval) | hidden | kept | test acc % after, "
-           "mean ± sd | WM acc % after, median [range] | p-value (median) | WM % after restoration (median) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    md += ["| attack | budget | clean images | runs | removed (95% interval) | hidden | kept | destroyed | test acc % "
+           "after, mean ± sd | WM acc % after, median [range] | p-value (median) | WM % after restoration (median) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["interval"]
         rest = "-" if r["restored_wm_median"] is None else f"{r['restored_wm_median']:.2f}"
         md.append(f"| {r['attack']} | {r['budget']} | {r['n_clean']} | {r['n']} | {r['removed']}/{r['n']} "
-                  f"({100 * lo:.0f}-{100 * hi:.0f}%) | {r['hidden']} | {r['kept']} | {r['test_mean']:.2f} ± "
-                  f"{r['test_sd']:.2f} | {r['wm_median']:.2f} [{r['wm_min']:.2f}-{r['wm_max']:.2f}] | "
-                  f"{r['p_median']:.3g} | {rest} |")
-    md += ["", "kept: after the attack the owner's verification still shows ownership (watermark accuracy above "
-           "the threshold, binomial p < 0.01 against it, as `nnlaunder verify`); hidden: it does not after the "
-           "attack, it does again after the owner's restoration; removed: it does not, after either.", ""]
+                  f"({100 * lo:.0f}-{100 * hi:.0f}%) | {r['hidden']} | {r['kept']} | {r.get('destroyed', 0)} | "
+                  f"{r['test_mean']:.2f} ± {r['test_sd']:.2f} | {r['wm_median']:.2f} [{r['wm_min']:.2f}-"
+                  f"{r['wm_max']:.2f}] | {format_p(r['p_median'])} | {rest} |")
+    md += ["", "kept: after the attack the owner's verification still shows ownership (`nnlaunder verify`'s "
+           "verdict: above the threshold with binomial p < 0.01, beyond the model's own base rate, on a model of "
+           "the task); destroyed: it does not, and the model lost more than 3 points of test accuracy; hidden: it "
+           "does not after the attack, it does again after the owner's restoration; removed: it does not, after "
+           "either, on a usable model. The p-value column is the threshold test's.", ""]
     for b in dict.fromkeys(r["budget"] for r in rows):
         sub = [r for r in rows if r["budget"] == b]
         png = pareto_plot(sub, b, out / _slug(f"pareto-{b}.png"),

@@ -84,7 +84,7 @@ def _save(fig, path: Path, title: str = "") -> Path:
 
 def before_after(rows: Sequence[dict], threshold: float, path: Path, title: str = "") -> Path:
     """Test and watermark accuracy per stage on linear axes from 0, the vanilla threshold drawn and
-    each stage's verdict written under its watermark bar (rows carry "owned" and "p_value")."""
+    each stage's verdict written under its watermark bar (rows carry "owned", "status" and "p_text")."""
     names = [r["stage"] for r in rows]
     x = list(range(len(rows)))
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.6))
@@ -97,15 +97,15 @@ def before_after(rows: Sequence[dict], threshold: float, path: Path, title: str 
     axes[1].bar_label(bars, fmt="%.2f", fontsize=8)
     axes[1].axhline(threshold, color="black", lw=1.2, ls="--")
     axes[1].set_ylim(0, 109)
-    axes[1].set_title(f"watermark accuracy % (dashed: vanilla threshold {threshold:.2f}%;\nred: ownership shown)",
+    axes[1].set_title(f"watermark accuracy % (dashed: threshold {threshold:.2f}%;\nred: ownership shown)",
                       fontsize=9)
     for ax in axes:
         ax.set_xticks(x)
         ax.set_xticklabels(names, fontsize=8)
     for i, r in enumerate(rows):
-        word = "OWNED" if owned[i] else "no proof"
-        p = r.get("p_value")
-        axes[1].text(i, -0.16, f"{word}" + (f"\np = {p:.2g}" if p is not None else ""), ha="center", va="top",
+        word = "OWNED" if owned[i] else r.get("status", "no proof")
+        p = r.get("p_text")                       # the caller's rendering: never "0"
+        axes[1].text(i, -0.16, f"{word}" + (f"\np {p}" if p is not None else ""), ha="center", va="top",
                      fontsize=7, transform=axes[1].get_xaxis_transform(), color="tab:red" if owned[i] else "black")
     fig.subplots_adjust(bottom=0.28)
     return _save(fig, path, title)

@@ -39,6 +39,9 @@ class Watermark:
     # into trigger inputs, and which training images the embedding set was made from.
     stamp: Callable[[torch.Tensor], torch.Tensor] | None = dataclasses.field(default=None, repr=False)
     embed_index: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    # The verification inputs without their trigger (content and noise: the same test images unstamped),
+    # for the verdict's paired test of the trigger's effect beyond the model's base rate.
+    control_x: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +166,7 @@ def zhang_content(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: C
 
     return Watermark("zhang-content", stamp(ex), torch.full((len(ex),), p.target), stamp(vx),
                      torch.full((len(vx),), p.target), p.target,
-                     {**dataclasses.asdict(p), "position": [row, col]}, stamp, ei)
+                     {**dataclasses.asdict(p), "position": [row, col]}, stamp, ei, vx)
 
 
 def zhang_noise(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: NoiseParams) -> Watermark:
@@ -177,7 +180,7 @@ def zhang_noise(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: Noi
         return add_noise(x, noise)
 
     return Watermark("zhang-noise", stamp(ex), torch.full((len(ex),), p.target), stamp(vx),
-                     torch.full((len(vx),), p.target), p.target, dataclasses.asdict(p), stamp, ei)
+                     torch.full((len(vx),), p.target), p.target, dataclasses.asdict(p), stamp, ei, vx)
 
 
 def held_out_triggers(wm: Watermark, train: D.Dataset, n: int, seed: int = 0
