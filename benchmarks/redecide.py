@@ -1,6 +1,6 @@
 """Re-decide stored Table 2 rows under the project's verdict rules, and say what changed.
 
-Every row of table2-seeds.json (the strong attack over attacker seeds) gets:
+Every row of table2-seeds.json (the strong attack over attacker seeds) and table2-ablation.json gets:
   threshold          the default rule's threshold for its (dataset, watermark) (verdicts.json)
   threshold_rule     "converged"
   threshold_paper    the paper's rule, as the row was decided before
@@ -35,36 +35,47 @@ def row_name(r: dict) -> str:
     return f"adi-{r['mode']}" if r.get("scheme") == "adi" else str(r.get("name") or r["scheme"])
 
 
+def redecide_row(r: dict, t: dict) -> tuple[str, object, float]:
+    """Add the new rule's fields to a stored row; returns (outcome, verdict, test drop)."""
+    old_removed = r.get("removed_paper", r["removed"])
+    old_th = r.get("threshold_paper", r["threshold"])
+    n = int(t["n_verify"])
+    v = verdict(round(r["wm_acc"] * n / 100), n, t["threshold"])
+    drop = r["orig_test_acc"] - r["test_acc"]
+    out = outcome(v.owned, drop, None, DEFAULT_TOLERANCE)
+    r.update(threshold=t["threshold"], threshold_rule="converged", threshold_paper=old_th, p_value=v.p_value,
+             p_log10=v.p_log10, owned=v.owned, test_drop=drop, tolerance=DEFAULT_TOLERANCE, outcome=out,
+             removed=out == "removed", removed_paper=old_removed, n_verify=n)
+    return out, v, drop
+
+
 def main() -> int:
     th = {(t["dataset"], t["row"]): t for t in json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
           if t["default"]}
+    for extra in ("table2-ablation.json",):      # the ablation's rows: the same rules, no table of changes
+        more = json.loads((RESULTS / extra).read_text())
+        for r in more:
+            redecide_row(r, th[(r["dataset"], row_name(r))])
+        atomic_write_json(RESULTS / extra, more)
     path = RESULTS / "table2-seeds.json"
     rows = json.loads(path.read_text())
     changes: dict[tuple, list[tuple[str, str, str]]] = defaultdict(list)
     for r in rows:
         k = (r["dataset"], row_name(r))
         t = th[k]
-        old_removed = r.get("removed_paper", r["removed"])
+        old = "removed" if r.get("removed_paper", r["removed"]) else "kept"
         old_th = r.get("threshold_paper", r["threshold"])
-        n = int(t["n_verify"])
-        v = verdict(round(r["wm_acc"] * n / 100), n, t["threshold"])
-        drop = r["orig_test_acc"] - r["test_acc"]
-        out = outcome(v.owned, drop, None, DEFAULT_TOLERANCE)
-        r.update(threshold=t["threshold"], threshold_rule="converged", threshold_paper=old_th, p_value=v.p_value,
-                 owned=v.owned, test_drop=drop, tolerance=DEFAULT_TOLERANCE, outcome=out, removed=out == "removed",
-                 removed_paper=old_removed, n_verify=n)
-        old = "removed" if old_removed else "kept"
+        out, v, drop = redecide_row(r, t)
         if old != out:
             why = []
-            if (r["wm_acc"] < old_th) != (r["wm_acc"] < t["threshold"]) or v.owned == old_removed:
+            if (r["wm_acc"] < old_th) != (r["wm_acc"] < t["threshold"]):
                 why.append(f"threshold {old_th:.2f}% (paper) -> {t['threshold']:.2f}% (converged); "
                            f"WM {r['wm_acc']:.2f}%")
             if out == "destroyed":
                 why.append(f"test accuracy fell {drop:.2f} points (> {DEFAULT_TOLERANCE})")
             if not v.owned and r["wm_acc"] >= t["threshold"]:
                 why.append(f"above the threshold but not significantly (p {v.p_value:.3g})")
-            changes[k].append((f"seed {r['seed']}{' ' + r['variant'] if r.get('variant') != 'strong' else ''}",
-                               f"{old} -> {out}", "; ".join(why)))
+            changes[k].append((f"seed {r['seed']}", f"{old} -> {out}", "; ".join(why)))
         else:
             changes[k].append((f"seed {r['seed']}", "unchanged", out))
     atomic_write_json(path, rows)

@@ -2,8 +2,8 @@
 
 For each Table 2 (dataset, scheme): the threshold that each rule of `watermarks.verify.THRESHOLD_RULES`
 gives over the threshold seeds' clean models, then, on clean models of held-out seeds that no rule saw,
-the share of their converged epochs for which `nnlaunder verify` (the same `verify` function: threshold,
-binomial p, base rate, task check, alpha 0.01) says OWNERSHIP SHOWN.
+the share of their converged epochs for which `nnlaunder verify` (the same `verdict` function over the same
+evidence: threshold, binomial p, base rate, task check, alpha 0.01) says OWNERSHIP SHOWN.
 
 Clean models: MNIST seeds 0-4 (threshold) and 5-9 (held out), from the clean-model cache (trained by
 `benchmarks/clean_models.py`); CIFAR-10 seeds 0-2 per architecture from the committed per-epoch curves of
@@ -29,14 +29,16 @@ from nnlaunder.device import cpu_name
 from nnlaunder.experiments.audit import wilson
 from nnlaunder.experiments.clean import clean_root, read_trajectory, trajectory_key, wm_points
 from nnlaunder.recipes import owner_config
+from nnlaunder.train import predict_checked
 from nnlaunder.watermarks.schemes import make_watermark
 from nnlaunder.watermarks.verify import (
     DEFAULT_RULE,
     THRESHOLD_RULES,
     CleanPoint,
+    base_rate,
     converged,
     threshold_rule,
-    verify,
+    verdict,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,11 +107,15 @@ def main(argv: list[str] | None = None) -> int:
             for s in held_ok:
                 for p in converged(wm_points(trajs[s], wm)):
                     evals.append((s, p.epoch, p.rate, trajs[s].folder / f"epoch-{p.epoch:03d}"))
-            models = {e[3]: load_model(e[3])[0] for e in evals}
+            evidence = []           # per held-out epoch: hits and the base rate (they do not depend on the rule)
+            for *_, f in evals:
+                m = load_model(f)[0]
+                pred, _ = predict_checked(m, wm.verify_x)
+                evidence.append((int((pred == wm.verify_y).sum()),
+                                 base_rate(m, wm, te.x, te.y, tr.num_classes, pred_t=pred)))
             for rule in THRESHOLD_RULES:
                 th = threshold_rule(rule, pts, args.alpha)
-                owned = [bool(verify(models[f], wm, th.threshold, args.alpha, test=(te.x, te.y),
-                                     num_classes=tr.num_classes).owned) for *_, f in evals]
+                owned = [verdict(h, n, th.threshold, args.alpha, b).owned for h, b in evidence]
                 k = sum(owned)
                 lo, hi = wilson(k, len(owned)) if owned else (None, None)
                 rows.append({
