@@ -135,6 +135,22 @@ def _exp(tmp_path: Path, body: str) -> Path:
     ('[sweep]\nseed = [' + ",".join(str(i) for i in range(200)) + ']\nowner_seed = ['
      + ",".join(str(i) for i in range(200)) + ']\n', "more than"),
     ('a = ' + "[" * 600 + "]" * 600 + '\n', "exp.toml"),
+    # what the run would refuse later, refused at the dry run
+    ('scheme_params = {text = ""}\n', "must not be empty"),
+    ('scheme_params = {text = "' + "A" * 36 + '"}\n', "does not fit"),
+    ('scheme_params = {scale = 1000}\n', "scale"),
+    ('scheme_params = {scale = 0}\n', "scale"),
+    ('scheme = "zhang-noise"\nscheme_params = {std = -1.0}\n', "std"),
+    ('scheme = "zhang-noise"\nscheme_params = {std = 0.0}\n', "std"),
+    ('[attack_params]\nnc = {betas = [2.0, -1.0]}\n', "Neural Cleanse"),
+    ('[attack_params]\nnc = {batch_size = 100000000}\n', "Neural Cleanse"),
+    ('budget = "1000000/class"\n', "smallest class"),
+    ('owner_path = "no/such/model"\n', "owner_path"),
+    ('seed = 18446744073709551617\n', "exp.toml"),
+    ('seed = 9223372036854775808\n', "seed"),
+    ('owner_seed = -1\n', "owner_seed"),
+    ('threshold_rule = "median"\n', "threshold_rule"),
+    ('tolerance = -1.0\n', "tolerance"),
 ])
 def test_experiment_files_are_checked_at_dry_run(tmp_path, capsys, body, needle):
     import time

@@ -108,8 +108,13 @@ class NCConfig:
                 and (self.steps_per_epoch is None or self.steps_per_epoch >= 1)
                 and (self.class_chunk is None or self.class_chunk >= 1)
                 and (self.max_images is None or self.max_images >= 1) and self.mad_threshold > 0
-                and self.input_grad in ("native", "matmul") and isinstance(self.amp, bool)):
+                and self.input_grad in ("native", "matmul") and isinstance(self.amp, bool)
+                and len(self.betas) == 2 and all(isinstance(b, int | float) and 0 <= b < 1 for b in self.betas)
+                and self.batch_size <= MAX_NC_BATCH):
             raise UserError(f"invalid Neural Cleanse settings: {self}")
+
+
+MAX_NC_BATCH = 65536       # images per Neural Cleanse step: more is a typo, not a setting
 
 
 # Named settings. "faithful" is Wang et al.'s algorithm; "fast" is this project's departure

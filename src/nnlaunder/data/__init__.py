@@ -147,6 +147,8 @@ DATASETS: dict[str, Callable[[Path, str], Dataset]] = {
     "cifar10": load_cifar10,
 }
 
+SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+MIN_TRAIN_PER_CLASS = {"mnist": 5421, "fashion-mnist": 6000, "cifar10": 5000}   # the smallest class's images
 NUM_CLASSES = {"mnist": len(MNIST_CLASSES), "fashion-mnist": len(FASHION_CLASSES), "cifar10": len(CIFAR10_CLASSES)}
 
 _CACHE: dict[tuple[str, str, str], Dataset] = {}

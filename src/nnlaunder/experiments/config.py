@@ -40,7 +40,7 @@ from ..models import DEFAULT_ARCH, check_fits
 from ..models.external import NO_CODE, CodeAllowance
 from ..recipes import owner_config
 from ..train import TrainConfig
-from ..watermarks.schemes import scheme_spec
+from ..watermarks.schemes import MAX_SEED, check_params, scheme_spec
 
 _BUDGET = re.compile(r"^\s*(\d+)\s*/\s*class\s*$")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -96,6 +96,10 @@ class CellConfig:
             m = _BUDGET.match(self.budget)
             if not m or int(m.group(1)) < 1:
                 raise UserError(f"budget: expected a fraction in (0, 1] or 'N/class', got {self.budget!r}")
+            most = D.MIN_TRAIN_PER_CLASS.get(self.dataset)
+            if most is not None and int(m.group(1)) > most:
+                raise UserError(f"budget: {self.budget!r} asks for more images per class than {self.dataset}'s "
+                                f"smallest class holds ({most})")
             return {"per_class": int(m.group(1))}
         if not 0 < self.budget <= 1:
             raise UserError(f"budget: expected a fraction in (0, 1], got {self.budget}")
@@ -120,10 +124,12 @@ class CellConfig:
             v = getattr(params, f, None)
             if v is not None and not 0 <= v < n_classes:
                 raise UserError(f"scheme_params.{f}: {v} is not a class of {self.dataset} (0-{n_classes - 1})")
-        for f in ("n_embed", "n_verify", "k"):
-            v = getattr(params, f, None)
-            if v is not None and v < 1:
-                raise UserError(f"scheme_params.{f}: must be >= 1, got {v}")
+        try:
+            check_params(self.scheme, params, D.SHAPES[self.dataset], n_classes)
+        except UserError as e:
+            raise UserError(f"scheme_params: {e}") from None
+        if self.owner_path is not None and not Path(self.owner_path).with_suffix(".safetensors").is_file():
+            raise UserError(f"owner_path: no model at {self.owner_path} (.safetensors and .json)")
         self.owner_train()
         if self.threshold is not None and not 0 <= self.threshold <= 100:
             raise UserError(f"threshold: must be a percentage in [0, 100], got {self.threshold}")
@@ -147,6 +153,12 @@ class CellConfig:
     def _check_run_settings(self) -> None:
         from ..watermarks.verify import THRESHOLD_RULES
 
+        for f in ("seed", "owner_seed"):
+            v = getattr(self, f)
+            if not 0 <= v <= MAX_SEED:
+                raise UserError(f"{f}: must be in [0, 2^63), got {v}")
+        if any(not 0 <= s <= MAX_SEED for s in self.threshold_seeds):
+            raise UserError(f"threshold_seeds: each must be in [0, 2^63), got {list(self.threshold_seeds)}")
         if self.threshold_rule not in THRESHOLD_RULES:
             raise UserError(f"threshold_rule: {self.threshold_rule!r}; choose from {', '.join(THRESHOLD_RULES)}")
         if not 0 <= self.tolerance <= 100:

@@ -12,6 +12,7 @@ Pixel values stay in [0, 1]; stamping happens in pixel space.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +151,9 @@ def _sources(train: D.Dataset, test: D.Dataset, target: int, p: Any
 
 def zhang_content(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: ContentParams) -> Watermark:
     _check_target(p.target, train)
+    check_params("zhang-content", p, train.shape, train.num_classes)
     c, h, w = train.shape
-    mask = text_mask(p.text, p.scale)
-    mh, mw = mask.shape
-    row, col = p.position if p.position is not None else (h - mh - 2, (w - mw) // 2)
-    if row < 0 or col < 0 or row + mh > h or col + mw > w:
-        raise UserError(f"text {p.text!r} ({mh}×{mw} px) at {(row, col)} does not fit a {h}×{w} image")
-    if len(p.color) not in (1, c) or not all(0 <= v <= 1 for v in p.color):
-        raise UserError(f"color must be 1 or {c} values in [0, 1], got {p.color}")
+    mask, (row, col) = text_mask(p.text, p.scale), _text_place(p, train.shape)
     color = torch.tensor(p.color, dtype=torch.float32).expand(c).clone()
     ex, vx, ei = _sources(train, test, p.target, p)
 
@@ -171,8 +167,7 @@ def zhang_content(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: C
 
 def zhang_noise(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: NoiseParams) -> Watermark:
     _check_target(p.target, train)
-    if not p.std > 0:
-        raise UserError(f"noise std must be > 0, got {p.std}")
+    check_params("zhang-noise", p, train.shape, train.num_classes)
     noise = noise_pattern(train.shape, p.std, p.seed)
     ex, vx, ei = _sources(train, test, p.target, p)
 
@@ -241,6 +236,41 @@ def adi(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: AdiParams) 
         raise UserError(f"the trigger labels go up to {int(ts.y.max())} but {train.name} has "
                         f"{train.num_classes} classes")
     return Watermark("adi", x, ts.y.clone(), x, ts.y.clone(), None, dataclasses.asdict(p))
+
+
+MAX_SEED = 2**63 - 1
+MAX_SCALE = 16
+
+
+def _text_place(p: ContentParams, shape: tuple[int, int, int]) -> tuple[int, int]:
+    """The text's top-left (row, col): as given, else bottom centre."""
+    mh, mw = text_mask(p.text, p.scale).shape
+    _, h, w = shape
+    return tuple(p.position) if p.position is not None else (h - mh - 2, (w - mw) // 2)  # type: ignore[return-value]
+
+
+def check_params(name: str, params: Any, shape: tuple[int, int, int], num_classes: int) -> None:
+    """What the scheme's builder would refuse, checked without any data (an experiment's dry run): seeds
+    and counts in range, the text drawable and inside the image, a positive finite noise level."""
+    for f in ("seed", "n_embed", "n_verify", "k"):
+        v = getattr(params, f, None)
+        if v is not None and not (0 if f == "seed" else 1) <= v <= MAX_SEED:
+            raise UserError(f"{f}: must be in [{0 if f == 'seed' else 1}, 2^63), got {v}")
+    target = getattr(params, "target", None)
+    if target is not None and not 0 <= target < num_classes:
+        raise UserError(f"target: {target} is not a class (0-{num_classes - 1})")
+    if isinstance(params, ContentParams):
+        if not 1 <= params.scale <= MAX_SCALE:
+            raise UserError(f"scale: must be in [1, {MAX_SCALE}], got {params.scale}")
+        mh, mw = text_mask(params.text, params.scale).shape
+        c, h, w = shape
+        row, col = _text_place(params, shape)
+        if row < 0 or col < 0 or row + mh > h or col + mw > w:
+            raise UserError(f"text {params.text!r} ({mh}×{mw} px) at {(row, col)} does not fit a {h}×{w} image")
+        if len(params.color) not in (1, c) or not all(0 <= v <= 1 for v in params.color):
+            raise UserError(f"color must be 1 or {c} values in [0, 1], got {params.color}")
+    if isinstance(params, NoiseParams) and not (math.isfinite(params.std) and 0 < params.std <= 10):
+        raise UserError(f"std: the noise level must be in (0, 10], got {params.std}")
 
 
 @dataclass(frozen=True)
