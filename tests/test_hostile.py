@@ -243,10 +243,38 @@ def test_image_folders_skip_fifos_and_refuse_bombs(tmp_path, monkeypatch):
         read_image_folder(tmp_path)
 
 
+def _huge_npz(p: Path) -> None:
+    """A header that declares 784e9 float32 elements (numpy would try to allocate 2.9 TiB)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False, "shape": (784 * 10**9,)})
+    with zipfile.ZipFile(p, "w") as z:
+        z.writestr("x.npy", buf.getvalue())
+        z.writestr("y.npy", b"")
+
+
+def test_big_endian_npz_reads_like_native(tmp_path):
+    from nnlaunder.data.external import read_npz
+
+    x = np.random.default_rng(0).random((3, 8, 8))
+    np.savez(tmp_path / "be.npz", x=x.astype(">f4"), y=np.arange(3).astype(">i8"))
+    np.savez(tmp_path / "le.npz", x=x.astype("<f4"), y=np.arange(3))
+    a, b = read_npz(tmp_path / "be.npz"), read_npz(tmp_path / "le.npz")
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+
+
 @pytest.mark.parametrize("make,needle", [
     (lambda p: np.savez(p, x=np.zeros((3, 8, 8), np.uint8), y=np.array([0, 1, 2**40])), "at most"),
-    (lambda p: p.write_bytes(b""), "not a readable .npz"),
-    (lambda p: p.write_bytes(b"PK\x03\x04garbage"), "not a readable .npz"),
+    (lambda p: p.write_bytes(b""), "not an .npz"),
+    (lambda p: p.write_bytes(b"PK\x03\x04garbage"), "not a"),
+    (lambda p: np.save(open(p, "wb"), np.zeros((3, 8, 8), np.uint8)), "single .npy"),
+    (lambda p: np.savez(p, x=np.zeros((3, 8, 8), np.longdouble), y=np.arange(3)), "dtype float128"),
+    (lambda p: np.savez(p, x=np.zeros((3, 8, 8), np.complex64), y=np.arange(3)), "dtype complex64"),
+    (lambda p: np.savez(p, x=np.array(["a", "b", "c"]), y=np.arange(3)), "dtype <U1"),
+    (_huge_npz, "declares shape"),
+    (lambda p: p.mkdir(), "not a regular file"),
 ])
 def test_hostile_npz(tmp_path, make, needle):
     from nnlaunder.data.external import read_npz

@@ -23,6 +23,37 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 MAX_CLASSES = 100_000
+MAX_ARRAY_BYTES = 16 << 30      # an array bigger than this in an .npz is refused before it is allocated
+NPZ_DTYPES = "uifb"             # unsigned, signed, float (up to 64-bit), bool: anything else is refused
+
+
+def check_npz(p: Path) -> None:
+    """Refuse, from the headers alone, an .npz that is not a zip of .npy arrays, or whose arrays are of a
+    kind the readers do not take (objects, complex, float128, strings) or too big to allocate."""
+    if not p.is_file():
+        raise UserError(f"{p}: not a regular file")
+    if not zipfile.is_zipfile(p):
+        raise UserError(f"{p}: not an .npz (a zip of .npy arrays; a single .npy saved under an .npz name?)")
+    try:
+        with zipfile.ZipFile(p) as z:
+            for info in z.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(f, max_header_size=10_000)
+                name = info.filename[:-4]
+                if dtype.kind not in NPZ_DTYPES or dtype.itemsize > 8 or dtype.hasobject:
+                    raise UserError(f"{p}: array {name!r} has dtype {dtype}; give uint8 or float32/64 images and integer "
+                                    "labels (never pickled objects)")
+                size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if size > MAX_ARRAY_BYTES:
+                    raise UserError(f"{p}: array {name!r} declares shape {shape} ({size / 2**30:.3g} GiB); at most "
+                                    f"{MAX_ARRAY_BYTES >> 30} GiB is read")
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, SyntaxError, TypeError) as e:
+        raise UserError(f"{p}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from e
 
 
 def read_image_folder(folder: str | os.PathLike) -> Dataset:
@@ -62,11 +93,12 @@ def read_image_folder(folder: str | os.PathLike) -> Dataset:
 
 def read_npz(path: str | os.PathLike) -> Dataset:
     p = Path(path)
+    check_npz(p)
     try:
         with np.load(p, allow_pickle=False) as z:
             if "x" not in z or "y" not in z:
                 raise UserError(f"{p}: an .npz needs arrays 'x' (images) and 'y' (labels), has {sorted(z.files)}")
-            x, y = z["x"], z["y"]
+            x, y = _native(z["x"]), _native(z["y"])
             classes = tuple(str(c) for c in z["classes"]) if "classes" in z else None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{p}: not a readable .npz without pickled objects ({e})") from e
@@ -80,6 +112,11 @@ def read_npz(path: str | os.PathLike) -> Dataset:
     if classes is not None and len(classes) < n:
         raise UserError(f"{p}: 'classes' names {len(classes)} classes but labels go up to {n - 1}")
     return _dataset(p.stem, x, y.astype(np.int64), classes or tuple(str(i) for i in range(n)), str(p))
+
+
+def _native(a: np.ndarray) -> np.ndarray:
+    """The array in this machine's byte order (an .npz written big-endian reads the same)."""
+    return a.astype(a.dtype.newbyteorder("=")) if a.dtype.byteorder not in ("=", "|") else a
 
 
 def read_external(path: str | os.PathLike) -> Dataset:
