@@ -393,3 +393,53 @@ def test_threshold_out_naming_a_folder_is_refused_before_training(tiny, tmp_path
 def test_a_list_parameter_written_without_brackets_says_the_form(owner, tiny, capsys):
     code, _, err = _run(["verify", str(owner), "--threshold", "1", "--param", "position=22,16"], tiny, capsys)
     _one_line(code, err, "[22,16]")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["launder", "M", "--calibrate-grid", '[{"ct": 1}]'], "goes with --calibrate"),
+    (["launder", "M", "--calibrate", "--calibrate-grid", "[" * 5000 + "]" * 5000], "not JSON"),
+    (["launder", "M", "--calibrate", "--calibrate-grid", json.dumps([{"ct": 1.0}] * 5000)], "at most 64"),
+    (["launder", "M", "--calibrate", "--calibrate-grid", "[{\"ct\": " + "9" * 5000 + "}]"], "not JSON"),
+])
+def test_hostile_calibration_grids(owner, tiny, tmp_path, capsys, argv, needle):
+    argv = [str(owner) if a == "M" else a for a in argv]
+    code, _, err = _run([*argv, "--out", str(tmp_path / "o")], tiny, capsys)
+    _one_line(code, err, needle)
+
+
+def test_non_regular_files_are_refused_before_they_are_read(tmp_path, capsys):
+    import os
+
+    from nnlaunder.data.fetch import sha256_file
+    from nnlaunder.errors import UserError
+
+    os.mkfifo(tmp_path / "w.safetensors")
+    for p in (tmp_path / "w.safetensors", Path("/dev/zero"), tmp_path):
+        with pytest.raises(UserError, match="not a regular file"):
+            sha256_file(p)
+
+
+def test_metadata_and_threshold_files_with_huge_numbers(owner, tiny, tmp_path, capsys):
+    big = "9" * 5000
+    meta = tmp_path / "m.json"
+    src = json.loads(owner.with_suffix(".json").read_text())
+    meta.write_text(json.dumps(src)[:-1] + f', "huge": {big}}}')
+    (tmp_path / "m.safetensors").write_bytes(owner.with_suffix(".safetensors").read_bytes())
+    code, _, err = _run(["verify", str(tmp_path / "m"), "--threshold", "1"], tiny, capsys)
+    _one_line(code, err, "not valid UTF-8 JSON")
+    th = tmp_path / "th.json"
+    th.write_text('{"thresholds": {"zhang-content": ' + big + "}}")
+    code, _, err = _run(["verify", str(owner), "--threshold-file", str(th)], tiny, capsys)
+    _one_line(code, err, "no threshold")
+    for params, needle in (({"scale": 10**12}, "scale"), ({"scale": -3}, "scale"), ({"seed": 2**64}, "seed")):
+        src2 = {**src, "scheme_params": {**(src.get("scheme_params") or {}), **params}}
+        meta.write_text(json.dumps(src2))
+        code, _, err = _run(["verify", str(tmp_path / "m"), "--threshold", "1"], tiny, capsys)
+        _one_line(code, err, needle)
+
+
+def test_audit_workspace_naming_a_file(owner, tiny, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, err = _run(["audit", str(owner), "--quick", "--workspace", str(f)], tiny, capsys)
+    _one_line(code, err, "is a file")

@@ -118,13 +118,18 @@ def made_from_current(row: dict[str, Any], file: dict[str, str]) -> bool:
     return row.get("model") == file["model"] and row.get("model_sha256", file["model_sha256"]) == file["model_sha256"]
 
 
+MAX_META_BYTES = 1 << 20
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     p = stem(path).with_suffix(".json")
     if not p.is_file():
         raise UserError(f"missing model metadata {p} (a model is <name>.safetensors + <name>.json)")
+    if p.stat().st_size > MAX_META_BYTES:
+        raise UserError(f"{p}: {p.stat().st_size} bytes; model metadata may hold at most {MAX_META_BYTES}")
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:     # ValueError: also 5000-digit integers
         raise UserError(f"{p}: not valid UTF-8 JSON ({str(e).splitlines()[0][:200]})") from e
     if not isinstance(meta, dict) or "arch" not in meta or "num_classes" not in meta:
         raise UserError(f"{p}: metadata must name 'arch' and 'num_classes'")

@@ -114,16 +114,24 @@ def calibrate_options(args: argparse.Namespace):
     from .attacks.pipeline import CalibrateOptions
 
     if not args.calibrate:
+        if args.calibrate_grid is not None:
+            raise UserError("--calibrate-grid goes with --calibrate")
         return None
     grid = None
     if args.calibrate_grid is not None:
         try:
             grid = json.loads(args.calibrate_grid)
-        except json.JSONDecodeError as e:
-            raise UserError(f"--calibrate-grid: not JSON ({e})") from e
+        except (ValueError, RecursionError) as e:      # also nested too deeply, or a 5000-digit number
+            raise UserError(f"--calibrate-grid: not JSON ({type(e).__name__}: {str(e)[:100]})") from None
         if not isinstance(grid, list) or not grid or not all(isinstance(c, dict) for c in grid):
             raise UserError("--calibrate-grid: expected a non-empty JSON list of tables of options")
+        if len(grid) > MAX_GRID:
+            raise UserError(f"--calibrate-grid: {len(grid)} candidates; at most {MAX_GRID} (each is a laundering "
+                            "per fold)")
     return CalibrateOptions(folds=args.calibrate_folds, grid=grid)
+
+
+MAX_GRID = 64
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -36,6 +36,9 @@ SCHEDULES = ("constant", "cosine", "onecycle", "step")
 AUGMENTS = ("none", "crop-flip")
 
 
+MAX_EPOCHS = 10_000      # more is a typo: at seconds per epoch it would run for months
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced NaN/Inf; nothing is written."""
 
@@ -67,7 +70,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (0 <= self.epochs <= MAX_EPOCHS, f"epochs must be in [0, {MAX_EPOCHS}], got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be > 0, got {self.lr}"),

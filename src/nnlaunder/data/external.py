@@ -46,8 +46,8 @@ def check_npz(p: Path) -> None:
                     shape, _, dtype = read(f, max_header_size=10_000)
                 name = info.filename[:-4]
                 if dtype.kind not in NPZ_DTYPES or dtype.itemsize > 8 or dtype.hasobject:
-                    raise UserError(f"{p}: array {name!r} has dtype {dtype}; give uint8 or float32/64 images and integer "
-                                    "labels (never pickled objects)")
+                    raise UserError(f"{p}: array {name!r} has dtype {dtype}; give uint8 or float32/64 images and "
+                                    "integer labels (never pickled objects)")
                 size = int(np.prod(shape, dtype=object)) * dtype.itemsize
                 if size > MAX_ARRAY_BYTES:
                     raise UserError(f"{p}: array {name!r} declares shape {shape} ({size / 2**30:.3g} GiB); at most "

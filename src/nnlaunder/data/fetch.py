@@ -38,6 +38,10 @@ CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
+    """The file's SHA-256. A path that is not a regular file (a FIFO, /dev/zero, a folder) is refused
+    before it is opened: reading it could block or never end."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: not a regular file")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(CHUNK), b""):

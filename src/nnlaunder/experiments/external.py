@@ -40,8 +40,8 @@ def factory_kwargs(s: str | None) -> dict[str, Any]:
         return {}
     try:
         out = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise UserError(f"--model-kwargs is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:          # also nested too deeply, or a 5000-digit number
+        raise UserError(f"--model-kwargs is not valid JSON ({type(e).__name__}: {str(e)[:100]})") from None
     if not isinstance(out, dict):
         raise UserError(f"--model-kwargs must be a JSON object, got {s!r}")
     return out

@@ -278,6 +278,8 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
     allow = allow or NO_CODE
     check_code(cells, allow)
     ws = Path(ws).resolve()
+    if ws.exists() and not ws.is_dir():
+        raise UserError(f"workspace {ws} is a file, not a folder")
     ws.mkdir(parents=True, exist_ok=True)
     with Store(ws / "results.sqlite") as store:
         done = store.finished_ids()
