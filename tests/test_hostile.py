@@ -443,3 +443,21 @@ def test_audit_workspace_naming_a_file(owner, tiny, tmp_path, capsys):
     f.write_text("x")
     code, _, err = _run(["audit", str(owner), "--quick", "--workspace", str(f)], tiny, capsys)
     _one_line(code, err, "is a file")
+
+
+def test_report_output_paths(tmp_path, capsys):
+    """An output that is a file, /dev/null, or a name past the file system's limit: one line each."""
+    from nnlaunder.experiments.store import Store
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with Store(ws / "results.sqlite") as s:
+        s.record("c1", "e", {"dataset": "mnist", "scheme": "zhang-content", "attack": "rtal", "budget": 0.006,
+                             "rounds": 1}, [{"round": 0, "test_acc": 99.0, "wm_acc": 99.0, "threshold": 1.0}],
+                 {"test_acc": 99.0, "wm_acc": 99.0, "threshold": 1.0, "orig_test_acc": 99.0, "orig_wm_acc": 99.0,
+                  "removed": False, "outcome": "kept"}, 1.0)
+    (tmp_path / "afile").write_text("x")
+    for out, needle in ((tmp_path / "afile", "not a folder"), (Path("/dev/null"), "not a folder"),
+                        (tmp_path / ("n" * 300), "too long")):
+        code = main(["report", "--workspace", str(ws), "--out", str(out)])
+        _one_line(code, capsys.readouterr().err, needle)

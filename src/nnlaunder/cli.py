@@ -51,6 +51,10 @@ def _out(path: str) -> Path:
     return s
 
 
+def _os_error(e: OSError) -> str:
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e).splitlines()[0][:300]
+
+
 def _table(rows: list[tuple[str, str]]) -> str:
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
@@ -427,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     except Inconclusive as e:
         print(f"nnlaunder: {e}", file=sys.stderr)
         return 3
-    except UserError as e:
-        print(f"nnlaunder: error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:     # an OSError here is the machine's answer to a path the user gave
+        print(f"nnlaunder: error: {e if isinstance(e, UserError) else _os_error(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"nnlaunder: error: {e}", file=sys.stderr)

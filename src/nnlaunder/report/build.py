@@ -99,19 +99,22 @@ def clean_curves_plot(curves: dict[str, list[list[float]]], path: Path) -> Path:
 
 def build_report(workspace: str | Path, out: str | Path) -> Path:
     ws, out = Path(workspace), Path(out)
+    from ..errors import UserError
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder; the report is a folder of files")
     db = ws / "results.sqlite"
     if not db.is_file():
-        from ..errors import UserError
-
         raise UserError(f"no results store at {db}; run an experiment first (`nnlaunder run FILE --workspace {ws}`)")
     with Store(db, readonly=True) as s:
         cells = s.cells()
     if not cells:
-        from ..errors import UserError
-
         raise UserError(f"{db} holds no finished cell yet; run an experiment to the end of at least one cell "
                         "(`nnlaunder run FILE --workspace ...`), then make the report")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the report folder {str(out)[:200]}: {e.strerror or e}") from None
     md = ["# nnlaunder report", "", f"Workspace `{ws}`: {len(cells)} finished cells.", "",
           "## Last round of every cell (Table 2 layout; the paper's figures in parentheses)", "",
           "| experiment | dataset | scheme | attack | budget | rounds | test acc % before → after (paper) "
