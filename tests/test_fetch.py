@@ -9,6 +9,7 @@ import io
 import os
 import tarfile
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -34,6 +35,17 @@ class _Server:
 
             def do_GET(self):
                 outer.hits.append(self.path)
+                if self.path.startswith(("/drip/", "/endless/")):
+                    self.send_response(200)
+                    self.end_headers()
+                    try:
+                        for _ in range(200):            # one byte at a time, or far more than was pinned
+                            self.wfile.write(b"x" if self.path.startswith("/drip/") else b"x" * 65536)
+                            self.wfile.flush()
+                            time.sleep(0.05 if self.path.startswith("/drip/") else 0)
+                    except OSError:
+                        pass
+                    return
                 if self.path.startswith("/fail/"):
                     self.send_error(500, "broken on purpose")
                     return
@@ -229,5 +241,25 @@ def test_a_tampered_unpacked_file_is_not_verified_even_with_a_forged_stamp(tiny,
         (folder / ".nnlaunder-fetch.json").unlink()
         os.mkfifo(folder / ".nnlaunder-fetch.json")
         assert check("cifar10", out, src).state == "present"
+    finally:
+        srv.close()
+
+
+def test_a_dripping_or_endless_mirror_is_given_up(tmp_path, monkeypatch):
+    """A server that sends a byte at a time is given up when it stalls; one that sends more than the pinned size
+    is cut off at it; neither leaves a file."""
+    import nnlaunder.data.fetch as F
+
+    monkeypatch.setattr(F, "STALL_S", 0.5)
+    srv = _Server({})
+    try:
+        for kind, needle in (("drip", "stalled"), ("endless", "more than the pinned")):
+            src = {"mnist": Source("mnist", (Remote("f.gz", (f"{srv.url}/{kind}/f.gz",), "0" * 64, 100_000),),
+                                   ("f.gz",), "test")}
+            t0 = time.monotonic()
+            with pytest.raises(UserError, match=needle):
+                fetch("mnist", tmp_path, sources=src, progress=False, log=lambda m: None)
+            assert time.monotonic() - t0 < 8
+            assert not list((tmp_path / "mnist").glob("*")), list((tmp_path / "mnist").glob("*"))
     finally:
         srv.close()

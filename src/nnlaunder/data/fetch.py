@@ -18,6 +18,7 @@ import json
 import os
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -33,7 +34,8 @@ from .sources import SOURCES, Remote, Source
 MIRROR_ENV = "NNLAUNDER_DATA_MIRROR"
 MIRROR_ONLY_ENV = "NNLAUNDER_DATA_MIRROR_ONLY"      # "1": never reach for the canonical URLs
 STAMP = ".nnlaunder-fetch.json"
-TIMEOUT_S = 60
+TIMEOUT_S = 60                  # no byte for this long: the read fails
+STALL_S, STALL_BYTES = 60.0, 64 << 10   # under 64 KiB in a minute: the download is given up
 CHUNK = 1 << 20
 
 
@@ -148,11 +150,19 @@ def _download(url: str, tmp: Path, f: Remote, progress: bool) -> None:
         length = r.headers.get("Content-Length")
         total = int(length) if length and length.isdigit() else f.size
         with tqdm(total=total, unit="B", unit_scale=True, desc=f.name, leave=False, disable=not progress) as bar:
-            for block in iter(lambda: r.read(CHUNK), b""):
+            window_start, window_bytes = time.monotonic(), 0
+            for block in iter(lambda: r.read1(CHUNK), b""):     # what has arrived, never waiting for a full chunk
+                got += len(block)
+                if f.size is not None and got > f.size:
+                    raise ValueError(f"the server sent more than the pinned {f.size} bytes")
                 out.write(block)
                 h.update(block)
-                got += len(block)
                 bar.update(len(block))
+                window_bytes += len(block)
+                if time.monotonic() - window_start >= STALL_S:    # a server that drips bytes: give up
+                    if window_bytes < STALL_BYTES:
+                        raise ValueError(f"stalled: under {STALL_BYTES} bytes in {STALL_S:.0f} s")
+                    window_start, window_bytes = time.monotonic(), 0
     if length and length.isdigit() and got != int(length):
         raise ValueError(f"the connection closed after {got} of {length} bytes")
     if h.hexdigest() != f.sha256:
