@@ -461,3 +461,19 @@ def test_report_output_paths(tmp_path, capsys):
                         (tmp_path / ("n" * 300), "too long")):
         code = main(["report", "--workspace", str(ws), "--out", str(out)])
         _one_line(code, capsys.readouterr().err, needle)
+
+
+@pytest.mark.parametrize("body", [
+    b"\x80\x04\x95" + (2**63).to_bytes(8, "little") + b".",                       # FRAME length overflow
+    __import__("pickle").dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [10**30]}, protocol=4),
+    __import__("pickle").dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, protocol=4),
+    __import__("pickle").dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [[1]]}, protocol=4),
+    __import__("pickle").dumps({b"data": np.zeros((2, 3072), np.uint8)[:, :0], b"labels": [1, 2]}, protocol=4),
+])
+def test_cifar_batches_malformed_below_the_unpickler(tmp_path, body):
+    from nnlaunder.data.readers import read_cifar_batch
+    from nnlaunder.errors import UserError
+
+    (tmp_path / "b").write_bytes(body)
+    with pytest.raises(UserError, match="CIFAR-10 batch|labels"):
+        read_cifar_batch(tmp_path / "b")

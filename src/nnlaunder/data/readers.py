@@ -73,6 +73,9 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
 
 
+MAX_CIFAR_BATCH_BYTES = 256 << 20     # a batch is 31 MB; the test batch file read whole
+
+
 def read_cifar_batch(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Read one CIFAR-10 python batch -> (N,3,32,32) uint8 images, (N,) int64 labels."""
     path = Path(path)
@@ -80,6 +83,8 @@ def read_cifar_batch(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray
                     "and unpack it into <data-dir>/cifar10/")
     if not path.is_file():
         raise UserError(f"missing dataset file {path}; {hint}")
+    if path.stat().st_size > MAX_CIFAR_BATCH_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size} bytes, more than a CIFAR-10 batch holds; {hint}")
     try:
         d = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
         data, labels = d[b"data"], d[b"labels"]
@@ -91,8 +96,10 @@ def read_cifar_batch(path: Path, hint: str = "") -> tuple[np.ndarray, np.ndarray
             raise ValueError("'labels' must be a list of integers")
         x = data.reshape(-1, 3, 32, 32)
         y = np.asarray(labels, dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: corrupt or unexpected CIFAR-10 batch ({e}); {hint}") from e
+    except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, AttributeError, OverflowError,
+            IndexError, SystemError, MemoryError, RecursionError) as e:   # malformed below the unpickler's checks
+        raise UserError(f"{path}: corrupt or unexpected CIFAR-10 batch ({type(e).__name__}: {str(e)[:120]}); "
+                        f"{hint}") from None
     if len(x) != len(y) or len(y) == 0 or y.min() < 0 or y.max() > 9:
         raise UserError(f"{path}: images and labels disagree or labels out of range; {hint}")
     return x, y
