@@ -477,3 +477,20 @@ def test_cifar_batches_malformed_below_the_unpickler(tmp_path, body):
     (tmp_path / "b").write_bytes(body)
     with pytest.raises(UserError, match="CIFAR-10 batch|labels"):
         read_cifar_batch(tmp_path / "b")
+
+
+@pytest.mark.parametrize("side", [1, 2, 32])
+def test_idx_images_of_the_wrong_size_are_named(owner, tiny, tmp_path, capsys, side):
+    import gzip
+    import shutil
+    import struct
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny, data)
+    for prefix in ("train", "t10k"):
+        n = len(np.frombuffer(gzip.decompress((tiny / "mnist" / f"{prefix}-labels-idx1-ubyte.gz").read_bytes())[8:],
+                              np.uint8))
+        body = struct.pack(">4B3I", 0, 0, 8, 3, n, side, side) + bytes(n * side * side)
+        (data / "mnist" / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(body))
+    code = main(["verify", str(owner), "--threshold", "1", "--data-dir", str(data), "--quiet"])
+    _one_line(code, capsys.readouterr().err, f"(1, {side}, {side})")

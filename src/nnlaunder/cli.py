@@ -24,8 +24,8 @@ from .checkpoint import (
 )
 from .cli_flags import KEPT, calibrate_options, code_allowance, launder_cfg, make_parser, param_table, train_config
 from .device import deterministic, set_device
-from .errors import Inconclusive, UserError
-from .models import DEFAULT_ARCH, build, check_fits
+from .errors import Inconclusive, UserError, os_error_line
+from .models import DEFAULT_ARCH, build, check_data, check_fits
 from .train import NonFiniteLoss, accuracy
 from .watermarks.embed import embed
 from .watermarks.schemes import SCHEMES, make_watermark
@@ -37,7 +37,9 @@ def _task(args: argparse.Namespace) -> tuple[str, D.Dataset, D.Dataset]:
     if arch is None:
         raise UserError(f"no default architecture for {args.dataset!r}; pass --arch")
     check_fits(arch, args.dataset)
-    return arch, D.load(args.dataset, args.data_dir, "train"), D.load(args.dataset, args.data_dir, "test")
+    tr, te = D.load(args.dataset, args.data_dir, "train"), D.load(args.dataset, args.data_dir, "test")
+    check_data(arch, args.dataset, tr, te)
+    return arch, tr, te
 
 
 def _out(path: str) -> Path:
@@ -49,10 +51,6 @@ def _out(path: str) -> Path:
     if not os.access(s.parent, os.W_OK):
         raise UserError(f"output folder {s.parent} is not writable")
     return s
-
-
-def _os_error(e: OSError) -> str:
-    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e).splitlines()[0][:300]
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -124,7 +122,9 @@ def _registered(args: argparse.Namespace, path: str) -> tuple[Any, dict, str, D.
     dataset = meta.get("dataset")
     if dataset not in D.DATASETS:
         raise UserError(f"{path} records dataset {dataset!r}, which is not registered")
-    return model, meta, dataset, D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
+    tr, te = D.load(dataset, args.data_dir, "train"), D.load(dataset, args.data_dir, "test")
+    check_data(meta["arch"], dataset, tr, te)      # images the model takes, before any forward pass
+    return model, meta, dataset, tr, te
 
 
 def _watermark(args: argparse.Namespace, meta: dict, scheme: str, tr: D.Dataset, te: D.Dataset):
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nnlaunder: {e}", file=sys.stderr)
         return 3
     except (UserError, OSError) as e:     # an OSError here is the machine's answer to a path the user gave
-        print(f"nnlaunder: error: {e if isinstance(e, UserError) else _os_error(e)}", file=sys.stderr)
+        print(f"nnlaunder: error: {e if isinstance(e, UserError) else os_error_line(e)}", file=sys.stderr)
         return 2
     except NonFiniteLoss as e:
         print(f"nnlaunder: error: {e}", file=sys.stderr)

@@ -8,3 +8,8 @@ class UserError(Exception):
 class Inconclusive(UserError):
     """No verdict can be given: the model's outputs on the inputs that decide it are not real
     predictions (NaN or Inf). The CLI says so and exits with code 3, never "owned"."""
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError as the one line a user reads: the path and the system's reason."""
+    return f"{e.filename}: {e.strerror}" if e.filename and e.strerror else (str(e).splitlines() or [""])[0][:300]

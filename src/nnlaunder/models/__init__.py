@@ -154,3 +154,12 @@ def check_fits(arch: str, dataset: str, shape: tuple[int, ...] | None = None) ->
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_data(arch: str, dataset: str, *sets: object) -> None:
+    """`check_fits` for the dataset and for the image shape (C, H, W) of every set given, naming both."""
+    check_fits(arch, dataset)
+    for ds in sets:
+        if tuple(ds.shape) != spec(arch).input_shape:  # type: ignore[attr-defined]
+            raise UserError(f"{dataset}'s images are {tuple(ds.shape)} but {arch!r} takes {spec(arch).input_shape}; "
+                            "the data folder holds images of another size")
