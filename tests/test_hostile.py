@@ -494,3 +494,16 @@ def test_idx_images_of_the_wrong_size_are_named(owner, tiny, tmp_path, capsys, s
         (data / "mnist" / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(body))
     code = main(["verify", str(owner), "--threshold", "1", "--data-dir", str(data), "--quiet"])
     _one_line(code, capsys.readouterr().err, f"(1, {side}, {side})")
+
+
+@pytest.mark.parametrize("text", ["inf\n", "1e400\n", "1.5\n", "-1\n", "10\n", "", "\xff\n", "1\n" * 20000])
+def test_hostile_adi_labels(tiny, tmp_path, text):
+    import shutil
+
+    from nnlaunder.data import load_adi_trigger_set
+    from nnlaunder.errors import UserError
+
+    shutil.copytree(tiny / "adi-trigger-set", tmp_path / "adi-trigger-set")
+    (tmp_path / "adi-trigger-set" / "labels-cifar.txt").write_text(text, encoding="utf-8", errors="surrogateescape")
+    with pytest.raises(UserError, match="labels"):
+        load_adi_trigger_set(tmp_path)

@@ -6,7 +6,9 @@ module turns their arrays into `Dataset`s and draws seeded, stratified subsets.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,6 +169,10 @@ def load(name: str, data_dir: str | os.PathLike | None, split: str = "train") ->
     return _CACHE[key]
 
 
+MAX_TRIGGERS = 10_000
+_DECIMAL = re.compile(r"[+]?\d{1,20}(\.\d{1,40})?([eE][+-]?\d{1,3})?")
+
+
 def load_adi_trigger_set(data_dir: str | os.PathLike | None, size: int = 32) -> Dataset:
     """Adi et al.'s 100 abstract images (pics/1.jpg..100.jpg) and labels-cifar.txt."""
     folder = resolve_data_dir(data_dir) / "adi-trigger-set"
@@ -174,12 +180,19 @@ def load_adi_trigger_set(data_dir: str | os.PathLike | None, size: int = 32) -> 
     labels_path = folder / "labels-cifar.txt"
     if not labels_path.is_file():
         raise UserError(f"missing trigger labels {labels_path}; {hint}")
+    if labels_path.stat().st_size > 1 << 20:
+        raise UserError(f"{labels_path}: {labels_path.stat().st_size} bytes; a trigger set's labels fit in far less")
     try:
-        labels = [int(float(s)) for s in labels_path.read_text().split()]
-    except ValueError as e:
-        raise UserError(f"{labels_path}: not one number per line ({e})") from e
-    if not labels or min(labels) < 0 or max(labels) > 9:
-        raise UserError(f"{labels_path}: labels must be class indices 0-9")
+        words = labels_path.read_text(encoding="utf-8").split()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{labels_path}: not UTF-8 text ({e})") from None
+    if len(words) > MAX_TRIGGERS:
+        raise UserError(f"{labels_path}: {len(words)} labels; at most {MAX_TRIGGERS} trigger images are read")
+    values = [float(w) if _DECIMAL.fullmatch(w) else math.nan for w in words]   # the file writes 6.000e+00
+    bad = next((w for w, v in zip(words, values, strict=True) if not (v.is_integer() and 0 <= v <= 9)), None)
+    if bad is not None or not words:    # "inf", "1e400", "1.5", "-1", "nan": not a class index
+        raise UserError(f"{labels_path}: labels must be class indices 0-9, one per line; got {bad!r:.40}")
+    labels = [int(v) for v in values]
     images = np.stack([read_image_rgb(folder / "pics" / f"{i + 1}.jpg", size)
                        for i in range(len(labels))])
     return Dataset("adi-trigger-set", to_float(images), torch.tensor(labels, dtype=torch.long),
