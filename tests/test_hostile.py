@@ -109,6 +109,24 @@ def test_tampered_resume_state_is_refused(owner, tiny, tmp_path, capsys):
     code, out, err = _run([*args, "--resume"], tiny, capsys)
     assert code == 2 and "NaN/Inf" in err and "round 2" not in out
     json.loads(meta["launder_state"])          # the metadata itself was left intact
+    # a mask of the wrong shape, a mask for a parameter the model lacks, garbage in the rounds
+    clean = {k: v for k, v in tensors.items()}
+    clean[k] = torch.zeros_like(tensors[k])
+    mask = next(m for m in clean if m.startswith("mask."))
+    state_meta = json.loads(meta["launder_state"])
+    cases = [({**clean, mask: torch.ones(3, 3)}, meta, "shape"),
+             ({**clean, "mask.nope.weight": torch.ones(2)}, meta, "does not have"),
+             (clean, {**meta, "launder_state": json.dumps({**state_meta, "first_most": 1e30})}, "first_most"),
+             (clean, {**meta, "launder_state": json.dumps({**state_meta, "rounds": [{"round": "x"}]})}, "broken"),
+             (clean, {**meta, "launder_state": json.dumps({**state_meta, "rounds": 5})}, "broken")]
+    for t, m, needle in cases:
+        save_file(t, str(state_file), metadata=m)
+        code, out, err = _run([*args, "--resume"], tiny, capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (needle, err)
+    state_file.unlink()
+    state_file.mkdir()                         # a folder where the state file should be
+    code, out, err = _run([*args, "--resume"], tiny, capsys)
+    assert code == 2 and "not a file" in err
 
 
 # ---- validation at the door: each hostile input ends in one line naming the file or field
@@ -507,3 +525,35 @@ def test_hostile_adi_labels(tiny, tmp_path, text):
     (tmp_path / "adi-trigger-set" / "labels-cifar.txt").write_text(text, encoding="utf-8", errors="surrogateescape")
     with pytest.raises(UserError, match="labels"):
         load_adi_trigger_set(tmp_path)
+
+
+class _ComplexNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(144, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))
+        return torch.complex(out, out)
+
+
+def complex_net() -> torch.nn.Module:
+    return _ComplexNet()
+
+
+def test_small_things_are_one_line(tmp_path, capsys):
+    # a model that returns complex logits
+    np.savez(tmp_path / "d.npz", x=np.zeros((8, 12, 12), np.uint8), y=np.arange(8) % 4)
+    save_file(_ComplexNet().state_dict(), str(tmp_path / "w.safetensors"))
+    code = main(["launder", "--model-factory", "tests.test_hostile:complex_net", "--weights",
+                 str(tmp_path / "w.safetensors"), "--data", str(tmp_path / "d.npz"), "--out", str(tmp_path / "o"),
+                 "--quiet"])
+    _one_line(code, capsys.readouterr().err, "real floating-point logits")
+    # `all` mixed with names
+    code = main(["data", "check", "mnist", "all", "--data-dir", str(tmp_path)])
+    _one_line(code, capsys.readouterr().err, "stands alone")
+    # a new data folder is fetched into, not refused (here the mirror is unreachable: the fetch fails, in one line)
+    code = main(["data", "fetch", "mnist", "--data-dir", str(tmp_path / "NEW"), "--mirror", "http://127.0.0.1:9/",
+                 "--mirror-only", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" not in err and "could not fetch" in err and (tmp_path / "NEW").is_dir()

@@ -386,7 +386,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.fetch import check_lines, fetch_all
 
-    root = D.resolve_data_dir(args.data_dir) if args.data_dir else D.default_data_dir()
+    root = Path(args.data_dir).expanduser() if args.data_dir else D.default_data_dir()   # fetch creates it
     if args.action == "check":
         print("\n".join(check_lines(args.names, root)))
     else:

@@ -435,7 +435,8 @@ def _add_data(sub: Any) -> None:
 KEPT = {  # what an interrupted command leaves to continue from
     "train": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
     "embed": "finished epochs are kept in OUT.ckpt/ (rerun with --resume)",
-    "launder": "finished laundering rounds are kept in OUT/partial.safetensors (rerun with --resume)",
+    "launder": "finished laundering rounds of a model of this project are kept in OUT/partial.safetensors (rerun "
+               "with --resume); a --model-factory run keeps nothing",
     "run": "finished cells are in the workspace's store (rerun the same command to continue)",
     "finetune": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
     "audit": "finished cells are in the workspace's store (rerun the same command to continue)",

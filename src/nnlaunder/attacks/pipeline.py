@@ -30,7 +30,7 @@ from ..report.plots import trigger_grid
 from .calibrate import apply_candidate, calibrate
 from .laundering import LaunderConfig, LaunderResult, OnProgress, launder
 from .neural_cleanse import NCResult, neural_cleanse
-from .records import LaunderState, RoundInfo, load_launder_state, save_launder_state
+from .records import LaunderState, RoundInfo, check_state_fits, load_launder_state, save_launder_state
 
 Evaluate = Callable[..., dict[str, Any]]
 Log = Callable[[str], None]
@@ -85,11 +85,15 @@ def run_calibration(model: nn.Module, clean: Dataset, cfg: LaunderConfig, opts: 
     return nc, cal.as_dict()
 
 
-def _resume_state(state_file: Path | None, resume: bool, owner: str, log: Log
+def _resume_state(state_file: Path | None, resume: bool, owner: str, log: Log, model: nn.Module
                   ) -> tuple[LaunderState, dict[str, Any]] | None:
     if state_file is None:
         return None
+    if state_file.exists() and not state_file.is_file():
+        raise UserError(f"{state_file}: the laundering state's place holds something that is not a file")
     prior = load_launder_state(state_file, owner) if resume else None
+    if prior is not None:
+        check_state_fits(prior[0], model, state_file)
     if prior is None and resume:
         log(f"nothing to resume in {state_file.parent} for this model; starting at round 1")
     elif prior is None and state_file.is_file():
@@ -107,7 +111,7 @@ def run_launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, evaluat
                 on_progress: OnProgress | None = None) -> LaunderRun:
     state_path = Path(state_file) if state_file is not None else None
     owner = weights_digest(model)
-    prior = _resume_state(state_path, resume, owner, log)
+    prior = _resume_state(state_path, resume, owner, log, model)
     first_nc, calibration = None, None
     if calibrate is not None:
         if prior is not None and isinstance(prior[1].get("calibration"), dict):

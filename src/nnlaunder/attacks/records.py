@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..checkpoint import atomic_save_tensors, dtype_kind
+from ..config import from_dict
 from ..errors import UserError
 
 
@@ -81,9 +82,15 @@ def load_launder_state(path: str | os.PathLike, owner: str) -> tuple[LaunderStat
     try:
         bad = [k for k, v in tensors.items() if dtype_kind(v) in ("float", "complex") and not torch.isfinite(v).all()]
         wrong = [k for k, v in tensors.items() if k.startswith("mask.") and not bool(((v == 0) | (v == 1)).all())]
-        rounds = [RoundInfo(**r) for r in meta["rounds"]]
-        first_most = int(meta["first_most"])
-    except (KeyError, TypeError, ValueError) as e:
+        if not isinstance(meta["rounds"], list):
+            raise TypeError("'rounds' is not a list")
+        rounds = [from_dict(RoundInfo, r, f"rounds[{i}]") for i, r in enumerate(meta["rounds"])]
+        first_most = meta["first_most"]
+        if type(first_most) is not int or not 0 <= first_most < 100_000:
+            raise ValueError(f"first_most must be a class index, got {first_most!r:.40}")
+        if [r.round for r in rounds] != list(range(1, len(rounds) + 1)):
+            raise ValueError("the rounds are not 1, 2, ... in order")
+    except (KeyError, TypeError, ValueError, UserError) as e:
         raise UserError(f"{path}: a laundering state with broken metadata ({e}); delete it to start over") from e
     if bad or wrong or any(dtype_kind(v) == "complex" for v in tensors.values()):
         raise UserError(f"{path}: a laundering state with NaN/Inf or impossible values in {(bad + wrong)[:3]}; "
@@ -91,3 +98,19 @@ def load_launder_state(path: str | os.PathLike, owner: str) -> tuple[LaunderStat
     state = LaunderState(rounds, {k[5:]: v for k, v in tensors.items() if k.startswith("mask.")}, first_most,
                          {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     return state, meta["extra"] if isinstance(meta.get("extra"), dict) else {}
+
+
+def check_state_fits(state: LaunderState, model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Refuse a state whose masks or weights do not fit `model` (a parameter it lacks, another shape), in
+    one line naming the first, before anything is applied."""
+    own = model.state_dict()
+    for kind, tensors in (("mask", state.masks), ("weights", state.model_state)):
+        for k, v in tensors.items():
+            if k not in own:
+                raise UserError(f"{path}: {kind} for {k!r:.80}, which the model does not have; delete it to start over")
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise UserError(f"{path}: {kind} for {k!r} has shape {tuple(v.shape)}, the model's is "
+                                f"{tuple(own[k].shape)}; delete it to start over")
+    missing = sorted(set(own) - set(state.model_state))
+    if state.model_state and missing:
+        raise UserError(f"{path}: no weights for {missing[:3]}; delete it to start over")

@@ -54,9 +54,11 @@ def sha256_file(path: Path) -> str:
 def _names(names: list[str] | None, sources: Mapping[str, Source]) -> list[str]:
     if not names or names == ["all"]:
         return list(sources)
+    if "all" in names:
+        raise UserError("'all' stands alone: give `all` or dataset names, not both")
     unknown = [n for n in names if n not in sources]
     if unknown:
-        raise UserError(f"unknown dataset(s) {unknown}; choose from {', '.join(sources)} or all")
+        raise UserError(f"unknown dataset(s) {unknown}; choose from {', '.join(sources)}, or all alone")
     return list(dict.fromkeys(names))
 
 

@@ -160,6 +160,8 @@ def check_model_fits(model: nn.Module, x: torch.Tensor, num_classes: int, what: 
     except Exception as e:     # the user's model rejected the input: a mistake, not a crash
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"the model does not accept inputs of shape {tuple(x.shape[1:])} from {what}: {first}") from e
+    if isinstance(out, torch.Tensor) and not out.is_floating_point():
+        raise UserError(f"the model must return real floating-point logits, got {out.dtype}")
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise UserError(f"the model must return (N, classes) logits, got "
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
