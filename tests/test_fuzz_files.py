@@ -111,12 +111,34 @@ hostile_arrays = st.sampled_from([
     dict(x=np.zeros((0, 4, 4), np.uint8), y=np.zeros(0, np.int64)),
     dict(x=np.zeros((2, 4, 4, 7), np.uint8), y=np.arange(2)),
     dict(x=np.zeros(5, np.uint8), y=np.arange(5)),
+    dict(x=np.zeros((2, 4, 4), ">f4"), y=np.arange(2).astype(">i8")),      # big-endian: read as native
+    dict(x=np.zeros((2, 4, 4), np.longdouble), y=np.arange(2)),             # float128: refused
+    dict(x=np.array(["a", "b"]), y=np.arange(2)),
+    dict(x=np.zeros((2, 4, 4), np.float16), y=np.arange(2, dtype=np.uint64)),
+    dict(x=np.zeros((2, 4, 4), bool), y=np.arange(2)),
 ])
+
+
+def _npy_as_npz() -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 4, 4), np.uint8))
+    return buf.getvalue()
+
+
+def _huge_header() -> bytes:
+    import zipfile
+
+    out, hdr = io.BytesIO(), io.BytesIO()
+    np.lib.format.write_array_header_1_0(hdr, {"descr": "<f4", "fortran_order": False, "shape": (784 * 10**9,)})
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("x.npy", hdr.getvalue())
+        z.writestr("y.npy", hdr.getvalue())
+    return out.getvalue()
 
 
 @FUZZ
 @given(st.one_of(mutate(_npz_seed()), hostile_arrays.map(lambda d: (lambda b: (np.savez(b, **d), b.getvalue())[1])(
-    io.BytesIO()))))
+    io.BytesIO())), st.sampled_from([_npy_as_npz(), _huge_header()]), mutate(_huge_header())))
 def test_npz_reader(data):
     from nnlaunder.data.external import read_npz
 

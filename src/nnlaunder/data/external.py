@@ -52,7 +52,8 @@ def check_npz(p: Path) -> None:
                 if size > MAX_ARRAY_BYTES:
                     raise UserError(f"{p}: array {name!r} declares shape {shape} ({size / 2**30:.3g} GiB); at most "
                                     f"{MAX_ARRAY_BYTES >> 30} GiB is read")
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, SyntaxError, TypeError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, SyntaxError, TypeError, NotImplementedError,
+            RuntimeError) as e:       # unsupported compression, an encrypted member
         raise UserError(f"{p}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from e
 
 
@@ -100,7 +101,7 @@ def read_npz(path: str | os.PathLike) -> Dataset:
                 raise UserError(f"{p}: an .npz needs arrays 'x' (images) and 'y' (labels), has {sorted(z.files)}")
             x, y = _native(z["x"]), _native(z["y"])
             classes = tuple(str(c) for c in z["classes"]) if "classes" in z else None
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, NotImplementedError, RuntimeError) as e:
         raise UserError(f"{p}: not a readable .npz without pickled objects ({e})") from e
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"{p}: 'y' must be a 1-D integer array, got {y.dtype} {y.shape}")
