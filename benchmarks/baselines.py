@@ -138,13 +138,20 @@ def plot(rows: list[dict], ds: str) -> Path | None:
     return out
 
 
+def _paper_rule(r: dict) -> str:
+    return f"({r['threshold_paper']:.2f}) " if "threshold_paper" in r else ""
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# Removal attacks side by side", "",
-             "Same models, same attacker data budgets (stratified samples of the training set). `removed`: WM",
-             "accuracy below our vanilla threshold (embed.md). Paper rows are quoted from Aiken et al. Table 2",
-             "(Zhang et al.'s 90% pruning with 16.6% / 20% of the data; Adi et al.'s RTAL).", "",
-             "| dataset | model | attack | budget | test acc % (before) | WM acc % (before) | threshold % | removed "
-             "| seconds | paper (test / WM) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Same models, same attacker data budgets (stratified samples of the training set). Outcome "
+             "(docs/methods.md#verification-and-verdicts): the verdict against the default `converged` threshold "
+             "(verdicts.json; the paper's rule in brackets), with the 3-point tolerance: removed from a usable "
+             "model, destroyed with it, or kept (`python benchmarks/redecide.py` re-decided the stored rows).",
+             "Paper rows are quoted from Aiken et al. Table 2 (Zhang et al.'s 90% pruning with 16.6% / 20% of the "
+             "data; Adi et al.'s RTAL).", "",
+             "| dataset | model | attack | budget | test acc % (before) | WM acc % (before) | threshold % (paper's "
+             "rule) | outcome | seconds | paper (test / WM) |", "|---|---|---|---|---|---|---|---|---|---|"]
     ds_order = {d: i for i, d in enumerate(MODELS)}
     at_order = {a: i for i, a in enumerate(ATTACKS)}
 
@@ -158,7 +165,8 @@ def markdown(rows: list[dict]) -> str:
         paper = f"{p['test_acc']:.2f} / {p['wm_acc']:.2f}" if p else ""
         lines.append(f"| {r['dataset']} | {r['name']} | {r['attack']} | {r['budget']:.1%} | {r['test_acc']:.2f} "
                      f"({r['orig_test_acc']:.2f}) | {r['wm_acc']:.2f} ({r['orig_wm_acc']:.2f}) | {r['threshold']:.2f} "
-                     f"| {'yes' if r['removed'] else 'no'} | {'~' if r.get('seconds_note') else ''}"
+                     f"{_paper_rule(r)}| {r.get('outcome') or ('removed' if r['removed'] else 'kept')} | "
+                     f"{'~' if r.get('seconds_note') else ''}"
                      f"{r['seconds']:.0f} | {paper} |")
     for r in rows:
         if r.get("seconds_note"):

@@ -1,6 +1,7 @@
 """Re-decide stored Table 2 rows under the project's verdict rules, and say what changed.
 
-Every row of table2-seeds.json (the strong attack over attacker seeds) and table2-ablation.json gets:
+Every row of table2-seeds.json (the strong attack over attacker seeds), table2-ablation.json and
+baselines.json gets:
   threshold          the default rule's threshold for its (dataset, watermark) (verdicts.json)
   threshold_rule     "converged"
   threshold_paper    the paper's rule, as the row was decided before
@@ -14,7 +15,8 @@ Every row of table2-seeds.json (the strong attack over attacker seeds) and table
   removed            outcome == "removed";  removed_paper: the stored verdict (paper's rule, no utility)
 and benchmarks/results/what-changed.md lists, per row, the old and new verdicts and why.
 
-    python benchmarks/redecide.py && python benchmarks/table2_seeds.py --markdown-only
+    python benchmarks/redecide.py && python benchmarks/table2_seeds.py --markdown-only \
+        && python benchmarks/baselines.py --markdown-only
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def row_name(r: dict) -> str:
-    return f"adi-{r['mode']}" if r.get("scheme") == "adi" else str(r.get("name") or r["scheme"])
+    if r.get("scheme") == "adi":
+        return f"adi-{r['mode']}" if r.get("mode") else str(r["name"])
+    return str(r.get("name") or r["scheme"])
 
 
 def redecide_row(r: dict, t: dict) -> tuple[str, object, float]:
@@ -52,7 +56,7 @@ def redecide_row(r: dict, t: dict) -> tuple[str, object, float]:
 def main() -> int:
     th = {(t["dataset"], t["row"]): t for t in json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
           if t["default"]}
-    for extra in ("table2-ablation.json",):      # the ablation's rows: the same rules, no table of changes
+    for extra in ("table2-ablation.json", "baselines.json"):   # the same rules; their tables show the outcomes
         more = json.loads((RESULTS / extra).read_text())
         for r in more:
             redecide_row(r, th[(r["dataset"], row_name(r))])
