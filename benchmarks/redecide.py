@@ -56,11 +56,15 @@ def redecide_row(r: dict, t: dict) -> tuple[str, object, float]:
 def main() -> int:
     th = {(t["dataset"], t["row"]): t for t in json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
           if t["default"]}
+    others: dict[str, dict[tuple[str, str], int]] = {}
     for extra in ("table2-ablation.json", "baselines.json"):   # the same rules; their tables show the outcomes
         more = json.loads((RESULTS / extra).read_text())
+        moves: dict[tuple[str, str], int] = defaultdict(int)
         for r in more:
-            redecide_row(r, th[(r["dataset"], row_name(r))])
+            out, _, _ = redecide_row(r, th[(r["dataset"], row_name(r))])
+            moves[("removed" if r["removed_paper"] else "kept", out)] += 1
         atomic_write_json(RESULTS / extra, more)
+        others[extra] = moves
     path = RESULTS / "table2-seeds.json"
     rows = json.loads(path.read_text())
     changes: dict[tuple, list[tuple[str, str, str]]] = defaultdict(list)
@@ -102,6 +106,12 @@ def main() -> int:
         md.append(f"| {k[0]}/{k[1]} | {rs[0]['threshold_paper']:.2f} -> {rs[0]['threshold']:.2f} | removed {olds}/"
                   f"{len(rs)} | {', '.join(f'{o} {c}' for o, c in sorted(news.items()))} | "
                   f"{'; '.join(changed) or 'none'} |")
+    md += ["", "Other stored rows, re-decided the same way (old verdict under the paper's rule -> new outcome: rows):",
+           "", "| file | changes | unchanged |", "|---|---|---|"]
+    for f, moves in others.items():
+        changed = ", ".join(f"{a} -> {b}: {k}" for (a, b), k in sorted(moves.items()) if a != b) or "none"
+        same = ", ".join(f"{a}: {k}" for (a, b), k in sorted(moves.items()) if a == b) or "none"
+        md.append(f"| {f} | {changed} | {same} |")
     (RESULTS / "what-changed.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
