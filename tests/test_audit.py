@@ -28,7 +28,7 @@ def test_the_grid_is_attacks_by_budgets_by_seeds():
     assert len({c.cell_id() for c in cells}) == len(cells)
     assert {c.rounds for c in cells if c.attack == "launder"} == {q.rounds}
     assert {c.rounds for c in cells if c.attack != "launder"} == {1}
-    full = audit_cells("a", "m", meta, "zhang-content", {}, PROFILES["full"], seeds=1)
+    full = audit_cells("a", "models/mnist/zhang-content", meta, "zhang-content", {}, PROFILES["full"], seeds=1)
     assert all(c.calibrate == (c.attack == "launder") for c in full) and {c.seed for c in full} == {0}
     assert all(c.restore_epochs == 30 for c in full)
 
