@@ -557,3 +557,28 @@ def test_small_things_are_one_line(tmp_path, capsys):
                  "--mirror-only", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" not in err and "could not fetch" in err and (tmp_path / "NEW").is_dir()
+
+
+def test_a_tampered_store_with_a_5000_character_name(tmp_path, capsys):
+    from nnlaunder.experiments.store import Store
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    cfg = {"dataset": "mnist", "scheme": "zhang-content", "attack": "launder", "budget": 0.006, "rounds": 1}
+    with Store(ws / "results.sqlite") as s:
+        s.record("c1", "n" * 5000, cfg, [{"round": 0, "test_acc": 99.0, "wm_acc": 99.0, "threshold": 1.0},
+                                         {"round": 1, "test_acc": 98.0, "wm_acc": 0.1, "threshold": 1.0}],
+                 {"test_acc": 98.0, "wm_acc": 0.1, "threshold": 1.0, "orig_test_acc": 99.0, "orig_wm_acc": 99.0,
+                  "removed": True, "outcome": "removed", "rounds_run": 1}, 1.0)
+        s.record("c2", "x", cfg, [], {"test_acc": "a lot"}, 1.0)           # a summary changed by hand
+    code = main(["report", "--workspace", str(ws)])
+    _one_line(code, capsys.readouterr().err, "changed by hand")
+    with Store(ws / "results.sqlite") as s:
+        s.record("c2", "x", cfg, [], {"test_acc": 98.0, "wm_acc": 0.1, "threshold": 1.0, "orig_test_acc": 99.0,
+                                      "orig_wm_acc": 99.0, "removed": True, "rounds_run": 1}, 1.0)
+    code = main(["report", "--workspace", str(ws)])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1), err
+    if code == 0:
+        assert all(len(p.name) < 256 for p in (ws / "report").iterdir())

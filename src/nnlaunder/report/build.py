@@ -97,6 +97,23 @@ def clean_curves_plot(curves: dict[str, list[list[float]]], path: Path) -> Path:
     return path
 
 
+_NUMBERS = ("test_acc", "wm_acc", "threshold", "orig_test_acc", "orig_wm_acc", "rounds_run")
+
+
+def _check_cell(c: dict, db: Path) -> None:
+    """A cell of the store as the runner wrote it, or one line naming what a tampered one lacks."""
+    from ..errors import UserError
+
+    cfg, sm = c.get("config"), c.get("summary")
+    bad = [k for k in _NUMBERS if not isinstance(sm, dict) or isinstance(sm.get(k), bool)
+           or not isinstance(sm.get(k), int | float)]
+    if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), str) for k in ("dataset", "scheme", "attack")):
+        bad.append("config")
+    if bad:
+        raise UserError(f"{db}: cell {str(c.get('cell_id'))[:40]} is not as the runner writes it ({bad[:3]} missing "
+                        "or not numbers); the store was changed by hand")
+
+
 def build_report(workspace: str | Path, out: str | Path) -> Path:
     ws, out = Path(workspace), Path(out)
     from ..errors import UserError
@@ -111,6 +128,8 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
     if not cells:
         raise UserError(f"{db} holds no finished cell yet; run an experiment to the end of at least one cell "
                         "(`nnlaunder run FILE --workspace ...`), then make the report")
+    for c in cells:
+        _check_cell(c, db)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -118,7 +137,7 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
     md = ["# nnlaunder report", "", f"Workspace `{ws}`: {len(cells)} finished cells.", "",
           "## Last round of every cell (Table 2 layout; the paper's figures in parentheses)", "",
           "| experiment | dataset | scheme | attack | budget | rounds | test acc % before → after (paper) "
-          "| WM acc % before → after (paper) | threshold % (paper) | removed |",
+          "| WM acc % before → after (paper) | threshold % (paper) | outcome |",
           "|---|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]),
                                           json.dumps(c["config"]["budget"]))):
@@ -128,7 +147,7 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
         md.append(f"| {c['experiment']} | {cfg['dataset']} | {_scheme_name(cfg)} | {cfg['attack']} | "
                   f"{_budget_label(cfg['budget'])} | {sm['rounds_run']} | {sm['orig_test_acc']:.2f} → "
                   f"{sm['test_acc']:.2f}{pt[0]} | {sm['orig_wm_acc']:.2f} → {sm['wm_acc']:.2f}{pt[1]} | "
-                  f"{sm['threshold']:.2f}{pt[2]} | {'yes' if sm['removed'] else 'no'} |")
+                  f"{sm['threshold']:.2f}{pt[2]} | {sm.get('outcome') or ('removed' if sm['removed'] else 'kept')} |")
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["config"]["attack"] == "launder":
