@@ -123,7 +123,11 @@ def plot(rows: list[dict], ds: str) -> Path | None:
                                marker=marker, s=40, label=f"{a} ({budget:.1%})")
         ax.scatter([sub[0]["orig_test_acc"]], [sub[0]["orig_wm_acc"]], color="black", marker="*", s=120,
                    label="before")
-        ax.axhline(sub[0]["threshold"], color="black", lw=1, ls="--", label="vanilla threshold")
+        rule = sub[0].get("threshold_rule", "paper's")
+        ax.axhline(sub[0]["threshold"], color="black", lw=1, ls="--", label=f"threshold ({rule} rule)")
+        if "tolerance" in sub[0]:      # left of it a removal is "destroyed": the model lost too much
+            ax.axvline(sub[0]["orig_test_acc"] - sub[0]["tolerance"], color="grey", lw=1, ls=":",
+                       label=f"owner's test − {sub[0]['tolerance']:g} (left: destroyed)")
         ax.set_yscale("log")
         ax.set_xlabel("test accuracy %")
         ax.set_ylabel("watermark accuracy % (log)")
