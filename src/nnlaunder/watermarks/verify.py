@@ -45,14 +45,19 @@ MAX_ALPHA = 0.1               # a test of evidence at a larger level is no evide
 MOSTLY = 50.0                 # percent: a model giving the watermark label this often without trigger
 
 
-def wm_hits(model: nn.Module, wm: Watermark) -> tuple[int, int]:
-    """(hits, n) on the verification set. Raises `Inconclusive` when any verification output is
-    NaN or Inf: a watermark accuracy is never computed over predictions that are not real."""
+def verification_predictions(model: nn.Module, wm: Watermark) -> torch.Tensor:
+    """The model's labels for the verification inputs. Raises `Inconclusive` when any output is NaN or
+    Inf: a watermark accuracy is never computed over predictions that are not real."""
     pred, bad = predict_checked(model, wm.verify_x)
     if bad:
         raise Inconclusive(f"inconclusive: the model's outputs on {bad} of {len(wm.verify_y)} verification inputs "
                            "are NaN or Inf; no watermark accuracy and no verdict can be given")
-    return int((pred == wm.verify_y).sum()), len(wm.verify_y)
+    return pred
+
+
+def wm_hits(model: nn.Module, wm: Watermark) -> tuple[int, int]:
+    """(hits, n) on the verification set (`Inconclusive` over NaN/Inf outputs)."""
+    return int((verification_predictions(model, wm) == wm.verify_y).sum()), len(wm.verify_y)
 
 
 def wm_accuracy(model: nn.Module, wm: Watermark) -> float:
@@ -346,10 +351,7 @@ def verify(model: nn.Module, wm: Watermark, threshold: float, alpha: float = 0.0
            test: tuple[torch.Tensor, torch.Tensor] | None = None, num_classes: int | None = None) -> Verdict:
     """The verdict on `model`: its hits on the verification set and, with `test` (the task's test set), its
     base rate and task accuracy (always pass it where it exists)."""
-    pred, bad = predict_checked(model, wm.verify_x)
-    if bad:
-        raise Inconclusive(f"inconclusive: the model's outputs on {bad} of {len(wm.verify_y)} verification inputs "
-                           "are NaN or Inf; no watermark accuracy and no verdict can be given")
+    pred = verification_predictions(model, wm)
     base = base_rate(model, wm, *(test if test is not None else (None, None)), num_classes=num_classes, pred_t=pred)
     return verdict(int((pred == wm.verify_y).sum()), len(wm.verify_y), threshold, alpha, base)
 
