@@ -240,3 +240,55 @@ def test_calibration_rule_and_k_fold():
     assert all(0 <= s.acc <= 100 and 0 <= s.flips <= 100 for s in cal.scores)
     with pytest.raises(UserError, match="too small"):
         calibrate(net, clean.subset(torch.arange(3)), nc, base, grid=grid, folds=2)
+
+
+def test_algorithm1_over_given_trigger_images_and_no_images():
+    """`reset_and_retrain_on` takes trigger images from any source (the oracle diagnostic's true
+    triggers): images far from the clean ones reset units; no images reset none."""
+    from nnlaunder.attacks.laundering import reset_and_retrain_on
+    clean = Dataset("toy", torch.rand(64, 3, 8, 8) * 0.1, torch.arange(64) % 4, ("a", "b", "c", "d"))
+    cfg = launder_config("strong", retrain=TrainConfig(epochs=0))
+    net = _bn_net().eval()
+    units, _ = discover_units(net, clean.x[:2])
+    bright = clean.x.clone()
+    bright[:, :, 2:5, 2:5] = 1.0                 # a patch every stamped image carries
+    masks, resets, _ = reset_and_retrain_on(net, clean, [bright], cfg, units, {})
+    assert sum(resets.values()) > 0 and masks
+    for name, m in masks.items():                 # the reset weights are zero in the model
+        assert torch.all(dict(net.named_parameters())[name][m == 0] == 0)
+    net2 = _bn_net().eval()
+    masks2, resets2, _ = reset_and_retrain_on(net2, clean, [], cfg, units, {})
+    assert sum(resets2.values()) == 0 and masks2 == {}
+
+
+def test_reinit_second_half_touches_only_the_second_half():
+    from nnlaunder.attacks.laundering import reinit_second_half
+    net = build("resnet20", seed=0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    names = reinit_second_half(net, seed=1)
+    convs = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    half = convs[len(convs) // 2:]
+    assert set(half) <= set(names) and not set(convs[:len(convs) // 2]) & set(names)
+    assert "fc" in names or any(n.endswith("fc") for n in names)
+    after = net.state_dict()
+    assert torch.equal(after["stem.0.weight"], before["stem.0.weight"])       # first layer untouched
+    assert not torch.equal(after[f"{half[0]}.weight"], before[f"{half[0]}.weight"])
+    again = build("resnet20", seed=0)
+    reinit_second_half(again, seed=1)                                        # seeded: the same draw
+    assert all(torch.equal(after[k], again.state_dict()[k]) for k in after)
+    with pytest.raises(UserError):
+        launder_config("strong", reinit="everything")
+
+
+def test_reinit_option_in_a_round_keeps_reset_units_at_zero():
+    from nnlaunder.attacks.laundering import reset_and_retrain_on
+    clean = Dataset("toy", torch.rand(32, 3, 8, 8) * 0.1, torch.arange(32) % 4, ("a", "b", "c", "d"))
+    net = _bn_net().eval()
+    units, _ = discover_units(net, clean.x[:2])
+    bright = clean.x.clone()
+    bright[:, :, 2:5, 2:5] = 1.0
+    cfg = launder_config("strong", reinit="second-half", retrain=TrainConfig(epochs=1, batch_size=8))
+    masks, _, _ = reset_and_retrain_on(net, clean, [bright], cfg, units, {})
+    params = dict(net.named_parameters())
+    for name, m in masks.items():
+        assert torch.all(params[name][m == 0] == 0)

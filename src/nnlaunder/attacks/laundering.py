@@ -51,6 +51,7 @@ THRESHOLD_MODES = ("absolute", "relative")
 LAYER_CHOICES = ("all", "second-half")
 BN_STATS = ("keep", "reset", "reestimate", "reinit")
 STAMPING = ("each", "random")
+REINIT = ("none", "second-half")
 DIFF_MODES = ("pooled", "per-trigger")
 
 
@@ -74,6 +75,8 @@ class LaunderConfig:
     #                                      (every BN re-initialised: scale 1, shift 0, mean 0, var 1)
     stamping: str = "each"               # retraining set: every clean image stamped with "each" used
     #                                      trigger, or with one trigger drawn at "random" per image
+    reinit: str = "none"                 # "second-half": after Algorithm 1, every layer of the network's
+    #                                      second half (weights, biases, batch norms) re-initialised
     early_stop: bool = True              # stop when round 1's most likely class becomes least likely
     holdout: float = 0.0                 # fraction of the clean set kept aside for the attacker's own check
     nc: NCConfig = NCConfig()
@@ -92,6 +95,7 @@ class LaunderConfig:
             (self.measure in MEASURE_POINTS, f"measure must be one of {MEASURE_POINTS}"),
             (self.bn_stats in BN_STATS, f"bn_stats must be one of {BN_STATS}"),
             (self.stamping in STAMPING, f"stamping must be one of {STAMPING}"),
+            (self.reinit in REINIT, f"reinit must be one of {REINIT}"),
             (math.isfinite(self.dt) and math.isfinite(self.ct), f"dt and ct must be finite, got {self.dt}, {self.ct}"),
             (0 <= self.holdout < 1, f"holdout must be in [0, 1), got {self.holdout}"),
         ]
@@ -215,27 +219,49 @@ def apply_reset(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     apply_masks(model, masks)
 
 
-def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool, stamping: str = "each",
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 3's set: the clean images; the clean images stamped with the used triggers, labelled with
-    their true class (every image with "each" trigger, or with one trigger drawn per image at
-    "random"); and, with `add_masks`, the used triggers' masks themselves labelled as the least
-    likely infected class."""
+def stamped_sets(clean: Dataset, nc: NCResult, used: list[int]) -> list[torch.Tensor]:
+    """The clean images stamped with each used recovered trigger: one tensor per trigger, aligned with
+    the clean set."""
+    return [stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used]
+
+
+def mask_images(clean: Dataset, nc: NCResult, used: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The used triggers' masks as images, labelled the least likely infected class (the paper's step 3)."""
+    c = clean.x.shape[1]
+    return (nc.masks[used].expand(-1, c, -1, -1).contiguous(),
+            torch.full((len(used),), nc.least_likely, dtype=torch.long))
+
+
+def retrain_set(clean: Dataset, stamped: list[torch.Tensor], stamping: str = "each", seed: int = 0,
+                extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3's set: the clean images; the clean images stamped with the triggers (`stamped`, one tensor
+    per trigger aligned with the clean set), labelled with their true class (every image with "each"
+    trigger, or with one trigger drawn per image at "random"); and `extra` images with their labels."""
     xs, ys = [clean.x], [clean.y]
     if stamping == "each":
-        for t in used:
-            xs.append(stamp(clean.x, nc.masks[t], nc.patterns[t]))
+        for sx in stamped:
+            xs.append(sx)
             ys.append(clean.y)
-    else:
+    elif stamped:
         g = torch.Generator().manual_seed(seed)
-        pick = torch.tensor(used)[torch.randint(len(used), (len(clean),), generator=g)]
-        xs.append(stamp(clean.x, nc.masks[pick], nc.patterns[pick]))
+        pick = torch.randint(len(stamped), (len(clean),), generator=g)
+        out = stamped[0].clone()
+        for i, sx in enumerate(stamped[1:], start=1):
+            out[pick == i] = sx[pick == i]
+        xs.append(out)
         ys.append(clean.y)
-    if add_masks:
-        c = clean.x.shape[1]
-        xs.append(nc.masks[used].expand(-1, c, -1, -1).contiguous())
-        ys.append(torch.full((len(used),), nc.least_likely, dtype=torch.long))
+    if extra is not None:
+        xs.append(extra[0])
+        ys.append(extra[1])
     return torch.cat(xs), torch.cat(ys)
+
+
+def _retrain_set(clean: Dataset, nc: NCResult, used: list[int], add_masks: bool, stamping: str = "each",
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3's set from Neural Cleanse's triggers: `retrain_set` over the used triggers' stamped
+    images, with the masks as images when `add_masks`."""
+    return retrain_set(clean, stamped_sets(clean, nc, used), stamping, seed,
+                       mask_images(clean, nc, used) if add_masks else None)
 
 
 def used_triggers(nc: NCResult, which: str, top_k: int = 3) -> list[int]:
@@ -284,31 +310,53 @@ def reestimate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> 
         model.train(was)
 
 
-def choose_resets(model: nn.Module, units: list[Unit], clean: Dataset, nc: NCResult, used: list[int],
+def reinit_second_half(model: nn.Module, seed: int = 0) -> list[str]:
+    """Re-initialise, in place, every Conv2d / Linear from the middle one on (module order) and every
+    layer with parameters after the first of them (batch norms included). Returns their names."""
+    mods = [(n, m) for n, m in model.named_modules() if hasattr(m, "reset_parameters") and not list(m.children())]
+    weighted = [i for i, (_, m) in enumerate(mods) if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not weighted:
+        return []
+    start = weighted[len(weighted) // 2]
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for _, m in mods[start:]:
+            m.reset_parameters()
+    finally:
+        torch.random.set_rng_state(state)
+    return [n for n, _ in mods[start:]]
+
+
+def choose_resets(model: nn.Module, units: list[Unit], clean: Dataset, stamped: list[torch.Tensor],
                   cfg: LaunderConfig) -> dict[str, torch.Tensor]:
-    """Algorithm 1's choice of units to reset: over the pooled stamped images of every used
-    trigger, or per trigger with the resets united (`cfg.diff`)."""
+    """Algorithm 1's choice of units to reset: over the pooled stamped images of every trigger, or per
+    trigger with the resets united (`cfg.diff`). No trigger images: no resets."""
+    if not stamped:
+        return {u.name: torch.empty(0, dtype=torch.long) for u in units}
     if cfg.diff == "pooled":
-        stamped = torch.cat([stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
-        diff, an = activation_differences(model, units, clean.x, stamped, cfg.measure)
+        diff, an = activation_differences(model, units, clean.x, torch.cat(stamped), cfg.measure)
         return select_resets(units, diff, an, cfg.dt, cfg.ct, cfg.threshold_mode)
     an = mean_activations(model, units, clean.x, point=cfg.measure)
     chosen: dict[str, torch.Tensor] = {u.name: torch.empty(0, dtype=torch.long) for u in units}
-    for t in used:
-        aw = mean_activations(model, units, stamp(clean.x, nc.masks[t], nc.patterns[t]), point=cfg.measure)
+    for sx in stamped:
+        aw = mean_activations(model, units, sx, point=cfg.measure)
         one = select_resets(units, {k: aw[k] - an[k] for k in an}, an, cfg.dt, cfg.ct, cfg.threshold_mode)
         chosen = {k: torch.unique(torch.cat([chosen[k], one[k]])) for k in chosen}
     return chosen
 
 
-def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: LaunderConfig, units: list[Unit],
-                      masks: dict[str, torch.Tensor], round_idx: int = 1,
-                      on_progress: OnProgress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
-    """Steps 2 and 3 of one round, in place: Algorithm 1's resets (and the batch norms' statistics
-    as `cfg.bn_stats` says), then retraining with the reset weights held at zero. Returns (all
-    masks so far, resets per layer, retraining seconds)."""
-    used = used_triggers(nc, cfg.triggers, cfg.top_k)
-    chosen = choose_resets(model, units, clean, nc, used, cfg)
+def reset_and_retrain_on(model: nn.Module, clean: Dataset, stamped: list[torch.Tensor], cfg: LaunderConfig,
+                         units: list[Unit], masks: dict[str, torch.Tensor], round_idx: int = 1,
+                         on_progress: OnProgress | None = None,
+                         extra: tuple[torch.Tensor, torch.Tensor] | None = None
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
+    """Steps 2 and 3 of one round over given trigger images, in place: Algorithm 1's resets from the
+    clean images against `stamped` (one tensor per trigger, aligned with the clean set), the batch
+    norms as `cfg.bn_stats` says, then retraining on the clean set, the stamped images with their true
+    labels and `extra`, the reset weights held at zero. Returns (all masks so far, resets per layer,
+    retraining seconds)."""
+    chosen = choose_resets(model, units, clean, stamped, cfg)
     masks = reset_masks(model, units, chosen, masks)
     apply_reset(model, masks)
     if cfg.bn_stats == "reset":
@@ -321,12 +369,24 @@ def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: Laund
             for m in batch_norms(model):
                 m.reset_parameters()
         apply_reset(model, masks)            # reset channels stay at zero
-    rx, ry = _retrain_set(clean, nc, used, cfg.add_masks, cfg.stamping, cfg.seed + round_idx)
+    if cfg.reinit == "second-half":
+        reinit_second_half(model, cfg.seed + round_idx)
+        apply_reset(model, masks)
+    rx, ry = retrain_set(clean, stamped, cfg.stamping, cfg.seed + round_idx, extra)
     t1 = time.perf_counter()
     rcfg = dataclasses.replace(cfg.retrain, seed=cfg.retrain.seed + round_idx)
     ticks = [] if on_progress is None else [lambda e, m: on_progress("retrain", round_idx, e, rcfg.epochs)]
     train(model, rx, ry, rcfg, masks=masks, progress=False, callbacks=ticks)
     return masks, {u.name: int(len(chosen[u.name])) for u in units}, time.perf_counter() - t1
+
+
+def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: LaunderConfig, units: list[Unit],
+                      masks: dict[str, torch.Tensor], round_idx: int = 1,
+                      on_progress: OnProgress | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int], float]:
+    """Steps 2 and 3 of one round with Neural Cleanse's recovered triggers (`cfg.triggers` of them)."""
+    used = used_triggers(nc, cfg.triggers, cfg.top_k)
+    return reset_and_retrain_on(model, clean, stamped_sets(clean, nc, used), cfg, units, masks, round_idx,
+                                on_progress, mask_images(clean, nc, used) if cfg.add_masks else None)
 
 
 def split_holdout(clean: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
