@@ -101,3 +101,16 @@ def with_seed(cfg: T, seed: int, given: dict[str, Any] | None = None) -> T:
         elif dataclasses.is_dataclass(value):
             changes[f.name] = with_seed(value, seed, given.get(f.name))
     return dataclasses.replace(cfg, **changes)  # type: ignore[type-var]
+
+
+def int_in(name: str, value: Any, lo: int, hi: int) -> tuple[bool, str]:
+    """A check for a config's `__post_init__`: an integer in [lo, hi] (bool is not an integer here)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+    return ok, f"{name} must be an integer in [{lo}, {hi}], got {value!r}"
+
+
+def raise_first(checks: list[tuple[bool, str]]) -> None:
+    """Raise a UserError with the message of the first failed (ok, message) check."""
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)

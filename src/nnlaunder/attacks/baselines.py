@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -26,32 +25,12 @@ from torch import nn
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
+from .base import AttackResult, attack_copy, last_linear
 from .laundering import used_triggers
 from .neural_cleanse import NCConfig, neural_cleanse, stamp
 from .units import discover_units, mean_activations
 
 FINETUNE = TrainConfig(epochs=20, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9)
-
-
-@dataclass
-class AttackResult:
-    model: nn.Module
-    info: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
-    if len(clean) < clean.num_classes:
-        raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
-    return copy.deepcopy(model)
-
-
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The output layer: the last nn.Linear in module order."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise UserError("the model has no nn.Linear output layer")
-    return found[-1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from torch import nn
 from ..config import from_dict, with_seed
 from ..data import Dataset
 from ..errors import UserError
+from .anp import ANPConfig, anp
+from .base import AttackResult
 from .baselines import (
     FINETUNE,
-    AttackResult,
     FinePruneConfig,
     FinetuneConfig,
     PruneConfig,
@@ -31,7 +32,10 @@ from .baselines import (
     nc_unlearn,
     prune,
 )
+from .dehydration import DehydrationConfig, dehydration
+from .ibau import IBAUConfig, ibau
 from .laundering import OnProgress, config_from_params, launder_config
+from .nad import NADConfig, nad
 from .weight_noise import WeightNoiseConfig, weight_noise
 
 
@@ -109,6 +113,11 @@ ATTACKS: dict[str, AttackSpec] = {
     "fine-prune": _spec(fine_prune, FinePruneConfig, "Liu et al.'s fine-pruning"),
     "nc-unlearn": _spec(nc_unlearn, UnlearnConfig, "Neural Cleanse unlearning (no reset)"),
     "weight-noise": _spec(weight_noise, WeightNoiseConfig, "Gaussian noise on every weight (0.1 x layer std)"),
+    "nad": _spec(nad, NADConfig, "Neural Attention Distillation (Li et al. 2021)"),
+    "anp": _spec(anp, ANPConfig, "Adversarial Neuron Pruning (Wu & Wang 2021)"),
+    "i-bau": _spec(ibau, IBAUConfig, "Implicit Backdoor Adversarial Unlearning (Zeng et al. 2022)"),
+    "dehydration": _spec(dehydration, DehydrationConfig,
+                         "Neural Dehydration: recover every class, unlearn (Lu et al. 2024)"),
 }
 
 

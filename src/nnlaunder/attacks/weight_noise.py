@@ -13,7 +13,7 @@ from torch import nn
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, train
-from .baselines import AttackResult, attack_copy
+from .base import AttackResult, attack_copy
 
 
 @dataclass(frozen=True)

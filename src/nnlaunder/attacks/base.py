@@ -1,0 +1,37 @@
+"""What every attack shares: its result, and the copy of the model it works on.
+
+An attack is a function `attack(model, clean, cfg) -> AttackResult` over the attacker's model and
+its small clean labelled set; it never receives the watermark, its target or the owner's data.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..data import Dataset
+from ..errors import UserError
+
+
+@dataclass
+class AttackResult:
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
+    if len(clean) < clean.num_classes:
+        raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
+    return copy.deepcopy(model)
+
+
+def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
+    """The output layer: the last nn.Linear in module order."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not found:
+        raise UserError("the model has no nn.Linear output layer")
+    return found[-1]

@@ -1,0 +1,142 @@
+"""NAD, ANP, I-BAU and Neural Dehydration: each lowers a planted backdoor's success on a tiny
+synthetic model, never receives the watermark, and refuses bad settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from nnlaunder.attacks.anp import ANPConfig, anp, choose_pruned
+from nnlaunder.attacks.dehydration import DehydrationConfig, dehydration
+from nnlaunder.attacks.ibau import IBAUConfig, ibau
+from nnlaunder.attacks.nad import NADConfig, attention_map, attention_taps, nad
+from nnlaunder.attacks.registry import ATTACKS, configure
+from nnlaunder.attacks.units import discover_units
+from nnlaunder.data import Dataset
+from nnlaunder.errors import UserError
+from nnlaunder.train import TrainConfig, accuracy, train
+
+from .synthetic import add_trigger, make_images
+
+
+def bn_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(32 * 9, 4))
+
+
+def attack_success(model: nn.Module, data: Dataset) -> float:
+    keep = data.y != 0
+    return accuracy(model, add_trigger(data.x[keep]), torch.zeros(int(keep.sum()), dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """A BadNets model: 15% of the training images carry the checkerboard, relabelled class 0."""
+    data = make_images(1500, 0)
+    x, y = data.x.clone(), data.y.clone()
+    poison = torch.arange(len(x)) % 7 == 0
+    x[poison], y[poison] = add_trigger(x[poison]), 0
+    net = bn_net()
+    train(net, x, y, TrainConfig(epochs=8, batch_size=32, lr=3e-3), progress=False)
+    net.eval()
+    clean, test = make_images(200, 1), make_images(600, 2)
+    assert accuracy(net, test.x, test.y) > 90 and attack_success(net, test) > 90
+    return net, clean, test
+
+
+CHEAP = {
+    "nad": NADConfig(teacher=TrainConfig(epochs=10, batch_size=32, optimizer="sgd", lr=0.01), epochs=10,
+                     batch_size=32, betas=(0.0, 0.0, 5000.0)),
+    "anp": ANPConfig(iterations=300, batch_size=64, prune_by="fraction", fraction=0.05),
+    "i-bau": IBAUConfig(rounds=5, batch_size=50, portion=0.5),
+    "dehydration": DehydrationConfig(per_class=32, steps=150, epochs=20, batch_size=32, weight=1.0),
+}
+RUN = {"nad": nad, "anp": anp, "i-bau": ibau, "dehydration": dehydration}
+
+
+@pytest.mark.parametrize("name", list(CHEAP))
+def test_each_attack_lowers_a_planted_backdoor(backdoored, name):
+    net, clean, test = backdoored
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = RUN[name](net, clean, CHEAP[name])
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())      # the input model is untouched
+    asr0, asr1 = attack_success(net, test), attack_success(res.model, test)
+    acc1 = accuracy(res.model, test.x, test.y)
+    assert asr1 < asr0 - 30, f"{name}: attack success {asr0:.1f}% -> {asr1:.1f}%"
+    assert acc1 > 70, f"{name}: test accuracy {acc1:.1f}%"
+    assert not res.model.training and res.seconds > 0
+
+
+@pytest.mark.parametrize("name", list(CHEAP))
+def test_attacks_never_receive_the_watermark(name):
+    """The interface admits a model, a clean labelled set and a config; no config field names a
+    target, trigger, watermark or owner's data."""
+    fn = RUN[name]
+    assert list(inspect.signature(fn).parameters) == ["model", "clean", "cfg"]
+    fields = {f.name for f in dataclasses.fields(type(CHEAP[name]))}
+    assert not fields & {"target", "trigger", "watermark", "wm", "verify_x", "owner", "mask", "pattern"}
+    assert ATTACKS[name].run is not None and type(ATTACKS[name].default()) is type(CHEAP[name])
+
+
+@pytest.mark.parametrize("cls,bad", [
+    (NADConfig, {"epochs": -1}), (NADConfig, {"betas": (1.0, 2.0)}), (NADConfig, {"p": 0.0}),
+    (NADConfig, {"lr": float("nan")}), (NADConfig, {"batch_size": True}),
+    (ANPConfig, {"eps": 2.0}), (ANPConfig, {"alpha": 1.5}), (ANPConfig, {"prune_by": "random"}),
+    (ANPConfig, {"fraction": 1.0}), (ANPConfig, {"iterations": -5}), (ANPConfig, {"steps": 0}),
+    (IBAUConfig, {"k": 0}), (IBAUConfig, {"portion": 1.5}), (IBAUConfig, {"lr": 0.0}), (IBAUConfig, {"reg": -1.0}),
+    (DehydrationConfig, {"per_class": 0}), (DehydrationConfig, {"steps": -1}), (DehydrationConfig, {"weight": -1.0}),
+    (DehydrationConfig, {"lr": float("inf")}),
+])
+def test_configs_reject_bad_values(cls, bad):
+    with pytest.raises(UserError):
+        cls(**bad)
+
+
+def test_experiment_cells_configure_the_new_attacks():
+    cfg = configure("anp", {"threshold": 0.3, "iterations": 10}, seed=4)
+    assert cfg.threshold == 0.3 and cfg.iterations == 10 and cfg.seed == 4
+    with pytest.raises(UserError):
+        configure("nad", {"target": 0})
+
+
+def test_nad_attention_maps_and_taps():
+    fm = torch.rand(2, 5, 4, 4)
+    am = attention_map(fm, 2.0)
+    assert am.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(am.flatten(1).norm(dim=1), torch.ones(2), atol=1e-4, rtol=0)
+    units, _ = discover_units(bn_net(), torch.rand(2, 1, 12, 12))
+    taps = attention_taps(units)
+    assert taps[-1] == units[-1].act and len(taps) == 3
+    with pytest.raises(UserError):
+        attention_taps([u for u in units if u.kind == "dense"])
+
+
+def test_anp_pruning_choice():
+    masks = {"a": torch.tensor([0.1, 0.9, 0.2]), "b": torch.tensor([0.05, 1.0])}
+    by_t = choose_pruned(masks, ANPConfig(threshold=0.2))
+    assert by_t["a"].tolist() == [0, 2] and by_t["b"].tolist() == [0]
+    by_f = choose_pruned(masks, ANPConfig(prune_by="fraction", fraction=0.4))       # 2 of 5
+    assert sorted((u, i) for u, idx in by_f.items() for i in idx.tolist()) == [("a", 0), ("b", 0)]
+
+
+def test_anp_prunes_a_scale_without_batch_norm():
+    """The MNIST CNN of Table 5 has no batch norm: ANP reads each unit at its own output, and pruning
+    zeroes that unit's incoming weights (its bias stays)."""
+    from nnlaunder.models import build
+
+    net = build("mnist-cnn", seed=0)
+    data = Dataset("toy", torch.rand(40, 1, 28, 28), torch.arange(40) % 10, tuple(map(str, range(10))))
+    res = anp(net, data, ANPConfig(iterations=3, batch_size=8, prune_by="fraction", fraction=0.2))
+    assert set(res.info["read_at"].values()) == set(res.info["read_at"])            # each unit read at itself
+    pruned = sum(res.info["pruned"].values())
+    assert pruned == int(0.2 * res.info["neurons"])
+    params = dict(res.model.named_parameters())
+    zero_rows = sum(int((params[f"{u}.weight"].flatten(1).abs().sum(1) == 0).sum()) for u in res.info["pruned"])
+    assert zero_rows == pruned
