@@ -147,7 +147,8 @@ def write_markdown(store: dict) -> None:
     lines += ["", "## On the Table 2 owner models", "",
               "Removed k/n with its 95% Wilson interval (removed: no ownership shown and <= 3 points of test accuracy "
               "lost); test accuracy mean ± sd; WM accuracy median [min-max].", "",
-              "| model | attack | removed | destroyed | test acc % | WM acc % | s / run |", "|---|---|---|---|---|---|---|"]
+              "| model | attack | removed | destroyed | test acc % | WM acc % | s / run |",
+              "|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in store["rows"]:
         groups.setdefault((r["dataset"], r["name"], r["attack"]), []).append(r)
