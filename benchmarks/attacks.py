@@ -81,7 +81,8 @@ def validate(args, store: dict, cmd: str) -> None:
                "budget": args.validate_budget, "n_clean": len(clean), "asr_before": before[0],
                "asr_after": asr(res.model),
                "test_before": before[1], "test_after": acc(res.model), "seconds": time.perf_counter() - t0,
-               "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), **_meta(cmd)}
+               "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+               "info": json.loads(json.dumps(res.info, default=str)), **_meta(cmd)}
         store["validation"].append(row)
         atomic_write_json(OUT, store)
         print(f"validate {name}: attack success {row['asr_before']:.2f} -> {row['asr_after']:.2f}%, test "

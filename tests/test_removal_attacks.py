@@ -56,7 +56,7 @@ CHEAP = {
                      batch_size=32, betas=(0.0, 0.0, 5000.0)),
     "anp": ANPConfig(iterations=300, batch_size=64, prune_by="fraction", fraction=0.05),
     "i-bau": IBAUConfig(rounds=5, batch_size=50, portion=0.5),
-    "dehydration": DehydrationConfig(per_class=32, steps=150, epochs=20, batch_size=32, weight=1.0),
+    "dehydration": DehydrationConfig(per_class=32, steps=150, epochs=10, batch_size=32),
 }
 RUN = {"nad": nad, "anp": anp, "i-bau": ibau, "dehydration": dehydration}
 

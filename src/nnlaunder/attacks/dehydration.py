@@ -5,17 +5,23 @@
    decay to 1e-4) on cross-entropy to the class + 0.01 x the images' L2 norm + 0.03 x their total
    variation + 0.1 x the distance of every batch norm's input statistics to its running ones (the
    last two batch norms weighted 0, as the public code does). No mask, no trigger shape.
-2. Unlearn: fine-tune on the attacker's clean set (cross-entropy) plus the recovered images with a
-   uniform soft label (KL divergence averaged over images and classes, as the public code's loss
-   reduces it; weight 0.125), SGD lr 0.01, momentum 0.9, weight decay 5e-4,
-   40 epochs; every clean batch is paired with a batch of recovered images.
+2. Unlearn (`unlearn = "split"`, the public code's non-fixed-class unlearning): per class, the half
+   of its recovered images that least excite the class's salient penultimate neurons (mean/std
+   above the 95th percentile) are proxy watermark samples, relabelled to a proxy label: the class
+   the model finds least likely on the attacker's clean set (the second least likely for that class
+   itself; the public code hard-codes both). Fine-tune on the clean set plus the proxy samples,
+   cross-entropy weighted 1 : `weight` (default 1: an equal share), SGD lr 0.01, momentum 0.9,
+   weight decay 5e-4, 10 epochs, 64 proxy samples paired with every clean batch.
+   `unlearn = "soft"` is the public code's other pipeline: every recovered image with a uniform soft
+   label (KL divergence averaged over images and classes, as its loss reduces it; weight 0.125),
+   40 epochs.
 
-This is the public code's non-fixed-class pipeline (inversion of every class, soft labels), which
-is what makes it watermark-agnostic. Departures: the paper's optional target-class detection and
-split of the recovered samples are not implemented; the total-variation term is the mean absolute
-difference of neighbouring pixels (our reading); the defaults are the public code's CIFAR-10
-settings (1000 inversion steps; 400 for one-channel images), which cost tens of CIFAR-10 epochs on
-a CPU; `per_class` and `steps` make a cheaper, named variant.
+No fixed target class is assumed anywhere. Departures: the paper's target-class detection (for
+fixed-class watermarks) is not implemented; the proxy label is computed instead of hard-coded; the
+total-variation term is the mean absolute difference of neighbouring pixels (our reading); the
+defaults are the public code's CIFAR-10 settings (1000 inversion steps; 400 for one-channel
+images), which cost tens of CIFAR-10 epochs on a CPU; `per_class` and `steps` make a cheaper,
+named variant.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ from torch import nn
 from ..config import int_in, raise_first
 from ..data import Dataset
 from ..device import model_device
-from .base import AttackResult, attack_copy
+from .base import AttackResult, attack_copy, last_linear
+
+UNLEARN = ("split", "soft")
+_DEFAULTS = {"split": {"epochs": 10, "re_batch_size": 64, "weight": 1.0},
+             "soft": {"epochs": 40, "re_batch_size": 128, "weight": 0.125}}
 
 
 @dataclass(frozen=True)
@@ -42,11 +52,13 @@ class DehydrationConfig:
     l2: float = 0.01
     tv: float = 0.03
     bn: float = 0.1
-    epochs: int = 40
-    batch_size: int = 128             # clean images per step (and recovered images per step)
+    unlearn: str = "split"            # "split" (proxy watermark samples, proxy label) | "soft"
+    epochs: int | None = None         # None: 10 ("split"), 40 ("soft")
+    batch_size: int = 128             # clean images per step
+    re_batch_size: int | None = None  # recovered images per step; None: 64 ("split"), 128 ("soft")
     lr: float = 0.01
     weight_decay: float = 5e-4
-    weight: float = 0.125             # of the recovered images' loss
+    weight: float | None = None       # of the recovered images' loss; None: 1.0 ("split"), 0.125 ("soft")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -54,10 +66,14 @@ class DehydrationConfig:
             (isinstance(self.per_class, int) and 1 <= self.per_class <= 100_000, "per_class must be in [1, 100000]"),
             (self.steps is None or (isinstance(self.steps, int) and 0 <= self.steps <= 1_000_000),
              f"steps must be None or in [0, 1000000], got {self.steps}"),
-            (all(math.isfinite(v) and v >= 0 for v in (self.l2, self.tv, self.bn, self.weight, self.weight_decay)),
-             "l2, tv, bn, weight and weight_decay must be >= 0"),
+            (all(math.isfinite(v) and v >= 0 for v in (self.l2, self.tv, self.bn, self.weight_decay)),
+             "l2, tv, bn and weight_decay must be >= 0"),
+            (self.weight is None or (math.isfinite(self.weight) and self.weight >= 0), "weight must be >= 0"),
+            (self.unlearn in UNLEARN, f"unlearn must be one of {UNLEARN}, got {self.unlearn!r}"),
+            (self.re_batch_size is None or (isinstance(self.re_batch_size, int) and self.re_batch_size >= 1),
+             "re_batch_size must be >= 1"),
             (all(math.isfinite(v) and v > 0 for v in (self.inv_lr, self.lr)), "inv_lr and lr must be > 0"),
-            int_in("epochs", self.epochs, 0, 10_000),
+            (self.epochs is None or int_in("epochs", self.epochs, 0, 10_000)[0], "epochs must be in [0, 10000]"),
             int_in("batch_size", self.batch_size, 1, 1 << 20),
         ]
         raise_first(checks)
@@ -133,34 +149,82 @@ def recover(model: nn.Module, clean: Dataset, cfg: DehydrationConfig) -> tuple[t
     return torch.cat(xs), hit
 
 
+def proxy_split(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+    """Indices of the half of `imgs` (one class's recovered images) that least excite the class's
+    salient penultimate neurons: the proxy watermark samples."""
+    _, last = last_linear(model)
+    feats: list[torch.Tensor] = []
+    h = last.register_forward_hook(lambda mod, inp, out: feats.append(inp[0].detach().flatten(1)))
+    try:
+        with torch.no_grad():
+            model(imgs)
+    finally:
+        h.remove()
+    f = feats[0]
+    importance = f.mean(0) / (f.std(0) + 1e-6)
+    salient = torch.nonzero(importance > torch.quantile(importance, 0.95)).flatten()
+    contribution = f[:, salient].mean(1)
+    return torch.argsort(contribution, stable=True)[: len(imgs) // 2].cpu()
+
+
+def proxy_labels(model: nn.Module, clean: Dataset) -> tuple[int, int]:
+    """The least and second least likely classes: lowest mean softmax over the attacker's clean set."""
+    with torch.no_grad():
+        p = torch.cat([F.softmax(model(clean.x[i:i + 500].to(model_device(model))), 1).cpu()
+                       for i in range(0, len(clean), 500)]).mean(0)
+    order = torch.argsort(p, stable=True)
+    return int(order[0]), int(order[1])
+
+
+def unlearning_set(model: nn.Module, clean: Dataset, recovered: torch.Tensor, cfg: DehydrationConfig
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, targets): "split" -> hard proxy labels (N,), "soft" -> uniform distributions (N, K)."""
+    k = clean.num_classes
+    if cfg.unlearn == "soft":
+        return recovered, torch.full((len(recovered), k), 1.0 / k)
+    model.eval()
+    least, second = proxy_labels(model, clean)
+    per = len(recovered) // k
+    xs, ys = [], []
+    for c in range(k):
+        imgs = recovered[c * per:(c + 1) * per]
+        idx = proxy_split(model, imgs.to(model_device(model)))
+        xs.append(imgs[idx])
+        ys.append(torch.full((len(idx),), least if c != least else second, dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys)
+
+
 def dehydration(model: nn.Module, clean: Dataset, cfg: DehydrationConfig) -> AttackResult:
     t0 = time.perf_counter()
     recovered, hit = recover(model, clean, cfg)
     t_rec = time.perf_counter() - t0
+    d = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in _DEFAULTS[cfg.unlearn].items()}
     model = attack_copy(model, clean)
+    rx, ry = unlearning_set(model, clean, recovered, cfg)
     dev = model_device(model)
-    x, y, r = clean.x.to(dev), clean.y.to(dev), recovered.to(dev)
-    k = clean.num_classes
-    uniform = torch.full((1, k), 1.0 / k, device=dev)
+    x, y, rx, ry = clean.x.to(dev), clean.y.to(dev), rx.to(dev), ry.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    r_order = torch.randperm(len(r), generator=g)
-    pos = 0
-    for _ in range(cfg.epochs):
+    r_order, pos = torch.randperm(len(rx), generator=g), 0
+    w = d["weight"]
+    w1, w2 = (1.0 / (1.0 + w), w / (1.0 + w)) if cfg.unlearn == "split" else (1.0, w)
+    for _ in range(d["epochs"]):
         model.train()
         for idx in torch.randperm(len(x), generator=g).split(cfg.batch_size):
-            if pos + cfg.batch_size > len(r_order):
-                r_order, pos = torch.randperm(len(r), generator=g), 0
-            ridx = r_order[pos:pos + cfg.batch_size]
-            pos += cfg.batch_size
-            xb = torch.cat([x[idx.to(dev)], r[ridx.to(dev)]])
-            out = model(xb)
+            if pos + d["re_batch_size"] > len(r_order):
+                r_order, pos = torch.randperm(len(rx), generator=g), 0
+            ridx = r_order[pos:pos + d["re_batch_size"]].to(dev)
+            pos += d["re_batch_size"]
+            out = model(torch.cat([x[idx.to(dev)], rx[ridx]]))
             n = len(idx)
-            loss = F.cross_entropy(out[:n], y[idx.to(dev)]) + cfg.weight * F.kl_div(
-                F.log_softmax(out[n:], 1), uniform.expand(len(ridx), -1), reduction="sum") / (len(ridx) * k)
+            if cfg.unlearn == "soft":     # KL to the uniform label, averaged over images and classes
+                re_loss = F.kl_div(F.log_softmax(out[n:], 1), ry[ridx], reduction="sum") / ry[ridx].numel()
+            else:
+                re_loss = F.cross_entropy(out[n:], ry[ridx])
+            loss = w1 * F.cross_entropy(out[:n], y[idx.to(dev)]) + w2 * re_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     model.eval()
-    return AttackResult(model, {"recovered": len(recovered), "recovered_hit_pct": hit, "recover_seconds": t_rec},
-                        time.perf_counter() - t0)
+    return AttackResult(model, {"recovered": len(recovered), "recovered_hit_pct": hit, "recover_seconds": t_rec,
+                                "unlearned": len(rx), "unlearn": cfg.unlearn}, time.perf_counter() - t0)
