@@ -8,15 +8,15 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nnlaunder"
 
 # Lower layers never import higher ones. A module not listed takes its package's layer.
 LAYERS = [
-    {"nnlaunder", "nnlaunder.errors", "nnlaunder.config", "nnlaunder.device", "nnlaunder.kernels",
+    {"nnlaunder.errors", "nnlaunder.config", "nnlaunder.device", "nnlaunder.kernels", "nnlaunder.native",
      "nnlaunder.progress", "nnlaunder.report.plots"},
     {"nnlaunder.data", "nnlaunder.models"},
     {"nnlaunder.checkpoint", "nnlaunder.train", "nnlaunder.recipes", "nnlaunder.models.external"},
     {"nnlaunder.watermarks"},
     {"nnlaunder.attacks", "nnlaunder.restore"},
     {"nnlaunder.experiments", "nnlaunder.report", "nnlaunder.report.build"},
-    {"nnlaunder.byo", "nnlaunder.demo"},
-    {"nnlaunder.cli_flags", "nnlaunder.cli"},
+    {"nnlaunder.byo", "nnlaunder.demo", "nnlaunder.api"},
+    {"nnlaunder", "nnlaunder.cli_flags", "nnlaunder.cli"},     # the package's face: `import nnlaunder as nl`
 ]
 
 
@@ -148,3 +148,68 @@ def test_no_script_names_a_machine_path():
     for p in [*root.glob("benchmarks/**/*.py"), *SRC.rglob("*.py")]:
         text = p.read_text()
         assert "/work/" not in text and "/home/" not in text and "/root/" not in text, p
+
+
+ARCH_DOC = SRC.parents[1] / "docs" / "architecture.md"
+_IO_ATTRS = {"read_text", "write_text", "read_bytes", "write_bytes", "mkdir", "unlink", "iterdir", "glob", "rglob",
+             "touch", "rmdir"}
+_IO_NAMES = {"open", "atomic_write_json", "atomic_write_bytes", "atomic_save_tensors", "save_model", "load_model",
+             "safe_open", "save_file", "load_file", "read_meta", "load_state", "sha256_file"}
+_IO_MODULES = {"shutil", "sqlite3", "subprocess", "tempfile", "gzip", "tarfile"}
+
+
+def _short(m: str) -> str:
+    """A module as the architecture page names it: `attacks/nc_tune`, `checkpoint`, `nnlaunder`."""
+    return m.removeprefix("nnlaunder.").replace(".", "/") if m != "nnlaunder" else m
+
+
+def _touches_files(p: Path) -> bool:
+    for n in ast.walk(ast.parse(p.read_text())):
+        if isinstance(n, ast.Call):
+            f = n.func
+            if isinstance(f, ast.Name) and f.id in _IO_NAMES:
+                return True
+            if isinstance(f, ast.Attribute) and (f.attr in _IO_ATTRS or (
+                    isinstance(f.value, ast.Name) and f.value.id in _IO_MODULES)):
+                return True
+    return False
+
+
+def _doc_section(start: str) -> str:
+    text = ARCH_DOC.read_text()
+    i = text.index(start)
+    return text[i:text.index("\n- ", i + 1)]
+
+
+def _named_in(section: str, m: str) -> bool:
+    short = _short(m)
+    pkg = short.split("/")[0]
+    return f"`{short}`" in section or f"`{pkg}/`" in section
+
+
+def test_every_module_is_on_the_architecture_page():
+    text = ARCH_DOC.read_text()
+    missing = []
+    for m in modules():
+        short = _short(m)
+        leaf = short.rsplit("/", 1)[-1]
+        if not any(f"`{n}`" in text for n in (short, leaf, f"{short}/")):
+            missing.append(short)
+    assert not missing, missing
+
+
+def test_only_the_documented_modules_touch_files():
+    section = _doc_section("The algorithms are tensor code")
+    io = [m for m, p in modules().items() if _touches_files(p)]
+    assert io, "the scan finds the I/O edges"
+    undocumented = [_short(m) for m in io if not _named_in(section, m)]
+    assert not undocumented, f"modules reading or writing files that docs/architecture.md does not list: {undocumented}"
+
+
+def test_only_the_documented_modules_draw_bars():
+    section = _doc_section("Progress bars are drawn")
+    graph = imports(modules())
+    drawing = [m for m, p in modules().items()
+               if "tqdm" in p.read_text() or "nnlaunder.progress" in graph[m]]
+    undocumented = [_short(m) for m in drawing if _short(m) != "progress" and not _named_in(section, m)]
+    assert not undocumented, undocumented

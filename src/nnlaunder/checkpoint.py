@@ -7,6 +7,7 @@ Weights are only ever read from safetensors: nothing in a model file can run cod
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -90,6 +91,15 @@ def stem(path: str | os.PathLike) -> Path:
     """'runs/a/model', 'runs/a/model.safetensors' or 'runs/a/model.json' -> Path('runs/a/model')."""
     p = Path(path)
     return p.with_suffix("") if p.suffix in (".safetensors", ".json", *TORCH_SUFFIXES) else p
+
+
+def model_meta(arch: str, dataset: str, num_classes: int, *, seed: int, config: Any = None, scheme: str | None = None,
+               scheme_params: dict[str, Any] | None = None, **more: Any) -> dict[str, Any]:
+    """The metadata saved beside a model's weights, one shape everywhere: architecture, task, watermark,
+    seed and training config (a dataclass or a dict); `more` adds fields (metrics, history, base...)."""
+    cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+    return {"arch": arch, "num_classes": num_classes, "dataset": dataset, "scheme": scheme,
+            "scheme_params": scheme_params, "seed": seed, "config": cfg, **more}
 
 
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> Path:

@@ -19,6 +19,7 @@ from . import data as D
 from .checkpoint import (
     atomic_write_json,
     load_model,
+    model_meta,
     save_model,
     stem,
 )
@@ -69,9 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     res = train(model, tr.x, tr.y, cfg, eval_sets={"test": (te.x, te.y)},
                 checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume, progress=not args.quiet)
     test_acc = accuracy(model, te.x, te.y)
-    save_model(out, model, {"arch": arch, "num_classes": tr.num_classes, "dataset": args.dataset,
-                            "scheme": None, "seed": args.seed, "config": cfg.__dict__,
-                            "metrics": {"test_acc": test_acc}, "history": res.history})
+    save_model(out, model, model_meta(arch, args.dataset, tr.num_classes, seed=args.seed, config=cfg,
+                                      metrics={"test_acc": test_acc}, history=res.history))
     shutil.rmtree(out.with_suffix(".ckpt"), ignore_errors=True)     # the finished model replaces the resume point
     print(f"saved {out}.safetensors: test accuracy {test_acc:.2f}% after {res.epochs_run} epochs")
     return 0
@@ -95,10 +95,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     res = embed(model, tr, wm, cfg, test=te, checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume,
                 progress=not args.quiet)
     test_acc, wm_acc = accuracy(model, te.x, te.y), accuracy(model, wm.verify_x, wm.verify_y)
-    save_model(out, model, {"arch": arch, "num_classes": tr.num_classes, "dataset": args.dataset,
-                            "scheme": args.scheme, "scheme_params": wm.params, "seed": args.seed,
-                            "base": args.base, "config": cfg.__dict__,
-                            "metrics": {"test_acc": test_acc, "wm_acc": wm_acc}, "history": res.history})
+    save_model(out, model, model_meta(arch, args.dataset, tr.num_classes, seed=args.seed, config=cfg,
+                                      scheme=args.scheme, scheme_params=wm.params, base=args.base,
+                                      metrics={"test_acc": test_acc, "wm_acc": wm_acc}, history=res.history))
     shutil.rmtree(out.with_suffix(".ckpt"), ignore_errors=True)
     if cfg.epochs == 0:
         print(f"note: --epochs 0 trained nothing; the saved model is the {'base' if args.base else 'untrained'} "
@@ -291,9 +290,9 @@ def _persistence_run(args: argparse.Namespace, phase: str) -> int:
     split, owner = D.disjoint_split(tr, args.split, args.seed)   # (fine-tuning split, the owner's data)
     out = Path(args.out)
     _out(str(out / "model"))
-    from .restore import FINETUNE, RESTORE
+    from .restore import PERSISTENCE_FINETUNE, RESTORE
 
-    cfg = dataclasses.replace(RESTORE if phase == "restored" else FINETUNE, epochs=args.epochs,
+    cfg = dataclasses.replace(RESTORE if phase == "restored" else PERSISTENCE_FINETUNE, epochs=args.epochs,
                               batch_size=args.batch_size, lr=args.lr, seed=args.seed)
     base_meta = {k: meta[k] for k in ("arch", "num_classes", "dataset", "scheme", "scheme_params") if k in meta}
 

@@ -11,11 +11,14 @@ from typing import Any, NoReturn
 
 from . import __version__
 from . import data as D
+from .attacks import laundering as L
+from .attacks.neural_cleanse import NC_PRESETS
+from .attacks.units import MEASURE_POINTS
 from .errors import UserError
 from .models import ARCHS
 from .recipes import owner_config
-from .restore import FINETUNE, RESTORE
-from .train import TrainConfig
+from .restore import PERSISTENCE_FINETUNE, RESTORE
+from .train import AUGMENTS, OPTIMIZERS, SCHEDULES, TrainConfig
 from .watermarks.schemes import SCHEMES
 
 DESCRIPTION = "Test whether backdoor-based watermarks survive Neural Network Laundering."
@@ -101,7 +104,8 @@ def launder_cfg(args: argparse.Namespace):
                                     ("threshold_mode", args.threshold_mode), ("layers", args.layers),
                                     ("triggers", args.triggers), ("add_masks", args.add_masks),
                                     ("top_k", args.top_k), ("diff", args.diff), ("measure", args.measure),
-                                    ("bn_stats", args.bn_stats), ("stamping", args.stamping)) if v is not None}
+                                    ("bn_stats", args.bn_stats), ("stamping", args.stamping),
+                                    ("reinit", args.reinit)) if v is not None}
     nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
     base = launder_config(args.variant).retrain
     retrain = dataclasses.replace(base, seed=args.seed, **{k: v for k, v in (("epochs", args.retrain_epochs),
@@ -167,9 +171,9 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=_positive_int, help="training epochs (>= 1)")
     g.add_argument("--batch-size", type=_positive_int, help="images per step")
     g.add_argument("--lr", type=_float, help="peak learning rate")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), help="optimizer")
-    g.add_argument("--schedule", choices=("constant", "cosine", "onecycle", "step"), help="learning-rate schedule")
-    g.add_argument("--augment", choices=("none", "crop-flip"),
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="optimizer")
+    g.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule")
+    g.add_argument("--augment", choices=AUGMENTS,
                    help="data augmentation (crop-flip: 4-pixel padded random crop and horizontal flip)")
     g.add_argument("--label-smoothing", type=_float, help="label smoothing in [0, 1)")
     g.add_argument("--l2", type=_float, help="weight decay (L2)")
@@ -252,32 +256,35 @@ def _add_launder(sub: Any) -> None:
     s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
     s.add_argument("--rounds", type=_positive_int,
                    help="laundering rounds, each Neural Cleanse + Algorithm 1 + retraining (default 1)")
-    s.add_argument("--variant", choices=("strong", "faithful"), default="strong",
+    s.add_argument("--variant", choices=tuple(L.VARIANTS), default="strong",
                    help="laundering settings to start from: the paper's text (faithful) or this project's "
                         "stronger defaults (strong, the default); docs/methods.md")
     s.add_argument("--dt", type=_float, help="dense-layer threshold")
     s.add_argument("--ct", type=_float, help="conv-layer threshold")
-    s.add_argument("--threshold-mode", choices=("absolute", "relative"),
+    s.add_argument("--threshold-mode", choices=L.THRESHOLD_MODES,
                    help="DT/CT as activation values (absolute) or multiples of the unit's mean clean activation")
-    s.add_argument("--layers", choices=("all", "second-half"), help="which resettable layers Algorithm 1 may reset")
-    s.add_argument("--triggers", choices=("all", "flagged", "top-k"),
+    s.add_argument("--layers", choices=L.LAYER_CHOICES, help="which resettable layers Algorithm 1 may reset")
+    s.add_argument("--triggers", choices=L.TRIGGER_CHOICES,
                    help="recovered triggers used: every class, the flagged ones (else the smallest mask), or the "
                         "--top-k smallest masks (default: the variant's)")
     s.add_argument("--top-k", type=_positive_int, help="with --triggers top-k: how many (default 3)")
     s.add_argument("--add-masks", action=argparse.BooleanOptionalAction, default=None,
                    help="retrain on the recovered masks labelled as the least likely class (the paper's step 3)")
-    s.add_argument("--diff", choices=("pooled", "per-trigger"),
+    s.add_argument("--diff", choices=L.DIFF_MODES,
                    help="Algorithm 1's activation difference over all used triggers pooled, or per trigger with "
                         "the resets united")
-    s.add_argument("--measure", choices=("relu", "branch"),
+    s.add_argument("--measure", choices=MEASURE_POINTS,
                    help="read a unit at the first ReLU after it, or at its own output before a residual add")
-    s.add_argument("--bn-stats", choices=("keep", "reset", "reestimate"),
-                   help="batch-norm running statistics before retraining (faithful: reset)")
-    s.add_argument("--stamping", choices=("each", "random"),
+    s.add_argument("--bn-stats", choices=L.BN_STATS,
+                   help="batch norms before retraining: statistics kept, reset (faithful), re-estimated on the "
+                        "clean set, or every batch norm re-initialised (reinit)")
+    s.add_argument("--reinit", choices=L.REINIT,
+                   help="after Algorithm 1, re-initialise every layer of the network's second half (default none)")
+    s.add_argument("--stamping", choices=L.STAMPING,
                    help="retraining images stamped with each used trigger, or one drawn at random per image")
     s.add_argument("--nc-epochs", type=_positive_int,
                    help="cap on Neural Cleanse epochs (default: the preset's, 1000 faithful, 100 fast)")
-    s.add_argument("--nc-preset", choices=("faithful", "fast", "fast-bf16"), default="faithful",
+    s.add_argument("--nc-preset", choices=tuple(NC_PRESETS), default="faithful",
                    help="Neural Cleanse settings: Wang et al.'s (default) or this project's fast preset "
                         "(8-minibatch schedule epochs, exact ReLU/pool reorder, bf16 only where it times faster "
                         "on this machine, masks confirmed on all images; fast-bf16: bf16 wherever the hardware "
@@ -346,7 +353,8 @@ def code_allowance(args: argparse.Namespace) -> Any:
 
 
 def _add_persistence(sub: Any) -> None:
-    for name, helptext, base in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split", FINETUNE),
+    for name, helptext, base in (("finetune", "the owner's threat: fine-tune all layers on a disjoint split",
+                                  PERSISTENCE_FINETUNE),
                                  ("restore", "restoration: keep training on the owner's clean data only", RESTORE)):
         s = sub.add_parser(name, help=helptext)
         _common(s)

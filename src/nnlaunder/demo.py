@@ -15,7 +15,7 @@ from pathlib import Path
 from . import data as D
 from .attacks.laundering import launder_config
 from .attacks.pipeline import run_launder
-from .checkpoint import atomic_write_json, save_model
+from .checkpoint import atomic_write_json, model_meta, save_model
 from .experiments.evaluate import evaluator
 from .models import build
 from .progress import LaunderBars
@@ -60,8 +60,8 @@ def run_demo(data_dir: str | None, out_dir: Path, epochs: int = 3, progress: boo
         rows.append({"stage": name, "test_acc": accuracy(m, te.x, te.y), **v.as_dict(), "word": v.word,
                      "p_text": format_p(v.p_value, v.p_log10)})
     out_dir.mkdir(parents=True, exist_ok=True)
-    base_meta = {"arch": "mnist-cnn", "num_classes": 10, "dataset": "mnist", "scheme": "zhang-content",
-                 "scheme_params": wm.params, "seed": 0, "config": cfg.__dict__}
+    base_meta = model_meta("mnist-cnn", "mnist", 10, seed=0, config=cfg, scheme="zhang-content",
+                           scheme_params=wm.params)
     save_model(out_dir / "watermarked", model, base_meta)
     save_model(out_dir / "laundered", res.model, {**base_meta, "launder": res.report()})
     nc = res.nc[0]

@@ -30,7 +30,7 @@ from .laundering import used_triggers
 from .neural_cleanse import NCConfig, neural_cleanse, stamp
 from .units import discover_units, mean_activations
 
-FINETUNE = TrainConfig(epochs=20, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9)
+ATTACKER_FINETUNE = TrainConfig(epochs=20, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def prune(model: nn.Module, clean: Dataset, cfg: PruneConfig) -> AttackResult:
 @dataclass(frozen=True)
 class FinetuneConfig:
     mode: str = "ftal"                # ftll | ftal | rtll | rtal
-    train: TrainConfig = FINETUNE
+    train: TrainConfig = ATTACKER_FINETUNE
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -110,7 +110,7 @@ def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackRes
 @dataclass(frozen=True)
 class FinePruneConfig:
     max_drop: float = 4.0             # points of clean accuracy (on the attacker's set) allowed to fall
-    finetune: TrainConfig = FINETUNE
+    finetune: TrainConfig = ATTACKER_FINETUNE
 
 
 def fine_prune(model: nn.Module, clean: Dataset, cfg: FinePruneConfig) -> AttackResult:

@@ -22,7 +22,7 @@ from ..errors import UserError
 from .anp import ANPConfig, anp
 from .base import AttackResult
 from .baselines import (
-    FINETUNE,
+    ATTACKER_FINETUNE,
     FinePruneConfig,
     FinetuneConfig,
     PruneConfig,
@@ -105,7 +105,7 @@ ATTACKS: dict[str, AttackSpec] = {
     "launder": AttackSpec(_launder, lambda: launder_config("strong"), "Neural Network Laundering",
                           lambda params, variant, rounds, seed: config_from_params(params, variant, rounds, seed)),
     "prune": _spec(prune, lambda: PruneConfig(0.9), "90% magnitude pruning per layer"),
-    "prune-ft": _spec(prune, lambda: PruneConfig(0.9, FINETUNE), "90% magnitude pruning, then fine-tuning"),
+    "prune-ft": _spec(prune, lambda: PruneConfig(0.9, ATTACKER_FINETUNE), "90% magnitude pruning, then fine-tuning"),
     "ftll": _spec(finetune, lambda: FinetuneConfig("ftll"), "fine-tune the last layer"),
     "ftal": _spec(finetune, lambda: FinetuneConfig("ftal"), "fine-tune all layers"),
     "rtll": _spec(finetune, lambda: FinetuneConfig("rtll"), "re-initialise and train the last layer"),

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .. import data as D
-from ..checkpoint import atomic_write_json, load_model, save_model
+from ..checkpoint import atomic_write_json, load_model, model_meta, save_model
 from ..device import cache_dir
 from ..errors import UserError
 from ..models import build
@@ -80,8 +80,7 @@ def clean_trajectory(dataset: str, arch: str, cfg: TrainConfig, seed: int, tr: D
     if got is not None:
         return got
     model = build(arch, tr.num_classes, seed=seed)
-    meta = {"arch": arch, "num_classes": tr.num_classes, "dataset": dataset, "scheme": None, "seed": seed,
-            "config": dataclasses.asdict(cfg)}
+    meta = model_meta(arch, dataset, tr.num_classes, seed=seed, config=cfg)
 
     def keep(epoch: int, m: torch.nn.Module) -> dict[str, Any]:
         save_model(folder / f"epoch-{epoch:03d}", m, {**meta, "epoch": epoch})

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import data as D
 from ..attacks.records import RoundInfo
 from ..attacks.registry import Hooks, attack_spec
-from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, save_model
+from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, model_meta, save_model
 from ..config import from_dict
 from ..device import deterministic
 from ..errors import UserError
@@ -105,9 +105,8 @@ def owner_model(cell: CellConfig, wm: Watermark, ws: Path, tr: D.Dataset, te: D.
         model = build(cell.arch_name, tr.num_classes, seed=cell.owner_seed)
     embed(model, tr, wm, cfg, checkpoint_dir=path.with_suffix(".ckpt"), resume=True,
           progress=f"owner {cell.scheme}" if progress else False)
-    save_model(path, model, {"arch": cell.arch_name, "num_classes": tr.num_classes, "dataset": cell.dataset,
-                             "scheme": cell.scheme, "scheme_params": wm.params, "seed": cell.owner_seed,
-                             "config": dataclasses.asdict(cfg)})
+    save_model(path, model, model_meta(cell.arch_name, cell.dataset, tr.num_classes, seed=cell.owner_seed,
+                                       config=cfg, scheme=cell.scheme, scheme_params=wm.params))
     return model
 
 

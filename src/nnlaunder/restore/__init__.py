@@ -27,11 +27,11 @@ from ..errors import UserError
 from ..train import Callback, TrainConfig, TrainResult, accuracy, train
 
 # Ngo et al.'s settings: Adam 1e-4; 50 epochs fine-tuning, 30 epochs restoration.
-FINETUNE = TrainConfig(epochs=50, batch_size=128, optimizer="adam", lr=1e-4)
+PERSISTENCE_FINETUNE = TrainConfig(epochs=50, batch_size=128, optimizer="adam", lr=1e-4)
 RESTORE = TrainConfig(epochs=30, batch_size=128, optimizer="adam", lr=1e-4)
 
 
-def finetune_threat(model: nn.Module, split: Dataset, cfg: TrainConfig = FINETUNE, *,
+def finetune_threat(model: nn.Module, split: Dataset, cfg: TrainConfig = PERSISTENCE_FINETUNE, *,
                     mixed_with: Dataset | None = None, mix_every: int = 2,
                     eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
                     callbacks: Sequence[Callback] = (), progress: bool | str = False) -> TrainResult:

@@ -60,11 +60,6 @@ def wm_hits(model: nn.Module, wm: Watermark) -> tuple[int, int]:
     return int((verification_predictions(model, wm) == wm.verify_y).sum()), len(wm.verify_y)
 
 
-def wm_accuracy(model: nn.Module, wm: Watermark) -> float:
-    hits, n = wm_hits(model, wm)
-    return 100.0 * hits / n
-
-
 def vanilla_threshold(per_epoch_wm_acc: Iterable[float] | Iterable[Iterable[float]]) -> float:
     """The paper's rule: max watermark accuracy (percent) over a clean model's epochs (and seeds, if nested)."""
     flat: list[float] = []
