@@ -10,10 +10,10 @@ export NNLAUNDER_DATA
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' -c constraints.txt
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1; then \
 	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
 	  || echo "note: could not install dataset-fashion-mnist (zhang-unrelated on MNIST needs it)"; fi
