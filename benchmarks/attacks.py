@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import torch
+from common import commit, machine, wilson
 from table2 import ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
-from table2_seeds import commit, machine, wilson
 
 from nnlaunder import data as D
 from nnlaunder.attacks.registry import ATTACKS

@@ -45,8 +45,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import commit, machine, wilson
 from table2 import ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
-from table2_seeds import commit, headline_config, load_rows, machine, nc_cached, wilson
+from table2_seeds import headline_config, load_rows, nc_cached
 
 from nnlaunder import data as D
 from nnlaunder.attacks.laundering import (

@@ -18,13 +18,14 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -52,16 +53,6 @@ def long_reason(cmd: str) -> str | None:
     if "fig3-mnist.toml" in cmd and "--executor" not in cmd:
         return "the whole Figure 3 grid (3 schemes x 4 budgets x 10 rounds: hours on a CPU)"
     return None
-
-
-def machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} threads)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} threads)"
 
 
 def commit() -> str:

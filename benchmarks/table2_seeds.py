@@ -29,15 +29,13 @@ import dataclasses
 import datetime
 import functools
 import json
-import math
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import commit, machine, wilson
 from safetensors import safe_open
 from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
@@ -75,25 +73,6 @@ ABLATION["preset"] = {
     "ct": 1.0,
     "retrain_epochs": 5,
 }  # every batch norm re-initialised (scale, shift and statistics)
-
-
-def machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def headline_config(ds: str, name: str) -> dict:
@@ -287,16 +266,6 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
 
 
 # ---- tables
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
-
-
 def summary(rs: list[dict]) -> dict:
     k, n = sum(r["removed"] for r in rs), len(rs)
     lo, hi = wilson(k, n)

@@ -26,7 +26,6 @@ from typing import Any
 from nnlaunder import data as D
 from nnlaunder.checkpoint import atomic_write_json, load_model
 from nnlaunder.device import cpu_name
-from nnlaunder.experiments.audit import wilson
 from nnlaunder.experiments.clean import clean_root, read_trajectory, trajectory_key, wm_points
 from nnlaunder.recipes import owner_config
 from nnlaunder.train import predict_checked
@@ -39,6 +38,7 @@ from nnlaunder.watermarks.verify import (
     converged,
     threshold_rule,
     verdict,
+    wilson,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

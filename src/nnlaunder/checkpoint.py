@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,12 @@ def stem(path: str | os.PathLike) -> Path:
     """'runs/a/model', 'runs/a/model.safetensors' or 'runs/a/model.json' -> Path('runs/a/model')."""
     p = Path(path)
     return p.with_suffix("") if p.suffix in (".safetensors", ".json", *TORCH_SUFFIXES) else p
+
+
+def safe_name(name: str, limit: int = 200, default: str = "unnamed") -> str:
+    """A file name that stays inside its folder whatever it was made from: anything but letters, digits,
+    '.', '_' and '-' becomes '-', no leading or trailing '.' or '-', at most `limit` characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")[:limit] or default
 
 
 def model_meta(arch: str, dataset: str, num_classes: int, *, seed: int, config: Any = None, scheme: str | None = None,

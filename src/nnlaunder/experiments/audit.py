@@ -15,15 +15,15 @@ A model whose outputs on the verification set are NaN or Inf is never called rem
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..attacks.neural_cleanse import NC_PRESETS
+from ..checkpoint import safe_name
 from ..errors import UserError
-from ..watermarks.verify import OUTCOMES, verdict
+from ..watermarks.verify import OUTCOMES, verdict, wilson
 from .config import CellConfig
 
 
@@ -95,15 +95,6 @@ def outcome(summary: dict[str, Any]) -> str:
         return str(summary["outcome"])
     raise UserError("this audit's store holds cells decided under the old rules (no outcome recorded); "
                     "run the audit in a new workspace")
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 def _p_value(s: dict[str, Any]) -> float:
@@ -269,7 +260,7 @@ def _grid(model: str | None, scheme: str | None, params: dict[str, Any], prof: P
         external.spec.require("weights", "data", "test_data", "verify_npz")
         th, _ = external_threshold(external)
         where = str(external.spec.weights)
-        name = _slug_name(f"audit-{Path(where).stem}-byo")
+        name = safe_name(f"audit-{Path(where).stem}-byo", 100, "audit")
         cells = audit_cells(name, None, {"dataset": "external"}, "external", {}, prof, seeds,
                             external=external.spec.identity(), threshold=th)
         return name, cells, "trigger-set", {}, where
@@ -282,7 +273,7 @@ def _grid(model: str | None, scheme: str | None, params: dict[str, Any], prof: P
         raise UserError(f"{model} records no watermark scheme; pass --scheme")
     if scheme == meta.get("scheme"):
         params = {**(meta.get("scheme_params") or {}), **params}
-    name = _slug_name(f"audit-{Path(model).stem}-{scheme}")
+    name = safe_name(f"audit-{Path(model).stem}-{scheme}", 100, "audit")
     return name, audit_cells(name, str(model), meta, scheme, params, prof, seeds), scheme, params, str(model)
 
 
@@ -298,7 +289,3 @@ def json_safe(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def _slug_name(s: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-.")[:100] or "audit"

@@ -14,9 +14,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
+from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
 from ..watermarks.verify import format_p  # noqa: E402
-from .build import _slug, html_page  # noqa: E402
+from .build import html_page  # noqa: E402
 from .plots import _save, trigger_grid  # noqa: E402
 
 MARKERS = {"launder": "o", "rtal": "s", "ftal": "D", "fine-prune": "^", "nc-unlearn": "v", "prune-ft": "x",
@@ -57,7 +57,7 @@ def _triggers(ws: Path, cells: Sequence[dict[str, Any]], out: Path, images: list
             meta = st.metadata() or {}
         classes = json.loads(meta.get("classes", "null")) or [str(i) for i in range(len(t["masks"]))]
         png = trigger_grid(t["masks"], t["patterns"], t["l1"].tolist(), t["anomaly"].tolist(),
-                           json.loads(meta.get("flagged", "[]")), classes, out / _slug(f"triggers-{b}.png"),
+                           json.loads(meta.get("flagged", "[]")), classes, out / safe_name(f"triggers-{b}.png"),
                            example=t["clean"], title=f"Neural Cleanse, laundering round 1, budget {b}")
         images.append(png)
         md += [f"![recovered triggers, budget {b}]({png.name})", ""]
@@ -87,7 +87,7 @@ def write_audit_report(out: Path, ws: Path, title: str, cells: Sequence[dict[str
            "either, on a usable model. The p-value column is the threshold test's.", ""]
     for b in dict.fromkeys(r["budget"] for r in rows):
         sub = [r for r in rows if r["budget"] == b]
-        png = pareto_plot(sub, b, out / _slug(f"pareto-{b}.png"),
+        png = pareto_plot(sub, b, out / safe_name(f"pareto-{b}.png"),
                           f"{title}: budget {b} ({sub[0]['n_clean']} clean images)")
         images.append(png)
         md += [f"![test vs watermark accuracy, budget {b}]({png.name})", ""]

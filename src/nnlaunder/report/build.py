@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..checkpoint import atomic_write_bytes  # noqa: E402
+from ..checkpoint import atomic_write_bytes, safe_name  # noqa: E402
 from ..experiments.store import Store  # noqa: E402
 from .plots import reconstructions, trigger_grid  # noqa: E402
 
@@ -38,10 +37,6 @@ STYLES = ["-", "--", ":", "-."]
 MARKERS = ["o", "^", "s", "x"]
 
 
-def _slug(name: str) -> str:
-    """A file name that stays inside the report folder whatever a results store holds: anything but
-    letters, digits, '.', '_' and '-' becomes '-', and it never starts with a dot."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip(".")[:200] or "unnamed"
 
 
 def _scheme_name(cfg: dict) -> str:
@@ -156,7 +151,7 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
     if groups:
         md += ["", "## Accuracy against laundering rounds (Figures 3/4 style)", ""]
     for (exp, ds, scheme), cs in sorted(groups.items()):
-        png = rounds_plot(cs, f"{exp}: {ds} {scheme}", out / _slug(f"rounds-{exp}-{ds}-{scheme}.png"))
+        png = rounds_plot(cs, f"{exp}: {ds} {scheme}", out / safe_name(f"rounds-{exp}-{ds}-{scheme}.png"))
         images.append(png)
         md += [f"![{ds} {scheme}]({png.name})", ""]
     curves: dict[str, list[list[float]]] = {}
@@ -193,7 +188,7 @@ def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images
             lab = _budget_label(c["config"]["budget"])
             safe = lab.replace("/", "per").replace("%", "pct")
             png = trigger_grid(t["masks"], t["patterns"], t["l1"].tolist(), t["anomaly"].tolist(), flagged, classes,
-                               out / _slug(f"triggers-{exp}-{ds}-{scheme}-{safe}.png"), example=t["clean"],
+                               out / safe_name(f"triggers-{exp}-{ds}-{scheme}-{safe}.png"), example=t["clean"],
                                title=f"{exp}: {ds} {scheme}, budget {lab}: Neural Cleanse round 1 "
                                      f"(flagged in red{'' if target is None else f'; watermark label {target}'})")
             if not md:
@@ -206,7 +201,7 @@ def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images
                 recon.append({"label": f"budget {lab}", "watermark": t["watermark"], "mask": t["masks"][target],
                               "pattern": t["patterns"][target], "clean": t["clean"]})
         if recon:
-            png = reconstructions(recon, out / _slug(f"reconstruction-{exp}-{ds}-{scheme}.png"),
+            png = reconstructions(recon, out / safe_name(f"reconstruction-{exp}-{ds}-{scheme}.png"),
                                   title=f"{ds} {scheme}: watermark vs reconstruction")
             images.append(png)
             md += [f"![{exp} {scheme} reconstruction]({png.name})", ""]

@@ -124,6 +124,16 @@ def upper_bound(k: int, n: int, alpha: float) -> float:
     return hi
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a rate k/n (95% at z = 1.96): what a removal rate over seeds reports."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def format_p(p: float, log10: float | None = None) -> str:
     """A p-value for people: never '0' (the bound that was computed instead); '-' where none exists."""
     if math.isnan(p):
