@@ -80,7 +80,7 @@ def test_command_on_architecture(arch, command, tiny, work, capsys):
     elif command == "launder":
         _need(d / "wm.safetensors")
         _need(d / "th.json")
-        out = cli(["launder", str(d / "wm"), "--per-class", "3", "--nc-preset", "fast", "--nc-epochs", "1",
+        out = cli(["launder", str(d / "wm"), "--budget", "3/class", "--nc-preset", "fast", "--nc-epochs", "1",
                    "--retrain-epochs", "1", "--verify-scheme", "zhang-content", "--threshold-file",
                    str(d / "th.json"), "--out", str(d / "laundered")], capsys, tiny)
         report = json.loads((d / "laundered" / "report.json").read_text())
@@ -164,8 +164,8 @@ def test_launder_bring_your_own_model_with_batch_norm(tiny, tmp_path, capsys):
 def test_launder_calibrate_records_its_choice(tiny, work, capsys):
     d = work / "mnist-cnn"
     _need(d / "wm.safetensors")
-    out = cli(["launder", str(d / "wm"), "--per-class", "3", "--nc-preset", "fast", "--nc-epochs", "1", "--calibrate",
-               "--calibrate-folds", "2", "--calibrate-grid",
+    out = cli(["launder", str(d / "wm"), "--budget", "3/class", "--nc-preset", "fast", "--nc-epochs", "1",
+               "--calibrate", "--calibrate-folds", "2", "--calibrate-grid",
                '[{"ct": 1, "retrain_epochs": 1}, {"ct": 2, "retrain_epochs": 1, "triggers": "top-k"}]',
                "--out", str(d / "calibrated")], capsys, tiny)
     report = json.loads((d / "calibrated" / "report.json").read_text())

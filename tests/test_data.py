@@ -115,3 +115,19 @@ def test_an_empty_fashion_folder_left_by_a_failed_fetch_is_not_the_dataset(tmp_p
     assert fashion_mnist_dir(tmp_path) == FASHION_MNIST_SYSTEM_DIR
     (tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte.gz").write_bytes(b"")
     assert fashion_mnist_dir(tmp_path) == tmp_path / "fashion-mnist"
+
+
+def test_one_budget_type_one_spelling():
+    from nnlaunder.data import Budget
+    from nnlaunder.errors import UserError
+
+    assert Budget.parse(0.006).kwargs() == {"fraction": 0.006}
+    assert Budget.parse("0.006") == Budget(fraction=0.006)
+    assert Budget.parse("5/class").kwargs() == {"per_class": 5} and str(Budget.parse(" 5 / class ")) == "5/class"
+    for bad in (0, 1.5, "nan", float("inf"), "x", "0/class", True, -0.1):
+        with pytest.raises(UserError):
+            Budget.parse(bad)
+    with pytest.raises(UserError):
+        Budget.parse("6000/class", "mnist")          # MNIST's smallest class holds 5421
+    with pytest.raises(UserError):
+        Budget(fraction=0.1, per_class=3)

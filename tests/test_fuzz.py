@@ -39,7 +39,7 @@ def test_config_loader_never_crashes(raw):
 words = st.sampled_from(["train", "embed", "verify", "threshold", "launder", "run", "demo", "--dataset", "mnist",
                          "cifar10", "--arch", "resnet20", "--scheme", "zhang-noise", "--epochs", "-1", "x", "--lr",
                          "nan", "--param", "std=0", "--budget", "0", "--rounds", "0", "--threshold", "200",
-                         "--out", "--seeds", "a,b", "--dry-run", "--threads", "0", "--per-class", "none.toml",
+                         "--out", "--seeds", "a,b", "--dry-run", "--threads", "0", "5/class", "none.toml",
                          "--alpha", "0.9999999", "--calibrate", "--calibrate-grid", "[[[[", "--model-factory", ":",
                          "os:system", "--model-kwargs", "9" * 5000, "--allow-code", "--allow-factory", "audit",
                          "--workspace", "/dev/null", "report", "data", "check", "all", "18446744073709551617"])

@@ -18,7 +18,6 @@ from . import data as D
 from .attacks.laundering import LaunderConfig
 from .attacks.pipeline import CalibrateOptions, run_launder
 from .checkpoint import atomic_save_tensors
-from .errors import UserError
 from .experiments.external import ExternalModel, ExternalSetup, factory_kwargs, load_external
 from .models.external import CodeAllowance
 from .progress import LaunderBars
@@ -35,17 +34,14 @@ def _evals(setup: ExternalSetup) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     return evals
 
 
-def run_external(spec: ExternalModel, cfg: LaunderConfig, out_dir: Path, *, budget: float | None = None,
-                 per_class: int | None = None, seed: int = 0, calibrate: CalibrateOptions | None = None,
+def run_external(spec: ExternalModel, cfg: LaunderConfig, out_dir: Path, *, budget: D.Budget | None = None,
+                 seed: int = 0, calibrate: CalibrateOptions | None = None,
                  progress: bool = True) -> int:
     """`launder` for a model from `--model-factory` and data from `--data`."""
     setup = load_external(spec, CodeAllowance.typed(spec.factory, spec.allow_torch_load))
     model, data, input_range = setup.model, setup.data, setup.input_range
     evals = _evals(setup)
-    budget = 1.0 if budget is None else budget
-    if not 0 < budget <= 1:
-        raise UserError(f"--budget is a fraction of --data in (0, 1], got {budget}")
-    clean = D.stratified_subset(data, seed=seed, **({"per_class": per_class} if per_class else {"fraction": budget}))
+    clean = D.stratified_subset(data, seed=seed, **(budget or D.Budget(fraction=1.0)).kwargs())
 
     def measure(r: int, m: torch.nn.Module, info: Any = None) -> dict[str, float]:
         return {k: accuracy(m, x, y) for k, (x, y) in evals.items()}

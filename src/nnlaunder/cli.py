@@ -180,14 +180,11 @@ def cmd_launder(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("launder needs a MODEL (a model of this project) or --model-factory with --weights and --data")
     _no_byo_flags(args)
-    budget = 0.006 if args.budget is None else args.budget
-    if not 0 < budget <= 1:
-        raise UserError(f"--budget is a fraction of the training set in (0, 1], got {budget}")
+    budget = D.Budget.parse(0.006 if args.budget is None else args.budget)
     out_dir = Path(args.out)
     _out(str(out_dir / "laundered"))
     model, meta, dataset, tr, te = _registered(args, args.model)
-    spec = {"per_class": args.per_class} if args.per_class else {"fraction": budget}
-    clean = D.stratified_subset(tr, seed=args.seed, **spec)
+    clean = D.stratified_subset(tr, seed=args.seed, **D.Budget.parse(str(budget), dataset).kwargs())
     wm, threshold = None, None
     if args.verify_scheme:
         wm = _watermark(args, meta, args.verify_scheme, tr, te)
@@ -243,8 +240,9 @@ def _launder_external(args: argparse.Namespace) -> int:
     if args.verify_scheme:
         raise UserError("--verify-scheme needs a model of this project; for your own model give --verify-npz")
     out_dir = _out(str(Path(args.out) / "laundered")).parent
-    return run_external(_external_spec(args), launder_cfg(args), out_dir, budget=args.budget, per_class=args.per_class,
-                        seed=args.seed, calibrate=calibrate_options(args), progress=not args.quiet)
+    budget = D.Budget.parse(1.0 if args.budget is None else args.budget)
+    return run_external(_external_spec(args), launder_cfg(args), out_dir, budget=budget, seed=args.seed,
+                        calibrate=calibrate_options(args), progress=not args.quiet)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -251,9 +251,9 @@ def _add_launder(sub: Any) -> None:
     s.add_argument("model", nargs="?", help="model stem or .safetensors (with its .json beside it); "
                                             "or leave out and give --model-factory")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--budget", type=_float, default=None,
-                   help="fraction of the training set the attacker holds (default 0.006; with --data: 1, all of it)")
-    s.add_argument("--per-class", type=_positive_int, help="instead of --budget: images per class")
+    s.add_argument("--budget", default=None,
+                   help="the attacker's clean data: a fraction of the training set, e.g. 0.006 (the default; with "
+                        "--data: 1, all of it), or N images per class, e.g. 5/class")
     s.add_argument("--rounds", type=_positive_int,
                    help="laundering rounds, each Neural Cleanse + Algorithm 1 + retraining (default 1)")
     s.add_argument("--variant", choices=tuple(L.VARIANTS), default="strong",

@@ -242,6 +242,51 @@ def disjoint_split(ds: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset
     return ds.subset(idx, f"{ds.name}[split]"), ds.subset(torch.nonzero(rest).flatten(), f"{ds.name}[rest]")
 
 
+_PER_CLASS = re.compile(r"^\s*(\d+)\s*/\s*class\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much clean labelled data the attacker holds: a `fraction` of the training set in (0, 1], or
+    `per_class` images of each class. One spelling everywhere: 0.006, or "5/class"."""
+    fraction: float | None = None
+    per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.per_class is None):
+            raise UserError("a budget is a fraction of the training set or N images per class, exactly one")
+        if self.fraction is not None and not (isinstance(self.fraction, int | float) and 0 < self.fraction <= 1):
+            raise UserError(f"budget: expected a fraction in (0, 1] or 'N/class', got {self.fraction!r}")
+        if self.per_class is not None and not (isinstance(self.per_class, int) and self.per_class >= 1):
+            raise UserError(f"budget: expected N >= 1 images per class, got {self.per_class!r}")
+
+    @classmethod
+    def parse(cls, value: float | int | str, dataset: str | None = None) -> Budget:
+        """0.006, "0.006" or "5/class"; with `dataset`, a per-class budget must fit its smallest class."""
+        if isinstance(value, str):
+            m = _PER_CLASS.match(value)
+            if m:
+                most = MIN_TRAIN_PER_CLASS.get(dataset or "")
+                if most is not None and int(m.group(1)) > most:
+                    raise UserError(f"budget: {value!r} asks for more images per class than {dataset}'s smallest "
+                                    f"class holds ({most})")
+                return cls(per_class=int(m.group(1)))
+            try:
+                value = float(value)
+            except ValueError:
+                raise UserError(f"budget: expected a fraction in (0, 1] or 'N/class', got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"budget: expected a fraction in (0, 1] or 'N/class', got {value!r}")
+        return cls(fraction=float(value))
+
+    def kwargs(self) -> dict[str, float | int]:
+        """{"fraction": f} or {"per_class": n}, as `stratified_subset` takes them."""
+        return {"fraction": self.fraction} if self.fraction is not None else {"per_class": int(self.per_class or 0)}
+
+    def __str__(self) -> str:
+        return f"{self.per_class}/class" if self.per_class is not None else f"{self.fraction:g}"
+
+
 def stratified_subset(ds: Dataset, *, fraction: float | None = None, per_class: int | None = None,
                       seed: int = 0) -> Dataset:
     idx = stratified_indices(ds.y, fraction=fraction, per_class=per_class, seed=seed)

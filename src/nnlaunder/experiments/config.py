@@ -42,7 +42,6 @@ from ..recipes import owner_config
 from ..train import TrainConfig
 from ..watermarks.schemes import MAX_SEED, check_params, scheme_spec
 
-_BUDGET = re.compile(r"^\s*(\d+)\s*/\s*class\s*$")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_FILE_BYTES = 1 << 20
 MAX_CELLS = 10_000              # a sweep larger than this is refused before it is expanded
@@ -92,18 +91,7 @@ class CellConfig:
 
     def budget_spec(self) -> dict[str, Any]:
         """{"fraction": f} or {"per_class": n}."""
-        if isinstance(self.budget, str):
-            m = _BUDGET.match(self.budget)
-            if not m or int(m.group(1)) < 1:
-                raise UserError(f"budget: expected a fraction in (0, 1] or 'N/class', got {self.budget!r}")
-            most = D.MIN_TRAIN_PER_CLASS.get(self.dataset)
-            if most is not None and int(m.group(1)) > most:
-                raise UserError(f"budget: {self.budget!r} asks for more images per class than {self.dataset}'s "
-                                f"smallest class holds ({most})")
-            return {"per_class": int(m.group(1))}
-        if not 0 < self.budget <= 1:
-            raise UserError(f"budget: expected a fraction in (0, 1], got {self.budget}")
-        return {"fraction": float(self.budget)}
+        return D.Budget.parse(self.budget, self.dataset).kwargs()
 
     def attack_config(self) -> Any:
         return configure(self.attack, self.attack_params, self.variant, self.rounds, self.seed)
