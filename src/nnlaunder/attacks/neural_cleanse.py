@@ -134,10 +134,15 @@ NC_PRESETS: dict[str, dict] = {
 }
 
 
-def nc_config(preset: str = "faithful", **overrides) -> NCConfig:
+def nc_params(preset: str = "faithful", **overrides) -> dict:
+    """The one place a Neural Cleanse preset is resolved: its settings with `overrides` on top."""
     if preset not in NC_PRESETS:
         raise UserError(f"unknown Neural Cleanse preset {preset!r}; choose from {', '.join(NC_PRESETS)}")
-    return NCConfig(**{**NC_PRESETS[preset], **overrides})
+    return {**NC_PRESETS[preset], **overrides}
+
+
+def nc_config(preset: str = "faithful", **overrides) -> NCConfig:
+    return NCConfig(**nc_params(preset, **overrides))
 
 
 def amp_supported(device: torch.device) -> bool:

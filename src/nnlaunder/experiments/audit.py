@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..attacks.neural_cleanse import NC_PRESETS
+from ..attacks.neural_cleanse import nc_params
 from ..checkpoint import safe_name
 from ..errors import UserError
 from ..watermarks.verify import OUTCOMES, verdict, wilson
@@ -62,7 +62,7 @@ def _attack_params(attack: str, nc_preset: str, nc_epochs: int | None) -> dict[s
     if attack == "launder":
         return {"nc": {"preset": nc_preset, **cap}}
     if attack == "nc-unlearn":
-        return {"nc": {**NC_PRESETS[nc_preset], **cap}}
+        return {"nc": nc_params(nc_preset, **cap)}
     return {}
 
 
