@@ -71,12 +71,13 @@ def validate(args, store: dict, cmd: str) -> None:
 
     before = (asr(net), acc(net))
     clean = D.stratified_subset(tr, fraction=args.validate_budget, seed=0)
-    for name in args.attacks:
+    for base in args.attacks:
+        name = f"{base} ({', '.join(f'{k} {v}' for k, v in args.params.items())})" if args.params else base
         if any(v["attack"] == name and v["budget"] == args.validate_budget for v in store["validation"]):
             continue
-        cfg = ATTACKS[name].default()
+        cfg = dataclasses.replace(ATTACKS[base].default(), **args.params)
         t0 = time.perf_counter()
-        res = ATTACKS[name].run(net, clean, cfg)
+        res = ATTACKS[base].run(net, clean, cfg)
         row = {"attack": name, "model": "byo BadNets (table5, MNIST, corner square -> 0)",
                "budget": args.validate_budget, "n_clean": len(clean), "asr_before": before[0],
                "asr_after": asr(res.model),
@@ -175,8 +176,15 @@ def main(argv=None) -> int:
     ap.add_argument("--attacks", default=",".join(NEW))
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--params", default="{}", help="validation only: JSON settings over every attack's defaults, "
+                                                   "the row named after them (a named variant)")
     ap.add_argument("--markdown-only", action="store_true")
     args = ap.parse_args(argv)
+    try:
+        args.params = json.loads(args.params)
+        assert isinstance(args.params, dict)
+    except (ValueError, AssertionError):
+        ap.error("--params takes a JSON object")
     cmd = "python benchmarks/attacks.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     bad = [a for a in args.attacks if a not in ATTACKS]
