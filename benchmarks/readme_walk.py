@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
@@ -55,11 +53,6 @@ def long_reason(cmd: str) -> str | None:
     return None
 
 
-def commit() -> str:
-    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return p.stdout.strip() or "unknown"
-
-
 def workdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name in ("models", "experiments", "examples"):
@@ -70,6 +63,8 @@ def workdir(path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common  # a sibling module; imported here so tests can load this file
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "readme-walk"), help="scratch folder for runs/")
     ap.add_argument("--only", help="run only the commands containing this text")
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     wd = workdir(Path(args.workdir))
     out_json = RESULTS / "readme-walk.json"
     rows = json.loads(out_json.read_text()) if out_json.is_file() else []
-    here = commit()
+    here = common.commit()
     passed = {r["command"] for r in rows if r["ok"] and r["commit"] == here}
     env = {**os.environ}
     env.setdefault("NNLAUNDER_DATA", str((ROOT.parent / "shared" / "data").resolve()))
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = None if args.all else long_reason(cmd)
         if cmd in passed:
             continue
-        row = {"n": i, "command": cmd, "machine": machine(), "date": datetime.date.today().isoformat(),
+        row = {"n": i, "command": cmd, "machine": common.machine(), "date": datetime.date.today().isoformat(),
                "commit": here}
         if reason:
             row.update(ok=True, ran=False, seconds=None, note=f"not run: {reason}")
