@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnlaunder import native
-from nnlaunder.kernels import FusedConvPool, conv_pool_ok
-from nnlaunder.models.rewrite import conv_pool_runs, fuse_conv_pool
+from nnlaunder.speed import native
+from nnlaunder.speed.kernels import FusedConvPool, conv_pool_ok
+from nnlaunder.speed.rewrite import conv_pool_runs, fuse_conv_pool
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ def test_the_result_does_not_depend_on_the_thread_count_or_the_batch(lib):
 
 
 def test_misaligned_packed_tensors_are_copied_to_aligned_memory():
-    from nnlaunder.kernels import _aligned
+    from nnlaunder.speed.kernels import _aligned
 
     base = torch.arange(40, dtype=torch.float32)
     t = base[1:33].view(4, 8)                      # 4 bytes past a 64-byte boundary

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import nnlaunder.attacks.neural_cleanse as NC
-from nnlaunder.attacks.nc_tune import BF16_MARGIN, Plan, pick
 from nnlaunder.attacks.neural_cleanse import NCConfig, nc_config, neural_cleanse, stamp
+from nnlaunder.speed.plans import BF16_MARGIN, Plan, pick
 
 from .synthetic import make_images, tiny_net
 
@@ -160,7 +160,7 @@ def test_batch_norm_folding_is_the_same_function_and_safe():
     from torch import nn
 
     from nnlaunder.models import build
-    from nnlaunder.models.rewrite import fold_batchnorm
+    from nnlaunder.speed.rewrite import fold_batchnorm
 
     x = make_images(16, 0).x
     net = _bn_net()
@@ -198,7 +198,7 @@ def test_neural_cleanse_with_folded_batch_norm_matches(cache):
 def test_the_native_conv_pool_kernel_is_timed_and_taken_only_where_it_pays(cache, monkeypatch):
     from torch import nn
 
-    from nnlaunder import native
+    from nnlaunder.speed import native
 
     native.reset()
     if native.conv_pool() is None:

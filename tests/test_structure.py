@@ -8,8 +8,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nnlaunder"
 
 # Lower layers never import higher ones. A module not listed takes its package's layer.
 LAYERS = [
-    {"nnlaunder.errors", "nnlaunder.config", "nnlaunder.device", "nnlaunder.kernels", "nnlaunder.native",
-     "nnlaunder.progress", "nnlaunder.report.plots"},
+    {"nnlaunder.errors", "nnlaunder.config", "nnlaunder.device", "nnlaunder.speed", "nnlaunder.progress",
+     "nnlaunder.report.plots"},
     {"nnlaunder.data", "nnlaunder.models"},
     {"nnlaunder.checkpoint", "nnlaunder.train", "nnlaunder.recipes", "nnlaunder.models.external"},
     {"nnlaunder.watermarks"},
@@ -159,7 +159,7 @@ _IO_MODULES = {"shutil", "sqlite3", "subprocess", "tempfile", "gzip", "tarfile"}
 
 
 def _short(m: str) -> str:
-    """A module as the architecture page names it: `attacks/nc_tune`, `checkpoint`, `nnlaunder`."""
+    """A module as the architecture page names it: `speed/plans`, `checkpoint`, `nnlaunder`."""
     return m.removeprefix("nnlaunder.").replace(".", "/") if m != "nnlaunder" else m
 
 

@@ -47,7 +47,6 @@ sys.path.insert(0, str(ROOT / "src"))
 from attempts import flushed_denormals  # noqa: E402 (a sibling file: benchmarks/perf/ is on sys.path)
 
 from nnlaunder import data as D  # noqa: E402
-from nnlaunder import native  # noqa: E402
 from nnlaunder.attacks.laundering import (  # noqa: E402
     activation_differences,
     apply_reset,
@@ -57,7 +56,6 @@ from nnlaunder.attacks.laundering import (  # noqa: E402
     select_resets,
     split_holdout,
 )
-from nnlaunder.attacks.nc_tune import machine  # noqa: E402
 from nnlaunder.attacks.neural_cleanse import (  # noqa: E402
     amp_supported,
     anomaly_index,
@@ -71,6 +69,8 @@ from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_mod
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 from nnlaunder.models import build  # noqa: E402
 from nnlaunder.recipes import owner_config  # noqa: E402
+from nnlaunder.speed import native  # noqa: E402
+from nnlaunder.speed.plans import machine  # noqa: E402
 from nnlaunder.train import predict, train  # noqa: E402
 from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 

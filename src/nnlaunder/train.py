@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .device import model_device
 from .errors import UserError
-from .models.rewrite import relu_after_pool
+from .speed.rewrite import relu_after_pool
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "onecycle", "step")

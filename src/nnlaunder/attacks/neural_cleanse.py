@@ -56,10 +56,10 @@ from torch import nn
 
 from ..device import model_device
 from ..errors import UserError
-from ..kernels import conv_forward_im2col, conv_input_grad, im2col_ok
-from ..models.rewrite import conv_pool_runs, fold_batchnorm, fuse_conv_pool, relu_after_pool, rewrite_for_speed
-from ..native import conv_pool as native_conv_pool
-from .nc_tune import Plan, machine, model_signature, tuned_plan
+from ..speed.kernels import conv_forward_im2col, conv_input_grad, im2col_ok
+from ..speed.native import conv_pool as native_conv_pool
+from ..speed.plans import Plan, machine, model_signature, tuned_plan
+from ..speed.rewrite import conv_pool_runs, fold_batchnorm, fuse_conv_pool, relu_after_pool, rewrite_for_speed
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class NCConfig:
     exact_rewrite: bool = False          # ReLU/max-pool reorder + channels-last copy of the model
     class_chunk: int | None = None       # classes per forward pass; None: auto (CPU: ~64 images, else all)
     tune: bool = False                   # time the plans (bf16 only where `amp` allows it and it is faster,
-    #                                      memory format, input_grad, class_chunk) and take the fastest (nc_tune.py)
+    #                                      memory format, input_grad, class_chunk) and take the fastest (speed/plans.py)
     confirm_best: bool = False           # the kept mask must reach `success` on all the images, not on one
     #                                      short epoch's minibatches: the newest best that does is kept
     input_grad: str = "matmul"           # few-channel convs' input gradient as one matmul + shifted adds
@@ -95,10 +95,10 @@ class NCConfig:
     # as im2col + one matmul on a CPU.
     relu_after_pool: bool = True
     im2col_forward: bool = True
-    fold_bn: bool = False                # batch norm after a conv folded into it (models/rewrite.fold_batchnorm;
+    fold_bn: bool = False                # batch norm after a conv folded into it (speed/rewrite.fold_batchnorm;
     #                                      the same function, rounding aside)
     fused_conv_pool: bool = True         # on a CPU, a few-channel conv -> 2x2 max-pool (-> ReLU) as one native
-    #                                      kernel where it builds (native.py; the same function, rounding aside)
+    #                                      kernel where it builds (speed/native.py; the same function, rounding aside)
 
     def __post_init__(self) -> None:
         finite = all(math.isfinite(v) for v in (self.lr, self.success, self.init_cost)
@@ -221,7 +221,7 @@ class NCResult:
     flagged: list[int]         # classes whose mask is an outlier below the median
     seconds: float
     history: list[dict] = field(default_factory=list)
-    plan: dict = field(default_factory=dict)   # how it ran: precision, memory format, ... (nc_tune.Plan.record)
+    plan: dict = field(default_factory=dict)   # how it ran: precision, memory format, ... (speed.plans.Plan.record)
     phase_seconds: dict = field(default_factory=dict)  # seconds per phase: "plan", "optimise", "confirm"
 
     @property

@@ -1,7 +1,7 @@
 /* A network's first stage fused for a CPU: conv (few input channels, stride 1, on an already zero-padded
    input) -> 2x2 max-pool (stride 2, floor) -> optional ReLU, forward and input gradient, in fp32.
 
-   Built at first use by nnlaunder/native.py (cc -O3 -march=native -fopenmp) and called through ctypes on
+   Built at first use by nnlaunder/speed/native.py (cc -O3 -march=native -fopenmp) and called through ctypes on
    contiguous tensors; the Python side checks every shape before a call. Loaded after torch, the OpenMP
    runtime is torch's own (the same soname), so its threads are the library's.
 

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loaded first: the kernel then shares torch's OpenMP runtime)
 
-from .device import cache_dir, cpu_flags, cpu_name
+from ..device import cache_dir, cpu_flags, cpu_name
 
 FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-fopenmp"]
 _state: dict = {}
 
 
 def _source() -> bytes:
-    return resources.files("nnlaunder").joinpath("csrc/conv_pool.c").read_bytes()
+    return resources.files("nnlaunder.speed").joinpath("csrc/conv_pool.c").read_bytes()
 
 
 def _compiler() -> str | None:

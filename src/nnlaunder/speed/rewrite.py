@@ -9,8 +9,8 @@ import warnings
 import torch
 from torch import nn
 
-from .. import native
-from ..kernels import FusedConvPool, conv_pool_ok
+from . import native
+from .kernels import FusedConvPool, conv_pool_ok
 
 
 def _hooked(m: nn.Module) -> bool:
