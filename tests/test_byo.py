@@ -13,9 +13,9 @@ from torch import nn
 
 from nnlaunder.attacks.units import discover_units
 from nnlaunder.cli import main
-from nnlaunder.data.external import read_external, read_image_folder, read_npz
 from nnlaunder.errors import UserError
-from nnlaunder.models.external import CodeAllowance, PixelInput, check_model_fits, external_model, load_factory
+from nnlaunder.external.data import read_external, read_image_folder, read_npz
+from nnlaunder.external.models import CodeAllowance, PixelInput, check_model_fits, external_model, load_factory
 
 from .synthetic import add_trigger, make_images
 
@@ -198,7 +198,7 @@ def test_load_factory_builds_the_module():
 
 
 def _spec(d):
-    from nnlaunder.experiments.external import ExternalModel
+    from nnlaunder.external.setup import ExternalModel
 
     return ExternalModel(factory="tests.test_byo:make_net", weights=str(d / "net.safetensors"),
                          data=str(d / "clean.npz"), test_data=str(d / "test.npz"),
@@ -209,7 +209,7 @@ def test_an_audit_of_your_own_model(backdoored, tmp_path):
     """`nnlaunder audit --model-factory ...`: the threshold measured on the clean models the user gives, the
     grid run as experiment cells, the owner's restoration after each attack, the report."""
     from nnlaunder.experiments.audit import ExternalAudit, Profile, run_audit
-    from nnlaunder.experiments.external import load_external
+    from nnlaunder.external.setup import load_external
     from nnlaunder.train import accuracy
 
     torch.manual_seed(1)

@@ -16,7 +16,7 @@ from nnlaunder.cli import main
 from nnlaunder.errors import UserError
 from nnlaunder.experiments.config import CellConfig, load_experiment
 from nnlaunder.experiments.runner import run_experiment
-from nnlaunder.models.external import NO_CODE, CodeAllowance, load_factory
+from nnlaunder.external.models import NO_CODE, CodeAllowance, load_factory
 
 
 def _byo_files(d: Path) -> dict[str, str]:

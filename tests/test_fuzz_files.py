@@ -140,7 +140,7 @@ def _huge_header() -> bytes:
 @given(st.one_of(mutate(_npz_seed()), hostile_arrays.map(lambda d: (lambda b: (np.savez(b, **d), b.getvalue())[1])(
     io.BytesIO())), st.sampled_from([_npy_as_npz(), _huge_header()]), mutate(_huge_header())))
 def test_npz_reader(data):
-    from nnlaunder.data.external import read_npz
+    from nnlaunder.external.data import read_npz
 
     _ends_well(read_npz, _tmp(data, "d.npz"))
 

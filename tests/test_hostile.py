@@ -92,7 +92,7 @@ def test_evaluator_never_calls_nan_outputs_removed(owner, tiny, tmp_path):
 
 
 def test_tampered_resume_state_is_refused(owner, tiny, tmp_path, capsys):
-    args = ["launder", str(owner), "--per-class", "3", "--nc-preset", "fast", "--nc-epochs", "1", "--rounds", "2",
+    args = ["launder", str(owner), "--budget", "3/class", "--nc-preset", "fast", "--nc-epochs", "1", "--rounds", "2",
             "--retrain-epochs", "1", "--out", str(tmp_path / "l")]
     with launder_interrupted_at(2):
         code, _, _ = _run(args, tiny, capsys)
@@ -180,7 +180,7 @@ def test_experiment_files_are_checked_at_dry_run(tmp_path, capsys, body, needle)
 
 
 def test_report_stays_inside_its_folder(tmp_path, capsys):
-    from nnlaunder.report.build import _slug
+    from nnlaunder.checkpoint import safe_name as _slug
 
     assert "/" not in _slug("rounds-../../x-mnist-a b.png") and not _slug("../x").startswith(".")
 
@@ -248,8 +248,8 @@ def test_image_folders_skip_fifos_and_refuse_bombs(tmp_path, monkeypatch):
 
     from PIL import Image
 
-    from nnlaunder.data.external import read_image_folder
     from nnlaunder.errors import UserError
+    from nnlaunder.external.data import read_image_folder
 
     for c in ("a", "b"):
         (tmp_path / c).mkdir()
@@ -274,7 +274,7 @@ def _huge_npz(p: Path) -> None:
 
 
 def test_big_endian_npz_reads_like_native(tmp_path):
-    from nnlaunder.data.external import read_npz
+    from nnlaunder.external.data import read_npz
 
     x = np.random.default_rng(0).random((3, 8, 8))
     np.savez(tmp_path / "be.npz", x=x.astype(">f4"), y=np.arange(3).astype(">i8"))
@@ -295,8 +295,8 @@ def test_big_endian_npz_reads_like_native(tmp_path):
     (lambda p: p.mkdir(), "not a regular file"),
 ])
 def test_hostile_npz(tmp_path, make, needle):
-    from nnlaunder.data.external import read_npz
     from nnlaunder.errors import UserError
+    from nnlaunder.external.data import read_npz
 
     p = tmp_path / "d.npz"
     make(p)

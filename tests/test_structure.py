@@ -11,7 +11,7 @@ LAYERS = [
     {"nnlaunder.errors", "nnlaunder.config", "nnlaunder.device", "nnlaunder.speed", "nnlaunder.progress",
      "nnlaunder.report.plots"},
     {"nnlaunder.data", "nnlaunder.models"},
-    {"nnlaunder.checkpoint", "nnlaunder.train", "nnlaunder.recipes", "nnlaunder.models.external"},
+    {"nnlaunder.checkpoint", "nnlaunder.train", "nnlaunder.recipes", "nnlaunder.external"},
     {"nnlaunder.watermarks"},
     {"nnlaunder.attacks", "nnlaunder.restore"},
     {"nnlaunder.experiments", "nnlaunder.report", "nnlaunder.report.build"},

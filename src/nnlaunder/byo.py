@@ -1,7 +1,7 @@
 """`nnlaunder launder --model-factory ...`: launder a model you did not train, with your own data.
 
-Glue between the typed options (`ExternalModel`) and the pure pieces: the user's network (`models.external`), their data
-(`data.external`), laundering (`attacks.laundering`) and the measurements the user asked for
+Glue between the typed options (`ExternalModel`) and the pure pieces: the user's network (`external.models`), their data
+(`external.data`), laundering (`attacks.laundering`) and the measurements the user asked for
 (test accuracy on `--test-data`, attack success on `--verify-npz`). Nothing here knows a scheme,
 a target class or a trigger: the attacker's view only.
 """
@@ -18,8 +18,8 @@ from . import data as D
 from .attacks.laundering import LaunderConfig
 from .attacks.pipeline import CalibrateOptions, run_launder
 from .checkpoint import atomic_save_tensors
-from .experiments.external import ExternalModel, ExternalSetup, factory_kwargs, load_external
-from .models.external import CodeAllowance
+from .external.models import CodeAllowance
+from .external.setup import ExternalModel, ExternalSetup, factory_kwargs, load_external
 from .progress import LaunderBars
 from .train import accuracy
 

@@ -23,7 +23,16 @@ from .checkpoint import (
     save_model,
     stem,
 )
-from .cli_flags import KEPT, calibrate_options, code_allowance, launder_cfg, make_parser, param_table, train_config
+from .cli_flags import (
+    KEPT,
+    budget_of,
+    calibrate_options,
+    code_allowance,
+    launder_cfg,
+    make_parser,
+    param_table,
+    train_config,
+)
 from .device import deterministic, set_device
 from .errors import Inconclusive, UserError, os_error_line
 from .models import DEFAULT_ARCH, build, check_data, check_fits
@@ -180,7 +189,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("launder needs a MODEL (a model of this project) or --model-factory with --weights and --data")
     _no_byo_flags(args)
-    budget = D.Budget.parse(0.006 if args.budget is None else args.budget)
+    budget = budget_of(args, 0.006)
     out_dir = Path(args.out)
     _out(str(out_dir / "laundered"))
     model, meta, dataset, tr, te = _registered(args, args.model)
@@ -240,7 +249,7 @@ def _launder_external(args: argparse.Namespace) -> int:
     if args.verify_scheme:
         raise UserError("--verify-scheme needs a model of this project; for your own model give --verify-npz")
     out_dir = _out(str(Path(args.out) / "laundered")).parent
-    budget = D.Budget.parse(1.0 if args.budget is None else args.budget)
+    budget = budget_of(args, 1.0)
     return run_external(_external_spec(args), launder_cfg(args), out_dir, budget=budget, seed=args.seed,
                         calibrate=calibrate_options(args), progress=not args.quiet)
 

@@ -54,6 +54,14 @@ def _threads(s: str) -> int:
 _nonneg_int = _int_at_least(0)
 
 
+def budget_of(args: argparse.Namespace, default: float) -> D.Budget:
+    """The attacker's budget `--budget` asks for (a fraction, or N/class), else `default`."""
+    try:
+        return D.Budget.parse(default if args.budget is None else args.budget)
+    except UserError as e:
+        raise UserError(f"--budget: {str(e).removeprefix('budget: ')}") from None
+
+
 def _float(s: str) -> float:
     try:
         v = float(s)
@@ -346,7 +354,7 @@ def _add_run(sub: Any) -> None:
 def code_allowance(args: argparse.Namespace) -> Any:
     """What `run`'s command line allows an experiment file to import (`--allow-factory`, `--allow-code`,
     `--allow-torch-load`)."""
-    from .models.external import CodeAllowance, check_factory_spec
+    from .external.models import CodeAllowance, check_factory_spec
 
     named = frozenset(check_factory_spec(f, "--allow-factory") for f in args.allow_factory)
     return CodeAllowance(named, bool(args.allow_code), bool(args.allow_torch_load))

@@ -171,7 +171,7 @@ class ExternalAudit:
 
     def allowance(self) -> Any:
         """The factory this audit names was given by its caller (typed on the command line): it may run."""
-        from ..models.external import CodeAllowance
+        from ..external.models import CodeAllowance
 
         return CodeAllowance.typed(self.spec.factory, self.spec.allow_torch_load)
 
@@ -181,8 +181,8 @@ def external_threshold(ext: ExternalAudit) -> tuple[float, dict[str, Any]]:
     clean models the user gives (the paper's definition over the models there are)."""
     import dataclasses
 
+    from ..external.setup import load_external
     from ..train import accuracy
-    from .external import load_external
 
     if (ext.threshold is None) == (not ext.clean_weights):
         raise UserError("an audit of your own model needs its vanilla threshold: --threshold PERCENT, or "

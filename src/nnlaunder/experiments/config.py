@@ -36,8 +36,8 @@ from .. import data as D
 from ..attacks.registry import configure
 from ..config import from_dict
 from ..errors import UserError
+from ..external.models import NO_CODE, CodeAllowance
 from ..models import DEFAULT_ARCH, check_fits
-from ..models.external import NO_CODE, CodeAllowance
 from ..recipes import owner_config
 from ..train import TrainConfig
 from ..watermarks.schemes import MAX_SEED, check_params, scheme_spec
@@ -129,7 +129,7 @@ class CellConfig:
     def _validate_external(self) -> CellConfig:
         """A cell on the user's own model: no registered dataset, architecture or scheme; the threshold
         is given (the tool cannot train clean models of an architecture it does not know)."""
-        from .external import from_identity
+        from ..external.setup import from_identity
 
         spec = from_identity(self.external)
         spec.require("weights", "data", "test_data", "verify_npz")
@@ -248,7 +248,7 @@ def load_experiment(path: str | Path, allow: CodeAllowance = NO_CODE) -> list[Ce
         cells = expand(raw)
         for cell in cells:
             if cell.external is not None:
-                from .external import from_identity
+                from ..external.setup import from_identity
 
                 from_identity(cell.external).check_allowed(allow, "[external]")
     except UserError as e:

@@ -35,8 +35,8 @@ from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, mod
 from ..config import from_dict
 from ..device import deterministic
 from ..errors import UserError
+from ..external.models import NO_CODE, CodeAllowance
 from ..models import build
-from ..models.external import NO_CODE, CodeAllowance
 from ..watermarks.embed import embed
 from ..watermarks.schemes import Watermark, make_watermark
 from ..watermarks.verify import outcome
@@ -182,7 +182,7 @@ def external_inputs(cell: CellConfig, allow: CodeAllowance) -> tuple[D.Dataset, 
     drawn from `data`, as the registered datasets' training sets are."""
     import torch
 
-    from .external import from_identity, load_external
+    from ..external.setup import from_identity, load_external
 
     assert cell.external is not None
     setup = load_external(from_identity(cell.external), allow, f"experiment {cell.name!r}: [external]")
@@ -309,7 +309,7 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
 def check_code(cells: Sequence[CellConfig], allow: CodeAllowance) -> None:
     """Refuse, before anything is imported, a cell whose `[external]` factory (or torch.load) `allow`
     does not allow."""
-    from .external import from_identity
+    from ..external.setup import from_identity
 
     for cell in cells:
         if cell.external is not None:

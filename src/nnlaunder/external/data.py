@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import Dataset
 from ..errors import UserError
-from . import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

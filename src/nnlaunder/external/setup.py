@@ -17,10 +17,10 @@ import torch
 
 from .. import data as D
 from ..config import from_dict
-from ..data.external import read_external, read_npz
 from ..data.fetch import sha256_file
 from ..errors import UserError
-from ..models.external import CodeAllowance, PixelInput, check_factory_spec, check_model_fits, external_model
+from .data import read_external, read_npz
+from .models import CodeAllowance, PixelInput, check_factory_spec, check_model_fits, external_model
 
 
 def floats(s: str | None, what: str, n: int | None = None) -> tuple[float, ...] | None:
