@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -16,13 +14,7 @@ from typing import Any
 import torch
 
 from . import data as D
-from .checkpoint import (
-    atomic_write_json,
-    load_model,
-    model_meta,
-    save_model,
-    stem,
-)
+from .checkpoint import atomic_write_json, load_model, model_meta, save_model, stem
 from .cli_flags import (
     KEPT,
     budget_of,
@@ -288,43 +280,17 @@ def _owner_view(args: argparse.Namespace):
 
 
 def _persistence_run(args: argparse.Namespace, phase: str) -> int:
-    from .restore import finetune_threat, param_shift, restore
+    from .experiments.persistence import run_phase
 
     model, meta, tr, te, wm = _owner_view(args)
-    original = copy.deepcopy(model)
-    if not 0 < args.split < 1:
-        raise UserError(f"--split must be a fraction in (0, 1), got {args.split}")
-    split, owner = D.disjoint_split(tr, args.split, args.seed)   # (fine-tuning split, the owner's data)
     out = Path(args.out)
     _out(str(out / "model"))
-    from .restore import PERSISTENCE_FINETUNE, RESTORE
-
-    cfg = dataclasses.replace(RESTORE if phase == "restored" else PERSISTENCE_FINETUNE, epochs=args.epochs,
-                              batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    base_meta = {k: meta[k] for k in ("arch", "num_classes", "dataset", "scheme", "scheme_params") if k in meta}
-
-    def keep(epoch, m):
-        save_model(out / f"epoch-{epoch:03d}", m, {**base_meta, "epoch": epoch, "phase": phase})
-        return {"param_shift": param_shift(original, m)["total"]}
-
-    evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
-    keep(0, model)                                  # the trajectory starts at the given model
-    before = {"test_acc": accuracy(model, te.x, te.y), "wm_acc": accuracy(model, wm.verify_x, wm.verify_y)}
-    if phase == "restored":
-        res = restore(model, owner, cfg, eval_sets=evals, callbacks=[keep], progress=not args.quiet)
-    else:
-        res = finetune_threat(model, split, cfg, mixed_with=owner if args.mixed else None, eval_sets=evals,
-                              callbacks=[keep], progress=not args.quiet)
-    shift = param_shift(original, model)
-    save_model(out / "model", model, {**base_meta, "phase": phase, "from": str(args.model)})
-    report = {"model": str(args.model), "phase": phase, "split": args.split, "n_split": len(split),
-              "n_owner": len(owner), "config": cfg.__dict__, "before": before, "history": res.history,
-              "param_shift": shift}
-    atomic_write_json(out / "history.json", report)
-    last = res.history[-1] if res.history else before
+    rep = run_phase(model, meta, tr, te, wm, phase, out, split=args.split, seed=args.seed, epochs=args.epochs,
+                    batch_size=args.batch_size, lr=args.lr, source=str(args.model), progress=not args.quiet)
+    before, last = rep["before"], (rep["history"][-1] if rep["history"] else rep["before"])
     print(f"{phase}: test {before['test_acc']:.2f} -> {last.get('test_acc', before['test_acc']):.2f}%, "
           f"WM {before['wm_acc']:.2f} -> {last.get('wm_acc', before['wm_acc']):.2f}%, "
-          f"parameter shift {shift['total']:.3f}; wrote {out}/")
+          f"parameter shift {rep['param_shift']['total']:.3f}; wrote {out}/")
     return 0
 
 
