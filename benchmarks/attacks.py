@@ -27,15 +27,14 @@ import time
 from pathlib import Path
 
 import torch
-from common import commit, machine, wilson
+from common import comma_list, commit, machine, owner_models, wilson
 from table2 import ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
 from nnlaunder import data as D
 from nnlaunder.attacks.registry import ATTACKS
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.models import Normalize
-from nnlaunder.watermarks.schemes import make_watermark
 from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,13 +94,7 @@ def run_rows(args, store: dict, cmd: str) -> None:
     for ds in args.rows:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
         th = {t["row"]: t["threshold"] for t in th_rows if t["default"] and t["dataset"] == ds}
-        for name, budget in ROWS[ds]:
-            if args.models and name not in args.models:
-                continue
-            path = ROOT / "models" / ds / name
-            model, meta = load_model(path)
-            sha = model_digest(path)
-            wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
+        for name, budget, model, meta, sha, wm in owner_models(ds, ROWS[ds], args.models, tr, te, args.data_dir):
             ev = evaluator(te, wm, th[name])
             before = None
             for seed in args.seeds:
@@ -193,7 +186,7 @@ def main(argv=None) -> int:
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     if any(r not in ROWS for r in args.rows):
         ap.error(f"--rows takes datasets from {list(ROWS)}")
-    args.models = [m.strip() for m in args.models.split(",")] if args.models else None
+    args.models = comma_list(args.models)
     try:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:

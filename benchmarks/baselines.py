@@ -19,6 +19,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from common import add_common_flags, comma_list  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.registry import ATTACKS, run_attack  # noqa: E402
@@ -190,12 +191,10 @@ def main(argv=None) -> int:
     ap.add_argument("--datasets", default="mnist")
     ap.add_argument("--attacks", default=None, help="comma list (default: all registered)")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", default=None, help="comma list of owner models (default: all of the dataset)")
-    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown and plots from the JSON")
+    add_common_flags(ap)
     args = ap.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    args.datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    args.models = comma_list(args.models)
+    args.datasets = comma_list(args.datasets) or []
     bad = [d for d in args.datasets if d not in MODELS]
     if bad:
         print(f"baselines.py: error: unknown dataset(s) {bad}", file=sys.stderr)

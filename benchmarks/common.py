@@ -31,3 +31,34 @@ def commit() -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def comma_list(s: str | None) -> list[str] | None:
+    """"a, b" -> ["a", "b"]; None or "" -> None."""
+    out = [x.strip() for x in (s or "").split(",") if x.strip()]
+    return out or None
+
+
+def owner_models(ds: str, rows, only: list[str] | None, tr, te, data_dir):
+    """For each (name, extra) of `rows` (all, or the names in `only`) whose model exists under
+    models/<ds>/: (name, extra, model, meta, model sha, the owner's watermark)."""
+    from nnlaunder.checkpoint import load_model, model_digest
+    from nnlaunder.watermarks.schemes import make_watermark
+
+    for name, extra in rows:
+        if only and name not in only:
+            continue
+        path = ROOT / "models" / ds / name
+        if not path.with_suffix(".safetensors").is_file():
+            print(f"{ds}/{name}: no model yet, skipped", flush=True)
+            continue
+        model, meta = load_model(path)
+        wm = make_watermark(meta["scheme"], tr, te, data_dir, meta.get("scheme_params") or {})
+        yield name, extra, model, meta, model_digest(path), wm
+
+
+def add_common_flags(ap) -> None:
+    """--seed, --models and --markdown-only, as the sweep scripts take them."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models", default=None, help="comma list of owner models (default: all of the dataset)")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown and plots from the JSON")

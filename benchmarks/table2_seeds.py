@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import commit, machine, wilson
+from common import commit, machine, owner_models, wilson
 from safetensors import safe_open
 from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
@@ -45,7 +45,6 @@ from nnlaunder.attacks.laundering import launder, launder_config
 from nnlaunder.attacks.neural_cleanse import NCConfig, NCResult, nc_config, neural_cleanse
 from nnlaunder.checkpoint import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
-from nnlaunder.watermarks.schemes import make_watermark
 from nnlaunder.watermarks.verify import format_p, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,13 +133,7 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
     for ds in args.datasets:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
         thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
-        for name, budget in ROWS[ds]:
-            if args.models and name not in args.models:
-                continue
-            path = ROOT / "models" / ds / name
-            model, meta = load_model(path)
-            sha = model_digest(path)
-            wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
+        for name, budget, model, meta, sha, wm in owner_models(ds, ROWS[ds], args.models, tr, te, args.data_dir):
             ev = evaluator(te, wm)
             head = headline_config(ds, name)
             variants = {"strong": {}}

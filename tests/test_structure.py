@@ -101,14 +101,15 @@ def test_no_block_of_six_lines_repeated():
     trivial = {"", ")", "]", "}", "):", "else:", "try:", '"""'}
     seen: dict[str, str] = {}
     repeated = []
-    for p in sorted(SRC.rglob("*.py")):
+    bench = SRC.parents[1] / "benchmarks"
+    for p in sorted(SRC.rglob("*.py")) + sorted(bench.rglob("*.py")):     # the library and the benchmarks
         lines = [ln.strip() for ln in p.read_text().splitlines()]
         for i in range(len(lines) - 5):
             block = lines[i:i + 6]
             if any(ln in trivial or ln.startswith(("#", "from ", "import ")) for ln in block):
                 continue
             key = "\n".join(block)
-            where = f"{p.relative_to(SRC)}:{i + 1}"
+            where = f"{p.relative_to(SRC.parents[1])}:{i + 1}"
             if key in seen:
                 repeated.append(f"{seen[key]} and {where}")
             seen.setdefault(key, where)
