@@ -19,13 +19,12 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import add_common_flags, comma_list  # noqa: E402
+from common import add_common_flags, comma_list, owner_models  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.registry import ATTACKS, run_attack  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, made_from_current, model_digest  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, made_from_current  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
-from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -59,17 +58,10 @@ def run(args) -> list[dict]:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
         thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
         owners = {}
-        for name in MODELS[ds]:
-            if args.models and name not in args.models:
-                continue
-            mpath = ROOT / "models" / ds / name
-            if not mpath.with_suffix(".safetensors").is_file():
-                print(f"{ds}/{name}: no model yet, skipped")
-                continue
-            model, meta = load_model(mpath)
-            wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
+        for name, _, model, meta, sha, wm in owner_models(ds, [(n, None) for n in MODELS[ds]], args.models, tr, te,
+                                                           args.data_dir):
             ev = evaluator(te, wm)
-            file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}
+            file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": sha}
             meta = {**meta, "file": file}
             stale = [r for r in rows if (r["dataset"], r["name"]) == (ds, name) and r["attack"] in attacks
                      and not made_from_current(r, file)]

@@ -27,14 +27,13 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import add_common_flags, comma_list  # noqa: E402
+from common import add_common_flags, comma_list, owner_models  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, made_from_current, model_digest  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, made_from_current  # noqa: E402
 from nnlaunder.restore import finetune_threat, param_shift, restore  # noqa: E402
 from nnlaunder.train import TrainConfig, accuracy  # noqa: E402
-from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,20 +52,13 @@ def run(args) -> list[dict]:
         split, owner = D.disjoint_split(tr, 0.3, seed=args.seed)
         ft = TrainConfig(epochs=args.ft_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
         rs = TrainConfig(epochs=args.restore_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
-        for name in MODELS[ds]:
-            if args.models and name not in args.models:
-                continue
-            mpath = ROOT / "models" / ds / name
-            if not mpath.with_suffix(".safetensors").is_file():
-                print(f"{ds}/{name}: no model yet, skipped")
-                continue
-            file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": model_digest(mpath)}
+        for name, _, model, meta, sha, wm in owner_models(ds, [(n, None) for n in MODELS[ds]], args.models, tr, te,
+                                                           args.data_dir):
+            file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": sha}
             if all((ds, name, ph) in done for ph in PHASES) and all(
                     made_from_current(r, file) for r in rows if (r["dataset"], r["name"]) == (ds, name)):
                 continue
-            model, meta = load_model(mpath)
             meta = {**meta, "file": file}
-            wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
             evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
 
             ctx = {"ds": ds, "name": name, "meta": meta, "wm": wm, "te": te, "model": model,
