@@ -19,11 +19,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import add_common_flags, comma_list, owner_models  # noqa: E402
+from common import add_common_flags, comma_list, made_from_current, owner_models  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.registry import ATTACKS, run_attack  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, made_from_current  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,11 +27,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import add_common_flags, comma_list, owner_models  # noqa: E402
+from common import add_common_flags, comma_list, made_from_current, owner_models  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, made_from_current  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from nnlaunder.restore import finetune_threat, param_shift, restore  # noqa: E402
 from nnlaunder.train import TrainConfig, accuracy  # noqa: E402
 

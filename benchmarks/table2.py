@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import joint_choice, most_aggressive_within
 
 from nnlaunder import data as D
-from nnlaunder.attacks.calibrate import joint_choice, most_aggressive_within
 from nnlaunder.attacks.laundering import (
     launder,
     launder_config,

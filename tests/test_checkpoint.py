@@ -3,7 +3,7 @@ import pickle
 import pytest
 import torch
 
-from nnlaunder.checkpoint import load_model, made_from_current, model_digest, save_model
+from nnlaunder.checkpoint import load_model, model_digest, save_model
 from nnlaunder.errors import UserError
 from nnlaunder.models import build
 
@@ -97,12 +97,3 @@ def test_model_digest_names_the_weights(tmp_path):
     assert d == hashlib.sha256((tmp_path / "a.safetensors").read_bytes()).hexdigest()[:16]
     save_model(tmp_path / "b", build("mnist-cnn", 10, seed=1), {"arch": "mnist-cnn", "num_classes": 10})
     assert model_digest(tmp_path / "b") != d
-
-
-def test_rows_of_a_replaced_model_are_stale():
-    file = {"model": "models/x/a.safetensors", "model_sha256": "abc"}
-    assert made_from_current({"model": "models/x/a.safetensors", "model_sha256": "abc"}, file)
-    assert made_from_current({"model": "models/x/a.safetensors"}, file)            # older rows: path only
-    assert not made_from_current({"model": "models/x/a.safetensors", "model_sha256": "def"}, file)
-    assert not made_from_current({"model": "models/x/a-v1.safetensors"}, file)
-    assert not made_from_current({}, file)

@@ -129,12 +129,6 @@ def model_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
-def made_from_current(row: dict[str, Any], file: dict[str, str]) -> bool:
-    """Was result `row` computed on the model file as it is now? `file` is {"model": path,
-    "model_sha256": model_digest(...)}; rows without a digest are matched by path (older rows)."""
-    return row.get("model") == file["model"] and row.get("model_sha256", file["model_sha256"]) == file["model_sha256"]
-
-
 MAX_META_BYTES = 1 << 20
 
 

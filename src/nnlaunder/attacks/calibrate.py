@@ -188,38 +188,3 @@ def calibrate(model: nn.Module, clean: Dataset, nc: NCResult, base: LaunderConfi
             on_candidate(s)
     chosen, margin, why = choose(scores, len(clean), min_margin)
     return Calibration(scores, chosen, folds, margin, len(clean), why=why)
-
-
-# ---- the per-architecture rule of the Table 2 headline rows (benchmarks/table2.py)
-# One choice per architecture from single held-out slices of several owner models' attacker sets: of
-# the (DT, CT, retraining epochs) candidates whose held-out accuracy, averaged over the models, is
-# within one point of the best, the most aggressive. Kept for the headline rows it produced; a user
-# laundering one model calibrates with `calibrate` above.
-Candidate = tuple[float, float, int]          # (DT, CT, retraining epochs)
-
-
-def most_aggressive_within(acc: dict[Candidate, float], margin: float = 1.0) -> Candidate:
-    """Of the candidates whose held-out accuracy is within `margin` points of the best, the lowest
-    DT + CT, then the fewest retraining epochs."""
-    if not acc:
-        raise UserError("no calibration candidates to choose from")
-    best = max(acc.values())
-    ok = [k for k, a in acc.items() if a >= best - margin]
-    return min(ok, key=lambda k: (k[0] + k[1], k[2], k))
-
-
-def joint_choice(records: list[dict[str, Any]], ds: str, arch: str) -> tuple[Candidate, list[str]]:
-    """`most_aggressive_within` over every calibration record of `arch` on `ds` (records with
-    "stage" == "calibration", "dt", "ct", "epochs", "name" and "attacker_acc"), the accuracy averaged
-    over the models per candidate: one choice for models calibrated in separate runs."""
-    cells: dict[Candidate, dict[str, float]] = {}
-    for r in records:
-        if r.get("stage") == "calibration" and r["dataset"] == ds and r["arch"] == arch:
-            cells.setdefault((r["dt"], r["ct"], r["epochs"]), {})[r["name"]] = r["attacker_acc"]
-    if not cells:
-        raise UserError(f"no calibration records for {ds}/{arch}")
-    names = sorted({n for c in cells.values() for n in c})
-    full = {k: sum(c.values()) / len(c) for k, c in cells.items() if len(c) == len(names)}
-    if not full:
-        raise UserError(f"no candidate was calibrated on all of {names}")
-    return most_aggressive_within(full), names
