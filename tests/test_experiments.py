@@ -377,3 +377,11 @@ def test_a_cells_seed_seeds_the_attacks_own_draws():
     assert unlearn.nc.seed == unlearn.retrain.seed == 4 and unlearn.retrain.epochs == 1
     assert CellConfig().cell_id() == "928921f2ccf53b81"          # the id a seed-0 cell always had
     assert CellConfig(seed=1).cell_id() != "2ba37e6b2caa86f6"    # one seeded in its subset only: run again
+
+
+def test_owner_path_names_one_model_per_scheme():
+    from nnlaunder.experiments.config import expand
+
+    cells = expand({"dataset": "mnist", "owner_path": "models/{dataset}/{scheme}",
+                    "sweep": {"scheme": ["zhang-content", "zhang-noise"]}})
+    assert [c.owner_path for c in cells] == ["models/mnist/zhang-content", "models/mnist/zhang-noise"]

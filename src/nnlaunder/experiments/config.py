@@ -222,6 +222,9 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
         d = copy.deepcopy(base)
         for k, v in zip(keys, combo, strict=True):
             _set_dotted(d, k, v)
+        if isinstance(d.get("owner_path"), str):       # "models/mnist/{scheme}": one owner model per scheme
+            d["owner_path"] = d["owner_path"].replace("{scheme}", str(d.get("scheme", "zhang-content"))).replace(
+                "{dataset}", str(d.get("dataset", "mnist")))
         cells.append(from_dict(CellConfig, d, "experiment").validate())
     ids = [c.cell_id() for c in cells]
     if len(set(ids)) != len(ids):
