@@ -31,6 +31,7 @@ def test_the_grid_is_attacks_by_budgets_by_seeds():
     full = audit_cells("a", "models/mnist/zhang-content", meta, "zhang-content", {}, PROFILES["full"], seeds=1)
     assert all(c.calibrate == (c.attack == "launder") for c in full) and {c.seed for c in full} == {0}
     assert all(c.restore_epochs == 30 for c in full)
+    assert {"nad", "anp", "i-bau", "dehydration"} <= {c.attack for c in full}     # the whole battery
 
 
 def _cell(attack, removed, restored, test=98.0, wm=1.0, n_clean=60):

@@ -49,9 +49,12 @@ PROFILES = {
     "quick": Profile(budgets=(0.006, 0.06), attacks=("launder", "rtal", "fine-prune", "nc-unlearn"), seeds=2,
                      rounds=1, nc_preset="fast", calibrate=False, threshold_seeds=(0, 1, 2), restore_epochs=2,
                      restore_fraction=0.1),
-    # For a GPU or a cluster: the paper's budgets, calibration, three rounds, Ngo et al.'s restoration.
+    # For a GPU or a cluster: the paper's budgets, calibration, three rounds, Ngo et al.'s restoration, and
+    # every removal attack of the registry (the strongest known ones included: NAD, ANP, I-BAU, Neural
+    # Dehydration).
     "full": Profile(budgets=("1/class", 0.006, 0.06, 0.108),
-                    attacks=("launder", "fine-prune", "rtal", "ftal", "nc-unlearn", "prune-ft"), seeds=3, rounds=3,
+                    attacks=("launder", "fine-prune", "rtal", "ftal", "nc-unlearn", "prune-ft", "nad", "anp", "i-bau",
+                             "dehydration"), seeds=3, rounds=3,
                     nc_preset="faithful", calibrate=True, threshold_seeds=(0, 1, 2), restore_epochs=30,
                     restore_fraction=1.0),
 }
