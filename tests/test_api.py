@@ -61,3 +61,13 @@ def test_cli_choices_are_the_library_constants():
     train = {a.dest: a.choices for a in sub.choices["train"]._actions}
     assert tuple(train["optimizer"]) == OPTIMIZERS and tuple(train["schedule"]) == SCHEDULES
     assert tuple(train["augment"]) == AUGMENTS
+
+
+def test_readme_python_example_runs(data_dir, monkeypatch):
+    readme = ROOT / "README.md"
+    assert len(readme.read_text().splitlines()) <= 120            # a newcomer reads it in five minutes
+    code = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)[0]
+    monkeypatch.chdir(ROOT)
+    ns: dict = {}
+    exec(compile(code, str(readme), "exec"), ns)     # noqa: S102 (our own document's example)
+    assert not ns["result"].model.training and ns["res"].model is not None
