@@ -42,7 +42,7 @@ from ..config import from_dict, with_seed
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
-from .neural_cleanse import NCConfig, NCResult, nc_params, neural_cleanse, stamp
+from .neural_cleanse import NC_PRESETS, NCConfig, NCResult, nc_params, neural_cleanse, stamp
 from .records import LaunderState, RoundInfo
 from .units import MEASURE_POINTS, Unit, discover_units, mean_activations, select_units
 
@@ -138,10 +138,9 @@ def config_from_params(params: dict[str, Any], variant: str = "strong", rounds: 
     if isinstance(params.get("nc"), dict) and "preset" in params["nc"]:
         nc = dict(params["nc"])
         preset = nc.pop("preset")
-        try:
-            params["nc"] = nc_params(preset, **nc)
-        except UserError as e:
-            raise UserError(f"attack_params.nc.preset: {e}") from None
+        if preset not in NC_PRESETS:
+            raise UserError(f"attack_params.nc.preset: unknown preset {preset!r}; choose from {', '.join(NC_PRESETS)}")
+        params["nc"] = nc_params(preset, **nc)
     for nested in ("nc", "retrain"):
         if isinstance(params.get(nested), dict):
             params[nested] = {**dataclasses.asdict(getattr(base, nested)), **params[nested]}
