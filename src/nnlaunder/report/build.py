@@ -55,14 +55,15 @@ def rounds_plot(cells: list[dict], title: str, path: Path) -> Path:
     budgets = sorted({json.dumps(c["config"]["budget"]) for c in cells},
                      key=lambda b: (isinstance(json.loads(b), str), -json.loads(b) if not b.startswith('"') else 0))
     for i, b in enumerate(budgets):
-        for c in (c for c in cells if json.dumps(c["config"]["budget"]) == b):
+        same = [c for c in cells if json.dumps(c["config"]["budget"]) == b]
+        for j, c in enumerate(same):                    # several seeds: one legend entry per budget
             rs = c["rounds"]
             x = [r["round"] for r in rs]
-            lab = _budget_label(c["config"]["budget"])
+            lab = _budget_label(c["config"]["budget"]) + (f" ({len(same)} seeds)" if len(same) > 1 else "")
             ax.plot(x, [r["test_acc"] for r in rs], color="tab:blue", ls=STYLES[i % 4], marker=MARKERS[i % 4], ms=4,
-                    label=f"test, {lab}")
+                    label=f"test, {lab}" if j == 0 else None)
             ax.plot(x, [r["wm_acc"] for r in rs], color="tab:red", ls=STYLES[i % 4], marker=MARKERS[i % 4], ms=4,
-                    label=f"watermark, {lab}")
+                    label=f"watermark, {lab}" if j == 0 else None)
     th = cells[0]["summary"]["threshold"]
     ax.axhline(th, color="black", lw=1.5, label=f"vanilla threshold {th:.2f}%")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
