@@ -8,6 +8,8 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            vs ours per class, each with the faithful and the fast preset, and the fast-bf16 preset;
            the fast preset's one-time plan timing on its own row (the run starts from an empty plan
            cache). Per class: wall time, iterations, mask L1, attack success, flagged.
+  nc_peer  (opt-in, ~25 min) the fast preset against a per-class PyTorch Neural Cleanse (the project's
+           own per-class loop, Wang et al.'s schedule) on the Table 7 CNN and ResNet-20, at equal images.
   cifar_nc Neural Cleanse on the Table 7 CNN and ResNet-20 (1000 CIFAR-10 images): seconds, stamped
            images/s and achieved GFLOP/s against the measured conv throughput, per preset.
   machine  fp32 matmul and conv throughput (GFLOP/s), and bf16 conv where the CPU has it; medians.
@@ -372,6 +374,44 @@ def section_cifar_full(args) -> None:
                       + ("" if preset == "fast" else "; ratio = seconds against the tuned fast preset"))
 
 
+def section_nc_peer(args) -> None:
+    """Our fast Neural Cleanse against a PyTorch per-class Neural Cleanse as the backdoor toolboxes run
+    it (Wang et al.'s schedule, one class at a time, fp32). BackdoorBench and TrojanZoo need torchvision
+    (a CUDA build here), so the peer is this project's own per-class loop (`per_class=True` with the
+    faithful preset), named as such. Same 1000 images; the peer is capped at `--peer-epochs` full
+    passes (a cap can only shorten its run, so the ratio is a lower bound); ours runs the fast preset at
+    its defaults. Mask quality: per class the mask's success on all images and its L1, the smallest
+    class and the flagged set."""
+    print("[nc_peer] fast Neural Cleanse vs the per-class PyTorch loop on the CIFAR-10 models", flush=True)
+    sub = D.stratified_subset(D.load("cifar10", args.data_dir, "train"), per_class=100, seed=0)
+    x, y = sub.x, sub.y
+    for arch, name in (("cifar-cnn", "zhang-content"), ("resnet20", "adi-pt")):
+        model, meta = load_model(ROOT / "models" / "cifar10" / name)
+        assert meta["arch"] == arch, meta["arch"]
+        runs = {}
+        for who, cfg, per_class in (("peer", nc_config("faithful", max_epochs=args.peer_epochs, seed=0), True),
+                                    ("ours", nc_config("fast", seed=0), False)):
+            plan_for(model, x, cfg, 10)           # a tuned plan's one-time timing, outside the measurement
+            t0 = time.perf_counter()
+            nc = neural_cleanse(model, x, cfg, num_classes=10, per_class=per_class)
+            secs = time.perf_counter() - t0
+            l1, _, succ_all = success_and_l1(model, x, y, nc.masks, nc.patterns)
+            runs[who] = {"seconds": secs, "l1": l1, "success_all": succ_all, "flagged": nc.flagged,
+                         "smallest": int(np.argmin(l1)), "class_epochs": nc.epochs.tolist(),
+                         "under_target": [k for k in range(10) if succ_all[k] < 99.0]}
+            print(f"    {arch} {who}: {secs:.1f} s, smallest {runs[who]['smallest']}, flagged {nc.flagged}, "
+                  f"under 99%: {runs[who]['under_target']}", flush=True)
+        p, o = runs["peer"], runs["ours"]
+        same = p["smallest"] == o["smallest"] and p["flagged"] == o["flagged"]
+        row(f"nc_vs_pytorch_peer_{arch}", o["seconds"], f"per-class loop {p['seconds']:.1f} s",
+            p["seconds"] / o["seconds"], runs=runs, same_masks=same,
+            notes=f"{arch} ({name}), 1000 CIFAR-10 images: the peer (this project's per-class PyTorch loop, Wang et "
+                  f"al.'s schedule, fp32, at most {args.peer_epochs} full passes per class, early stop on) "
+                  f"{p['seconds']:.1f} s vs the fast preset at its defaults {o['seconds']:.1f} s; smallest class "
+                  f"{p['smallest']} / {o['smallest']}, flagged {p['flagged']} / {o['flagged']}, classes under 99% "
+                  f"success on all images {len(p['under_target'])} / {len(o['under_target'])} of 10 (peer / ours)")
+
+
 def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base: float) -> None:
     """The faithful batched run without this project's exact kernel measures: the library's forward for
     the one-channel conv and ReLU before max-pool (NCConfig.im2col_forward / relu_after_pool off)."""
@@ -620,7 +660,8 @@ def section_denormal(args) -> None:
         epoch_seconds=out[False], resets=n_reset)
 
 
-SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_",
+SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_", "cifar_nc": "cifar_nc_",
+                  "cifar_full": "cifar_full_",
                   "train": "train_", "e2e": "e2e_", "denormal": "denormal_", "malloc": "malloc_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
@@ -640,14 +681,20 @@ def revision() -> str:
     return head + (" with uncommitted changes" if git("status", "--porcelain", "--", "src", "benchmarks/perf") else "")
 
 
+def section_of(name: str) -> str | None:
+    """The section whose prefix names this row (the longest matching prefix; None: a row another
+    script writes, such as cifar_audit.py's)."""
+    hits = [sec for sec, pre in SECTION_PREFIX.items() if name.startswith(pre)]
+    return max(hits, key=lambda sec: len(SECTION_PREFIX[sec]), default=None)
+
+
 def merge_previous(sections: set[str]) -> None:
     """A run of some sections keeps the other sections' rows from the last perf.json (noted in
     their `notes` as carried over), so one file always holds every section."""
     path = RESULTS / "perf.json"
     if not path.is_file() or sections >= set(SECTION_PREFIX):
         return
-    keep = [r for r in json.loads(path.read_text())
-            if not any(r["name"].startswith(SECTION_PREFIX[sec]) for sec in sections)]
+    keep = [r for r in json.loads(path.read_text()) if section_of(r["name"]) not in sections]
     for r in keep:
         if "(from an earlier run)" not in r.get("notes", ""):
             r["notes"] = r.get("notes", "") + " (from an earlier run)"
@@ -664,10 +711,12 @@ def ordered() -> list[dict]:
     return head + rest
 
 
-def markdown(machine: str, command: str) -> str:
+def markdown(machine: str, command: str, rerender: bool = False) -> str:
+    run = ("Each row's machine, commit and date are in perf.json (this page was rewritten from it)." if rerender else
+           f"This run: commit {RUN['commit']}, {RUN['date']}; rows marked \"from an earlier run\" keep their own "
+           "commit and date in perf.json where it was recorded.")
     lines = ["# Performance", "", f"Machine: {machine}. Each ratio is measured within one run (its row's command).",
-             f"This run: commit {RUN['commit']}, {RUN['date']}; rows marked \"from an earlier run\" keep their own "
-             "commit and date in perf.json where it was recorded.", "",
+             run, "",
              "| name | seconds | baseline | ratio | notes |", "|---|---|---|---|---|"]
     for r in ordered():
         s = "–" if r.get("seconds") is None else f"{r['seconds']:.3f}"
@@ -721,6 +770,9 @@ def main(argv=None) -> int:
                     help="full-pass epochs of the faithful CIFAR-10 Neural Cleanse rows (the fast ones run 4x as many "
                          "8-minibatch epochs)")
     ap.add_argument("--cifar-full-seeds", default="0,1", help="NC seeds of the cifar_full rows")
+    ap.add_argument("--peer-epochs", type=int, default=20,
+                    help="nc_peer: at most this many full passes per class for the per-class peer")
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite perf.md from perf.json")
     ap.add_argument("--no-cifar", dest="cifar", action="store_false")
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-demo", dest="demo", action="store_false")
@@ -739,6 +791,11 @@ def main(argv=None) -> int:
     if args.probe_faithful_nc is not None:
         probe_faithful_nc(args.probe_faithful_nc, args.data_dir)
         return 0
+    if args.markdown_only:                      # e.g. after cifar_audit.py added its rows
+        ROWS.extend(json.loads((RESULTS / "perf.json").read_text()))
+        HEAD.extend(r for r in ROWS if r["name"] in HEAD_NAMES)
+        atomic_write_bytes(RESULTS / "perf.md", markdown("each row's own (perf.json)", COMMAND, rerender=True).encode())
+        return 0
     sections = set(args.sections.split(","))
     if sections & {"nc", "train", "cifar_nc"}:
         sections.add("machine")     # their utilisation rows need this run's conv throughput (about 1 s)
@@ -752,6 +809,8 @@ def main(argv=None) -> int:
         section_cifar_nc(args, mach)
     if "cifar_full" in sections:
         section_cifar_full(args)
+    if "nc_peer" in sections:
+        section_nc_peer(args)
     if "train" in sections:
         section_train(args, mach)
     if "e2e" in sections:
