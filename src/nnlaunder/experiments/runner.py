@@ -217,7 +217,8 @@ def _round_record(info: Any) -> dict[str, Any]:
     """What a laundering round adds to its row (a one-shot attack's record has only its seconds)."""
     if not isinstance(info, RoundInfo):
         return {}
-    return {"nc_seconds": info.nc_seconds, "flagged": info.flagged, "used": info.used_triggers,
+    return {"nc_seconds": info.nc_seconds, "retrain_seconds": info.retrain_seconds, "flagged": info.flagged,
+            "used": info.used_triggers,
             "resets": info.resets, "stopped": info.stopped}
 
 

@@ -20,15 +20,22 @@ from .build import html_page  # noqa: E402
 from .plots import _save, trigger_grid  # noqa: E402
 
 MARKERS = {"launder": "o", "rtal": "s", "ftal": "D", "fine-prune": "^", "nc-unlearn": "v", "prune-ft": "x",
-           "prune": "+", "ftll": "<", "rtll": ">", "weight-noise": "*"}
+           "prune": "+", "ftll": "<", "rtll": ">", "weight-noise": "*", "nad": "P", "anp": "h", "i-bau": "p",
+           "dehydration": "X"}
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    names = sorted({r["attack"].split(" @ ")[0] for r in rows})      # "attack @ budget": one colour per attack,
+    budgets = list(dict.fromkeys(r["attack"].partition(" @ ")[2] for r in rows))   # filled at the first budget
     for r in rows:
         xs, ys = zip(*r["points"], strict=True)
-        ax.scatter(ys, xs, marker=MARKERS.get(r["attack"], "o"), s=36, label=f"{r['attack']} ({r['removed']}/{r['n']} "
-                   "removed)")
+        name, _, budget = r["attack"].partition(" @ ")
+        colour = plt.get_cmap("tab20")(names.index(name) % 20)
+        marker = MARKERS.get(name, "o")
+        hollow = budgets.index(budget) > 0 and marker not in ("+", "x")    # a line marker has no face
+        ax.scatter(ys, xs, marker=marker, s=36, facecolors="none" if hollow else colour,
+                   edgecolors=colour if hollow else None, label=f"{r['attack']} ({r['removed']}/{r['n']} removed)")
     first = rows[0]
     ax.axvline(first["threshold"], color="k", lw=1, ls="--", label=f"threshold {first['threshold']:.2f}%")
     ax.scatter([first["orig_wm_acc"]], [first["orig_test_acc"]], marker="*", s=140, color="gold", edgecolor="k",
