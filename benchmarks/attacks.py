@@ -235,6 +235,7 @@ def battery_sections(store: dict) -> list[str]:
         lines.append(f"| {ds}/{name} | {a} | {b:.1%} | {k}/{len(rs)} | "
                      f"{statistics.mean(r['test_acc'] for r in rs):.2f} | "
                      f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
+    lines += quick_profile_lines(groups)
     lines += ["", "Test accuracy against watermark accuracy for every run (one plot per watermark, every budget):", ""]
     for (ds, name), runs in sorted(groups.items()):
         rows = [{"attack": f"{a} @ {b:.1%}", "points": [(r["test_acc"], r["wm_acc"]) for r in rs],
@@ -244,6 +245,23 @@ def battery_sections(store: dict) -> list[str]:
         png = pareto_plot(rows, "", RESULTS / f"attacks-pareto-{ds}-{name}.png", f"{ds}/{name}: every attack")
         lines.append(f"![{ds}/{name}]({png.name})")
     return lines + gan_section(groups)
+
+
+def quick_profile_lines(groups: dict) -> list[str]:
+    """How many watermarks each attack removes (at any budget), beside the audit's quick profile."""
+    from nnlaunder.experiments.audit import PROFILES
+
+    wins: dict[str, set] = {}
+    for key, runs in groups.items():
+        for (a, _), rs in runs.items():
+            wins.setdefault(a, set())
+            if 2 * sum(r["outcome"] == "removed" for r in rs) > len(rs):
+                wins[a].add(key)
+    ranked = sorted(wins, key=lambda a: (-len(wins[a]), a))
+    return ["", "Watermarks each attack removes (of those it ran on, at any budget): "
+            + ", ".join(f"{a} {len(wins[a])}" for a in ranked) + ". `nnlaunder audit --quick` runs "
+            + ", ".join(PROFILES["quick"].attacks) + " (the three that remove the most); the full profile runs "
+            "every attack."]
 
 
 def gan_section(groups: dict) -> list[str]:

@@ -40,3 +40,55 @@ def test_the_oracle_gets_the_owners_true_trigger_images():
     adi = Watermark("adi", trig, torch.zeros(3), trig, torch.zeros(3), None, {})
     (img,) = cd.oracle_images(adi, clean)
     assert len(img) == 7 and [float(v) for v in img[:, 0, 0, 0]] == [0, 1, 2, 0, 1, 2, 0]   # cycled, one each
+
+
+def _runs(outcomes, seconds):
+    return [{"outcome": o, "seconds": seconds, "test_acc": 90.0, "wm_acc": 0.0} for o in outcomes]
+
+
+def test_the_cheapest_remover_rule():
+    """A remover removes in a majority of its runs at a budget; the cheapest has the fewest clean images,
+    then the fewest seconds per run; no remover: None."""
+    import attacks
+
+    runs = {("nad", 0.006): _runs(["destroyed"] * 5, 1.0), ("anp", 0.006): _runs(["removed", "removed", "kept",
+                                                                                  "kept"], 2.0)}
+    assert attacks.cheapest_remover(runs) is None                        # 2/4 is not a majority
+    runs[("ftal", 0.108)] = _runs(["removed"], 1.0)
+    assert attacks.cheapest_remover(runs)[:2] == ("ftal", 0.108)
+    runs[("launder", 0.006)] = _runs(["removed", "removed", "kept"], 100.0)
+    runs[("i-bau", 0.006)] = _runs(["removed", "removed", "removed"], 3.0)
+    assert attacks.cheapest_remover(runs)[:2] == ("i-bau", 0.006)       # fewest images, then fastest
+
+
+def test_perf_rows_belong_to_the_section_with_the_longest_prefix():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "perf"))
+    import run
+
+    assert run.section_of("nc_vs_pytorch_peer_resnet20") == "nc_peer"
+    assert run.section_of("nc_fast_batched") == "nc"
+    assert run.section_of("audit_cifar_warm") is None                   # cifar_audit.py's rows: never dropped
+
+
+def test_the_audit_profile_splits_seconds_by_phase(tmp_path):
+    """Phases from an audit's store: setup = cell - attack - restoration, laundering's NC and retraining
+    from its rounds, the clean models from trajectories trained since the start."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "perf"))
+    import cifar_audit
+
+    from nnlaunder.experiments.store import Store
+
+    traj = tmp_path / "cache" / "clean" / "cifar10-x-s0"
+    traj.mkdir(parents=True)
+    (traj / "metrics.json").write_text(json.dumps({"epochs": [{"seconds": 30.0}, {"seconds": 20.0}]}))
+    with Store(tmp_path / "ws" / "results.sqlite") as store:
+        store.record("a", "e", {"attack": "launder"}, [{"round": 0}, {"round": 1, "nc_seconds": 40.0,
+                                                                       "retrain_seconds": 10.0}],
+                     {"attack_seconds": 55.0, "restore_seconds": 5.0}, 170.0)
+        store.record("b", "e", {"attack": "rtal"}, [{"round": 0}, {"round": 1}],
+                     {"attack_seconds": 7.0, "restore_seconds": 3.0}, 12.0)
+    ph = cifar_audit.phases(tmp_path / "ws", tmp_path / "cache", started=0.0)
+    assert ph == {"clean models": 50.0, "setup": 62.0, "neural cleanse": 40.0, "algorithm 1 + evaluation": 5.0,
+                  "retraining": 10.0, "other attacks": 7.0, "restoration": 8.0, "report and the rest": 0.0}

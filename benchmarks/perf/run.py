@@ -379,8 +379,8 @@ def section_nc_peer(args) -> None:
     it (Wang et al.'s schedule, one class at a time, fp32). BackdoorBench and TrojanZoo need torchvision
     (a CUDA build here), so the peer is this project's own per-class loop (`per_class=True` with the
     faithful preset), named as such. Same 1000 images; the peer is capped at `--peer-epochs` full
-    passes (a cap can only shorten its run, so the ratio is a lower bound); ours runs the fast preset at
-    its defaults. Mask quality: per class the mask's success on all images and its L1, the smallest
+    passes (default 10, TrojanZoo's `defense_remask_epoch`; a cap can only shorten its run); ours runs
+    the fast preset at its defaults. Mask quality: per class the mask's success on all images and its L1, the smallest
     class and the flagged set."""
     print("[nc_peer] fast Neural Cleanse vs the per-class PyTorch loop on the CIFAR-10 models", flush=True)
     sub = D.stratified_subset(D.load("cifar10", args.data_dir, "train"), per_class=100, seed=0)
@@ -770,7 +770,7 @@ def main(argv=None) -> int:
                     help="full-pass epochs of the faithful CIFAR-10 Neural Cleanse rows (the fast ones run 4x as many "
                          "8-minibatch epochs)")
     ap.add_argument("--cifar-full-seeds", default="0,1", help="NC seeds of the cifar_full rows")
-    ap.add_argument("--peer-epochs", type=int, default=20,
+    ap.add_argument("--peer-epochs", type=int, default=10,
                     help="nc_peer: at most this many full passes per class for the per-class peer")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite perf.md from perf.json")
     ap.add_argument("--no-cifar", dest="cifar", action="store_false")
