@@ -150,8 +150,8 @@ def write_markdown(store: dict) -> None:
     lines += ["", "## On the Table 2 owner models", "",
               "Removed k/n with its 95% Wilson interval (removed: no ownership shown and <= 3 points of test accuracy "
               "lost); test accuracy mean ± sd; WM accuracy median [min-max].", "",
-              "| model | attack | removed | destroyed | test acc % | WM acc % | s / run |",
-              "|---|---|---|---|---|---|---|"]
+              "| model | attack | removed | destroyed | test acc % | WM acc % | s / run | ran on |",
+              "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in store["rows"]:
         groups.setdefault((r["dataset"], r["name"], r["attack"]), []).append(r)
@@ -164,9 +164,15 @@ def write_markdown(store: dict) -> None:
                      f"{sum(r['outcome'] == 'destroyed' for r in rs)}/{n} | "
                      f"{statistics.mean(tests):.2f} ± {sd:.2f} | "
                      f"{statistics.median(wms):.2f} [{min(wms):.2f}-{max(wms):.2f}] | "
-                     f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
+                     f"{statistics.mean(r['seconds'] for r in rs):.0f} | {ran_on(rs)} |")
     lines += battery_sections(store)
     atomic_write_bytes(RESULTS / "attacks.md", ("\n".join(lines) + "\n").encode())
+
+
+def ran_on(rows: list[dict]) -> str:
+    """'GPU ×3, CPU ×2': where a group's runs ran (seconds differ by machine; each row names its own)."""
+    kinds = ["GPU" if "NVIDIA" in str(r.get("machine")) else "CPU" for r in rows]
+    return ", ".join(f"{k} ×{kinds.count(k)}" for k in dict.fromkeys(kinds))
 
 
 # Gan et al. (CVPR 2023), CIFAR-10 ResNet-18, attacker with 20% of the training set: residual WM %.
