@@ -8,6 +8,7 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            vs ours per class, each with the faithful and the fast preset, and the fast-bf16 preset;
            the fast preset's one-time plan timing on its own row (the run starts from an empty plan
            cache). Per class: wall time, iterations, mask L1, attack success, flagged.
+  eval     (opt-in, ~1 min) prediction over the CIFAR-10 test set at a batch of 1000 and at the default.
   nc_peer  (opt-in, ~25 min) the fast preset against a per-class PyTorch Neural Cleanse (the project's
            own per-class loop, Wang et al.'s schedule) on the Table 7 CNN and ResNet-20, at equal images.
   cifar_nc Neural Cleanse on the Table 7 CNN and ResNet-20 (1000 CIFAR-10 images): seconds, stamped
@@ -412,6 +413,28 @@ def section_nc_peer(args) -> None:
                   f"success on all images {len(p['under_target'])} / {len(o['under_target'])} of 10 (peer / ours)")
 
 
+def section_eval(args) -> None:
+    """Prediction over the CIFAR-10 test set (what every verdict and evaluation runs) at the old batch of
+    1000 images against the library's default (`train.eval_batch`); the labels must be identical."""
+    print("[eval] prediction batch size on the CIFAR-10 models", flush=True)
+    from nnlaunder.train import eval_batch
+
+    te = D.load("cifar10", args.data_dir, "test")
+    for arch, name in (("cifar-cnn", "zhang-content"), ("resnet20", "adi-pt")):
+        model, _ = load_model(ROOT / "models" / "cifar10" / name)
+        runs = {}
+        for bs in (1000, eval_batch(torch.device("cpu"))):
+            predict(model, te.x[:bs], bs)                       # warm-up
+            t0 = time.perf_counter()
+            labels = predict(model, te.x, bs)
+            runs[bs] = (time.perf_counter() - t0, labels)
+        (old, la), (new, lb) = runs[1000], runs[eval_batch(torch.device("cpu"))]
+        row(f"eval_batch_{arch}", new, f"batch 1000: {old:.2f} s", old / new, same_labels=bool(torch.equal(la, lb)),
+            notes=f"{arch} ({name}), the 10000 CIFAR-10 test images predicted in batches of "
+                  f"{eval_batch(torch.device('cpu'))} (the default on a CPU) against 1000; labels "
+                  f"{'identical' if torch.equal(la, lb) else 'DIFFER'}")
+
+
 def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base: float) -> None:
     """The faithful batched run without this project's exact kernel measures: the library's forward for
     the one-channel conv and ReLU before max-pool (NCConfig.im2col_forward / relu_after_pool off)."""
@@ -660,9 +683,9 @@ def section_denormal(args) -> None:
         epoch_seconds=out[False], resets=n_reset)
 
 
-SECTION_PREFIX = {"machine": "machine_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_", "cifar_nc": "cifar_nc_",
-                  "cifar_full": "cifar_full_",
-                  "train": "train_", "e2e": "e2e_", "denormal": "denormal_", "malloc": "malloc_"}
+SECTION_PREFIX = {"machine": "machine_", "eval": "eval_batch_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_",
+                  "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "e2e": "e2e_",
+                  "denormal": "denormal_", "malloc": "malloc_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
 
@@ -811,6 +834,8 @@ def main(argv=None) -> int:
         section_cifar_full(args)
     if "nc_peer" in sections:
         section_nc_peer(args)
+    if "eval" in sections:
+        section_eval(args)
     if "train" in sections:
         section_train(args, mach)
     if "e2e" in sections:

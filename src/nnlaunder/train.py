@@ -131,13 +131,20 @@ def crop_flip(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor
 
 
 @torch.no_grad()
-def predict_checked(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, int]:
+def eval_batch(dev: torch.device) -> int:
+    """Images per forward pass when only predicting: on a CPU a small batch keeps each layer's
+    activations in cache (perf.md, eval_batch rows); elsewhere a large one fills the device."""
+    return 128 if dev.type == "cpu" else 1000
+
+
+def predict_checked(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> tuple[torch.Tensor, int]:
     """(predicted labels (N,), number of inputs whose outputs hold NaN or Inf), in eval mode, on the
     CPU. An input with a non-finite output has no prediction: its label is -1, never a class
-    (argmax over NaN would name class 0)."""
+    (argmax over NaN would name class 0). `batch_size` None: `eval_batch` for the model's device."""
     was = model.training
     model.eval()
     dev = model_device(model)
+    batch_size = batch_size or eval_batch(dev)
     preds, bad = [], 0
     try:
         with torch.no_grad():
@@ -158,13 +165,13 @@ def predict_checked(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -
     return (torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)), bad
 
 
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
     """Predicted labels (N,) in eval mode, on the CPU (x may live anywhere); -1 where the
     model's output is NaN or Inf, so such an input never counts as a hit."""
     return predict_checked(model, x, batch_size)[0]
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
     """Accuracy in percent (0-100); an input with a non-finite output counts as wrong."""
     if len(x) == 0:
         raise UserError("cannot measure accuracy on an empty set")
