@@ -227,7 +227,7 @@ def carried() -> list[dict]:
     out = []
     for (fname, variant), arm in CARRIED.items():
         for r in load_rows(fname):
-            if r["dataset"] == DS and r["variant"] == variant and r.get("nc_preset", "fast") == "fast":
+            if r["dataset"] == DS and r["variant"] == variant and r.get("nc_preset") != "faithful":
                 name = f"adi-{r['mode']}" if r["scheme"] == "adi" else r["name"]
                 out.append({**{k: r.get(k) for k in ("seed", "dataset", "arch", "budget", "n_clean", "orig_test_acc",
                                                      "orig_wm_acc", "test_acc", "wm_acc", "test_drop", "owned",

@@ -27,12 +27,16 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The checked-out commit (short hash)."""
+    """The checked-out commit (short hash), with "-dirty" where the code (src/, benchmarks' scripts) differs
+    from it: a result then came from code no commit holds. A long run takes it once, when it starts."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", ":(glob)benchmarks/**/*.py"],
+                               cwd=ROOT, capture_output=True).returncode == 1
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return rev + ("-dirty" if dirty else "")
 
 
 def comma_list(s: str | None) -> list[str] | None:

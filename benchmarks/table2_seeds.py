@@ -42,18 +42,18 @@ from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is o
 from nnlaunder import data as D
 from nnlaunder.attacks.calibrate import apply_candidate, calibrate
 from nnlaunder.attacks.laundering import launder, launder_config
-from nnlaunder.attacks.neural_cleanse import NCConfig, NCResult, nc_config, neural_cleanse
+from nnlaunder.attacks.neural_cleanse import NC_PRESETS, NCConfig, NCResult, nc_config, neural_cleanse
 from nnlaunder.checkpoint import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
-from nnlaunder.watermarks.verify import format_p, verdict
+from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, format_p, outcome, verdict
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "runs" / "table2-seeds"
-# The study's "fast" Neural Cleanse is the library's fast-bf16 preset (bf16 wherever the hardware has
-# it, masks not confirmed): the fast preset as it was when the study ran. Its rows say "fast", and a
-# continued run stays on the same algorithm; the library's tuned fast preset is measured in perf.md.
-STUDY_PRESETS = {"fast": "fast-bf16", "faithful": "faithful"}
+PREVIOUS = "table2-seeds-previous.json"   # the rows as they stood before the one-commit re-run (what-changed.md)
+# `--nc-check` compared Wang et al.'s algorithm with the fast preset as it was then (the library's fast-bf16:
+# bf16 wherever the hardware has it, masks not confirmed); its stored rows say "fast" for it.
+NC_CHECK_PRESETS = {"fast": "fast-bf16", "faithful": "faithful"}
 
 # The rows, their attacker budgets and the paper's figures: one definition, in table2.py.
 PAPER_TEST = {k: v["test_acc"] for k, v in PAPER.items()}
@@ -124,17 +124,21 @@ def key(r: dict) -> tuple:
 
 def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
     cmd = "python benchmarks/table2_seeds.py " + " ".join(sys.argv[1:])
+    rev = commit()      # the code this process runs, whatever is edited while it runs
     store = {
         "table2-seeds.json": load_rows("table2-seeds.json", folder),
         "table2-ablation.json": load_rows("table2-ablation.json", folder),
     }
     done = {key(r) for rows in store.values() for r in rows}
-    nc_cfg_base = nc_config(STUDY_PRESETS[args.nc_preset])
+    nc_cfg_base = nc_config(args.nc_preset)
     for ds in args.datasets:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
-        thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        paper_th = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        verdicts = json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
+        default_th = {t["row"]: t["threshold"] for t in verdicts if t["default"] and t["dataset"] == ds}
         for name, budget, model, meta, sha, wm in owner_models(ds, ROWS[ds], args.models, tr, te, args.data_dir):
-            ev = evaluator(te, wm)
+            th = default_th[name]
+            ev = evaluator(te, wm, th)     # the verdict of `nnlaunder verify`: threshold test and base rate
             head = headline_config(ds, name)
             variants = {"strong": {}}
             if args.ablation:
@@ -190,8 +194,10 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
                     rnd = res.rounds[-1]
                     n_wm = len(wm.verify_y)
                     hits = round(rnd.metrics["wm_acc"] * n_wm / 100)
-                    th = thresholds[name]
                     vd = verdict(hits, n_wm, th)
+                    owned = bool(rnd.metrics.get("owned"))
+                    drop = before["test_acc"] - rnd.metrics["test_acc"]
+                    out = outcome(owned, drop, None, DEFAULT_TOLERANCE)
                     row = {
                         "dataset": ds,
                         "arch": meta["arch"],
@@ -207,8 +213,19 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
                         "test_acc": rnd.metrics["test_acc"],
                         "wm_acc": rnd.metrics["wm_acc"],
                         "threshold": th,
-                        "removed": rnd.metrics["wm_acc"] < th and not rnd.metrics.get("wm_nonfinite"),
+                        "threshold_rule": "converged",
+                        "threshold_paper": paper_th[name],
+                        "owned": owned,
+                        "status": rnd.metrics.get("status"),
+                        "base_rate": rnd.metrics.get("base_rate"),
+                        "test_drop": drop,
+                        "tolerance": DEFAULT_TOLERANCE,
+                        "outcome": out,
+                        "removed": out == "removed",
+                        "removed_paper": rnd.metrics["wm_acc"] < paper_th[name] and not rnd.metrics.get("wm_nonfinite"),
+                        "n_verify": n_wm,
                         "p_value": vd.p_value,
+                        "p_log10": vd.p_log10,
                         "seconds": time.perf_counter() - t0 + nc.seconds,
                         "nc_seconds": nc.seconds,
                         "nc_plan": {k: v for k, v in nc.plan.items() if k != "timing"},
@@ -239,7 +256,7 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
                         "nc_preset": args.nc_preset,
                         "machine": machine(),
                         "date": datetime.date.today().isoformat(),
-                        "commit": commit(),
+                        "commit": rev,
                         "command": cmd,
                         "model": f"models/{ds}/{name}.safetensors",
                         "model_sha256": sha,
@@ -251,7 +268,7 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
                     print(
                         f"  [{v}] test {row['orig_test_acc']:.2f} -> {row['test_acc']:.2f}%, WM "
                         f"{row['orig_wm_acc']:.2f} -> {row['wm_acc']:.2f}% (threshold {th:.2f}%) "
-                        f"{'removed' if row['removed'] else 'KEPT'}, {row['seconds']:.0f} s",
+                        f"{out}, {row['seconds']:.0f} s",
                         flush=True,
                     )
             if folder == RESULTS:
@@ -390,8 +407,10 @@ def write_markdown() -> None:
     lines = [
         "# Table 2 ablation: the paper's steps, one at a time and together",
         "",
-        "Each CIFAR-10 row, over the same attacker seeds and the same Neural Cleanse result per seed as "
-        "table2-seeds.md: the strong attack, then with one of the steps it leaves out switched on, then all "
+        "Each CIFAR-10 row, over the same attacker seeds and the same Neural Cleanse result per seed as the "
+        "strong rows they are compared with: those of table2-seeds-previous.json (the library's fast-bf16 Neural "
+        "Cleanse preset, masks not confirmed, from the commits each row names), not the one-commit re-run of "
+        "table2-seeds.md. The strong attack, then with one of the steps it leaves out switched on, then all "
         "of them. +bn: batch-norm statistics re-estimated on the attacker's set before retraining; +branch: "
         "a ResNet unit read on its own branch (ResNet-20 only; on the Table 7 CNN it reads the same units); "
         "+masks: the recovered masks as retraining images labelled the least likely class; +topk: the 3 "
@@ -404,14 +423,17 @@ def write_markdown() -> None:
         "standard error of the best, then fewest residual trigger flips; grid: CT 1/2, 5/20 retraining epochs, "
         "the flagged trigger or the 3 smallest), with the row's layer choice. Where variants have different n, "
         "they have not all been run on the same seeds yet: compare a variant with strong on the seeds both have "
-        "(table2-ablation.json and table2-seeds.json hold every run with its seed).",
+        "(table2-ablation.json and table2-seeds-previous.json hold every run with its seed).",
         "",
         "| row | variant | seeds | removed | test acc % | WM acc % | strong on the same seeds: removed, test % |",
         "|---|---|---|---|---|---|---|",
     ]
     findings = []
+    previous = load_rows(PREVIOUS)
     for ds, name in order:
-        base = [r for r in seeds if (r["dataset"], r["name"], r["nc_preset"]) == (ds, name, "fast")]
+        # the ablation ran on the fast-bf16 Neural Cleanse results of the rows before the one-commit re-run:
+        # each variant is compared with the strong attack on those same results
+        base = [r for r in previous if (r["dataset"], r["name"], r["nc_preset"]) == (ds, name, "fast-bf16")]
         rs_all = [r for r in abl if (r["dataset"], r["name"]) == (ds, name)]
         if not rs_all:
             continue
@@ -490,7 +512,7 @@ def nc_check(args) -> None:
                 clean = D.stratified_subset(tr, fraction=budget, seed=seed)
                 res = {}
                 for preset in ("fast", "faithful"):
-                    cfg = dataclasses.replace(nc_config(STUDY_PRESETS[preset]), seed=seed)
+                    cfg = dataclasses.replace(nc_config(NC_CHECK_PRESETS[preset]), seed=seed)
                     res[preset] = nc_cached(
                         CACHE / f"nc-{ds}-{name}-s{seed}-{preset}.safetensors", sha, model, clean.x, cfg, tr.num_classes
                     )
@@ -659,7 +681,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--variants", default=None, help="comma-separated subset of the variants to run (strong, +bn, ..., calibrated)"
     )
-    ap.add_argument("--nc-preset", choices=("faithful", "fast"), default="fast")
+    ap.add_argument("--nc-preset", choices=tuple(NC_PRESETS), default="fast",
+                    help="Neural Cleanse preset (default: the library's fast preset, as the audit runs it)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown tables from the JSON files")
     ap.add_argument(
