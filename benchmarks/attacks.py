@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import comma_list, commit, machine, owner_models, wilson
+from common import comma_list, default_thresholds, owner_models, provenance, wilson
 from table2 import ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
 from nnlaunder import data as D
@@ -41,10 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "attacks.json"
 NEW = ("nad", "anp", "i-bau", "dehydration")
-
-
-def _meta(cmd: str) -> dict:
-    return {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit(), "command": cmd}
 
 
 def _store() -> dict:
@@ -82,7 +77,7 @@ def validate(args, store: dict, cmd: str) -> None:
                "asr_after": asr(res.model),
                "test_before": before[1], "test_after": acc(res.model), "seconds": time.perf_counter() - t0,
                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-               "info": json.loads(json.dumps(res.info, default=str)), **_meta(cmd)}
+               "info": json.loads(json.dumps(res.info, default=str)), **provenance(cmd)}
         store["validation"].append(row)
         atomic_write_json(OUT, store)
         print(f"validate {name}: attack success {row['asr_before']:.2f} -> {row['asr_after']:.2f}%, test "
@@ -90,10 +85,9 @@ def validate(args, store: dict, cmd: str) -> None:
 
 
 def run_rows(args, store: dict, cmd: str) -> None:
-    th_rows = json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
     for ds in args.rows:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
-        th = {t["row"]: t["threshold"] for t in th_rows if t["default"] and t["dataset"] == ds}
+        th = default_thresholds(ds)
         for name, budget, model, meta, sha, wm in owner_models(ds, ROWS[ds], args.models, tr, te, args.data_dir):
             ev = evaluator(te, wm, th[name])
             before = None
@@ -120,7 +114,7 @@ def run_rows(args, store: dict, cmd: str) -> None:
                            "threshold": th[name], "threshold_rule": "converged", "tolerance": DEFAULT_TOLERANCE,
                            "outcome": outcome(bool(after.get("owned")), drop, None, DEFAULT_TOLERANCE),
                            "seconds": secs, "info": json.loads(json.dumps(res.info, default=str)),
-                           "model": f"models/{ds}/{name}.safetensors", "model_sha256": sha, **_meta(cmd)}
+                           "model": f"models/{ds}/{name}.safetensors", "model_sha256": sha, **provenance(cmd)}
                     store["rows"].append(row)
                     atomic_write_json(OUT, store)
                     print(f"{ds}/{name} [{attack}] seed {seed}: test {before['test_acc']:.2f} -> "

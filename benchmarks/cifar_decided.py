@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
 import statistics
 import sys
@@ -45,7 +44,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import commit, machine, wilson
+from common import default_thresholds, provenance, wilson
 from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 from table2_seeds import headline_config, load_rows, nc_cached
 
@@ -170,8 +169,7 @@ def run(args) -> None:
     rows = load_rows(OUT.name)["rows"] if OUT.is_file() else []
     done = {(r["row"], r["arm"], r["seed"]) for r in rows if r.get("source") is None}
     tr, te = D.load(DS, args.data_dir, "train"), D.load(DS, args.data_dir, "test")
-    th = {t["row"]: t["threshold"] for t in json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
-          if t["default"] and t["dataset"] == DS}
+    th = default_thresholds(DS)
     budgets = dict(ROWS[DS])
     for name in args.rows:
         arms = [a for a in ARMS[name] if not args.arms or a in args.arms]
@@ -212,8 +210,7 @@ def run(args) -> None:
                        "nc_seconds": None if nc is None else nc.seconds, **facts,
                        "seconds": time.perf_counter() - t0 + (nc.seconds if nc is not None else 0.0),
                        "landing": landing(m, wm) if name == "zhang-unrelated" else None,
-                       "machine": machine(), "date": datetime.date.today().isoformat(), "commit": commit(),
-                       "command": cmd, "model": f"models/{DS}/{name}.safetensors", "model_sha256": sha}
+                       **provenance(cmd), "model": f"models/{DS}/{name}.safetensors", "model_sha256": sha}
                 rows.append(row)
                 done.add((name, arm, seed))
                 write(rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -16,7 +18,7 @@ from nnlaunder.watermarks.verify import wilson
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["ROOT", "RESULTS", "machine", "commit", "wilson"]
+__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "wilson"]
 
 
 def machine() -> str:
@@ -37,6 +39,19 @@ def commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return rev + ("-dirty" if dirty else "")
+
+
+def provenance(command: str, rev: str | None = None) -> dict[str, str]:
+    """What a result row names about how it was made: machine, date, commit (`rev`, taken when a long run
+    started, else now) and the command."""
+    return {"machine": machine(), "date": datetime.date.today().isoformat(), "commit": rev or commit(),
+            "command": command}
+
+
+def default_thresholds(ds: str) -> dict[str, float]:
+    """The default rule's threshold (percent) for each Table 2 row of `ds` (verdicts.json)."""
+    rows = json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
+    return {t["row"]: t["threshold"] for t in rows if t["default"] and t["dataset"] == ds}
 
 
 def comma_list(s: str | None) -> list[str] | None:

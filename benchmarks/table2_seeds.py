@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import commit, machine, owner_models, wilson
+from common import commit, default_thresholds, machine, owner_models, provenance, wilson
 from safetensors import safe_open
 from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
@@ -134,8 +134,7 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
     for ds in args.datasets:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
         paper_th = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
-        verdicts = json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
-        default_th = {t["row"]: t["threshold"] for t in verdicts if t["default"] and t["dataset"] == ds}
+        default_th = default_thresholds(ds)
         for name, budget, model, meta, sha, wm in owner_models(ds, ROWS[ds], args.models, tr, te, args.data_dir):
             th = default_th[name]
             ev = evaluator(te, wm, th)     # the verdict of `nnlaunder verify`: threshold test and base rate
@@ -254,10 +253,7 @@ def run(args, folder: Path = RESULTS, cache: Path = CACHE) -> None:
                         },
                         "calibration": calibration,
                         "nc_preset": args.nc_preset,
-                        "machine": machine(),
-                        "date": datetime.date.today().isoformat(),
-                        "commit": rev,
-                        "command": cmd,
+                        **provenance(cmd, rev),
                         "model": f"models/{ds}/{name}.safetensors",
                         "model_sha256": sha,
                     }
