@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import comma_list, default_thresholds, owner_models, provenance, wilson
+from common import comma_list, commit, default_thresholds, owner_models, provenance, wilson
 from table2 import ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
 
 from nnlaunder import data as D
@@ -85,6 +85,7 @@ def validate(args, store: dict, cmd: str) -> None:
 
 
 def run_rows(args, store: dict, cmd: str) -> None:
+    rev = commit()      # the code this process runs, whatever is edited while it runs
     for ds in args.rows:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
         th = default_thresholds(ds)
@@ -114,7 +115,7 @@ def run_rows(args, store: dict, cmd: str) -> None:
                            "threshold": th[name], "threshold_rule": "converged", "tolerance": DEFAULT_TOLERANCE,
                            "outcome": outcome(bool(after.get("owned")), drop, None, DEFAULT_TOLERANCE),
                            "seconds": secs, "info": json.loads(json.dumps(res.info, default=str)),
-                           "model": f"models/{ds}/{name}.safetensors", "model_sha256": sha, **provenance(cmd)}
+                           "model": f"models/{ds}/{name}.safetensors", "model_sha256": sha, **provenance(cmd, rev)}
                     store["rows"].append(row)
                     atomic_write_json(OUT, store)
                     print(f"{ds}/{name} [{attack}] seed {seed}: test {before['test_acc']:.2f} -> "
