@@ -610,6 +610,7 @@ def headline() -> None:
                 "seeds": {
                     "n": s["n"],
                     "removed": s["k"],
+                    "destroyed": sum(x["outcome"] == "destroyed" for x in rs),
                     "wilson95": [s["lo"], s["hi"]],
                     "test_mean": s["test_mean"],
                     "test_sd": s["test_sd"],
