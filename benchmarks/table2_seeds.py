@@ -50,7 +50,6 @@ from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, format_p, outcome, ve
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = ROOT / "runs" / "table2-seeds"
-PREVIOUS = "table2-seeds-previous.json"   # the rows as they stood before the one-commit re-run (what-changed.md)
 # `--nc-check` compared Wang et al.'s algorithm with the fast preset as it was then (the library's fast-bf16:
 # bf16 wherever the hardware has it, masks not confirmed); its stored rows say "fast" for it.
 NC_CHECK_PRESETS = {"fast": "fast-bf16", "faithful": "faithful"}
@@ -406,11 +405,10 @@ def write_markdown() -> None:
     lines = [
         "# Table 2 ablation: the paper's steps, one at a time and together",
         "",
-        "Each CIFAR-10 row, over the same attacker seeds and the same Neural Cleanse result per seed as the "
-        "strong rows they are compared with: those of table2-seeds-previous.json (the library's fast-bf16 Neural "
-        "Cleanse preset, masks not confirmed, from the commits each row names), not the one-commit re-run of "
-        "table2-seeds.md. The strong attack, then with one of the steps it leaves out switched on, then all "
-        "of them. +bn: batch-norm statistics re-estimated on the attacker's set before retraining; +branch: "
+        "Each CIFAR-10 row, over the same attacker seeds and the same Neural Cleanse result per seed as "
+        "table2-seeds.md, at the same commit: the strong attack, then with one of the steps it leaves out "
+        "switched on, then all of them. +bn: batch-norm statistics re-estimated on the attacker's set before "
+        "retraining; +branch: "
         "a ResNet unit read on its own branch (ResNet-20 only; on the Table 7 CNN it reads the same units); "
         "+masks: the recovered masks as retraining images labelled the least likely class; +topk: the 3 "
         "smallest-mask triggers with per-trigger differences; +all: all four; +bn-reinit: every batch norm "
@@ -422,17 +420,15 @@ def write_markdown() -> None:
         "standard error of the best, then fewest residual trigger flips; grid: CT 1/2, 5/20 retraining epochs, "
         "the flagged trigger or the 3 smallest), with the row's layer choice. Where variants have different n, "
         "they have not all been run on the same seeds yet: compare a variant with strong on the seeds both have "
-        "(table2-ablation.json and table2-seeds-previous.json hold every run with its seed).",
+        "(table2-ablation.json and table2-seeds.json hold every run with its seed; the runs stored before the "
+        "one-commit re-run are in table2-ablation-previous.json).",
         "",
         "| row | variant | seeds | removed | test acc % | WM acc % | strong on the same seeds: removed, test % |",
         "|---|---|---|---|---|---|---|",
     ]
     findings = []
-    previous = load_rows(PREVIOUS)
     for ds, name in order:
-        # the ablation ran on the fast-bf16 Neural Cleanse results of the rows before the one-commit re-run:
-        # each variant is compared with the strong attack on those same results
-        base = [r for r in previous if (r["dataset"], r["name"], r["nc_preset"]) == (ds, name, "fast-bf16")]
+        base = [r for r in seeds if (r["dataset"], r["name"], r["nc_preset"]) == (ds, name, "fast")]
         rs_all = [r for r in abl if (r["dataset"], r["name"]) == (ds, name)]
         if not rs_all:
             continue
