@@ -92,3 +92,48 @@ def test_the_audit_profile_splits_seconds_by_phase(tmp_path):
     ph = cifar_audit.phases(tmp_path / "ws", tmp_path / "cache", started=0.0)
     assert ph == {"clean models": 50.0, "setup": 62.0, "neural cleanse": 40.0, "algorithm 1 + evaluation": 5.0,
                   "retraining": 10.0, "other attacks": 7.0, "restoration": 8.0, "report and the rest": 0.0}
+
+
+def _t2(seed, outcome, wm, drop, preset="fast", commit="abc1234"):
+    return {"dataset": "cifar10", "name": "zhang-content", "scheme": "zhang-content", "seed": seed,
+            "outcome": outcome, "wm_acc": wm, "test_acc": 88.0 - drop, "test_drop": drop, "threshold": 13.85,
+            "nc_preset": preset, "commit": commit, "machine": "cpu", "used_triggers": [0], "status": "no proof"}
+
+
+def test_what_changed_lists_the_seeds_whose_outcome_moved_in_the_re_run():
+    """The one-commit re-run against the stored rows, seed by seed: counts on both sides, and each
+    moved seed with its WM and test drop before and after."""
+    import redecide
+
+    previous = [_t2(0, "removed", 5.0, 2.9, "fast-bf16", "old1"), _t2(1, "removed", 6.0, 3.0, "fast-bf16", "old2"),
+                _t2(1, "kept", 90.0, 1.0, "faithful", "old3")]                  # another preset: not compared
+    rerun = [_t2(0, "removed", 4.0, 2.8), _t2(1, "destroyed", 5.0, 3.2)]
+    table = "\n".join(redecide.rerun_section(previous, rerun))
+    row = next(line for line in table.splitlines() if line.startswith("| cifar10/zhang-content"))
+    assert "| 2 | removed 2 | destroyed 1, removed 1 |" in row                 # two stored commits
+    assert "seed 1: removed -> destroyed" in row and "test drop 3.00 -> 3.20 points" in row
+    assert "seed 0" not in row                                                  # unchanged seeds are not listed
+
+
+def test_a_result_names_a_dirty_tree(tmp_path, monkeypatch):
+    """commit() says "-dirty" where the code differs from the checked-out commit, and nothing else."""
+    import subprocess
+
+    import common
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.py").write_text("x = 1\n")
+    (tmp_path / "notes.txt").write_text("a\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    clean = common.commit()
+    assert len(clean) >= 7 and not clean.endswith("-dirty")
+    (tmp_path / "notes.txt").write_text("b\n")                     # not code: still clean
+    assert common.commit() == clean
+    (tmp_path / "src" / "m.py").write_text("x = 2\n")
+    assert common.commit() == clean + "-dirty"
