@@ -8,10 +8,13 @@ For every watermarked model of benchmarks/embed.py:
   finetuned        all layers fine-tuned on a disjoint 30% split (Adam 1e-4)
   finetuned-mixed  the same, with one step on an owner-data batch every 2nd batch
   restored         the fine-tuned model trained further on the owner's data only (the other 70%)
-  laundered        laundering ("strong", one round, 0.6% budget, as in table2.py)
+  laundered        laundering's strong preset (one round, 0.6% budget, the library's defaults)
   laundered-restored  the laundered model trained further on the owner's data only
-Writes benchmarks/results/persistence.json (a row per model × phase, written as it goes: a stopped
-run resumes) and persistence.md, and persistence-<dataset>.png.
+Every phase is judged as `nnlaunder verify` judges (the default `converged` threshold of verdicts.json,
+the base-rate check); each attack phase (finetuned, finetuned-mixed, laundered) ends kept, hidden (no
+ownership shown, but the owner's restoration brings it back), removed or destroyed (more than 3 points
+of test accuracy lost). Writes benchmarks/results/persistence.json (a row per model × phase, written as
+it goes: a stopped run resumes) and persistence.md, and persistence-<dataset>.png.
 """
 
 from __future__ import annotations
@@ -27,13 +30,23 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import add_common_flags, comma_list, made_from_current, owner_models  # noqa: E402
+from common import (  # noqa: E402
+    add_common_flags,
+    comma_list,
+    commit,
+    default_thresholds,
+    made_from_current,
+    owner_models,
+    provenance,
+)
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
+from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 from nnlaunder.restore import finetune_threat, param_shift, restore  # noqa: E402
-from nnlaunder.train import TrainConfig, accuracy  # noqa: E402
+from nnlaunder.train import TrainConfig  # noqa: E402
+from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -45,10 +58,12 @@ PHASES = ["embedded", "finetuned", "finetuned-mixed", "restored", "laundered", "
 def run(args) -> list[dict]:
     path = RESULTS / "persistence.json"
     rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
-    done = {(r["dataset"], r["name"], r["phase"]) for r in rows}
+    done = {(r["dataset"], r["name"], r["phase"]) for r in rows if r.get("threshold_rule") == "converged"}
+    rev = commit()      # the code this process runs, whatever is edited while it runs
     for ds in args.datasets:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
-        thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        paper = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        thresholds = default_thresholds(ds)
         split, owner = D.disjoint_split(tr, 0.3, seed=args.seed)
         ft = TrainConfig(epochs=args.ft_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
         rs = TrainConfig(epochs=args.restore_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
@@ -61,8 +76,9 @@ def run(args) -> list[dict]:
             meta = {**meta, "file": file}
             evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
 
-            ctx = {"ds": ds, "name": name, "meta": meta, "wm": wm, "te": te, "model": model,
-                   "threshold": thresholds[name], "path": path, "args": args}
+            ctx = {"ds": ds, "name": name, "meta": meta, "model": model, "rev": rev,
+                   "threshold": thresholds[name], "threshold_paper": paper[name], "path": path, "args": args,
+                   "ev": evaluator(te, wm, thresholds[name])}
 
             def emit(phase, m, seconds, history=None, source=None, ctx=ctx):
                 _emit(rows, ctx, phase, m, seconds, history, source)
@@ -91,21 +107,43 @@ def run(args) -> list[dict]:
 
 def _emit(rows: list[dict], ctx: dict, phase: str, m, seconds: float, history=None, source=None) -> None:
     """Measure `m`, replace the row of (dataset, model, phase) and write the JSON at once."""
-    ds, name, meta, wm, te, args = ctx["ds"], ctx["name"], ctx["meta"], ctx["wm"], ctx["te"], ctx["args"]
+    ds, name, meta, args = ctx["ds"], ctx["name"], ctx["meta"], ctx["args"]
     source = ctx["model"] if source is None else source
+    m.eval()
+    v = ctx["ev"](0, m)
     row = {"dataset": ds, "arch": meta["arch"], "scheme": meta["scheme"], "name": name, "phase": phase,
-           "test_acc": accuracy(m, te.x, te.y), "wm_acc": accuracy(m, wm.verify_x, wm.verify_y),
-           "threshold": ctx["threshold"], "param_shift": param_shift(source, m)["total"],
+           "test_acc": v["test_acc"], "wm_acc": v["wm_acc"], "owned": bool(v.get("owned")), "status": v.get("status"),
+           "base_rate": v.get("base_rate"), "threshold": ctx["threshold"], "threshold_rule": "converged",
+           "threshold_paper": ctx["threshold_paper"], "param_shift": param_shift(source, m)["total"],
            "shift_from_embedded": param_shift(ctx["model"], m)["total"], "seconds": seconds,
            "history": history or [], "paper": None,
-           "command": f"python benchmarks/persistence.py --datasets {ds} --ft-epochs {args.ft_epochs} "
-                      f"--restore-epochs {args.restore_epochs}", **meta["file"]}
+           **provenance(f"python benchmarks/persistence.py --datasets {ds} --ft-epochs {args.ft_epochs} "
+                        f"--restore-epochs {args.restore_epochs}", ctx["rev"]), **meta["file"]}
     if meta["scheme"] == "adi":
         row["mode"] = meta["scheme_params"]["mode"]
     rows[:] = [r for r in rows if (r["dataset"], r["name"], r["phase"]) != (ds, name, phase)] + [row]
     atomic_write_json(ctx["path"], rows)
     print(f"{ds}/{name} {phase}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}% "
           f"(threshold {row['threshold']:.2f}%)  shift {row['param_shift']:.3f}  {seconds:.0f} s", flush=True)
+
+
+# Each attack phase, and the owner's restoration of it (None: none was run).
+ATTACK_PHASES = {"finetuned": "restored", "finetuned-mixed": None, "laundered": "laundered-restored"}
+
+
+def with_outcomes(rows: list[dict]) -> list[dict]:
+    """Each attack phase's outcome: kept (ownership still shown), destroyed (not shown, more than the tolerance
+    of test accuracy lost), hidden (not shown, but shown again after the owner's restoration) or removed."""
+    by = {(r["dataset"], r["name"], r["phase"]): r for r in rows}
+    for (ds, name, phase), r in by.items():
+        base, fix = by.get((ds, name, "embedded")), ATTACK_PHASES.get(phase, "")
+        if fix == "" or base is None or "owned" not in r:
+            continue
+        restored = by.get((ds, name, fix)) if fix else None
+        r["test_drop"] = base["test_acc"] - r["test_acc"]
+        r["tolerance"] = DEFAULT_TOLERANCE
+        r["outcome"] = outcome(r["owned"], r["test_drop"], restored["owned"] if restored else None, DEFAULT_TOLERANCE)
+    return rows
 
 
 def plot(rows: list[dict], ds: str) -> None:
@@ -119,7 +157,8 @@ def plot(rows: list[dict], ds: str) -> None:
         phases = [p for p in PHASES if p in by]
         bars = ax.bar(range(len(phases)), [by[p]["wm_acc"] for p in phases], color="tab:red")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.axhline(by[phases[0]]["threshold"], color="black", lw=1, ls="--", label="vanilla threshold")
+        ax.axhline(by[phases[0]]["threshold"], color="black", lw=1, ls="--",
+                   label=f"threshold ({by[phases[0]].get('threshold_rule', 'paper')} rule)")
         ax.set_xticks(range(len(phases)))
         ax.set_xticklabels(phases, rotation=35, ha="right", fontsize=7)
         ax.set_ylim(0, 110)
@@ -134,36 +173,46 @@ def plot(rows: list[dict], ds: str) -> None:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["# Persistence, restoration, and whether laundering removes or hides", "",
-             "| dataset | model | phase | test acc % | WM acc % | threshold % | parameter shift (from its input) "
-             "| shift from embedded | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+             "Every phase judged as `nnlaunder verify` judges it: the default `converged` threshold (verdicts.json; "
+             "the paper's rule in brackets) and the base-rate check. Outcome of each attack phase "
+             "(docs/methods.md#verification-and-verdicts): kept = ownership still shown; destroyed = not shown, "
+             f"more than {DEFAULT_TOLERANCE:g} points of test accuracy lost; hidden = not shown, but the owner's "
+             "restoration on clean data alone (no triggers) shows it again; removed = not shown, even after "
+             "restoration where one ran.", "",
+             "| dataset | model | phase | test acc % | WM acc % | threshold % (paper's rule) | ownership shown "
+             "| outcome | parameter shift (from its input) | shift from embedded | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["name"], PHASES.index(r["phase"]))):
+        paper = f" ({r['threshold_paper']:.2f})" if "threshold_paper" in r else ""
+        shown = {True: "yes", False: "no"}.get(r.get("owned"), "–")
         lines.append(f"| {r['dataset']} | {r['name']} | {r['phase']} | {r['test_acc']:.2f} | {r['wm_acc']:.2f} | "
-                     f"{r['threshold']:.2f} | {r['param_shift']:.3f} | {r['shift_from_embedded']:.3f} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['threshold']:.2f}{paper} | {shown} | {r.get('outcome', '')} | {r['param_shift']:.3f} | "
+                     f"{r['shift_from_embedded']:.3f} | {r['seconds']:.0f} |")
     stale = sorted({(r["dataset"], r["name"], r["model"]) for r in rows
                     if r.get("model") not in (None, f"models/{r['dataset']}/{r['name']}.safetensors")})
     if stale:
         lines += ["", "Rows computed on an earlier version of the owner model (the file named; not yet re-run on "
                   "the current one): " + "; ".join(f"{d}/{n}: `{m}`" for d, n, m in stale) + "."]
     lines += ["", "## Verdicts", "",
-              "Fine-tuning fade: WM accuracy lost by fine-tuning (plain / mixed); restoration: WM accuracy of the",
-              "fine-tuned model after training on the owner's data alone. Laundering: `not removed` when the",
-              "laundered WM accuracy is still at or above the vanilla threshold; `hidden` when it fell below but",
-              "restoration on the owner's clean data (no triggers) brings it back to or above the threshold;",
-              "`removed` when it stays below.", "",
-              "| dataset | model | fade plain / mixed (points) | restored WM % | laundered → restored WM % "
-              "| threshold % | laundering |", "|---|---|---|---|---|---|---|"]
+              "Fine-tuning fade: WM accuracy lost by fine-tuning (plain / mixed), and the outcome of each; "
+              "restoration: WM accuracy of the fine-tuned model after training on the owner's data alone; "
+              "laundering: WM accuracy after laundering and after the owner's restoration, and its outcome.", "",
+              "| dataset | model | fade plain / mixed (points) | fine-tuning outcome plain / mixed | restored WM % "
+              "| laundered → restored WM % | threshold % | laundering |", "|---|---|---|---|---|---|---|---|"]
     for ds, name in sorted({(r["dataset"], r["name"]) for r in rows}):
         by = {r["phase"]: r for r in rows if (r["dataset"], r["name"]) == (ds, name)}
         if not all(p in by for p in PHASES):
             continue
-        th, e = by["embedded"]["threshold"], by["embedded"]["wm_acc"]
-        lw, lr = by["laundered"]["wm_acc"], by["laundered-restored"]["wm_acc"]
-        verdict = "not removed" if lw >= th else ("**hidden**" if lr >= th else "removed")
+        e = by["embedded"]["wm_acc"]
         fade = f"{e - by['finetuned']['wm_acc']:.2f} / {e - by['finetuned-mixed']['wm_acc']:.2f}"
-        lines.append(f"| {ds} | {name} | {fade} | {by['restored']['wm_acc']:.2f} | {lw:.2f} → {lr:.2f} | {th:.2f} "
-                     f"| {verdict} |")
-    lines += ["", "Commands:", *[f"    {c}" for c in sorted({r['command'] for r in rows})], ""]
+        ft = f"{by['finetuned'].get('outcome', '–')} / {by['finetuned-mixed'].get('outcome', '–')}"
+        out = by["laundered"].get("outcome", "–")
+        lines.append(f"| {ds} | {name} | {fade} | {ft} | {by['restored']['wm_acc']:.2f} | "
+                     f"{by['laundered']['wm_acc']:.2f} → {by['laundered-restored']['wm_acc']:.2f} | "
+                     f"{by['embedded']['threshold']:.2f} | {'**hidden**' if out == 'hidden' else out} |")
+    where = sorted({f"{r.get('machine', '?')}, commit {r.get('commit', '?')}" for r in rows})
+    lines += ["", "Ran on: " + "; ".join(where) + ".", "", "Commands:",
+              *[f"    {c}" for c in sorted({r['command'] for r in rows})], ""]
     return "\n".join(lines)
 
 
@@ -184,6 +233,8 @@ def main(argv=None) -> int:
         rows = json.loads((RESULTS / "persistence.json").read_text())
     else:
         rows = run(args)
+    with_outcomes(rows)
+    atomic_write_json(RESULTS / "persistence.json", rows)
     for ds in sorted({r["dataset"] for r in rows}):
         plot(rows, ds)
     atomic_write_bytes(RESULTS / "persistence.md", markdown(rows).encode())
