@@ -127,8 +127,7 @@ NC_PRESETS: dict[str, dict] = {
     # slower; confirm_best: a short epoch's 256 images can pass 99% where all the images do not
     "fast": {"steps_per_epoch": 8, "early_stop_patience": 10, "max_epochs": 100, "amp": True, "exact_rewrite": True,
              "input_grad": "native", "tune": True, "confirm_best": True, "fold_bn": True},
-    # The fast preset as it was before tuning and confirmation: bf16 wherever the hardware has it.
-    # The Table 2 study's fast runs used it (benchmarks/table2_seeds.py).
+    # The fast preset without tuning or confirmation: bf16 wherever the hardware has it.
     "fast-bf16": {"steps_per_epoch": 8, "early_stop_patience": 10, "max_epochs": 100, "amp": True,
                   "exact_rewrite": True, "input_grad": "native"},
 }
