@@ -76,19 +76,19 @@ ROW_NOTES = {
         "choose CT 1.0; with that choice the same CPU setup gives test 91.18 → 87.48%, WM 100 → 59% (faithful "
         "Neural Cleanse on the H100: 88.24%, 60%): not removed either. The paper's steps, each alone and all "
         "together, do not remove it either on seed 0 (table2-ablation.md); the three smallest triggers (+topk) "
-        "lower WM most, to 51% (adi-FS: 60%), still above the 22% threshold. Adi's watermark has random labels "
-        "over every class, so no single recovered trigger stands for it (a class is flagged in 1 of 5 seeds of "
-        "each Adi row: table2-seeds.json). Neural "
+        "lower WM most, to 53% (adi-FS: 60%), still above the 30.92% threshold. Adi's watermark has random labels "
+        "over every class, so no single recovered trigger stands for it (a class is flagged in none of adi-PT's 5 "
+        "seeds and in 2 of adi-FS's: table2-seeds.json). Neural "
         "Cleanse's presets disagree here: on seed 0 the smallest mask is class 3 with the fast preset and "
         "class 2 with the faithful one (table2-nc-check.md). The outcome does not hang on that choice: on the same "
-        "seed +topk acts on classes 0, 2 and 3 together and the watermark stays (51%, table2-ablation.md). "
+        "seed +topk acts on classes 2, 3 and 5 together and the watermark stays (53%, table2-ablation.md). "
         "Given the owner's 100 trigger images instead of "
         "recovered triggers (the oracle of docs/cifar10.md), retraining removes the watermark at 1.1-1.5 points "
         "with no reset at all: for Adi the bottleneck is Neural Cleanse, whose mask-and-pattern trigger cannot "
         "express an abstract image."),
     "cifar10/adi-fs": (
         "Options as adi-PT's (the joint choice for ResNet-20). Not removed by any ablation variant on seed 0 "
-        "(table2-ablation.md: +topk lowers WM most, 80 → 60%)."),
+        "(table2-ablation.md: +topk lowers WM most, 83 → 60%)."),
     "cifar10/zhang-noise": (
         "Removed in 0/5 attacker seeds with the row's options (the joint choice for the Table 7 CNN: DT 0.5 / "
         "CT 2.0 / 20 epochs), on 2 CPU cores (table2-seeds.md). It is not the class Neural Cleanse hands over "
