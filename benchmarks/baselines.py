@@ -2,7 +2,9 @@
 
     python benchmarks/baselines.py --datasets mnist          # ~40 min on 2 CPU cores
 
-Needs the models and thresholds of benchmarks/embed.py. Writes benchmarks/results/baselines.json
+Needs the models and thresholds of benchmarks/embed.py. Each cell ends kept, removed or destroyed as
+`nnlaunder verify` decides (the default `converged` threshold of verdicts.json, the base-rate check, 3
+points of tolerance); the paper's rule is kept beside it. Writes benchmarks/results/baselines.json
 (one row per model × attack × budget, written after every cell: a stopped run resumes where it
 stopped), baselines.md, and baselines-<dataset>.png (test vs watermark accuracy per attack, with
 the vanilla threshold). Attacks use their registry defaults (nnlaunder.attacks.registry.ATTACKS).
@@ -19,12 +21,21 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import add_common_flags, comma_list, made_from_current, owner_models  # noqa: E402
+from common import (  # noqa: E402
+    add_common_flags,
+    comma_list,
+    commit,
+    default_thresholds,
+    made_from_current,
+    owner_models,
+    provenance,
+)
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.registry import ATTACKS, run_attack  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
+from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,13 +65,15 @@ def run(args) -> list[dict]:
     rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
     done = {key(r) for r in rows}
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else list(ATTACKS)
+    rev = commit()      # the code this process runs, whatever is edited while it runs
     for ds in args.datasets:
         tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
-        thresholds = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        paper = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
+        thresholds = default_thresholds(ds)
         owners = {}
         for name, _, model, meta, sha, wm in owner_models(ds, [(n, None) for n in MODELS[ds]], args.models, tr, te,
                                                            args.data_dir):
-            ev = evaluator(te, wm)
+            ev = evaluator(te, wm, thresholds[name])     # the verdict of `nnlaunder verify`, base rate included
             file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": sha}
             meta = {**meta, "file": file}
             stale = [r for r in rows if (r["dataset"], r["name"]) == (ds, name) and r["attack"] in attacks
@@ -78,21 +91,26 @@ def run(args) -> list[dict]:
                         continue
                     res = run_attack(attack, model, clean)
                     after = ev(1, res.model)
+                    drop = before["test_acc"] - after["test_acc"]
+                    out = outcome(bool(after.get("owned")), drop, None, DEFAULT_TOLERANCE)
                     row = {"dataset": ds, "arch": meta["arch"], "scheme": meta["scheme"], "name": name,
                            "attack": attack, "budget": budget, "n_clean": len(clean),
                            "orig_test_acc": before["test_acc"], "orig_wm_acc": before["wm_acc"],
                            "test_acc": after["test_acc"], "wm_acc": after["wm_acc"], "threshold": thresholds[name],
-                           "removed": after["wm_acc"] < thresholds[name], "seconds": res.seconds,
+                           "threshold_rule": "converged", "threshold_paper": paper[name],
+                           "owned": bool(after.get("owned")), "status": after.get("status"), "test_drop": drop,
+                           "tolerance": DEFAULT_TOLERANCE, "outcome": out, "removed": out == "removed",
+                           "removed_paper": after["wm_acc"] < paper[name], "seconds": res.seconds,
                            "info": {k: v for k, v in res.info.items() if k != "rounds"},
                            "paper": PAPER.get((ds, name, attack)),
-                           "command": f"python benchmarks/baselines.py --datasets {ds}", **meta["file"]}
+                           **provenance(f"python benchmarks/baselines.py --datasets {ds}", rev), **meta["file"]}
                     if meta["scheme"] == "adi":
                         row["mode"] = meta["scheme_params"]["mode"]
                     rows.append(row)
                     done.add(key(row))
                     atomic_write_json(path, rows)
                     print(f"{ds}/{name} {attack} @ {budget:.1%}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}% "
-                          f"(threshold {row['threshold']:.2f}%)  {'REMOVED' if row['removed'] else 'kept'}  "
+                          f"(threshold {row['threshold']:.2f}%)  {out}  "
                           f"{row['seconds']:.0f} s", flush=True)
     return rows
 
