@@ -21,15 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import (  # noqa: E402
-    add_common_flags,
-    comma_list,
-    commit,
-    default_thresholds,
-    made_from_current,
-    owner_models,
-    provenance,
-)
+from common import add_common_flags, comma_list, commit, default_thresholds, made_from_current, owner_models, provenance  # noqa: E402, E501
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.registry import ATTACKS, run_attack  # noqa: E402
