@@ -137,3 +137,23 @@ def test_a_result_names_a_dirty_tree(tmp_path, monkeypatch):
     assert common.commit() == clean
     (tmp_path / "src" / "m.py").write_text("x = 2\n")
     assert common.commit() == clean + "-dirty"
+
+
+def test_persistence_phases_end_kept_hidden_removed_or_destroyed():
+    """An attack phase whose watermark the owner's restoration brings back is hidden, not removed; one that
+    cost more than the tolerance is destroyed; one still owned is kept; a phase without its rows is left."""
+    import persistence
+
+    def row(phase, test, owned, name="m"):
+        return {"dataset": "d", "name": name, "phase": phase, "test_acc": test, "owned": owned}
+
+    rows = [row("embedded", 90.0, True), row("finetuned", 89.0, False), row("restored", 89.5, True),
+            row("finetuned-mixed", 89.5, True), row("laundered", 85.0, False), row("laundered-restored", 89.0, False),
+            row("laundered", 89.0, False, name="other")]                       # no embedded row: nothing to compare
+    by = {(r["name"], r["phase"]): r for r in persistence.with_outcomes(rows)}
+    assert by[("m", "finetuned")]["outcome"] == "hidden"
+    assert by[("m", "finetuned-mixed")]["outcome"] == "kept"
+    assert by[("m", "laundered")]["outcome"] == "destroyed" and by[("m", "laundered")]["test_drop"] == 5.0
+    assert "outcome" not in by[("m", "embedded")] and "outcome" not in by[("other", "laundered")]
+    by[("m", "laundered")]["test_acc"] = 88.0
+    assert persistence.with_outcomes(rows) and by[("m", "laundered")]["outcome"] == "removed"
