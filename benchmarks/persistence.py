@@ -210,8 +210,12 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {ds} | {name} | {fade} | {ft} | {by['restored']['wm_acc']:.2f} | "
                      f"{by['laundered']['wm_acc']:.2f} → {by['laundered-restored']['wm_acc']:.2f} | "
                      f"{by['embedded']['threshold']:.2f} | {'**hidden**' if out == 'hidden' else out} |")
-    where = sorted({f"{r.get('machine', '?')}, commit {r.get('commit', '?')}" for r in rows})
-    lines += ["", "Ran on: " + "; ".join(where) + ".", "", "Commands:",
+    where = sorted({f"{r['machine']}, commit {r['commit']}" for r in rows if "commit" in r})
+    old = sorted({f"{r['dataset']}/{r['name']}" for r in rows if "commit" not in r})
+    lines += ["", "Ran on: " + ("; ".join(where) or "–") + "." + (
+        f" Rows of {', '.join(old)} are from a run before the verdict rules: they name no machine or commit and "
+        "have no ownership or outcome column; the thresholds they show are the paper's rule." if old else ""),
+        "", "Commands:",
               *[f"    {c}" for c in sorted({r['command'] for r in rows})], ""]
     return "\n".join(lines)
 
