@@ -142,7 +142,8 @@ def with_outcomes(rows: list[dict]) -> list[dict]:
         restored = by.get((ds, name, fix)) if fix else None
         r["test_drop"] = base["test_acc"] - r["test_acc"]
         r["tolerance"] = DEFAULT_TOLERANCE
-        r["outcome"] = outcome(r["owned"], r["test_drop"], restored["owned"] if restored else None, DEFAULT_TOLERANCE)
+        back = restored.get("owned") if restored else None       # None: no restoration was run (or judged)
+        r["outcome"] = outcome(r["owned"], r["test_drop"], back, DEFAULT_TOLERANCE)
     return rows
 
 
