@@ -6,7 +6,8 @@ Needs the models and thresholds of benchmarks/embed.py. Each cell ends kept, rem
 `nnlaunder verify` decides (the default `converged` threshold of verdicts.json, the base-rate check, 3
 points of tolerance); the paper's rule is kept beside it. Writes benchmarks/results/baselines.json
 (one row per model × attack × budget, written after every cell: a stopped run resumes where it
-stopped), baselines.md, and baselines-<dataset>.png (test vs watermark accuracy per attack, with
+stopped; rows from before the verdict rules, which name no commit, are kept in baselines-previous.json
+and run again), baselines.md, and baselines-<dataset>.png (test vs watermark accuracy per attack, with
 the vanilla threshold). Attacks use their registry defaults (nnlaunder.attacks.registry.ATTACKS).
 """
 
@@ -55,7 +56,10 @@ def key(r: dict) -> tuple:
 def run(args) -> list[dict]:
     path = RESULTS / "baselines.json"
     rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
-    done = {key(r) for r in rows}
+    before = [r for r in rows if "commit" not in r]     # rows from before the verdict rules: run again
+    if before and not (RESULTS / "baselines-previous.json").is_file():
+        atomic_write_json(RESULTS / "baselines-previous.json", before)
+    done = {key(r) for r in rows if "commit" in r}
     attacks = [a.strip() for a in args.attacks.split(",")] if args.attacks else list(ATTACKS)
     rev = commit()      # the code this process runs, whatever is edited while it runs
     for ds in args.datasets:
@@ -73,7 +77,7 @@ def run(args) -> list[dict]:
             if stale:                               # the model file changed since: redo its cells
                 print(f"{ds}/{name}: {len(stale)} rows were computed on {stale[0].get('model')}; re-running them")
                 rows[:] = [r for r in rows if not any(r is x for x in stale)]
-                done = {key(r) for r in rows}
+                done = {key(r) for r in rows if "commit" in r}
             owners[name] = (model, meta, ev, ev(0, model))
         for budget in BUDGETS:                      # the small budget first: its cells are quick
             clean = D.stratified_subset(tr, fraction=budget, seed=args.seed)
@@ -98,7 +102,7 @@ def run(args) -> list[dict]:
                            **provenance(f"python benchmarks/baselines.py --datasets {ds}", rev), **meta["file"]}
                     if meta["scheme"] == "adi":
                         row["mode"] = meta["scheme_params"]["mode"]
-                    rows.append(row)
+                    rows[:] = [r for r in rows if key(r) != key(row)] + [row]
                     done.add(key(row))
                     atomic_write_json(path, rows)
                     print(f"{ds}/{name} {attack} @ {budget:.1%}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}% "
