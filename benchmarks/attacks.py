@@ -215,7 +215,7 @@ def cheapest_remover(runs: dict[tuple[str, float], list[dict]]) -> tuple[str, fl
 
 
 def battery_sections(store: dict) -> list[str]:
-    from nnlaunder.report.audit import pareto_plot
+    from nnlaunder.report.plots import pareto_plot
 
     groups = battery(store)
     lines = ["", "## The cheapest attack that removes each watermark", "",

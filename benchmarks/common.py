@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from nnlaunder.device import cpu_name
+from nnlaunder.device import code_commit, machine_name
 from nnlaunder.errors import UserError
 from nnlaunder.watermarks.verify import wilson
 
@@ -23,22 +19,13 @@ __all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresh
 
 def machine() -> str:
     """The device a row ran on: the GPU's name, else the CPU's model with the threads torch uses."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"{cpu_name()} ({torch.get_num_threads() or os.cpu_count()} threads)"
+    return machine_name()
 
 
 def commit() -> str:
     """The checked-out commit (short hash), with "-dirty" where the code (src/, benchmarks' scripts) differs
     from it: a result then came from code no commit holds. A long run takes it once, when it starts."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src", ":(glob)benchmarks/**/*.py"],
-                               cwd=ROOT, capture_output=True).returncode == 1
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + ("-dirty" if dirty else "")
+    return code_commit(ROOT, ("src", ":(glob)benchmarks/**/*.py")) or "unknown"
 
 
 def provenance(command: str, rev: str | None = None) -> dict[str, str]:

@@ -16,16 +16,14 @@ in the cache is reported as missing, never guessed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
+
+from common import RESULTS, provenance
 
 from nnlaunder import data as D
 from nnlaunder.checkpoint import atomic_write_json, load_model
-from nnlaunder.device import cpu_name
 from nnlaunder.experiments.clean import clean_root, read_trajectory, trajectory_key, wm_points
 from nnlaunder.recipes import owner_config
 from nnlaunder.train import predict_checked
@@ -41,8 +39,6 @@ from nnlaunder.watermarks.verify import (
     wilson,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PAPER_THRESHOLD = {("mnist", "zhang-content"): 1.5, ("mnist", "zhang-noise"): 6.0, ("mnist", "zhang-unrelated"): 20,
                    ("cifar10", "zhang-content"): 5, ("cifar10", "zhang-noise"): 4, ("cifar10", "zhang-unrelated"): 52,
                    ("cifar10", "adi-pt"): 12, ("cifar10", "adi-fs"): 12}
@@ -54,17 +50,6 @@ TASKS = [
                               ("zhang-unrelated", "zhang-unrelated", {})], [0, 1, 2], [3]),
     ("cifar10", "resnet20", [("adi-pt", "adi", {"mode": "pt"}), ("adi-fs", "adi", {"mode": "fs"})], [0, 1, 2], [3]),
 ]
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-        return sha + ("+uncommitted" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def committed_points(dataset: str, arch: str, row: str, n: int, seeds: list[int]) -> list[CleanPoint]:
@@ -132,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 })
                 print(f"{dataset}/{row} {rule}: {th.threshold:.3f}% over {th.epochs} epochs of seeds "
                       f"{list(th.seeds)}; held-out {held_ok}: {k}/{len(owned)} owned", flush=True)
-    meta = {"command": "python benchmarks/verdicts.py", "machine": cpu_name(), "date": dt.date.today().isoformat(),
-            "commit": commit(), "alpha": args.alpha}
+    meta = {**provenance("python benchmarks/verdicts.py"), "alpha": args.alpha}
     atomic_write_json(RESULTS / "verdicts.json", {**meta, "thresholds": rows})
     (RESULTS / "verdicts.md").write_text(markdown(rows, meta))
     print(f"wrote {RESULTS / 'verdicts.json'} and verdicts.md")

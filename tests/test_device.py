@@ -54,3 +54,12 @@ def test_keep_freed_memory_is_opt_in(monkeypatch, capsys):
     monkeypatch.setenv("NNLAUNDER_MALLOC", "keep")
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc                  # mallopt accepted where glibc is the allocator
+
+
+def test_code_commit_outside_a_checkout_is_none(tmp_path):
+    """A result run from a folder git does not track names no commit, rather than a wrong one."""
+    from nnlaunder.device import code_commit
+
+    assert code_commit(tmp_path) is None
+    here = code_commit()               # this checkout: a short hash, "-dirty" while src/ is edited
+    assert here is None or len(here.removesuffix("-dirty")) >= 7

@@ -246,6 +246,7 @@ def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
     """--jobs 2: cells run in worker processes; the store equals an in-process run's."""
     from pathlib import Path
 
+    from nnlaunder.device import code_commit, machine_name, today
     from nnlaunder.experiments.runner import run_experiment
 
     repo = Path(__file__).resolve().parents[1]
@@ -259,6 +260,9 @@ def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
         with Store(tmp_path / name / "results.sqlite") as s:
             got[name] = {c["config"]["budget"]: [(r["test_acc"], r["wm_acc"]) for r in c["rounds"]]
                          for c in s.cells("pool-grid")}
+            for c in s.cells("pool-grid"):          # every cell names the code, machine and date it ran on
+                assert c["summary"]["commit"] == code_commit() and c["summary"]["date"] == today()
+                assert c["summary"]["machine"].split(" (")[0] == machine_name().split(" (")[0]   # threads differ
     assert got["pool"] == got["serial"] and len(got["pool"]) == 2
 
 

@@ -54,3 +54,36 @@ def test_seeds_section_summarises_cells_that_differ_only_in_their_seed():
     assert len(row) == 1 and "| 3 | 2/3 (" in row[0] and "| 1/3 |" in row[0]
     assert "97.33 ± 2.02" in row[0] and "0.10 [0.10-0.20]" in row[0]
     assert seeds_section([cell(0, 98.6, 0.1, "removed")]) == []          # one seed: nothing to summarise
+
+
+def test_report_of_chosen_experiments_writes_their_rows_and_sets_attacks_side_by_side(tmp_path, capsys):
+    """--experiments keeps only those cells; --rows writes one flat row per cell (what it is, its summary,
+    its provenance); several attacks on one model get a test-vs-watermark plot."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _fill(ws)
+    cells = expand({"name": "side", "dataset": "cifar10", "scheme": "adi", "scheme_params": {"mode": "pt"},
+                    "sweep": {"attack": ["prune", "ftal"], "budget": [0.006, 0.108]}})
+    with Store(ws / "results.sqlite") as s:
+        for i, c in enumerate(cells):
+            sm = {"threshold": 30.9, "orig_test_acc": 91.2, "orig_wm_acc": 100.0, "test_acc": 90.0 - i,
+                  "wm_acc": 80.0 - 20 * i, "outcome": "kept" if i < 2 else "removed", "removed": i >= 2,
+                  "rounds_run": 1, "machine": "cpu", "commit": "abc1234", "date": "2026-12-04"}
+            s.record(c.cell_id(), c.name, c.as_dict(), [{"round": 0, "test_acc": 91.2, "wm_acc": 100.0}], sm, 2.0)
+    rows = tmp_path / "out" / "side.json"
+    assert main(["report", "--workspace", str(ws), "--out", str(tmp_path / "rep"), "--experiments", "side",
+                 "--rows", str(rows)]) == 0
+    got = json.loads(rows.read_text())
+    assert len(got) == 4 and {r["experiment"] for r in got} == {"side"}
+    assert {(r["attack"], r["budget"]) for r in got} == {("prune", 0.006), ("prune", 0.108), ("ftal", 0.006),
+                                                         ("ftal", 0.108)}
+    r = got[0]
+    assert (r["dataset"], r["scheme"], r["mode"], r["name"], r["seed"]) == ("cifar10", "adi", "pt", "adi-pt", 0)
+    assert r["commit"] == "abc1234" and r["seconds"] == 2.0 and r["config"]["scheme_params"] == {"mode": "pt"}
+    md = (tmp_path / "rep" / "index.md").read_text()
+    assert "## Attacks side by side" in md and "fig3" not in md
+    assert (tmp_path / "rep" / "attacks-side-cifar10-adi-pt.png").stat().st_size > 5000
+    assert main(["report", "--workspace", str(ws), "--rows", str(tmp_path)]) == 2
+    assert "is a folder; give the JSON file" in capsys.readouterr().err
+    assert main(["report", "--workspace", str(ws), "--experiments", "nope"]) == 2
+    assert "no finished cell of experiment(s) nope; it holds fig3, side" in capsys.readouterr().err

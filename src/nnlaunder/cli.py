@@ -334,8 +334,9 @@ def cmd_landscape(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .report.build import build_report
 
-    out = build_report(args.workspace, args.out or Path(args.workspace) / "report")
-    print(f"wrote {out}/index.md and {out}/index.html")
+    names = [e.strip() for e in (args.experiments or "").split(",") if e.strip()]
+    out = build_report(args.workspace, args.out or Path(args.workspace) / "report", names or None, args.rows)
+    print(f"wrote {out}/index.md and {out}/index.html" + (f", and {args.rows}" if args.rows else ""))
     return 0
 
 

@@ -402,6 +402,10 @@ def _add_report(sub: Any) -> None:
     s.add_argument("--workspace", default="runs/workspace",
                    help="workspace of `nnlaunder run` (default runs/workspace)")
     s.add_argument("--out", default=None, help="output folder (default: WORKSPACE/report)")
+    s.add_argument("--experiments", default=None, metavar="NAME[,NAME...]",
+                   help="only the cells of these experiments (default: every cell in the store)")
+    s.add_argument("--rows", default=None, metavar="FILE.json",
+                   help="also write one JSON row per cell there (what the cell is, its summary, machine, commit)")
 
 
 def _add_demo(sub: Any) -> None:

@@ -9,8 +9,10 @@ sets stay CPU tensors everywhere else and files are written from CPU tensors.
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -78,6 +80,36 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_name() -> str:
+    """The device a result ran on: the GPU's name, else the CPU's model with the threads torch uses."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"{cpu_name()} ({torch.get_num_threads() or os.cpu_count()} threads)"
+
+
+def code_commit(root: Path | None = None, paths: tuple[str, ...] = ("src",)) -> str | None:
+    """The git commit of the checkout at `root` (default: the one this package runs from), as a short
+    hash with "-dirty" where `paths` (relative to it) differ from it: a result then came from code no
+    commit holds. None outside a git checkout (an installed wheel)."""
+    if root is None:
+        pkg = Path(__file__).resolve().parent
+        if pkg.parent.name != "src":
+            return None
+        root = pkg.parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *paths], cwd=root, capture_output=True,
+                               timeout=30).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("-dirty" if dirty else "")
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
 
 
 def cpu_flags() -> list[str]:

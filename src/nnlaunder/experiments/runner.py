@@ -33,7 +33,7 @@ from ..attacks.records import RoundInfo
 from ..attacks.registry import Hooks, attack_spec
 from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, model_meta, save_model
 from ..config import from_dict
-from ..device import deterministic
+from ..device import code_commit, deterministic, machine_name, today
 from ..errors import UserError
 from ..external.models import NO_CODE, CodeAllowance
 from ..models import build
@@ -165,7 +165,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                "orig_test_acc": rows[0]["test_acc"], "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"],
                "wm_acc": last["wm_acc"], "owned": bool(last.get("owned")), "test_drop": last["test_drop"],
                "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
-               "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y)}
+               "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y), "machine": machine_name()}
     if res.info.get("calibration"):
         summary["calibration"] = res.info["calibration"]
     if cell.restore_epochs:
@@ -281,6 +281,7 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
     if ws.exists() and not ws.is_dir():
         raise UserError(f"workspace {ws} is a file, not a folder")
     ws.mkdir(parents=True, exist_ok=True)
+    rev = code_commit()     # the code this run started with, whatever is edited while it runs
     with Store(ws / "results.sqlite") as store:
         done = store.finished_ids()
         todo = [c for c in cells if c.cell_id() not in done]
@@ -288,6 +289,7 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
 
         def finish(cell: CellConfig, result: tuple) -> None:
             rows, summary, seconds = result
+            summary = {**summary, "commit": rev, "date": today()}
             store.record(cell.cell_id(), cell.name, cell.as_dict(), rows, summary, seconds)
             (ws / "partial" / f"{cell.cell_id()}.safetensors").unlink(missing_ok=True)
             bar.update(1)

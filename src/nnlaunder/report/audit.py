@@ -9,44 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
-from ..watermarks.verify import format_p  # noqa: E402
-from .build import html_page  # noqa: E402
-from .plots import _save, trigger_grid  # noqa: E402
-
-MARKERS = {"launder": "o", "rtal": "s", "ftal": "D", "fine-prune": "^", "nc-unlearn": "v", "prune-ft": "x",
-           "prune": "+", "ftll": "<", "rtll": ">", "weight-noise": "*", "nad": "P", "anp": "h", "i-bau": "p",
-           "dehydration": "X"}
-
-
-def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(8.4, 4.2))
-    names = sorted({r["attack"].split(" @ ")[0] for r in rows})      # "attack @ budget": one colour per attack,
-    budgets = list(dict.fromkeys(r["attack"].partition(" @ ")[2] for r in rows))   # filled at the first budget
-    for r in rows:
-        xs, ys = zip(*r["points"], strict=True)
-        name, _, budget = r["attack"].partition(" @ ")
-        colour = plt.get_cmap("tab20")(names.index(name) % 20)
-        marker = MARKERS.get(name, "o")
-        hollow = budgets.index(budget) > 0 and marker not in ("+", "x")    # a line marker has no face
-        ax.scatter(ys, xs, marker=marker, s=36, facecolors="none" if hollow else colour,
-                   edgecolors=colour if hollow else None, label=f"{r['attack']} ({r['removed']}/{r['n']} removed)")
-    first = rows[0]
-    ax.axvline(first["threshold"], color="k", lw=1, ls="--", label=f"threshold {first['threshold']:.2f}%")
-    ax.scatter([first["orig_wm_acc"]], [first["orig_test_acc"]], marker="*", s=140, color="gold", edgecolor="k",
-               label="the owner's model", zorder=3)
-    ax.set_xlabel("watermark accuracy after the attack (%)   [left of the line: no ownership proof]")
-    ax.set_ylabel("test accuracy after the attack (%)")
-    ax.set_xlim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: it never hides a point
-    fig.tight_layout()
-    return _save(fig, path, title)
+from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name
+from ..watermarks.verify import format_p
+from .build import html_page
+from .plots import pareto_plot, trigger_grid
 
 
 def _triggers(ws: Path, cells: Sequence[dict[str, Any]], out: Path, images: list[Path]) -> list[str]:

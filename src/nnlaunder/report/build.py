@@ -16,6 +16,7 @@ import html
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..checkpoint import atomic_write_bytes, safe_name  # noqa: E402
+from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
 from ..experiments.store import Store  # noqa: E402
 from ..watermarks.verify import wilson  # noqa: E402
-from .plots import reconstructions, trigger_grid  # noqa: E402
+from .plots import pareto_plot, reconstructions, trigger_grid  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): laundered test / laundered WM / vanilla threshold.
 PAPER = {("mnist", "zhang-content"): (98.34, 0.01, 1.5), ("mnist", "zhang-noise"): (97.45, 0.07, 6.0),
@@ -112,12 +113,72 @@ def _check_cell(c: dict, db: Path) -> None:
                         "or not numbers); the store was changed by hand")
 
 
-def build_report(workspace: str | Path, out: str | Path) -> Path:
+def flat_rows(cells: list[dict]) -> list[dict[str, Any]]:
+    """One row per finished cell, as results files keep them: what the cell is (dataset, architecture,
+    scheme with Adi's mode, attack, budget, seed), its summary (accuracies, threshold, outcome,
+    machine, commit, date), its seconds and its whole config."""
+    out = []
+    for c in cells:
+        cfg = c["config"]
+        row = {"experiment": c["experiment"], "cell_id": c["cell_id"], "dataset": cfg["dataset"],
+               "arch": cfg.get("arch"), "scheme": cfg["scheme"], "name": _scheme_name(cfg), "attack": cfg["attack"],
+               "budget": cfg["budget"], "seed": cfg["seed"], "rounds": cfg["rounds"]}
+        if (cfg.get("scheme_params") or {}).get("mode"):
+            row["mode"] = cfg["scheme_params"]["mode"]
+        out.append({**row, **c["summary"], "seconds": c["seconds"], "config": cfg})
+    return out
+
+
+def _select(cells: list[dict], experiments: Sequence[str] | None, db: Path) -> list[dict]:
+    from ..errors import UserError
+
+    if not experiments:
+        return cells
+    have = sorted({c["experiment"] for c in cells})
+    missing = [e for e in experiments if e not in have]
+    if missing:
+        raise UserError(f"{db} holds no finished cell of experiment(s) {', '.join(missing)}; it holds "
+                        f"{', '.join(have)}")
+    return [c for c in cells if c["experiment"] in experiments]
+
+
+def attacks_section(cells: list[dict], out: Path, images: list[Path]) -> list[str]:
+    """Several attacks on one model: test accuracy against watermark accuracy after each (a point per
+    cell), one plot per (experiment, dataset, scheme), the threshold drawn."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for c in cells:
+        groups[(c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]))].append(c)
+    md: list[str] = []
+    for (exp, ds, scheme), cs in sorted(groups.items()):
+        if len({c["config"]["attack"] for c in cs}) < 2:
+            continue
+        per: dict[str, list[dict]] = defaultdict(list)
+        for c in cs:
+            per[f"{c['config']['attack']} @ {_budget_label(c['config']['budget'])}"].append(c["summary"])
+        rows = [{"attack": k, "points": [(s["test_acc"], s["wm_acc"]) for s in ss], "n": len(ss),
+                 "removed": sum(s.get("outcome") == "removed" for s in ss), "threshold": ss[0]["threshold"],
+                 "orig_test_acc": ss[0]["orig_test_acc"], "orig_wm_acc": ss[0]["orig_wm_acc"]} for k, ss in per.items()]
+        png = pareto_plot(rows, "", out / safe_name(f"attacks-{exp}-{ds}-{scheme}.png"),
+                          f"{exp}: {ds} {scheme} (filled: the first budget)")
+        images.append(png)
+        if not md:
+            md = ["## Attacks side by side", "", "Test accuracy against watermark accuracy after each attack, one "
+                  "point per cell; left of the dashed line the owner's verification shows no ownership.", ""]
+        md += [f"![{exp} {ds} {scheme} attacks]({png.name})", ""]
+    return md
+
+
+def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[str] | None = None,
+                 rows: str | Path | None = None) -> Path:
+    """The report of a workspace's store (only `experiments`, where given) in `out`; with `rows`, also
+    one JSON row per cell there (`flat_rows`)."""
     ws, out = Path(workspace), Path(out)
     from ..errors import UserError
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder; the report is a folder of files")
+    if rows is not None and Path(rows).is_dir():
+        raise UserError(f"--rows {rows} is a folder; give the JSON file to write")
     db = ws / "results.sqlite"
     if not db.is_file():
         raise UserError(f"no results store at {db}; run an experiment first (`nnlaunder run FILE --workspace {ws}`)")
@@ -128,6 +189,7 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
                         "(`nnlaunder run FILE --workspace ...`), then make the report")
     for c in cells:
         _check_cell(c, db)
+    cells = _select(cells, experiments, db)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -147,11 +209,12 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
                   f"{sm['test_acc']:.2f}{pt[0]} | {sm['orig_wm_acc']:.2f} → {sm['wm_acc']:.2f}{pt[1]} | "
                   f"{sm['threshold']:.2f}{pt[2]} | {sm.get('outcome') or ('removed' if sm['removed'] else 'kept')} |")
     md += seeds_section(cells)
+    images: list[Path] = []
+    md += attacks_section(cells, out, images)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["config"]["attack"] == "launder":
             groups[(c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]))].append(c)
-    images = []
     if groups:
         md += ["", "## Accuracy against laundering rounds (Figures 3/4 style)", ""]
     for (exp, ds, scheme), cs in sorted(groups.items()):
@@ -170,6 +233,8 @@ def build_report(workspace: str | Path, out: str | Path) -> Path:
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "index.md", text.encode())
     atomic_write_bytes(out / "index.html", html_page(text, images).encode())
+    if rows is not None:
+        atomic_write_json(Path(rows), flat_rows(cells))
     return out
 
 
