@@ -211,7 +211,7 @@ def cheapest_remover(runs: dict[tuple[str, float], list[dict]]) -> tuple[str, fl
     ok = [(a, b, rs) for (a, b), rs in runs.items() if 2 * sum(r["outcome"] == "removed" for r in rs) > len(rs)]
     if not ok:
         return None
-    return min(ok, key=lambda t: (t[1], statistics.mean(r["seconds"] for r in t[2])))
+    return min(ok, key=lambda t: (t[1], statistics.mean(r.get("attack_seconds", r["seconds"]) for r in t[2])))
 
 
 def battery_sections(store: dict) -> list[str]:

@@ -4,7 +4,7 @@
     python benchmarks/redecide.py --apply    # first re-decide the stored rows in place (the migration)
 
 With `--apply`, every row of table2-seeds-previous.json (the strong attack over attacker seeds, as
-stored before the one-commit re-run), table2-ablation.json and baselines.json gets:
+stored before the one-commit re-run), table2-ablation-previous.json and baselines-previous.json gets:
   threshold          the default rule's threshold for its (dataset, watermark) (verdicts.json)
   threshold_rule     "converged"
   threshold_paper    the paper's rule, as the row was decided before
@@ -62,7 +62,7 @@ def apply() -> None:
     """The migration: every stored row re-decided in place under the default threshold and the tolerance."""
     th = {(t["dataset"], t["row"]): t for t in json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
           if t["default"]}
-    for name in (PREVIOUS, "table2-ablation-previous.json", "baselines.json"):
+    for name in (PREVIOUS, "table2-ablation-previous.json", "baselines-previous.json"):
         rows = json.loads((RESULTS / name).read_text())
         for r in rows:
             redecide_row(r, th[(r["dataset"], row_name(r))])
@@ -139,7 +139,7 @@ def rerun_section(previous: list[dict], rerun: list[dict]) -> list[str]:
 
 def others_section() -> list[str]:
     md = ["| file | changes | unchanged |", "|---|---|---|"]
-    for f in ("table2-ablation-previous.json", "table2-ablation.json", "baselines.json"):
+    for f in ("table2-ablation-previous.json", "table2-ablation.json", "baselines-previous.json"):
         moves: dict[tuple[str, str], int] = defaultdict(int)
         for r in json.loads((RESULTS / f).read_text()):
             moves[("removed" if r["removed_paper"] else "kept", r["outcome"])] += 1
@@ -147,6 +147,32 @@ def others_section() -> list[str]:
         same = ", ".join(f"{a}: {k}" for (a, b), k in sorted(moves.items()) if a == b) or "none"
         md.append(f"| {f} | {changed} | {same} |")
     return md
+
+
+def baselines_section() -> list[str]:
+    """The seed paper's battery as stored (baselines-previous.json, re-decided from its accuracies) against
+    its re-run through the engine (baselines.json: the base-rate check and the owner's restoration)."""
+    def key(r: dict) -> tuple:
+        return (r["dataset"], r["name"], r["attack"], float(r["budget"]))
+
+    old = {key(r): r for r in json.loads((RESULTS / "baselines-previous.json").read_text())}
+    path = RESULTS / "baselines.json"
+    new = [r for r in json.loads(path.read_text()) if r.get("commit")] if path.is_file() else []
+    if not new:
+        return ["baselines.json holds no re-run row yet."]
+    md = ["| dataset | model | attack | budget | stored | re-run | WM %, stored -> re-run | test %, stored -> re-run |",
+          "|---|---|---|---|---|---|---|---|"]
+    same = 0
+    for r in sorted(new, key=key):
+        o = old.get(key(r))
+        if o is None or o["outcome"] == r["outcome"]:
+            same += o is not None
+            continue
+        md.append(f"| {r['dataset']} | {r['name']} | {r['attack']} | {float(r['budget']):.1%} | {o['outcome']} | "
+                  f"{r['outcome']} | {o['wm_acc']:.2f} -> {r['wm_acc']:.2f} | "
+                  f"{o['test_acc']:.2f} -> {r['test_acc']:.2f} |")
+    return [f"{len(new)} cells re-run at {', '.join(sorted({r['commit'] for r in new}))}; {same} ended as the stored "
+            f"row was re-decided, {len(md) - 2} moved:", "", *md]
 
 
 def main(argv=None) -> int:
@@ -173,7 +199,11 @@ def main(argv=None) -> int:
                "", *rerun_section(previous, rerun), ""]
     md += ["## Other stored rows", "",
            "Re-decided the same way (old verdict under the paper's rule -> new outcome: rows):", "",
-           *others_section()]
+           *others_section(), "", "## The seed paper's battery, re-run", "",
+           "Each cell of baselines-previous.json (one attacker seed; decided from its stored accuracies) against "
+           "the same cell run again through the engine (`experiments/paper/baselines-*.toml`: decided as "
+           "`nnlaunder verify` decides, base-rate check included, then the owner's restoration). Cells whose "
+           "outcome moved:", "", *baselines_section()]
     atomic_write_bytes(RESULTS / "what-changed.md", ("\n".join(md) + "\n").encode())
     print("\n".join(md))
     return 0

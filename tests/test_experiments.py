@@ -31,7 +31,29 @@ def test_grid_expansion_and_dotted_keys():
     assert len(one) == 1 and one[0].cell_id() == expand({"dataset": "mnist"})[0].cell_id()
 
 
+def test_each_block_runs_the_grid_under_each_group_of_settings():
+    """[[each]]: one group of settings per owner model (architecture, scheme, threshold); the sweep runs
+    under every group; a table in a group merges into the base's table of that name."""
+    cells = expand({"dataset": "cifar10", "attack_params": {"dt": 0.5, "ct": 1.0},
+                    "each": [{"scheme": "zhang-noise", "threshold": 0.05},
+                             {"scheme": "adi", "arch": "resnet20", "scheme_params": {"mode": "pt"}, "threshold": 30.9,
+                              "attack_params": {"ct": 2.0}}],
+                    "sweep": {"seed": [0, 1], "budget": [0.006, 0.108]}})
+    assert len(cells) == 8
+    noise = [c for c in cells if c.scheme == "zhang-noise"]
+    adi = [c for c in cells if c.scheme == "adi"]
+    assert len(noise) == len(adi) == 4 and {c.threshold for c in noise} == {0.05}
+    assert {c.arch_name for c in adi} == {"resnet20"} and {c.scheme_params["mode"] for c in adi} == {"pt"}
+    assert {c.arch_name for c in noise} == {"cifar-cnn"}
+    assert adi[0].attack_params == {"dt": 0.5, "ct": 2.0}           # merged, not replaced
+    assert noise[0].attack_params == {"dt": 0.5, "ct": 1.0}
+
+
 @pytest.mark.parametrize("raw,needle", [
+    ({"each": {"scheme": "zhang-noise"}}, "each: expected one or more tables"),
+    ({"each": []}, "each: expected one or more tables"),
+    ({"each": [{"colour": 1}]}, "each[0]: unknown key 'colour'"),
+    ({"each": [{"seed": 1}, {"seed": 1}]}, "identical"),
     ({"datset": "mnist"}, "unknown key(s) ['datset']"),
     ({"rounds": "three"}, "experiment.rounds: expected an integer"),
     ({"rounds": 0}, "rounds: must be >= 1"),

@@ -198,11 +198,35 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
+def _each(each: Any) -> list[dict[str, Any]]:
+    """`[[each]]`: a list of tables, each a group of settings the grid runs under in turn (one owner model
+    with its architecture and threshold, say), where `[sweep]` multiplies every combination."""
+    if not isinstance(each, list) or not each or not all(isinstance(e, dict) for e in each):
+        raise UserError("each: expected one or more tables ([[each]] blocks)")
+    names = {f.name for f in dataclasses.fields(CellConfig)}
+    for i, e in enumerate(each):
+        for k in e:
+            if k not in names:
+                raise UserError(f"each[{i}]: unknown key {k!r}")
+    return each
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on `base`: a table merges key by key into the same table, anything else replaces."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merged(base[k], copy.deepcopy(v))
+        else:
+            base[k] = copy.deepcopy(v)
+    return base
+
+
 def expand(raw: dict[str, Any]) -> list[CellConfig]:
     """Validate an experiment (a dict as read from TOML) and expand its `sweep` into cells."""
     if not isinstance(raw, dict):
         raise UserError("an experiment file must be a table of settings")
-    base = {k: v for k, v in raw.items() if k != "sweep"}
+    base = {k: v for k, v in raw.items() if k not in ("sweep", "each")}
+    each = _each(raw.get("each", [{}]))
     sweep = raw.get("sweep", {})
     if not isinstance(sweep, dict):
         raise UserError("sweep: expected a table of lists")
@@ -213,13 +237,13 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
         if top not in {f.name for f in dataclasses.fields(CellConfig)}:
             raise UserError(f"sweep.{k}: unknown key {top!r}")
     keys = list(sweep)
-    size = math.prod(len(v) for v in sweep.values())
+    size = len(each) * math.prod(len(v) for v in sweep.values())
     if size > MAX_CELLS:
         raise UserError(f"sweep: the grid has {size} cells, more than the {MAX_CELLS} one experiment file may hold; "
                         "split it into several files")
     cells = []
-    for combo in itertools.product(*(sweep[k] for k in keys)) if keys else [()]:
-        d = copy.deepcopy(base)
+    for over, combo in itertools.product(each, itertools.product(*(sweep[k] for k in keys))):
+        d = _merged(copy.deepcopy(base), over)
         for k, v in zip(keys, combo, strict=True):
             _set_dotted(d, k, v)
         if isinstance(d.get("owner_path"), str):       # "models/mnist/{scheme}": one owner model per scheme

@@ -122,7 +122,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
         tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
         wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
         model = owner_model(cell, wm, ws, tr, te, progress)
-    th = cell.threshold if cell.threshold is not None else threshold_for(cell, wm, ws, tr, te, progress)["threshold"]
+    known = {} if cell.threshold is not None else threshold_for(cell, wm, ws, tr, te, progress)
+    th = cell.threshold if cell.threshold is not None else known["threshold"]
     clean = D.stratified_subset(tr, seed=cell.seed, **cell.budget_spec())
     ev = evaluator(te, wm, th)
     rows = [{"round": 0, **ev(0, model), "threshold": th, "seconds": 0.0}]
@@ -166,6 +167,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                "wm_acc": last["wm_acc"], "owned": bool(last.get("owned")), "test_drop": last["test_drop"],
                "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
                "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y), "machine": machine_name()}
+    if "paper" in known:                     # the paper's rule (the maximum over every clean epoch), beside it
+        summary["threshold_paper"] = known["paper"]
     if res.info.get("calibration"):
         summary["calibration"] = res.info["calibration"]
     if cell.restore_epochs:
