@@ -41,6 +41,11 @@ def default_thresholds(ds: str) -> dict[str, float]:
     return {t["row"]: t["threshold"] for t in rows if t["default"] and t["dataset"] == ds}
 
 
+def row_label(r: dict[str, Any]) -> str:
+    """A result row's watermark as the tables name it: the scheme, with Adi's mode ("adi-pt")."""
+    return r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
+
+
 def comma_list(s: str | None) -> list[str] | None:
     """"a, b" -> ["a", "b"]; None or "" -> None."""
     out = [x.strip() for x in (s or "").split(",") if x.strip()]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import row_label
 
 from nnlaunder import data as D
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
@@ -205,13 +206,12 @@ def write_markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r.get("paper") or {}
-        scheme = r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
-        lines.append(
-            f"| {r['dataset']} | {r['arch']} | {scheme} | {f(r['test_acc'])} ({f(p.get('test_acc'))}) "
-            f"| {f(r['clean_test_acc'])} | {f(r['wm_acc'])} ({f(p.get('wm_acc'))}) "
-            f"| {f(r['threshold'])} ({f(p.get('threshold'), 1)}) | "
-            f"{'–' if r.get('p_value') is None else format(r['p_value'], '.2g')} | {r['epochs']} "
-            f"| {r.get('device', 'cpu')} | {r['seconds'] / 60:.1f} | {cpu_min(r)} |")
+        cells = [r["dataset"], r["arch"], row_label(r), f"{f(r['test_acc'])} ({f(p.get('test_acc'))})",
+                 f(r["clean_test_acc"]), f"{f(r['wm_acc'])} ({f(p.get('wm_acc'))})",
+                 f"{f(r['threshold'])} ({f(p.get('threshold'), 1)})",
+                 "–" if r.get("p_value") is None else format(r["p_value"], ".2g"), str(r["epochs"]),
+                 r.get("device", "cpu"), f"{r['seconds'] / 60:.1f}", cpu_min(r)]
+        lines.append("| " + " | ".join(cells) + " |")
     cmds = sorted({r["command"] for r in rows})
     lines += ["", "Commands:", *[f"    {c}" for c in cmds], ""]
     return "\n".join(lines)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import joint_choice, most_aggressive_within
+from common import joint_choice, most_aggressive_within, row_label
 
 from nnlaunder import data as D
 from nnlaunder.attacks.laundering import (
@@ -334,8 +334,7 @@ def write_markdown(rows: list[dict], variants: list[dict]) -> str:
     rows = sorted(rows, key=lambda r: order.get(
         (r["dataset"], r.get("name") or r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")), len(order)))
     for r in rows:
-        p = r.get("paper") or {}
-        scheme = r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
+        p, scheme = r.get("paper") or {}, row_label(r)
         lines.append(
             f"| {r['dataset']} | {scheme} | {r['budget']:.1%} ({r['n_clean']}) | {fmt(r['orig_test_acc'])} → "
             f"**{fmt(r['test_acc'])}** ({fmt(p.get('test_acc'))}) | {fmt(r['orig_wm_acc'])} → **{fmt(r['wm_acc'])}** "

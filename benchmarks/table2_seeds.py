@@ -670,28 +670,18 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=None, help="comma-separated row names (default: every row)")
     ap.add_argument("--seeds", type=int, default=5, help="attacker seeds 0..N-1")
     ap.add_argument("--ablation", action="store_true", help="also run the ablation variants")
-    ap.add_argument(
-        "--calibrated",
-        action="store_true",
-        help="also run the attack with options chosen per seed by attacks/calibrate.py (k-fold)",
-    )
-    ap.add_argument(
-        "--variants", default=None, help="comma-separated subset of the variants to run (strong, +bn, ..., calibrated)"
-    )
+    ap.add_argument("--calibrated", action="store_true",
+                    help="also run the attack with options chosen per seed by attacks/calibrate.py (k-fold)")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated subset of the variants to run (strong, +bn, ..., calibrated)")
     ap.add_argument("--nc-preset", choices=tuple(NC_PRESETS), default="fast",
                     help="Neural Cleanse preset (default: the library's fast preset, as the audit runs it)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown tables from the JSON files")
-    ap.add_argument(
-        "--nc-check",
-        action="store_true",
-        help="compare the fast and faithful Neural Cleanse presets on the same seeds (no laundering)",
-    )
-    ap.add_argument(
-        "--headline",
-        action="store_true",
-        help="write table2.json's rows that have >= 5 seeds from their median-WM seed",
-    )
+    ap.add_argument("--nc-check", action="store_true",
+                    help="compare the fast and faithful Neural Cleanse presets on the same seeds (no laundering)")
+    ap.add_argument("--headline", action="store_true",
+                    help="write table2.json's rows that have >= 5 seeds from their median-WM seed")
     ap.add_argument("--recheck", action="store_true",
                     help="rerun the strong attack for the rows and seeds asked and compare with the stored rows "
                          "(nothing is stored)")

@@ -826,24 +826,14 @@ def main(argv=None) -> int:
     mach = {"conv_best": float("nan")}
     if "machine" in sections:
         mach = section_machine(args)
-    if "nc" in sections:
-        section_nc(args, tr, mach)
-    if "cifar_nc" in sections:
-        section_cifar_nc(args, mach)
-    if "cifar_full" in sections:
-        section_cifar_full(args)
-    if "nc_peer" in sections:
-        section_nc_peer(args)
-    if "eval" in sections:
-        section_eval(args)
-    if "train" in sections:
-        section_train(args, mach)
-    if "e2e" in sections:
-        section_e2e(args, tr)
-    if "denormal" in sections:
-        section_denormal(args)
-    if "malloc" in sections:
-        section_malloc(args)
+    run = {"nc": lambda: section_nc(args, tr, mach), "cifar_nc": lambda: section_cifar_nc(args, mach),
+           "cifar_full": lambda: section_cifar_full(args), "nc_peer": lambda: section_nc_peer(args),
+           "eval": lambda: section_eval(args), "train": lambda: section_train(args, mach),
+           "e2e": lambda: section_e2e(args, tr), "denormal": lambda: section_denormal(args),
+           "malloc": lambda: section_malloc(args)}
+    for name, section in run.items():        # in this order: later sections reuse the machine's rows
+        if name in sections:
+            section()
     machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads"
                + (", glibc malloc keeps freed memory (NNLAUNDER_MALLOC=keep)" if KEPT_FREED_MEMORY else ""))
