@@ -49,13 +49,7 @@ from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is o
 from table2_seeds import headline_config, load_rows, nc_cached
 
 from nnlaunder import data as D
-from nnlaunder.attacks.laundering import (
-    launder_config,
-    mask_images,
-    reset_and_retrain_on,
-    stamped_sets,
-    used_triggers,
-)
+from nnlaunder.attacks.laundering import launder_config, mask_images, reset_and_retrain_on, stamped_sets, used_triggers
 from nnlaunder.attacks.neural_cleanse import nc_config
 from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest

@@ -31,13 +31,7 @@ import torch
 from common import joint_choice, most_aggressive_within, row_label
 
 from nnlaunder import data as D
-from nnlaunder.attacks.laundering import (
-    launder,
-    launder_config,
-    reset_and_retrain,
-    split_holdout,
-    used_triggers,
-)
+from nnlaunder.attacks.laundering import launder, launder_config, reset_and_retrain, split_holdout, used_triggers
 from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse, stamp
 from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest

@@ -208,23 +208,18 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _add_train(sub: Any) -> None:
-    s = sub.add_parser("train", help="train a clean model")
-    _common(s)
-    _task_flags(s)
-    _out_flags(s)
-    _train_flags(s)
+def _add_train(sub: Any, name: str = "train", help: str = "train a clean model") -> Any:
+    s = sub.add_parser(name, help=help)
+    for add in (_common, _task_flags, _out_flags, _train_flags):
+        add(s)
+    return s
 
 
 def _add_embed(sub: Any) -> None:
-    s = sub.add_parser("embed", help="train a watermarked model")
-    _common(s)
-    _task_flags(s)
+    s = _add_train(sub, "embed", "train a watermarked model")
     s.add_argument("--scheme", required=True, choices=sorted(SCHEMES), help="watermark scheme to embed")
     s.add_argument("--param", action="append", metavar="KEY=VALUE", help="scheme parameter (repeatable)")
     s.add_argument("--base", help="start from this model (required for adi mode=pt)")
-    _out_flags(s)
-    _train_flags(s)
 
 
 def _add_verify(sub: Any) -> None:
