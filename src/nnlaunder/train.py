@@ -285,10 +285,7 @@ def train(
     if folder is not None and resume:
         start, history = _load_state(folder, model, opt, cfg)
     apply_masks(model, masks)
-    # channels_last pays for these convnets on a CPU (measured in docs/recipes.md)
-    fmt = torch.channels_last if (cfg.channels_last and x.ndim == 4
-                                  and any(isinstance(m, nn.Conv2d) for m in model.modules())) \
-        else torch.contiguous_format
+    fmt = _memory_format(model, x, cfg)
     model.to(memory_format=fmt)
     # same function and parameters, fewer ReLU values
     net = relu_after_pool(model) if cfg.relu_after_pool else model
@@ -304,13 +301,7 @@ def train(
         bar.close()
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": opt.param_groups[0]["lr"],
                                "seconds": time.perf_counter() - t0}
-        for name, (ex, ey) in (eval_sets or {}).items():
-            row[f"{name}_acc"] = accuracy(model, ex, ey)
-        stop = False
-        for cb in callbacks:
-            extra = cb(epoch + 1, model) or {}
-            stop = stop or bool(extra.pop("stop", False))
-            row.update(extra)
+        stop = _after_epoch(model, epoch + 1, row, eval_sets, callbacks)
         history.append(row)
         result.epochs_run = epoch + 1
         if folder is not None:
@@ -324,6 +315,26 @@ def train(
     model.eval()
     result.seconds = time.perf_counter() - t_all
     return result
+
+
+def _memory_format(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.memory_format:
+    """channels_last pays for these convnets on a CPU (measured in docs/recipes.md)."""
+    convnet = x.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return torch.channels_last if cfg.channels_last and convnet else torch.contiguous_format
+
+
+def _after_epoch(model: nn.Module, epoch: int, row: dict[str, Any],
+                 eval_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None, callbacks: Sequence[Callback]) -> bool:
+    """The epoch's accuracies on `eval_sets` and what the callbacks add, into `row`; True where a
+    callback asks to stop."""
+    for name, (ex, ey) in (eval_sets or {}).items():
+        row[f"{name}_acc"] = accuracy(model, ex, ey)
+    stop = False
+    for cb in callbacks:
+        extra = cb(epoch, model) or {}
+        stop = stop or bool(extra.pop("stop", False))
+        row.update(extra)
+    return stop
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor, fixed_tail: int,

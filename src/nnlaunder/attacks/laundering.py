@@ -398,6 +398,34 @@ def split_holdout(clean: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
     return clean.subset(torch.sort(perm[n_hold:]).values), clean.subset(perm[:n_hold])
 
 
+def _resettable_units(model: nn.Module, clean: Dataset, cfg: LaunderConfig) -> tuple[list, list]:
+    """(the units Algorithm 1 may reset in `cfg.layers`, the layers it skips and why): an error where
+    there is none, a warning for the skipped."""
+    units, skipped = discover_units(model, clean.x[:2])
+    if not units:
+        raise UserError("Algorithm 1 found no layer it can reset (a Conv2d/Linear followed by a ReLU); "
+                        f"skipped: {skipped or 'none'}")
+    if skipped:
+        warnings.warn("Algorithm 1 skips these layers (never reset): "
+                      + "; ".join(f"{n}: {why}" for n, why in skipped), stacklevel=3)
+    return select_units(units, cfg.layers), skipped
+
+
+def _resumed(model: nn.Module, resume: LaunderState | None, cfg: LaunderConfig
+             ) -> tuple[dict[str, torch.Tensor], list[RoundInfo], int | None]:
+    """(reset masks, finished rounds, round 1's most likely class): empty for a fresh run; from
+    `resume`, whose weights are loaded into `model`, for a continued one."""
+    if resume is None:
+        return {}, [], None
+    if len(resume.rounds) > cfg.rounds:
+        raise UserError(f"the state to resume has {len(resume.rounds)} rounds, more than the {cfg.rounds} asked for")
+    try:
+        model.load_state_dict(resume.model_state)
+    except RuntimeError as e:
+        raise UserError(f"the laundering state to resume does not fit this model ({str(e).splitlines()[0]})") from e
+    return dict(resume.masks), list(resume.rounds), resume.first_most
+
+
 def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: OnRound | None = None,
             on_progress: OnProgress | None = None, inplace: bool = False, first_nc: NCResult | None = None,
             on_state: OnState | None = None, resume: LaunderState | None = None) -> LaunderResult:
@@ -417,27 +445,9 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
     model = model if inplace else copy.deepcopy(model)
     t_all = time.perf_counter()
     clean, held = split_holdout(clean, cfg.holdout, cfg.seed)
-    units, skipped = discover_units(model, clean.x[:2])
-    if not units:
-        raise UserError("Algorithm 1 found no layer it can reset (a Conv2d/Linear followed by a ReLU); "
-                        f"skipped: {skipped or 'none'}")
-    if skipped:
-        warnings.warn("Algorithm 1 skips these layers (never reset): "
-                      + "; ".join(f"{n}: {why}" for n, why in skipped), stacklevel=2)
-    units = select_units(units, cfg.layers)
-    masks: dict[str, torch.Tensor] = {}
-    rounds: list[RoundInfo] = []
+    units, skipped = _resettable_units(model, clean, cfg)
     ncs: list[NCResult] = []
-    first_most: int | None = None
-    if resume is not None:
-        if len(resume.rounds) > cfg.rounds:
-            raise UserError(f"the state to resume has {len(resume.rounds)} rounds, more than the {cfg.rounds} "
-                            "asked for")
-        try:
-            model.load_state_dict(resume.model_state)
-        except RuntimeError as e:
-            raise UserError(f"the laundering state to resume does not fit this model ({str(e).splitlines()[0]})") from e
-        masks, rounds, first_most = dict(resume.masks), list(resume.rounds), resume.first_most
+    masks, rounds, first_most = _resumed(model, resume, cfg)
     start = len(rounds) + 1 if not (rounds and rounds[-1].stopped) else cfg.rounds + 1
     for r in range(start, cfg.rounds + 1):
         t0 = time.perf_counter()
