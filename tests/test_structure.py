@@ -88,10 +88,12 @@ def test_no_import_circle():
 
 
 def test_functions_stay_small_and_the_cli_thin():
+    """The cap is 80 lines; none comes within 5 of it (a function that long is split by its design, not
+    by the count)."""
     long = []
     for p in SRC.rglob("*.py"):
         for node in ast.walk(ast.parse(p.read_text())):
-            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 80:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 75:
                 long.append(f"{p.relative_to(SRC)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
     assert len((SRC / "cli.py").read_text().splitlines()) < 450
