@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from nnlaunder.cli import main
+from nnlaunder.device import code_commit, machine_name, today
 from nnlaunder.errors import UserError
 from nnlaunder.experiments import runner
 from nnlaunder.experiments.audit import PROFILES, Profile, audit_cells, outcome, run_audit, summarize, verdict_paragraph
@@ -101,6 +102,7 @@ def test_an_audit_runs_resumes_after_a_kill_and_reports(owner, tiny, tmp_path, m
     page = (folder / "audit.html").read_text()
     assert page.count("<table>") == 1 and "data:image/png;base64," in page and html.escape(got["verdict"]) in page
     assert page.count("<ul>") == 1 and "<li>threshold: " in page
+    assert f"<li>ran on: {machine_name()}, commit {code_commit()}, {today()}</li>" in page   # one machine here
     assert (folder / "pareto-3-class.png").stat().st_size > 5000 and (folder / "triggers-3-class.png").is_file()
     assert json.loads((folder / "audit.json").read_text())["verdict"] == got["verdict"]
 

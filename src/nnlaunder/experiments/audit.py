@@ -238,7 +238,8 @@ def run_audit(model: str | None, scheme: str | None, params: dict[str, Any], *, 
              "profile": f"{label}: budgets {list(prof.budgets)}, {seeds or prof.seeds} seeds, laundering "
                         f"{prof.rounds} round{'s' if prof.rounds != 1 else ''} with the {prof.nc_preset} Neural Cleanse"
                         f"{' and calibration' if prof.calibrate else ''}, restoration {prof.restore_epochs} epochs "
-                        f"on {prof.restore_fraction:.0%} of the training set"}
+                        f"on {prof.restore_fraction:.0%} of the training set",
+             "ran on": ran_on(done)}
     folder = Path(out) if out else Path(workspace) / "audit" / name
     if external is not None:
         facts["threshold"] = f"{cells[0].threshold:.2f}% ({_threshold_source(external)})"
@@ -247,6 +248,13 @@ def run_audit(model: str | None, scheme: str | None, params: dict[str, Any], *, 
     log(paragraph)
     log(f"wrote {folder}/audit.md, audit.html, audit.json and the plots")
     return {"rows": rows, "verdict": paragraph, "folder": str(folder)}
+
+
+def ran_on(cells: Sequence[dict[str, Any]]) -> str:
+    """The machines, commits and dates the cells ran on, as their summaries name them."""
+    seen = dict.fromkeys(f"{s.get('machine') or 'machine not recorded'}, commit {s.get('commit') or 'not recorded'}, "
+                         f"{s.get('date') or 'date not recorded'}" for s in (c["summary"] for c in cells))
+    return "; ".join(seen) or "-"
 
 
 def _grid(model: str | None, scheme: str | None, params: dict[str, Any], prof: Profile, seeds: int | None,
