@@ -401,7 +401,9 @@ def test_a_cells_seed_seeds_the_attacks_own_draws():
     unlearn = CellConfig(attack="nc-unlearn", attack_params={"retrain": {"epochs": 1, "batch_size": 32}},
                          seed=4).attack_config()
     assert unlearn.nc.seed == unlearn.retrain.seed == 4 and unlearn.retrain.epochs == 1
-    assert CellConfig().cell_id() == "928921f2ccf53b81"          # the id a seed-0 cell always had
+    assert CellConfig(threshold_seeds=(0, 1, 2)).cell_id() == "928921f2ccf53b81"   # the id such a cell always had
+    assert CellConfig().threshold_seeds == (0, 1, 2, 3, 4)   # MNIST: other seeds, another cell
+    assert CellConfig(dataset="cifar10").threshold_seeds == (0, 1, 2)
     assert CellConfig(seed=1).cell_id() != "2ba37e6b2caa86f6"    # one seeded in its subset only: run again
 
 

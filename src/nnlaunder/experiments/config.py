@@ -41,6 +41,7 @@ from ..models import DEFAULT_ARCH, check_fits
 from ..recipes import owner_config
 from ..train import TrainConfig
 from ..watermarks.schemes import MAX_SEED, check_params, scheme_spec
+from ..watermarks.verify import default_threshold_seeds
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_FILE_BYTES = 1 << 20
@@ -59,7 +60,7 @@ class CellConfig:
     owner: dict[str, Any] = field(default_factory=dict)     # TrainConfig overrides
     owner_seed: int = 0
     owner_path: str | None = None        # use this trained owner model (e.g. models/cifar10/zhang-content)
-    threshold_seeds: tuple[int, ...] = (0, 1, 2)
+    threshold_seeds: tuple[int, ...] | None = None     # None: the dataset's (watermarks.verify.DEFAULT_THRESHOLD_SEEDS)
     threshold: float | None = None       # a known vanilla threshold (percent): no clean models are trained
     threshold_rule: str = "converged"    # watermarks.verify.THRESHOLD_RULES (the paper's is "paper")
     tolerance: float = 3.0               # points of test accuracy a removal may cost (more: "destroyed")
@@ -75,6 +76,10 @@ class CellConfig:
     external: dict[str, Any] | None = None   # a model this project did not train (`ExternalModel.identity()`):
     #                                          the user's network, data (attacker's pool and the owner's
     #                                          restoration set), test set and trigger set; needs `threshold`
+
+    def __post_init__(self) -> None:
+        if self.threshold_seeds is None:         # resolved now, so a cell's id names the seeds it uses
+            object.__setattr__(self, "threshold_seeds", default_threshold_seeds(self.dataset))
 
     # ---- derived, validated pieces
     @property
