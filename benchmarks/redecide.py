@@ -149,6 +149,15 @@ def others_section() -> list[str]:
     return md
 
 
+def _why_moved(r: dict) -> str:
+    """What the re-run's verdict saw that the stored row could not."""
+    if r["outcome"] == "hidden":
+        return f"the owner's restoration brings it back ({r['restored_wm_acc']:.2f}%)"
+    if not r["owned"] and r["wm_acc"] >= r["threshold"]:
+        return "above the threshold, but no evidence beyond the model's base rate (it answers the target class anyway)"
+    return ""
+
+
 def baselines_section() -> list[str]:
     """The seed paper's battery as stored (baselines-previous.json, re-decided from its accuracies) against
     its re-run through the engine (baselines.json: the base-rate check and the owner's restoration)."""
@@ -160,8 +169,8 @@ def baselines_section() -> list[str]:
     new = [r for r in json.loads(path.read_text()) if r.get("commit")] if path.is_file() else []
     if not new:
         return ["baselines.json holds no re-run row yet."]
-    md = ["| dataset | model | attack | budget | stored | re-run | WM %, stored -> re-run | test %, stored -> re-run |",
-          "|---|---|---|---|---|---|---|---|"]
+    md = ["| dataset | model | attack | budget | stored | re-run | WM %, stored -> re-run | test %, stored -> re-run "
+          "| why |", "|---|---|---|---|---|---|---|---|---|"]
     same = 0
     for r in sorted(new, key=key):
         o = old.get(key(r))
@@ -170,7 +179,7 @@ def baselines_section() -> list[str]:
             continue
         md.append(f"| {r['dataset']} | {r['name']} | {r['attack']} | {float(r['budget']):.1%} | {o['outcome']} | "
                   f"{r['outcome']} | {o['wm_acc']:.2f} -> {r['wm_acc']:.2f} | "
-                  f"{o['test_acc']:.2f} -> {r['test_acc']:.2f} |")
+                  f"{o['test_acc']:.2f} -> {r['test_acc']:.2f} | {_why_moved(r)} |")
     return [f"{len(new)} cells re-run at {', '.join(sorted({r['commit'] for r in new}))}; {same} ended as the stored "
             f"row was re-decided, {len(md) - 2} moved:", "", *md]
 
