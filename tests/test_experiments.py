@@ -284,6 +284,7 @@ def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
                          for c in s.cells("pool-grid")}
             for c in s.cells("pool-grid"):          # every cell names the code, machine and date it ran on
                 assert c["summary"]["commit"] == code_commit() and c["summary"]["date"] == today()
+                assert c["summary"]["status"] and c["summary"]["base_rate"] is not None    # the verdict's why
                 assert c["summary"]["machine"].split(" (")[0] == machine_name().split(" (")[0]   # threads differ
     assert got["pool"] == got["serial"] and len(got["pool"]) == 2
 
