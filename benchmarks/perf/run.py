@@ -69,6 +69,7 @@ from nnlaunder.attacks.neural_cleanse import (  # noqa: E402
 )
 from nnlaunder.attacks.units import discover_units  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
+from nnlaunder.device import code_commit  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
 from nnlaunder.models import build  # noqa: E402
 from nnlaunder.recipes import owner_config  # noqa: E402
@@ -695,15 +696,6 @@ def cpu_model() -> str:
     return f"{MACHINE['device']} ({', '.join(MACHINE['flags']) or 'no AVX2'})"
 
 
-def revision() -> str:
-    """The checked-out commit, with a mark when the code it measures has uncommitted changes."""
-    def git(*a: str) -> str:
-        p = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return p.stdout.strip() if p.returncode == 0 else ""
-    head = git("rev-parse", "--short", "HEAD") or "unknown"
-    return head + (" with uncommitted changes" if git("status", "--porcelain", "--", "src", "benchmarks/perf") else "")
-
-
 def section_of(name: str) -> str | None:
     """The section whose prefix names this row (the longest matching prefix; None: a row another
     script writes, such as cifar_audit.py's)."""
@@ -808,7 +800,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     global COMMAND
     COMMAND = ("python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
-    RUN.update(commit=revision(), date=time.strftime("%Y-%m-%d"))
+    RUN.update(commit=code_commit(ROOT, ("src", "benchmarks/perf")) or "unknown", date=time.strftime("%Y-%m-%d"))
     # Neural Cleanse's tuned plans start from an empty cache, so the one-time timing is measured here
     os.environ["NNLAUNDER_CACHE"] = tempfile.mkdtemp(prefix="nnlaunder-perf-")
     if args.probe_faithful_nc is not None:
