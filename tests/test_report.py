@@ -83,6 +83,7 @@ def test_report_of_chosen_experiments_writes_their_rows_and_sets_attacks_side_by
     md = (tmp_path / "rep" / "index.md").read_text()
     assert "## Attacks side by side" in md and "fig3" not in md
     assert "(88.25)" not in md and "30.90 (12)" in md       # laundering's paper figures only beside laundering
+    assert "| kept | – |" in md                               # no restoration ran in these cells
     assert (tmp_path / "rep" / "attacks-side-cifar10-adi-pt.png").stat().st_size > 5000
     assert main(["report", "--workspace", str(ws), "--rows", str(tmp_path)]) == 2
     assert "is a folder; give the JSON file" in capsys.readouterr().err

@@ -251,8 +251,8 @@ def last_round_section(cells: list[dict]) -> list[str]:
           "training data). Beside the threshold: the paper's rule on the same clean models, where this store "
           "measured them, and the paper's vanilla threshold.", "",
           "| experiment | dataset | scheme | attack | budget | rounds | test acc % before → after (paper) "
-          "| WM acc % before → after (paper) | threshold % (paper's rule; paper) | outcome |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| WM acc % before → after (paper) | threshold % (paper's rule; paper) | outcome | WM % after the owner's "
+          "restoration |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]),
                                           json.dumps(c["config"]["budget"]))):
         cfg, sm = c["config"], c["summary"]
@@ -264,7 +264,8 @@ def last_round_section(cells: list[dict]) -> list[str]:
         md.append(f"| {c['experiment']} | {cfg['dataset']} | {_scheme_name(cfg)} | {cfg['attack']} | "
                   f"{_budget_label(cfg['budget'])} | {sm['rounds_run']} | {sm['orig_test_acc']:.2f} → "
                   f"{sm['test_acc']:.2f}{pt[0]} | {sm['orig_wm_acc']:.2f} → {sm['wm_acc']:.2f}{pt[1]} | "
-                  f"{sm['threshold']:.2f}{pt[2]} | {sm.get('outcome') or ('removed' if sm['removed'] else 'kept')} |")
+                  f"{sm['threshold']:.2f}{pt[2]} | {sm.get('outcome') or ('removed' if sm['removed'] else 'kept')} | "
+                  f"{'–' if sm.get('restored_wm_acc') is None else format(sm['restored_wm_acc'], '.2f')} |")
     return md
 
 
