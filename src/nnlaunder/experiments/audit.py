@@ -25,6 +25,7 @@ from ..checkpoint import safe_name
 from ..errors import UserError
 from ..watermarks.verify import OUTCOMES, verdict, wilson
 from .config import CellConfig
+from .store import ran_on
 
 
 @dataclass(frozen=True)
@@ -248,13 +249,6 @@ def run_audit(model: str | None, scheme: str | None, params: dict[str, Any], *, 
     log(paragraph)
     log(f"wrote {folder}/audit.md, audit.html, audit.json and the plots")
     return {"rows": rows, "verdict": paragraph, "folder": str(folder)}
-
-
-def ran_on(cells: Sequence[dict[str, Any]]) -> str:
-    """The machines, commits and dates the cells ran on, as their summaries name them."""
-    seen = dict.fromkeys(f"{s.get('machine') or 'machine not recorded'}, commit {s.get('commit') or 'not recorded'}, "
-                         f"{s.get('date') or 'date not recorded'}" for s in (c["summary"] for c in cells))
-    return "; ".join(seen) or "-"
 
 
 def _grid(model: str | None, scheme: str | None, params: dict[str, Any], prof: Profile, seeds: int | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +113,10 @@ class Store:
         except (sqlite3.Error, ValueError, TypeError, RecursionError) as e:
             raise UserError(f"{self.path}: a corrupt results store ({str(e).splitlines()[0][:200]})") from e
         return out
+
+
+def ran_on(cells: Sequence[dict[str, Any]]) -> str:
+    """The machines, commits and dates the cells ran on, as their summaries name them."""
+    seen = dict.fromkeys(f"{s.get('machine') or 'machine not recorded'}, commit {s.get('commit') or 'not recorded'}, "
+                         f"{s.get('date') or 'date not recorded'}" for s in (c["summary"] for c in cells))
+    return "; ".join(seen) or "-"

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
-from ..experiments.store import Store  # noqa: E402
+from ..experiments.store import Store, ran_on  # noqa: E402
 from ..watermarks.verify import wilson  # noqa: E402
 from .plots import pareto_plot, reconstructions, trigger_grid  # noqa: E402
 
@@ -212,7 +212,8 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the report folder {str(out)[:200]}: {e.strerror or e}") from None
-    md = ["# nnlaunder report", "", f"Workspace `{ws}`: {len(cells)} finished cells.", "", *last_round_section(cells)]
+    md = ["# nnlaunder report", "", f"Workspace `{ws}`: {len(cells)} finished cells. Ran on: {ran_on(cells)}.", "",
+          *last_round_section(cells)]
     md += seeds_section(cells)
     images: list[Path] = []
     md += attacks_section(cells, out, images)
