@@ -36,7 +36,7 @@ from .recipes import owner_config
 from .train import TrainConfig, accuracy
 from .watermarks.embed import embed as _embed
 from .watermarks.schemes import Watermark, make_watermark
-from .watermarks.verify import Verdict, default_threshold_seeds
+from .watermarks.verify import Verdict
 from .watermarks.verify import verify as _verify
 
 __all__ = ["load_model", "save_model", "load_data", "attacker_subset", "watermark", "model_meta", "embed",
@@ -103,8 +103,7 @@ def threshold(dataset: str, arch: str, schemes: dict[str, dict[str, Any]], *, se
 
     tr, te = D.load(dataset, data_dir, "train"), D.load(dataset, data_dir, "test")
     wms = {s: make_watermark(s, tr, te, data_dir, p) for s, p in schemes.items()}
-    seeds = default_threshold_seeds(dataset) if seeds is None else seeds
-    return measure_thresholds(dataset, arch, config or owner_config(arch), list(seeds), wms, tr, te,
+    return measure_thresholds(dataset, arch, config or owner_config(arch), seeds, wms, tr, te,
                               progress=progress)
 
 

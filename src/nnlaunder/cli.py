@@ -31,7 +31,7 @@ from .models import DEFAULT_ARCH, build, check_data, check_fits
 from .train import NonFiniteLoss, accuracy
 from .watermarks.embed import embed
 from .watermarks.schemes import SCHEMES, make_watermark
-from .watermarks.verify import check_alpha, default_threshold_seeds, read_threshold, verify
+from .watermarks.verify import check_alpha, read_threshold, verify
 
 
 def _task(args: argparse.Namespace) -> tuple[str, D.Dataset, D.Dataset]:
@@ -162,8 +162,8 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     wms = {s: make_watermark(s, tr, te, args.data_dir, param_table(args.param)) for s in schemes}
     t0 = time.perf_counter()
-    seeds = args.seeds if args.seeds is not None else list(default_threshold_seeds(args.dataset))
-    doc = measure_thresholds(args.dataset, arch, train_config(args, arch), seeds, wms, tr, te, progress=not args.quiet)
+    doc = measure_thresholds(args.dataset, arch, train_config(args, arch), args.seeds, wms, tr, te,
+                             progress=not args.quiet)
     atomic_write_json(out, {**doc, "seconds": time.perf_counter() - t0})
     print(_table([(s, f"{v:.2f}% ({doc['rule']}; paper rule {doc['rules'][s]['paper']['threshold']:.2f}%)")
                   for s, v in doc["thresholds"].items()]))

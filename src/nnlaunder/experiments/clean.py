@@ -154,13 +154,16 @@ def clean_points(dataset: str, arch: str, cfg: TrainConfig, seeds: Sequence[int]
 
 
 
-def measure_thresholds(dataset: str, arch: str, cfg: TrainConfig, seeds: Sequence[int], wms: dict[str, Watermark],
+def measure_thresholds(dataset: str, arch: str, cfg: TrainConfig, seeds: Sequence[int] | None,
+                       wms: dict[str, Watermark],
                        tr: D.Dataset, te: D.Dataset, *, alpha: float = 0.01, root: str | Path | None = None,
                        progress: bool = False) -> dict[str, Any]:
     """Every threshold rule for every watermark in `wms`, over the clean seeds (trained only where missing):
-    what `nnlaunder threshold` writes. `thresholds` holds the default rule's value per scheme."""
-    from ..watermarks.verify import DEFAULT_RULE, THRESHOLD_RULES, threshold_rule
+    what `nnlaunder threshold` writes. `thresholds` holds the default rule's value per scheme. `seeds`
+    None: the dataset's default seeds."""
+    from ..watermarks.verify import DEFAULT_RULE, THRESHOLD_RULES, default_threshold_seeds, threshold_rule
 
+    seeds = default_threshold_seeds(dataset) if seeds is None else seeds
     trajs = [clean_trajectory(dataset, arch, cfg, s, tr, te, root=root, progress=progress) for s in seeds]
     rules: dict[str, dict[str, Any]] = {}
     hits: dict[str, list[list[int]]] = {}

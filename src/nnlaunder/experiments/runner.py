@@ -122,8 +122,9 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
         tr, te = D.load(cell.dataset, data_dir, "train"), D.load(cell.dataset, data_dir, "test")
         wm = make_watermark(cell.scheme, tr, te, data_dir, cell.scheme_params)
         model = owner_model(cell, wm, ws, tr, te, progress)
-    known = {} if cell.threshold is not None else threshold_for(cell, wm, ws, tr, te, progress)
-    th = cell.threshold if cell.threshold is not None else known["threshold"]
+    known = {"threshold": cell.threshold} if cell.threshold is not None else threshold_for(cell, wm, ws, tr, te,
+                                                                                          progress)
+    th = known["threshold"]
     clean = D.stratified_subset(tr, seed=cell.seed, **cell.budget_spec())
     ev = evaluator(te, wm, th)
     rows = [{"round": 0, **ev(0, model), "threshold": th, "seconds": 0.0}]
