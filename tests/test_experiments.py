@@ -9,7 +9,7 @@ import time
 import pytest
 
 from nnlaunder.errors import UserError
-from nnlaunder.experiments.config import expand, load_experiment
+from nnlaunder.experiments.config import expand, load_experiment, select_cells
 from nnlaunder.experiments.store import Store
 
 
@@ -47,6 +47,29 @@ def test_each_block_runs_the_grid_under_each_group_of_settings():
     assert {c.arch_name for c in noise} == {"cifar-cnn"}
     assert adi[0].attack_params == {"dt": 0.5, "ct": 2.0}           # merged, not replaced
     assert noise[0].attack_params == {"dt": 0.5, "ct": 1.0}
+
+
+def test_a_sweep_over_tables_merges_each_into_the_files_table():
+    """An ablation: variants that set several options together, each laid over the row's own settings."""
+    cells = expand({"dataset": "mnist", "threshold": 1.0, "attack_params": {"dt": 0.5, "ct": 2.0},
+                    "sweep": {"attack_params": [{"bn_stats": "reestimate"}, {"ct": 1.0, "add_masks": True}]}})
+    assert [c.attack_params for c in cells] == [{"dt": 0.5, "ct": 2.0, "bn_stats": "reestimate"},
+                                                {"dt": 0.5, "ct": 1.0, "add_masks": True}]
+    assert [c.attack_config().bn_stats for c in cells] == ["reestimate", "keep"]
+
+
+def test_only_selects_part_of_a_grid_and_names_its_mistakes():
+    """`nnlaunder run --only KEY=V1,V2`: the cells with one of those values, every filter applied; an
+    unknown key, a malformed filter or an empty selection is a one-line error."""
+    cells = expand({"dataset": "mnist", "threshold": 1.0,
+                    "sweep": {"attack": ["nad", "i-bau", "prune"], "seed": [0, 1], "budget": [0.006, 0.06]}})
+    got = select_cells(cells, ["attack=nad,i-bau", "seed=1"])
+    assert sorted((c.attack, c.seed) for c in got) == [("i-bau", 1)] * 2 + [("nad", 1)] * 2
+    assert {c.budget for c in select_cells(cells, ["budget=0.06"])} == {0.06}
+    for bad, needle in ((["colour=red"], "unknown setting 'colour'"), (["attack"], "KEY=VALUE"),
+                        (["attack=launder"], "no cell")):
+        with pytest.raises(UserError, match=needle):
+            select_cells(cells, bad)
 
 
 @pytest.mark.parametrize("raw,needle", [

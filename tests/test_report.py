@@ -81,11 +81,42 @@ def test_report_of_chosen_experiments_writes_their_rows_and_sets_attacks_side_by
     assert (r["dataset"], r["scheme"], r["mode"], r["name"], r["seed"]) == ("cifar10", "adi", "pt", "adi-pt", 0)
     assert r["commit"] == "abc1234" and r["seconds"] == 2.0 and r["config"]["scheme_params"] == {"mode": "pt"}
     md = (tmp_path / "rep" / "index.md").read_text()
-    assert "## Attacks side by side" in md and "fig3" not in md
+    assert "## Every attack on each watermark" in md and "fig3" not in md
+    assert "| cifar10/adi-pt | 4 | ftal @ 0.6% |" in md        # ftal removes (1/1) at both budgets
     assert "(88.25)" not in md and "30.90 (12)" in md       # laundering's paper figures only beside laundering
     assert "| kept | – |" in md                               # no restoration ran in these cells
-    assert (tmp_path / "rep" / "attacks-side-cifar10-adi-pt.png").stat().st_size > 5000
+    assert (tmp_path / "rep" / "attacks-cifar10-adi-pt.png").stat().st_size > 5000
     assert main(["report", "--workspace", str(ws), "--rows", str(tmp_path)]) == 2
     assert "is a folder; give the JSON file" in capsys.readouterr().err
     assert main(["report", "--workspace", str(ws), "--experiments", "nope"]) == 2
     assert "no finished cell of experiment(s) nope; it holds fig3, side" in capsys.readouterr().err
+
+
+def test_battery_finds_the_cheapest_remover_under_its_fixed_rule():
+    """A configuration (all settings but the seed) removes a watermark when most of its cells end removed;
+    the cheapest has the fewest clean images, then the fewest attack seconds. The same attack and budget in
+    two experiments are two configurations, each named by its experiment."""
+    from nnlaunder.report.battery import cheapest_remover, configurations, gan_lines
+
+    def cell(exp, attack, budget, seed, outcome, n_clean, secs):
+        cfg = {"dataset": "cifar10", "scheme": "zhang-noise", "scheme_params": {}, "attack": attack,
+               "budget": budget, "rounds": 1, "seed": seed}
+        return {"experiment": exp, "config": cfg, "seconds": secs + 5,
+                "summary": {"outcome": outcome, "n_clean": n_clean, "attack_seconds": secs, "wm_acc": 1.0 + seed}}
+
+    cells = [cell("t2", "launder", 0.006, s, o, 300, 60) for s, o in enumerate(["removed", "removed", "kept"])]
+    cells += [cell("base", "launder", 0.006, 0, "kept", 300, 50), cell("base", "nad", 0.006, 0, "removed", 300, 20),
+              cell("base", "nad", 0.006, 1, "kept", 300, 20), cell("base", "prune", 0.108, 0, "removed", 5400, 1)]
+    groups = configurations(cells)[("cifar10", "zhang-noise")]
+    assert sorted(groups) == ["launder @ 0.6% (base)", "launder @ 0.6% (t2)", "nad @ 0.6%", "prune @ 10.8%"]
+    label, cs = cheapest_remover(groups)
+    assert label == "launder @ 0.6% (t2)" and len(cs) == 3     # nad: 1/2 is no majority; prune needs more images
+    assert cheapest_remover({"nad @ 0.6%": groups["nad @ 0.6%"]}) is None
+    variants = [cell("abl", "launder", 0.006, 0, "kept", 300, 60) for _ in range(2)]
+    for c, params in zip(variants, ({"dt": 0.5, "bn_stats": "reinit"}, {"dt": 0.5, "retrain": {"epochs": 5}}),
+                         strict=True):
+        c["config"]["attack_params"] = params
+    assert sorted(configurations(variants)[("cifar10", "zhang-noise")]) == [
+        "launder @ 0.6% [bn_stats=reinit]", "launder @ 0.6% [retrain.epochs=5]"]    # an ablation's variants
+    gan = "\n".join(gan_lines(configurations(cells)))
+    assert "| zhang-noise | 28.4 / – | 28.2 / – | 14.5 / – | 3.9 / 1.5 |" in gan     # median of nad's 1.0, 2.0

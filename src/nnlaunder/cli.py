@@ -247,10 +247,12 @@ def _launder_external(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .experiments.config import load_experiment
+    from .experiments.config import load_experiment, select_cells
     from .experiments.runner import run_experiment
 
     cells = load_experiment(args.file, allow := code_allowance(args))
+    if args.only:
+        cells = select_cells(cells, args.only)
     ws = Path(args.workspace)
     _out(str(ws / "results"))
     if args.dry_run:

@@ -335,6 +335,9 @@ def _add_run(sub: Any) -> None:
     s.add_argument("file", help="experiment file (TOML; docs/experiments.md)")
     s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    s.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
+                   help="run only the cells whose setting KEY has one of these values (repeatable: all must "
+                        "match), e.g. --only attack=nad,i-bau --only seed=0")
     s.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local (this machine) or ray (an existing Ray cluster at --address)")
     s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")

@@ -250,7 +250,10 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
     for over, combo in itertools.product(each, itertools.product(*(sweep[k] for k in keys))):
         d = _merged(copy.deepcopy(base), over)
         for k, v in zip(keys, combo, strict=True):
-            _set_dotted(d, k, v)
+            if isinstance(v, dict) and isinstance(d.get(k), dict):
+                _merged(d[k], v)       # a table value merges into the file's table, as an [[each]] table does
+            else:
+                _set_dotted(d, k, v)
         if isinstance(d.get("owner_path"), str):       # "models/mnist/{scheme}": one owner model per scheme
             d["owner_path"] = d["owner_path"].replace("{scheme}", str(d.get("scheme", "zhang-content"))).replace(
                 "{dataset}", str(d.get("dataset", "mnist")))
@@ -259,6 +262,31 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
     if len(set(ids)) != len(ids):
         raise UserError("sweep: two cells of the grid are identical (a value is repeated)")
     return cells
+
+
+def select_cells(cells: list[CellConfig], only: list[str]) -> list[CellConfig]:
+    """The cells whose settings match every `KEY=V1,V2` of `only` (a top-level setting, its value as the
+    file writes it: `attack=nad,i-bau`, `seed=0`, `budget=0.006`); part of a grid, run or reported alone."""
+    names = [f.name for f in dataclasses.fields(CellConfig)]
+    for spec in only:
+        key, eq, values = spec.partition("=")
+        key = key.strip()
+        if not eq or not values.strip():
+            raise UserError(f"--only {spec!r}: expected KEY=VALUE[,VALUE...], e.g. attack=nad,i-bau")
+        if key not in names:
+            raise UserError(f"--only {spec!r}: unknown setting {key!r}; choose from {', '.join(names)}")
+        wanted = {v.strip() for v in values.split(",")}
+        cells = [c for c in cells if _as_written(getattr(c, key)) in wanted]
+    if not cells:
+        raise UserError(f"--only {' '.join(only)}: no cell of the experiment matches")
+    return cells
+
+
+def _as_written(v: Any) -> str:
+    """A setting's value as a TOML file or a command line writes it (0.006, true, 3, "nad" as nad)."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return v if isinstance(v, str) else json.dumps(v, default=str)
 
 
 def load_experiment(path: str | Path, allow: CodeAllowance = NO_CODE) -> list[CellConfig]:

@@ -29,7 +29,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
 from ..experiments.store import Store, ran_on  # noqa: E402
 from ..watermarks.verify import wilson  # noqa: E402
-from .plots import pareto_plot, reconstructions, trigger_grid  # noqa: E402
+from .battery import battery_section, budget_label, scheme_name  # noqa: E402
+from .plots import reconstructions, trigger_grid  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): laundered test / laundered WM / vanilla threshold.
 PAPER = {("mnist", "zhang-content"): (98.34, 0.01, 1.5), ("mnist", "zhang-noise"): (97.45, 0.07, 6.0),
@@ -51,13 +52,6 @@ MARKERS = ["o", "^", "s", "x"]
 
 
 
-def _scheme_name(cfg: dict) -> str:
-    mode = (cfg.get("scheme_params") or {}).get("mode")
-    return f"{cfg['scheme']}-{mode}" if cfg["scheme"] == "adi" and mode else cfg["scheme"]
-
-
-def _budget_label(b: Any) -> str:
-    return b if isinstance(b, str) else f"{100 * b:.3g}%"
 
 
 def rounds_plot(cells: list[dict], title: str, path: Path) -> Path:
@@ -69,7 +63,7 @@ def rounds_plot(cells: list[dict], title: str, path: Path) -> Path:
         for j, c in enumerate(same):                    # several seeds: one legend entry per budget
             rs = c["rounds"]
             x = [r["round"] for r in rs]
-            lab = _budget_label(c["config"]["budget"]) + (f" ({len(same)} seeds)" if len(same) > 1 else "")
+            lab = budget_label(c["config"]["budget"]) + (f" ({len(same)} seeds)" if len(same) > 1 else "")
             ax.plot(x, [r["test_acc"] for r in rs], color="tab:blue", ls=STYLES[i % 4], marker=MARKERS[i % 4], ms=4,
                     label=f"test, {lab}" if j == 0 else None)
             ax.plot(x, [r["wm_acc"] for r in rs], color="tab:red", ls=STYLES[i % 4], marker=MARKERS[i % 4], ms=4,
@@ -124,7 +118,7 @@ def _check_cell(c: dict, db: Path) -> None:
 
 def _paper(cfg: dict) -> tuple[float | None, float | None, float | None]:
     """The paper's test / WM after / threshold for this cell's attack on this watermark, where it has them."""
-    key = (cfg["dataset"], _scheme_name(cfg))
+    key = (cfg["dataset"], scheme_name(cfg))
     if cfg["attack"] == "launder" and key in PAPER:
         return PAPER[key]
     test_wm = PAPER_ATTACKS.get((*key, cfg["attack"]))
@@ -139,7 +133,7 @@ def flat_rows(cells: list[dict]) -> list[dict[str, Any]]:
     for c in cells:
         cfg = c["config"]
         row = {"experiment": c["experiment"], "cell_id": c["cell_id"], "dataset": cfg["dataset"],
-               "arch": cfg.get("arch"), "scheme": cfg["scheme"], "name": _scheme_name(cfg), "attack": cfg["attack"],
+               "arch": cfg.get("arch"), "scheme": cfg["scheme"], "name": scheme_name(cfg), "attack": cfg["attack"],
                "budget": cfg["budget"], "seed": cfg["seed"], "rounds": cfg["rounds"]}
         if (cfg.get("scheme_params") or {}).get("mode"):
             row["mode"] = cfg["scheme_params"]["mode"]
@@ -158,32 +152,6 @@ def _select(cells: list[dict], experiments: Sequence[str] | None, db: Path) -> l
         raise UserError(f"{db} holds no finished cell of experiment(s) {', '.join(missing)}; it holds "
                         f"{', '.join(have)}")
     return [c for c in cells if c["experiment"] in experiments]
-
-
-def attacks_section(cells: list[dict], out: Path, images: list[Path]) -> list[str]:
-    """Several attacks on one model: test accuracy against watermark accuracy after each (a point per
-    cell), one plot per (experiment, dataset, scheme), the threshold drawn."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for c in cells:
-        groups[(c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]))].append(c)
-    md: list[str] = []
-    for (exp, ds, scheme), cs in sorted(groups.items()):
-        if len({c["config"]["attack"] for c in cs}) < 2:
-            continue
-        per: dict[str, list[dict]] = defaultdict(list)
-        for c in cs:
-            per[f"{c['config']['attack']} @ {_budget_label(c['config']['budget'])}"].append(c["summary"])
-        rows = [{"attack": k, "points": [(s["test_acc"], s["wm_acc"]) for s in ss], "n": len(ss),
-                 "removed": sum(s.get("outcome") == "removed" for s in ss), "threshold": ss[0]["threshold"],
-                 "orig_test_acc": ss[0]["orig_test_acc"], "orig_wm_acc": ss[0]["orig_wm_acc"]} for k, ss in per.items()]
-        png = pareto_plot(rows, "", out / safe_name(f"attacks-{exp}-{ds}-{scheme}.png"),
-                          f"{exp}: {ds} {scheme} (filled: the first budget)")
-        images.append(png)
-        if not md:
-            md = ["## Attacks side by side", "", "Test accuracy against watermark accuracy after each attack, one "
-                  "point per cell; left of the dashed line the owner's verification shows no ownership.", ""]
-        md += [f"![{exp} {ds} {scheme} attacks]({png.name})", ""]
-    return md
 
 
 def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[str] | None = None,
@@ -216,11 +184,11 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
           *last_round_section(cells)]
     md += seeds_section(cells)
     images: list[Path] = []
-    md += attacks_section(cells, out, images)
+    md += battery_section(cells, out, images)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["config"]["attack"] == "launder":
-            groups[(c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]))].append(c)
+            groups[(c["experiment"], c["config"]["dataset"], scheme_name(c["config"]))].append(c)
     if groups:
         md += ["", "## Accuracy against laundering rounds (Figures 3/4 style)", ""]
     for (exp, ds, scheme), cs in sorted(groups.items()):
@@ -254,7 +222,7 @@ def last_round_section(cells: list[dict]) -> list[str]:
           "| experiment | dataset | scheme | attack | budget | rounds | test acc % before → after (paper) "
           "| WM acc % before → after (paper) | threshold % (paper's rule; paper) | outcome | WM % after the owner's "
           "restoration |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in sorted(cells, key=lambda c: (c["experiment"], c["config"]["dataset"], _scheme_name(c["config"]),
+    for c in sorted(cells, key=lambda c: (c["experiment"], c["config"]["dataset"], scheme_name(c["config"]),
                                           json.dumps(c["config"]["budget"]))):
         cfg, sm = c["config"], c["summary"]
         p = _paper(cfg)
@@ -262,8 +230,8 @@ def last_round_section(cells: list[dict]) -> list[str]:
         beside = [f"{sm['threshold_paper']:.2f}" if "threshold_paper" in sm else "",
                   "" if p[2] is None else f"{p[2]:g}"]
         pt[2] = f" ({'; '.join(b for b in beside if b)})" if any(beside) else ""
-        md.append(f"| {c['experiment']} | {cfg['dataset']} | {_scheme_name(cfg)} | {cfg['attack']} | "
-                  f"{_budget_label(cfg['budget'])} | {sm['rounds_run']} | {sm['orig_test_acc']:.2f} → "
+        md.append(f"| {c['experiment']} | {cfg['dataset']} | {scheme_name(cfg)} | {cfg['attack']} | "
+                  f"{budget_label(cfg['budget'])} | {sm['rounds_run']} | {sm['orig_test_acc']:.2f} → "
                   f"{sm['test_acc']:.2f}{pt[0]} | {sm['orig_wm_acc']:.2f} → {sm['wm_acc']:.2f}{pt[1]} | "
                   f"{sm['threshold']:.2f}{pt[2]} | {sm.get('outcome') or ('removed' if sm['removed'] else 'kept')} | "
                   f"{'–' if sm.get('restored_wm_acc') is None else format(sm['restored_wm_acc'], '.2f')} |")
@@ -288,9 +256,9 @@ def seeds_section(cells: list[dict]) -> list[str]:
         tests, wms = [sm["test_acc"] for sm in sms], [sm["wm_acc"] for sm in sms]
         sd = statistics.stdev(tests) if n > 1 else 0.0
         wm0 = statistics.median(sm["orig_wm_acc"] for sm in sms)
-        rows.append((cs[0]["experiment"], cfg["dataset"], _scheme_name(cfg),
-                     f"| {cs[0]['experiment']} | {cfg['dataset']} | {_scheme_name(cfg)} | {cfg['attack']} | "
-                     f"{_budget_label(cfg['budget'])} | {n} | {k}/{n} ({100 * lo:.0f}-{100 * hi:.0f}%) | "
+        rows.append((cs[0]["experiment"], cfg["dataset"], scheme_name(cfg),
+                     f"| {cs[0]['experiment']} | {cfg['dataset']} | {scheme_name(cfg)} | {cfg['attack']} | "
+                     f"{budget_label(cfg['budget'])} | {n} | {k}/{n} ({100 * lo:.0f}-{100 * hi:.0f}%) | "
                      f"{outs.count('destroyed')}/{n} | {statistics.mean(sm['orig_test_acc'] for sm in sms):.2f} → "
                      f"{statistics.mean(tests):.2f} ± {sd:.2f} | {wm0:.2f} → {statistics.median(wms):.2f}"
                      f" [{min(wms):.2f}-{max(wms):.2f}] | {sms[0]['threshold']:.2f} |"))
@@ -319,7 +287,7 @@ def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images
                 meta = st.metadata() or {}
             flagged, target = json.loads(meta.get("flagged", "[]")), json.loads(meta.get("target", "null"))
             classes = json.loads(meta.get("classes", "null")) or [str(i) for i in range(len(t["masks"]))]
-            lab = _budget_label(c["config"]["budget"])
+            lab = budget_label(c["config"]["budget"])
             safe = lab.replace("/", "per").replace("%", "pct")
             png = trigger_grid(t["masks"], t["patterns"], t["l1"].tolist(), t["anomaly"].tolist(), flagged, classes,
                                out / safe_name(f"triggers-{exp}-{ds}-{scheme}-{safe}.png"), example=t["clean"],
