@@ -14,7 +14,7 @@ from nnlaunder.watermarks.verify import wilson
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "wilson"]
+__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "engine_rows", "wilson"]
 
 
 def machine() -> str:
@@ -39,6 +39,19 @@ def default_thresholds(ds: str) -> dict[str, float]:
     """The default rule's threshold (percent) for each Table 2 row of `ds` (verdicts.json)."""
     rows = json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
     return {t["row"]: t["threshold"] for t in rows if t["default"] and t["dataset"] == ds}
+
+
+def engine_rows(workspace: str | Path, experiments: list[str]) -> list[dict[str, Any]]:
+    """The finished cells of `experiments` in the engine's store at `workspace`, as flat result rows (what
+    `nnlaunder report --rows` writes); [] where the store holds none of them."""
+    from nnlaunder.experiments.store import Store
+    from nnlaunder.report.build import flat_rows
+
+    db = Path(workspace) / "results.sqlite"
+    if not db.is_file():
+        raise UserError(f"no results store at {db}: run the experiment files first (nnlaunder run ...)")
+    with Store(db, readonly=True) as s:
+        return flat_rows([c for c in s.cells() if c["experiment"] in experiments])
 
 
 def row_label(r: dict[str, Any]) -> str:

@@ -5,10 +5,11 @@ gives over the threshold seeds' clean models, then, on clean models of held-out 
 the share of their converged epochs for which `nnlaunder verify` (the same `verdict` function over the same
 evidence: threshold, binomial p, base rate, task check, alpha 0.01) says OWNERSHIP SHOWN.
 
-Clean models: MNIST seeds 0-4 (threshold) and 5-9 (held out), from the clean-model cache (trained by
-`benchmarks/clean_models.py`); CIFAR-10 seeds 0-2 per architecture from the committed per-epoch curves of
-`thresholds-cifar10.json` (hits = accuracy x n), held-out seed 3 from the cache. A held-out trajectory not
-in the cache is reported as missing, never guessed.
+Clean models: MNIST seeds 0-4 (threshold) and 5-9 (held out), from the clean-model cache (`nnlaunder
+threshold --dataset mnist --seeds 0,1,2,3,4,5,6,7,8,9 --out F` trains them once); CIFAR-10 seeds 0-2 per
+architecture from the committed per-epoch curves of `thresholds-cifar10.json` (hits = accuracy x n),
+held-out seed 3 from the cache. A held-out trajectory not in the cache is reported as missing, never
+guessed (`nnlaunder threshold --dataset cifar10 --arch A --seeds 3 --out F` trains one).
 
     python benchmarks/verdicts.py            # writes benchmarks/results/verdicts.{json,md}
 """
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 missing = [s for s in th_seeds if trajs[s] is None]
                 if missing:
                     raise SystemExit(f"clean trajectories missing for {dataset}/{arch} seeds {missing}: run "
-                                     "benchmarks/clean_models.py first")
+                                     "`nnlaunder threshold --dataset mnist --seeds 0,1,2,3,4,5,6,7,8,9 --out F` first")
                 pts = [p for s in th_seeds for p in wm_points(trajs[s], wm)]
             else:
                 pts = committed_points(dataset, arch, row, n, th_seeds)

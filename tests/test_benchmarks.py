@@ -42,25 +42,6 @@ def test_the_oracle_gets_the_owners_true_trigger_images():
     assert len(img) == 7 and [float(v) for v in img[:, 0, 0, 0]] == [0, 1, 2, 0, 1, 2, 0]   # cycled, one each
 
 
-def _runs(outcomes, seconds):
-    return [{"outcome": o, "seconds": seconds, "test_acc": 90.0, "wm_acc": 0.0} for o in outcomes]
-
-
-def test_the_cheapest_remover_rule():
-    """A remover removes in a majority of its runs at a budget; the cheapest has the fewest clean images,
-    then the fewest seconds per run; no remover: None."""
-    import attacks
-
-    runs = {("nad", 0.006): _runs(["destroyed"] * 5, 1.0), ("anp", 0.006): _runs(["removed", "removed", "kept",
-                                                                                  "kept"], 2.0)}
-    assert attacks.cheapest_remover(runs) is None                        # 2/4 is not a majority
-    runs[("ftal", 0.108)] = _runs(["removed"], 1.0)
-    assert attacks.cheapest_remover(runs)[:2] == ("ftal", 0.108)
-    runs[("launder", 0.006)] = _runs(["removed", "removed", "kept"], 100.0)
-    runs[("i-bau", 0.006)] = _runs(["removed", "removed", "removed"], 3.0)
-    assert attacks.cheapest_remover(runs)[:2] == ("i-bau", 0.006)       # fewest images, then fastest
-
-
 def test_perf_rows_belong_to_the_section_with_the_longest_prefix():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "perf"))
     import run

@@ -112,6 +112,8 @@ def test_battery_finds_the_cheapest_remover_under_its_fixed_rule():
     label, cs = cheapest_remover(groups)
     assert label == "launder @ 0.6% (t2)" and len(cs) == 3     # nad: 1/2 is no majority; prune needs more images
     assert cheapest_remover({"nad @ 0.6%": groups["nad @ 0.6%"]}) is None
+    faster = [cell("other", "i-bau", 0.006, s, "removed", 300, 30) for s in range(3)]
+    assert cheapest_remover(configurations(cells + faster)[("cifar10", "zhang-noise")])[0] == "i-bau @ 0.6%"
     variants = [cell("abl", "launder", 0.006, 0, "kept", 300, 60) for _ in range(2)]
     for c, params in zip(variants, ({"dt": 0.5, "bn_stats": "reinit"}, {"dt": 0.5, "retrain": {"epochs": 5}}),
                          strict=True):
