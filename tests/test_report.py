@@ -45,14 +45,18 @@ def test_seeds_section_summarises_cells_that_differ_only_in_their_seed():
     def cell(seed, test, wm, outcome):
         cfg = {"dataset": "mnist", "scheme": "zhang-content", "scheme_params": {}, "attack": "launder",
                "budget": 0.006, "rounds": 1, "seed": seed}
-        return {"experiment": "t2", "config": cfg, "summary": {"orig_test_acc": 99.3, "test_acc": test,
-                "orig_wm_acc": 99.4, "wm_acc": wm, "threshold": 0.49, "outcome": outcome, "removed": False}}
+        return {"experiment": "t2", "config": cfg, "seconds": 9.0, "summary": {
+            "orig_test_acc": 99.3, "test_acc": test, "orig_wm_acc": 99.4, "wm_acc": wm, "threshold": 0.49,
+            "threshold_paper": 0.33, "outcome": outcome, "removed": False, "n_verify": 1000, "attack_seconds": 7.0}}
 
     lines = seeds_section([cell(0, 98.6, 0.1, "removed"), cell(1, 98.4, 0.2, "removed"),
                            cell(2, 95.0, 0.1, "destroyed")])
     row = [ln for ln in lines if ln.startswith("| t2 ")]
     assert len(row) == 1 and "| 3 | 2/3 (" in row[0] and "| 1/3 |" in row[0]
     assert "97.33 ± 2.02" in row[0] and "0.10 [0.10-0.20]" in row[0]
+    # threshold with the paper's rule; the median p (1 hit of 1000 against 0.49%: p = 1 - P(0 hits)); the
+    # paper's laundered test / WM for this row; the attack's seconds, not the cell's
+    assert "| 0.49 (0.33) | 0.993 | 98.34 / 0.01 | 7 |" in row[0]
     assert seeds_section([cell(0, 98.6, 0.1, "removed")]) == []          # one seed: nothing to summarise
 
 

@@ -23,7 +23,7 @@ from typing import Any
 from ..attacks.neural_cleanse import nc_params
 from ..checkpoint import safe_name
 from ..errors import UserError
-from ..watermarks.verify import OUTCOMES, verdict, wilson
+from ..watermarks.verify import OUTCOMES, cell_p, wilson
 from .config import CellConfig
 from .store import ran_on
 
@@ -103,13 +103,6 @@ def outcome(summary: dict[str, Any]) -> str:
                     "run the audit in a new workspace")
 
 
-def _p_value(s: dict[str, Any]) -> float:
-    n = int(s.get("n_verify") or 0)
-    if not n:
-        return float("nan")
-    return verdict(round(s["wm_acc"] * n / 100), n, s["threshold"]).p_value    # the threshold test alone
-
-
 def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (attack, budget) over the seeds run, in the order the audit ran them."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -128,7 +121,7 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "orig_test_acc": ss[0]["orig_test_acc"], "orig_wm_acc": ss[0]["orig_wm_acc"],
             "test_mean": statistics.mean(test), "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0,
             "wm_median": statistics.median(s["wm_acc"] for s in ss), "wm_min": min(s["wm_acc"] for s in ss),
-            "wm_max": max(s["wm_acc"] for s in ss), "p_median": statistics.median(_p_value(s) for s in ss),
+            "wm_max": max(s["wm_acc"] for s in ss), "p_median": statistics.median(cell_p(s)[0] for s in ss),
             "restored_wm_median": statistics.median(s["restored_wm_acc"] for s in ss)
             if all("restored_wm_acc" in s for s in ss) else None,
             "threshold": ss[0]["threshold"], "points": [(s["test_acc"], s["wm_acc"]) for s in ss],

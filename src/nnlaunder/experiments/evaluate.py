@@ -34,7 +34,8 @@ def evaluator(test: Dataset, wm: Watermark | None = None, threshold: float | Non
             elif threshold is not None:
                 base = base_rate(model, wm, test.x, test.y, test.num_classes, pred_t=pred, pred_test=pred_test)
                 v = verdict(int((pred == wm.verify_y).sum()), len(wm.verify_y), threshold, alpha, base)
-                out.update(owned=v.owned, status=v.status, base_rate=v.base_rate, base_p=v.base_p)
+                out.update(owned=v.owned, status=v.status, base_rate=v.base_rate, base_p=v.base_p, p_value=v.p_value,
+                           p_log10=v.p_log10)
         return out
 
     return on_round

@@ -166,7 +166,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     summary = {"n_clean": len(clean), "threshold": th, "threshold_rule": cell.threshold_rule,
                "orig_test_acc": rows[0]["test_acc"], "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"],
                "wm_acc": last["wm_acc"], "owned": bool(last.get("owned")), "status": last.get("status"),
-               "base_rate": last.get("base_rate"), "test_drop": last["test_drop"],
+               "base_rate": last.get("base_rate"), "p_value": last.get("p_value"), "p_log10": last.get("p_log10"),
+               "test_drop": last["test_drop"],
                "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
                "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y), "machine": machine_name()}
     if "paper" in known:                     # the paper's rule (the maximum over every clean epoch), beside it

@@ -330,6 +330,18 @@ class Verdict:
                 f"{self.threshold:.2f}%, p {format_p(self.p_value, self.p_log10)} (alpha {self.alpha}){why}")
 
 
+def cell_p(summary: dict[str, Any]) -> tuple[float, float | None]:
+    """(p, log10 p) of the threshold test of an attacked model's summary: as recorded, else from its WM
+    accuracy and verification-set size (cells recorded before the p-value was kept); NaN without them."""
+    if summary.get("p_value") is not None:
+        return float(summary["p_value"]), summary.get("p_log10")
+    n = int(summary.get("n_verify") or 0)
+    if not n:
+        return float("nan"), None
+    v = verdict(round(summary["wm_acc"] * n / 100), n, summary["threshold"])
+    return v.p_value, v.p_log10
+
+
 def verdict(hits: int, n: int, threshold: float, alpha: float = 0.01, base: BaseRate | None = None) -> Verdict:
     """Ownership verdict from hits/n against the threshold (percent) and, given `base`, the model's own
     base rate and task accuracy. The null rate is floored at 1/n, so that a threshold of 0 does not turn
