@@ -80,6 +80,26 @@ def test_finetune_family_changes_exactly_what_it_says(trained):
     assert all(p.requires_grad for p in net.parameters())
 
 
+def test_mixed_finetuning_is_ngo_et_als_threat_on_one_split_of_the_set(trained):
+    """mix_split: fine-tune on a stratified part of the set, one extra step on a batch of the rest after every
+    mix_every-th batch: the persistence threat's `finetune_threat(split, mixed_with=rest)` exactly."""
+    from nnlaunder.data import disjoint_split
+    from nnlaunder.restore import finetune_threat
+
+    net, clean = trained
+    cfg = TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3, seed=3)
+    got = finetune(net, clean, FinetuneConfig("ftal", cfg, seed=3, mix_split=0.3, mix_every=2)).model
+    split, rest = disjoint_split(clean, 0.3, 3)
+    want = copy.deepcopy(net)
+    finetune_threat(want, split, cfg, mixed_with=rest, mix_every=2)
+    assert not any(changed(want, got).values())
+    plain = finetune(net, clean, FinetuneConfig("ftal", cfg, seed=3)).model
+    assert any(changed(plain, got).values())
+    for bad in ({"mix_split": 1.0}, {"mix_split": 0.0}, {"mix_every": 0}):
+        with pytest.raises(UserError, match="mix_"):
+            FinetuneConfig("ftal", **bad)
+
+
 def test_fine_pruning_prunes_last_conv_within_the_bound(trained):
     net, clean = trained
     res = fine_prune(net, clean, FinePruneConfig(max_drop=100.0, finetune=TrainConfig(epochs=0)))

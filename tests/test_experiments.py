@@ -77,6 +77,11 @@ def test_only_selects_part_of_a_grid_and_names_its_mistakes():
     ({"each": []}, "each: expected one or more tables"),
     ({"each": [{"colour": 1}]}, "each[0]: unknown key 'colour'"),
     ({"each": [{"seed": 1}, {"seed": 1}]}, "identical"),
+    ({"sweep": {"settings": [{"colour": 1}]}}, "sweep.settings[0]: unknown key 'colour'"),
+    ({"sweep": {"settings": [1, 2]}}, "sweep.settings: expected one or more tables"),
+    ({"restore_from": "owner"}, "restore_from: 'owner'"),
+    ({"restore_from": "rest", "restore_epochs": 1, "budget": 1.0}, "needs a budget below the whole set"),
+    ({"restore_from": "rest", "restore_epochs": 1, "restore_fraction": 0.5}, "no restore_fraction"),
     ({"datset": "mnist"}, "unknown key(s) ['datset']"),
     ({"rounds": "three"}, "experiment.rounds: expected an integer"),
     ({"rounds": 0}, "rounds: must be >= 1"),
@@ -437,3 +442,27 @@ def test_owner_path_names_one_model_per_scheme():
     cells = expand({"dataset": "mnist", "owner_path": "models/{dataset}/{scheme}",
                     "sweep": {"scheme": ["zhang-content", "zhang-noise"]}})
     assert [c.owner_path for c in cells] == ["models/mnist/zhang-content", "models/mnist/zhang-noise"]
+
+
+def test_settings_sweep_and_the_owners_restoration_on_what_the_attacker_left(tmp_path, data_dir):
+    """`sweep.settings`: groups of settings (an attack with its budget and options) as one grid axis; with
+    restore_from = "rest" the owner restores on the training images the attacker's set does not hold (Ngo
+    et al.'s disjoint split); every cell records how far the attack moved the weights."""
+    from pathlib import Path
+
+    from nnlaunder.experiments.runner import run_experiment
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = {"name": "persist", "dataset": "mnist", "scheme": "zhang-content", "threshold": 0.33,
+            "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "scheme_params": {"n_verify": 300},
+            "budget": 0.9, "restore_epochs": 1, "restore_from": "rest",
+            "sweep": {"settings": [{"attack": "prune", "attack_params": {"fraction": 0.5}},
+                                   {"attack": "weight-noise", "restore_epochs": 0}]}}
+    cells = expand(spec)
+    assert [(c.attack, c.restore_epochs) for c in cells] == [("prune", 1), ("weight-noise", 0)]
+    run_experiment(cells, tmp_path, str(data_dir), progress=False)
+    with Store(tmp_path / "results.sqlite") as s:
+        got = {c["config"]["attack"]: c["summary"] for c in s.cells("persist")}
+    assert got["prune"]["n_owner"] == 6000 and got["prune"]["n_clean"] == 54000       # 60,000 split 90 / 10
+    assert "n_owner" not in got["weight-noise"]
+    assert got["prune"]["param_shift"] > got["weight-noise"]["param_shift"] > 0

@@ -3,7 +3,8 @@
 - `prune`: magnitude pruning of a fraction of every Conv2d / Linear weight tensor (per layer),
   as in Zhang et al.'s robustness claim; optional fine-tuning with the pruned weights held at 0.
 - `ftll`, `ftal`, `rtll`, `rtal`: Adi et al.'s fine-tuning family: fine-tune the last layer / all
-  layers, after re-initialising the last layer or not.
+  layers, after re-initialising the last layer or not; with `mix_split`, Ngo et al.'s mixed
+  fine-tuning (a part of the set trained on, the rest replayed one batch every `mix_every` batches).
 - `fine-prune` (Liu et al. 2018): prune the last conv layer's channels in increasing order of mean
   activation on the clean set until clean accuracy (on the attacker's own set) falls by more than
   `max_drop` points, then fine-tune with those channels held at zero.
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..data import Dataset
+from ..config import int_in
+from ..data import Dataset, disjoint_split
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
 from .base import AttackResult, attack_copy, last_linear
@@ -76,10 +78,19 @@ class FinetuneConfig:
     mode: str = "ftal"                # ftll | ftal | rtll | rtal
     train: TrainConfig = ATTACKER_FINETUNE
     seed: int = 0
+    # Ngo et al.'s mixed fine-tuning: train on this stratified fraction of the clean set, and take one extra
+    # step on a batch of the rest after every `mix_every`-th batch (None: train on all of it)
+    mix_split: float | None = None
+    mix_every: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in ("ftll", "ftal", "rtll", "rtal"):
             raise UserError(f"fine-tuning mode must be ftll, ftal, rtll or rtal, got {self.mode!r}")
+        if self.mix_split is not None and not 0 < self.mix_split < 1:
+            raise UserError(f"mix_split must be a fraction in (0, 1), got {self.mix_split}")
+        ok, msg = int_in("mix_every", self.mix_every, 1, 1_000_000)
+        if not ok:
+            raise UserError(msg)
 
 
 def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackResult:
@@ -96,9 +107,11 @@ def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackRes
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
     for n, p in model.named_parameters():
         p.requires_grad_(not only_last or n.startswith(f"{name}."))
+    tune, rest = (clean, None) if cfg.mix_split is None else disjoint_split(clean, cfg.mix_split, cfg.seed)
     try:
         # with only the last layer trained, batch-norm statistics must not move either
-        train(model, clean.x, clean.y, cfg.train, progress=False, freeze_bn=only_last)
+        train(model, tune.x, tune.y, cfg.train, progress=False, freeze_bn=only_last,
+              interleave=None if rest is None else (rest.x, rest.y, cfg.mix_every))
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])

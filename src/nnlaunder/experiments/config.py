@@ -73,6 +73,8 @@ class CellConfig:
     calibrate: bool = False              # laundering: choose its options by k-fold over the attacker's set first
     restore_epochs: int = 0              # > 0: the owner then retrains the attacked model on its own clean data
     restore_fraction: float = 1.0        # ... on this stratified fraction of the training set
+    restore_from: str = "sample"         # "sample": that fraction; "rest": the training images the attacker's set
+    #                                      does not hold (Ngo et al.: the owner's data beside a disjoint split)
     external: dict[str, Any] | None = None   # a model this project did not train (`ExternalModel.identity()`):
     #                                          the user's network, data (attacker's pool and the owner's
     #                                          restoration set), test set and trigger set; needs `threshold`
@@ -163,6 +165,12 @@ class CellConfig:
             raise UserError(f"calibrate: only laundering calibrates; {self.attack} has nothing to choose")
         if self.restore_epochs < 0 or not 0 < self.restore_fraction <= 1:
             raise UserError("restore_epochs must be >= 0 and restore_fraction in (0, 1]")
+        if self.restore_from not in ("sample", "rest"):
+            raise UserError(f"restore_from: {self.restore_from!r}; choose from sample, rest")
+        if self.restore_from == "rest" and self.restore_epochs and (
+                self.restore_fraction != 1.0 or self.budget_spec() == {"fraction": 1.0}):
+            raise UserError("restore_from = \"rest\" restores on what the attacker's set leaves of the training set: "
+                            "it needs a budget below the whole set, and no restore_fraction")
         try:
             self.attack_config()
         except TypeError as e:
@@ -185,7 +193,7 @@ class CellConfig:
 
 
 _LATER_FIELDS = {"calibrate": False, "restore_epochs": 0, "restore_fraction": 1.0, "external": None,
-                 "threshold_rule": "converged", "tolerance": 3.0}
+                 "threshold_rule": "converged", "tolerance": 3.0, "restore_from": "sample"}
 
 
 def digest(obj: Any) -> str:
@@ -203,16 +211,17 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
     cur[parts[-1]] = value
 
 
-def _each(each: Any) -> list[dict[str, Any]]:
-    """`[[each]]`: a list of tables, each a group of settings the grid runs under in turn (one owner model
-    with its architecture and threshold, say), where `[sweep]` multiplies every combination."""
+def _each(each: Any, where: str = "each") -> list[dict[str, Any]]:
+    """`[[each]]` (and `sweep.settings`): a list of tables, each a group of settings the grid runs under in
+    turn (one owner model with its architecture and threshold, say), where `[sweep]` multiplies every
+    combination."""
     if not isinstance(each, list) or not each or not all(isinstance(e, dict) for e in each):
-        raise UserError("each: expected one or more tables ([[each]] blocks)")
+        raise UserError(f"{where}: expected one or more tables" + (" ([[each]] blocks)" if where == "each" else ""))
     names = {f.name for f in dataclasses.fields(CellConfig)}
     for i, e in enumerate(each):
         for k in e:
             if k not in names:
-                raise UserError(f"each[{i}]: unknown key {k!r}")
+                raise UserError(f"{where}[{i}]: unknown key {k!r}")
     return each
 
 
@@ -239,7 +248,9 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
         if not isinstance(v, list) or not v:
             raise UserError(f"sweep.{k}: expected a non-empty list, got {v!r}")
         top = k.split(".")[0]
-        if top not in {f.name for f in dataclasses.fields(CellConfig)}:
+        if k == "settings":
+            _each(v, "sweep.settings")
+        elif top not in {f.name for f in dataclasses.fields(CellConfig)}:
             raise UserError(f"sweep.{k}: unknown key {top!r}")
     keys = list(sweep)
     size = len(each) * math.prod(len(v) for v in sweep.values())
@@ -250,7 +261,9 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
     for over, combo in itertools.product(each, itertools.product(*(sweep[k] for k in keys))):
         d = _merged(copy.deepcopy(base), over)
         for k, v in zip(keys, combo, strict=True):
-            if isinstance(v, dict) and isinstance(d.get(k), dict):
+            if k == "settings":
+                _merged(d, v)          # settings that go together, laid over the cell's, as an [[each]] group
+            elif isinstance(v, dict) and isinstance(d.get(k), dict):
                 _merged(d[k], v)       # a table value merges into the file's table, as an [[each]] table does
             else:
                 _set_dotted(d, k, v)

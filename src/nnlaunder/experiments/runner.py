@@ -37,6 +37,7 @@ from ..device import code_commit, deterministic, machine_name, today
 from ..errors import UserError
 from ..external.models import NO_CODE, CodeAllowance
 from ..models import build
+from ..restore import param_shift
 from ..watermarks.embed import embed
 from ..watermarks.schemes import Watermark, make_watermark
 from ..watermarks.verify import outcome
@@ -164,12 +165,12 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
         r["removed"] = r["outcome"] == "removed"
     last = rows[-1]
     summary = {"n_clean": len(clean), "threshold": th, "threshold_rule": cell.threshold_rule,
-               "orig_test_acc": rows[0]["test_acc"], "orig_wm_acc": rows[0]["wm_acc"], "test_acc": last["test_acc"],
-               "wm_acc": last["wm_acc"], "owned": bool(last.get("owned")), "status": last.get("status"),
-               "base_rate": last.get("base_rate"), "p_value": last.get("p_value"), "p_log10": last.get("p_log10"),
-               "test_drop": last["test_drop"],
-               "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
-               "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y), "machine": machine_name()}
+               "orig_test_acc": rows[0]["test_acc"], "orig_wm_acc": rows[0]["wm_acc"],
+               **{k: last.get(k) for k in ("test_acc", "wm_acc", "status", "base_rate", "p_value", "p_log10",
+                                           "test_drop")},
+               "owned": bool(last.get("owned")), "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
+               "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y), "machine": machine_name(),
+               "param_shift": param_shift(model, res.model)["total"]}     # L2 distance the attack moved the weights
     if "paper" in known:                     # the paper's rule (the maximum over every clean epoch), beside it
         summary["threshold_paper"] = known["paper"]
     if res.info.get("calibration"):
@@ -202,15 +203,21 @@ def external_inputs(cell: CellConfig, allow: CodeAllowance) -> tuple[D.Dataset, 
 
 def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev) -> dict[str, Any]:
     """The owner's restoration after the attack: `restore_epochs` of training on its own clean data
-    (a stratified `restore_fraction` of the training set). A removal the restoration undoes was
-    only hidden."""
+    (a stratified `restore_fraction` of the training set, or what the attacker's set leaves of it). A
+    removal the restoration undoes was only hidden."""
     import copy
+
+    import torch
 
     from ..restore import RESTORE, restore
 
     t0 = time.perf_counter()
     owner = tr if cell.restore_fraction >= 1 else D.stratified_subset(tr, fraction=cell.restore_fraction,
                                                                         seed=cell.seed)
+    if cell.restore_from == "rest":            # what the attacker's set leaves of the training set
+        taken = torch.zeros(len(tr), dtype=torch.bool)
+        taken[D.stratified_indices(tr.y, seed=cell.seed, **cell.budget_spec())] = True
+        owner = tr.subset(torch.nonzero(~taken).flatten(), f"{tr.name}[rest]")
     m = copy.deepcopy(model)
     restore(m, owner, dataclasses.replace(RESTORE, epochs=cell.restore_epochs, seed=cell.seed))
     after = ev(-1, m)
