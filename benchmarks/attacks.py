@@ -29,18 +29,22 @@ import time
 from pathlib import Path
 
 import torch
-from common import engine_rows, provenance, row_label, wilson
+from common import engine_cells, provenance, row_label, wilson
 
 from nnlaunder import data as D
 from nnlaunder.attacks.registry import ATTACKS
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.models import Normalize
+from nnlaunder.report.battery import battery_table, remover_lines
+from nnlaunder.report.build import flat_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "attacks.json"
 NEW = ("nad", "anp", "i-bau", "dehydration")
 EXPERIMENTS = ["attacks-mnist", "attacks-cifar10"]
+# Every attack on the Table 2 models: laundering, the seed paper's battery and the four above.
+BATTERY = ["table2-mnist", "baselines-mnist", "attacks-mnist", "table2-cifar10", "baselines-cifar10", "attacks-cifar10"]
 
 
 def _store() -> dict:
@@ -85,7 +89,7 @@ def validate(args, store: dict, cmd: str) -> None:
               f"{row['test_before']:.2f} -> {row['test_after']:.2f}%, {row['seconds']:.0f} s", flush=True)
 
 
-def write_markdown(store: dict) -> None:
+def write_markdown(store: dict, battery: tuple[list[dict], str]) -> None:
     lines = ["# The strongest known removal attacks", "",
              "Written by `benchmarks/attacks.py` (each JSON row names its command, machine, date and commit). "
              "Each attack runs with its paper's defaults (src/nnlaunder/attacks/<name>.py).", "",
@@ -128,6 +132,9 @@ def write_markdown(store: dict) -> None:
                      f"{statistics.median(wms):.2f} [{min(wms):.2f}-{max(wms):.2f}] | "
                      f"{statistics.mean(r.get('attack_seconds', r['seconds']) for r in rs):.0f} | "
                      f"{', '.join(sorted({str(r.get('machine')) for r in rs}))} |")
+    cells, counts = battery
+    lines += ["", "## The cheapest attack that removes each watermark", "", counts, "",
+              *remover_lines(battery_table(cells))]
     atomic_write_bytes(RESULTS / "attacks.md", ("\n".join(lines) + "\n").encode())
 
 
@@ -154,9 +161,9 @@ def main(argv=None) -> int:
     store = _store()
     if args.validate:
         validate(args, store, "python benchmarks/attacks.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    store["rows"] = engine_rows(args.workspace, EXPERIMENTS)
+    store["rows"] = flat_rows(engine_cells(args.workspace, EXPERIMENTS)[0])
     atomic_write_json(OUT, store)
-    write_markdown(store)
+    write_markdown(store, engine_cells(args.workspace, BATTERY))
     return 0
 
 

@@ -14,7 +14,7 @@ from nnlaunder.watermarks.verify import wilson
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "engine_rows", "wilson"]
+__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "engine_cells", "wilson"]
 
 
 def machine() -> str:
@@ -41,17 +41,20 @@ def default_thresholds(ds: str) -> dict[str, float]:
     return {t["row"]: t["threshold"] for t in rows if t["default"] and t["dataset"] == ds}
 
 
-def engine_rows(workspace: str | Path, experiments: list[str]) -> list[dict[str, Any]]:
-    """The finished cells of `experiments` in the engine's store at `workspace`, as flat result rows (what
-    `nnlaunder report --rows` writes); [] where the store holds none of them."""
+def engine_cells(workspace: str | Path, experiments: list[str]) -> tuple[list[dict[str, Any]], str]:
+    """The finished cells of `experiments/paper/<name>.toml` for each name in `experiments`, from the engine's
+    store at `workspace`, and a line saying how many of each file's cells that is."""
+    from nnlaunder.experiments.config import load_experiment
     from nnlaunder.experiments.store import Store
-    from nnlaunder.report.build import flat_rows
 
     db = Path(workspace) / "results.sqlite"
     if not db.is_file():
         raise UserError(f"no results store at {db}: run the experiment files first (nnlaunder run ...)")
     with Store(db, readonly=True) as s:
-        return flat_rows([c for c in s.cells() if c["experiment"] in experiments])
+        cells = [c for c in s.cells() if c["experiment"] in experiments]
+    counts = [f"{e} {sum(c['experiment'] == e for c in cells)} of "
+              f"{len(load_experiment(ROOT / 'experiments' / 'paper' / f'{e}.toml'))}" for e in experiments]
+    return cells, "Cells in the store: " + ", ".join(counts) + "."
 
 
 def row_label(r: dict[str, Any]) -> str:

@@ -103,14 +103,15 @@ def cheapest_remover(groups: dict[str, list[dict]]) -> tuple[str, list[dict]] | 
     return min(ok, key=lambda t: (t[1][0]["summary"].get("n_clean", math.inf), _seconds(t[1])))
 
 
-def battery_section(cells: list[dict], out: Path, images: list[Path]) -> list[str]:
-    """The section, for each watermark that at least two attacks hit; empty when none is."""
-    table = defaultdict(dict, {k: g for k, g in configurations(cells).items()
-                               if len({cs[0]["config"]["attack"] for cs in g.values()}) >= 2})
-    if not table:
-        return []
-    md = ["## Every attack on each watermark", "",
-          "Every experiment's cells on the same watermark. An attack configuration (every setting but the seed) "
+def battery_table(cells: list[dict]) -> dict[tuple[str, str], dict[str, list[dict]]]:
+    """`configurations` of the watermarks that at least two attacks hit."""
+    return {key: groups for key, groups in configurations(cells).items()
+            if len({cs[0]["config"]["attack"] for cs in groups.values()}) >= 2}
+
+
+def remover_lines(table: dict[tuple[str, str], dict[str, list[dict]]]) -> list[str]:
+    """The cheapest remover of each watermark (or "none"), with the rule, and how many each attack removes."""
+    md = ["Every experiment's cells on the same watermark. An attack configuration (every setting but the seed) "
           "removes a watermark when most of its cells end removed (no ownership shown, at most the tolerance of "
           "test accuracy lost); the cheapest is the one with the fewest clean images, then the fewest attack "
           "seconds per cell (seconds from each cell's own machine).", "",
@@ -126,7 +127,15 @@ def battery_section(cells: list[dict], out: Path, images: list[Path]) -> list[st
         md.append(f"| {ds}/{wm} | {len(groups)} | {label} | {sms[0].get('n_clean', '–')} | "
                   f"{sum(s.get('outcome') == 'removed' for s in sms)}/{len(sms)} | "
                   f"{statistics.mean(s['test_acc'] for s in sms):.2f} | {_seconds(cs):.0f} |")
-    md += _wins_line(table) + [""]
+    return md + _wins_line(table)
+
+
+def battery_section(cells: list[dict], out: Path, images: list[Path]) -> list[str]:
+    """The section, for each watermark that at least two attacks hit; empty when none is."""
+    table = battery_table(cells)
+    if not table:
+        return []
+    md = ["## Every attack on each watermark", "", *remover_lines(table), ""]
     for (ds, wm), groups in sorted(table.items()):
         rows = [{"attack": label, "points": [(c["summary"]["test_acc"], c["summary"]["wm_acc"]) for c in cs],
                  "n": len(cs), "removed": sum(c["summary"].get("outcome") == "removed" for c in cs),
