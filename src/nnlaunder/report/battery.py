@@ -75,13 +75,15 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def _told_apart(cs: list[dict], groups: list[list[dict]]) -> str:
     """What sets one configuration apart from the others of its label: "(experiment)" where the
-    experiments differ, then "[key=value ...]" for the attack settings that are not the same in all."""
+    experiments differ, then, among those of its own experiment, "[key=value ...]" for the settings that
+    are not the same in all (an ablation's attack options, `calibrate`, ...)."""
     exps = {g[0]["experiment"] for g in groups}
-    params = [_flat(g[0]["config"].get("attack_params") or {}) for g in groups]
-    mine = _flat(cs[0]["config"].get("attack_params") or {})
-    varying = sorted(k for k in set().union(*params) if len({json.dumps(p.get(k)) for p in params}) > 1)
+    same = [g for g in groups if g[0]["experiment"] == cs[0]["experiment"]]      # told apart by their settings
+    flat = [_flat({k: v for k, v in g[0]["config"].items() if k not in ("seed", "name")}) for g in same]
+    mine = _flat({k: v for k, v in cs[0]["config"].items() if k not in ("seed", "name")})
+    varying = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), default=str) for f in flat}) > 1)
     parts = [f"({cs[0]['experiment']})"] if len(exps) > 1 else []
-    shown = [f"{k}={mine[k]}" for k in varying if k in mine]
+    shown = [f"{k.removeprefix('attack_params.')}={mine[k]}" for k in varying if k in mine]
     return " ".join(parts + ([f"[{' '.join(shown)}]"] if shown else []))
 
 
