@@ -12,10 +12,10 @@ The runs on the Table 2 owner models are experiment files the engine runs (5 att
 attack's defaults, the row's Table 2 budget, outcomes under the verdict rules):
     nnlaunder run experiments/paper/attacks-mnist.toml --workspace runs/paper
     nnlaunder run experiments/paper/attacks-cifar10.toml --workspace runs/paper [--only attack=nad,i-bau]
-    nnlaunder report --workspace runs/paper --experiments table2-mnist,baselines-mnist,attacks-mnist \
-        --out benchmarks/results/battery-mnist                 # (and the same for cifar10)
-This script copies those experiments' rows into attacks.json ("rows", beside "validation") and writes
-attacks.md: the validation table and, per model and attack, the outcome over seeds.
+This script copies those experiments' rows into attacks.json ("rows", beside "validation"), writes
+attacks.md (the validation table, per model and attack the outcome over seeds, and the cheapest remover of
+each watermark over every attack in the store) and the engine's report of every attack on each dataset's
+models (battery-<dataset>/, `nnlaunder report` over table2-*, baselines-* and attacks-*).
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ from nnlaunder.attacks.registry import ATTACKS
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.models import Normalize
 from nnlaunder.report.battery import battery_table, remover_lines
-from nnlaunder.report.build import flat_rows
+from nnlaunder.report.build import build_report, flat_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "attacks.json"
+PREVIOUS = RESULTS / "attacks-previous.json"   # the rows as this script's own loop stored them, before the engine
 NEW = ("nad", "anp", "i-bau", "dehydration")
 EXPERIMENTS = ["attacks-mnist", "attacks-cifar10"]
 # Every attack on the Table 2 models: laundering, the seed paper's battery and the four above.
@@ -132,10 +133,30 @@ def write_markdown(store: dict, battery: tuple[list[dict], str]) -> None:
                      f"{statistics.median(wms):.2f} [{min(wms):.2f}-{max(wms):.2f}] | "
                      f"{statistics.mean(r.get('attack_seconds', r['seconds']) for r in rs):.0f} | "
                      f"{', '.join(sorted({str(r.get('machine')) for r in rs}))} |")
+    lines += moved_lines(store["rows"])
     cells, counts = battery
     lines += ["", "## The cheapest attack that removes each watermark", "", counts, "",
               *remover_lines(battery_table(cells))]
     atomic_write_bytes(RESULTS / "attacks.md", ("\n".join(lines) + "\n").encode())
+
+
+def moved_lines(rows: list[dict]) -> list[str]:
+    """Each engine row against the row stored for the same (model, attack, seed) before the engine ran it."""
+    def key(r: dict) -> tuple:
+        return r["dataset"], row_label(r), r["attack"], r["seed"]
+
+    old = {key(r): r for r in json.loads(PREVIOUS.read_text())["rows"]} if PREVIOUS.is_file() else {}
+    pairs = [(old[key(r)], r) for r in rows if key(r) in old]
+    if not pairs:
+        return []
+    moved = [f"{'/'.join(map(str, key(n)))}: {o['outcome']} → {n['outcome']} (test {o['test_acc']:.2f} → "
+             f"{n['test_acc']:.2f}%, WM {o['wm_acc']:.2f} → {n['wm_acc']:.2f}%; before on {o['machine']})"
+             for o, n in pairs if o["outcome"] != n["outcome"]]
+    same = [(o, n) for o, n in pairs if o["machine"] == n["machine"]]
+    gap = max((max(abs(o["test_acc"] - n["test_acc"]), abs(o["wm_acc"] - n["wm_acc"])) for o, n in same), default=0)
+    return ["", f"Against the rows this script's own loop stored before ({PREVIOUS.name}, some on an H200): "
+            f"{len(pairs) - len(moved)} of {len(pairs)} runs keep their outcome; on the same machine the accuracies "
+            f"differ by at most {gap:.2f} points.", *[f"- {m}" for m in moved]]
 
 
 def main(argv=None) -> int:
@@ -163,7 +184,12 @@ def main(argv=None) -> int:
         validate(args, store, "python benchmarks/attacks.py " + " ".join(sys.argv[1:] if argv is None else argv))
     store["rows"] = flat_rows(engine_cells(args.workspace, EXPERIMENTS)[0])
     atomic_write_json(OUT, store)
-    write_markdown(store, engine_cells(args.workspace, BATTERY))
+    battery = engine_cells(args.workspace, BATTERY)
+    write_markdown(store, battery)
+    for ds in ("mnist", "cifar10"):          # the engine's report of every attack on that dataset's models
+        have = sorted({c["experiment"] for c in battery[0] if c["config"]["dataset"] == ds})
+        if have:
+            build_report(args.workspace, RESULTS / f"battery-{ds}", experiments=have)
     return 0
 
 
