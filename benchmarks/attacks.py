@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import engine_cells, provenance, row_label, wilson
+from common import counts_line, engine_cells, provenance, row_label, wilson
 
 from nnlaunder import data as D
 from nnlaunder.attacks.registry import ATTACKS
@@ -135,7 +135,7 @@ def write_markdown(store: dict, battery: tuple[list[dict], str]) -> None:
                      f"{', '.join(sorted({str(r.get('machine')) for r in rs}))} |")
     lines += moved_lines(store["rows"])
     cells, counts = battery
-    lines += ["", "## The cheapest attack that removes each watermark", "", counts, "",
+    lines += ["", "## The cheapest attack that removes each watermark", "", counts_line(counts), "",
               *remover_lines(battery_table(cells))]
     atomic_write_bytes(RESULTS / "attacks.md", ("\n".join(lines) + "\n").encode())
 

@@ -14,7 +14,8 @@ from nnlaunder.watermarks.verify import wilson
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "engine_cells", "wilson"]
+__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "engine_cells", "counts_line",
+           "wilson"]
 
 
 def machine() -> str:
@@ -41,9 +42,9 @@ def default_thresholds(ds: str) -> dict[str, float]:
     return {t["row"]: t["threshold"] for t in rows if t["default"] and t["dataset"] == ds}
 
 
-def engine_cells(workspace: str | Path, experiments: list[str]) -> tuple[list[dict[str, Any]], str]:
+def engine_cells(workspace: str | Path, experiments: list[str]) -> tuple[list[dict[str, Any]], dict[str, tuple]]:
     """The finished cells of `experiments/paper/<name>.toml` for each name in `experiments`, from the engine's
-    store at `workspace`, and a line saying how many of each file's cells that is."""
+    store at `workspace`, and for each name (cells in the store, cells in the file)."""
     from nnlaunder.experiments.config import load_experiment
     from nnlaunder.experiments.store import Store
 
@@ -52,20 +53,18 @@ def engine_cells(workspace: str | Path, experiments: list[str]) -> tuple[list[di
         raise UserError(f"no results store at {db}: run the experiment files first (nnlaunder run ...)")
     with Store(db, readonly=True) as s:
         cells = [c for c in s.cells() if c["experiment"] in experiments]
-    counts = [f"{e} {sum(c['experiment'] == e for c in cells)} of "
-              f"{len(load_experiment(ROOT / 'experiments' / 'paper' / f'{e}.toml'))}" for e in experiments]
-    return cells, "Cells in the store: " + ", ".join(counts) + "."
+    return cells, {e: (sum(c["experiment"] == e for c in cells),
+                       len(load_experiment(ROOT / "experiments" / "paper" / f"{e}.toml"))) for e in experiments}
+
+
+def counts_line(counts: dict[str, tuple]) -> str:
+    """"Cells in the store: a 3 of 5, b 0 of 2." for `engine_cells`' counts."""
+    return "Cells in the store: " + ", ".join(f"{e} {have} of {total}" for e, (have, total) in counts.items()) + "."
 
 
 def row_label(r: dict[str, Any]) -> str:
     """A result row's watermark as the tables name it: the scheme, with Adi's mode ("adi-pt")."""
     return r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
-
-
-def comma_list(s: str | None) -> list[str] | None:
-    """"a, b" -> ["a", "b"]; None or "" -> None."""
-    out = [x.strip() for x in (s or "").split(",") if x.strip()]
-    return out or None
 
 
 def owner_models(ds: str, rows, only: list[str] | None, tr, te, data_dir):
@@ -84,19 +83,6 @@ def owner_models(ds: str, rows, only: list[str] | None, tr, te, data_dir):
         model, meta = load_model(path)
         wm = make_watermark(meta["scheme"], tr, te, data_dir, meta.get("scheme_params") or {})
         yield name, extra, model, meta, model_digest(path), wm
-
-
-def add_common_flags(ap) -> None:
-    """--seed, --models and --markdown-only, as the sweep scripts take them."""
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--models", default=None, help="comma list of owner models (default: all of the dataset)")
-    ap.add_argument("--markdown-only", action="store_true", help="rewrite the Markdown and plots from the JSON")
-
-
-def made_from_current(row: dict[str, Any], file: dict[str, str]) -> bool:
-    """Was result `row` computed on the model file as it is now? `file` is {"model": path,
-    "model_sha256": model_digest(...)}; rows without a digest are matched by path (older rows)."""
-    return row.get("model") == file["model"] and row.get("model_sha256", file["model_sha256"]) == file["model_sha256"]
 
 
 # ---- the per-architecture rule of the Table 2 headline rows (benchmarks/table2.py)

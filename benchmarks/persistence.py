@@ -1,52 +1,40 @@
-"""Benchmark: do watermarks persist under fine-tuning, can the owner restore them, and does
-laundering remove a watermark or only hide it? (Ngo et al. arXiv:2501.02704; issue "persistence".)
+"""Benchmark: do watermarks persist under fine-tuning, can the owner restore them, and does laundering
+remove a watermark or only hide it? (Ngo et al. arXiv:2501.02704.)
 
-    python benchmarks/persistence.py --datasets mnist --ft-epochs 20 --restore-epochs 10
+    nnlaunder run experiments/paper/persistence-mnist.toml --workspace runs/paper
+    nnlaunder run experiments/paper/persistence-cifar10.toml --workspace runs/paper
+    python benchmarks/persistence.py          # persistence.json / .md and plots from the engine's store
 
-For every watermarked model of benchmarks/embed.py:
-  embedded         the owner model as trained
-  finetuned        all layers fine-tuned on a disjoint 30% split (Adam 1e-4)
-  finetuned-mixed  the same, with one step on an owner-data batch every 2nd batch
-  restored         the fine-tuned model trained further on the owner's data only (the other 70%)
-  laundered        laundering's strong preset (one round, 0.6% budget, the library's defaults)
-  laundered-restored  the laundered model trained further on the owner's data only
-Every phase is judged as `nnlaunder verify` judges (the default `converged` threshold of verdicts.json,
-the base-rate check); each attack phase (finetuned, finetuned-mixed, laundered) ends kept, hidden (no
-ownership shown, but the owner's restoration brings it back), removed or destroyed (more than 3 points
-of test accuracy lost). Writes benchmarks/results/persistence.json (a row per model × phase, written as
-it goes: a stopped run resumes) and persistence.md, and persistence-<dataset>.png.
+The experiment files run, on every Table 2 owner model, Ngo et al.'s fine-tuning on a stratified 30% of the
+training set (then the owner's restoration on the other 70%), the mixed fine-tuning (one extra step on a
+batch of the other 70% every 2nd batch) and laundering's strong preset (one round, 0.6%; then the owner's
+restoration on the images the attacker's set does not hold). Each cell is judged as `nnlaunder verify`
+judges (the default `converged` threshold, the base-rate check) and ends kept, hidden, removed or
+destroyed. This script lays the cells out as phases:
+  embedded         the owner model as trained (any cell's model before its attack)
+  finetuned        the fine-tuned model;  restored: the owner's restoration of it
+  finetuned-mixed  the mixed fine-tuning's model
+  laundered        the laundered model;   laundered-restored: the owner's restoration of it
+A dataset whose experiment file the store does not hold in full keeps the rows stored before (named by
+their command and commit).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import (  # noqa: E402
-    add_common_flags,
-    comma_list,
-    commit,
-    default_thresholds,
-    made_from_current,
-    owner_models,
-    provenance,
-)
+from common import counts_line, engine_cells  # noqa: E402
 
-from nnlaunder import data as D  # noqa: E402
-from nnlaunder.attacks.laundering import launder, launder_config  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
-from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
-from nnlaunder.restore import finetune_threat, param_shift, restore  # noqa: E402
-from nnlaunder.train import TrainConfig  # noqa: E402
-from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome  # noqa: E402
+from nnlaunder.report.battery import scheme_name  # noqa: E402
+from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -55,96 +43,43 @@ MODELS = {"mnist": ["zhang-content", "zhang-noise", "zhang-unrelated"],
 PHASES = ["embedded", "finetuned", "finetuned-mixed", "restored", "laundered", "laundered-restored"]
 
 
-def run(args) -> list[dict]:
-    path = RESULTS / "persistence.json"
-    rows: list[dict] = json.loads(path.read_text()) if path.is_file() else []
-    done = {(r["dataset"], r["name"], r["phase"]) for r in rows if r.get("threshold_rule") == "converged"}
-    rev = commit()      # the code this process runs, whatever is edited while it runs
-    for ds in args.datasets:
-        tr, te = D.load(ds, args.data_dir, "train"), D.load(ds, args.data_dir, "test")
-        paper = json.loads((RESULTS / f"thresholds-{ds}.json").read_text())["thresholds"]
-        thresholds = default_thresholds(ds)
-        split, owner = D.disjoint_split(tr, 0.3, seed=args.seed)
-        ft = TrainConfig(epochs=args.ft_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
-        rs = TrainConfig(epochs=args.restore_epochs, batch_size=128, optimizer="adam", lr=1e-4, seed=args.seed)
-        for name, _, model, meta, sha, wm in owner_models(ds, [(n, None) for n in MODELS[ds]], args.models, tr, te,
-                                                           args.data_dir):
-            file = {"model": f"models/{ds}/{name}.safetensors", "model_sha256": sha}
-            if all((ds, name, ph) in done for ph in PHASES) and all(
-                    made_from_current(r, file) for r in rows if (r["dataset"], r["name"]) == (ds, name)):
-                continue
-            meta = {**meta, "file": file}
-            evals = {"test": (te.x, te.y), "wm": (wm.verify_x, wm.verify_y)}
-
-            ctx = {"ds": ds, "name": name, "meta": meta, "model": model, "rev": rev,
-                   "threshold": thresholds[name], "threshold_paper": paper[name], "path": path, "args": args,
-                   "ev": evaluator(te, wm, thresholds[name])}
-
-            def emit(phase, m, seconds, history=None, source=None, ctx=ctx):
-                _emit(rows, ctx, phase, m, seconds, history, source)
-
-            emit("embedded", model, 0.0)
-            for phase, mixed in (("finetuned", None), ("finetuned-mixed", owner)):
-                m = copy.deepcopy(model)
-                t0 = time.perf_counter()
-                res = finetune_threat(m, split, ft, mixed_with=mixed, eval_sets=evals, progress=False)
-                emit(phase, m, time.perf_counter() - t0, res.history)
-                if phase == "finetuned":
-                    r = copy.deepcopy(m)
-                    t0 = time.perf_counter()
-                    res = restore(r, owner, rs, eval_sets=evals, progress=False)
-                    emit("restored", r, time.perf_counter() - t0, res.history, source=m)
-            clean = D.stratified_subset(tr, fraction=0.006, seed=args.seed)
-            t0 = time.perf_counter()
-            lm = launder(model, clean, launder_config("strong", seed=args.seed)).model
-            emit("laundered", lm, time.perf_counter() - t0)
-            r = copy.deepcopy(lm)
-            t0 = time.perf_counter()
-            res = restore(r, owner, rs, eval_sets=evals, progress=False)
-            emit("laundered-restored", r, time.perf_counter() - t0, res.history, source=lm)
-    return rows
+EXPERIMENTS = {"mnist": "persistence-mnist", "cifar10": "persistence-cifar10"}
 
 
-def _emit(rows: list[dict], ctx: dict, phase: str, m, seconds: float, history=None, source=None) -> None:
-    """Measure `m`, replace the row of (dataset, model, phase) and write the JSON at once."""
-    ds, name, meta, args = ctx["ds"], ctx["name"], ctx["meta"], ctx["args"]
-    source = ctx["model"] if source is None else source
-    m.eval()
-    v = ctx["ev"](0, m)
-    row = {"dataset": ds, "arch": meta["arch"], "scheme": meta["scheme"], "name": name, "phase": phase,
-           "test_acc": v["test_acc"], "wm_acc": v["wm_acc"], "owned": bool(v.get("owned")), "status": v.get("status"),
-           "base_rate": v.get("base_rate"), "threshold": ctx["threshold"], "threshold_rule": "converged",
-           "threshold_paper": ctx["threshold_paper"], "param_shift": param_shift(source, m)["total"],
-           "shift_from_embedded": param_shift(ctx["model"], m)["total"], "seconds": seconds,
-           "history": history or [], "paper": None,
-           **provenance(f"python benchmarks/persistence.py --datasets {ds} --ft-epochs {args.ft_epochs} "
-                        f"--restore-epochs {args.restore_epochs}", ctx["rev"]), **meta["file"]}
-    if meta["scheme"] == "adi":
-        row["mode"] = meta["scheme_params"]["mode"]
-    rows[:] = [r for r in rows if (r["dataset"], r["name"], r["phase"]) != (ds, name, phase)] + [row]
-    atomic_write_json(ctx["path"], rows)
-    print(f"{ds}/{name} {phase}: test {row['test_acc']:.2f}%  WM {row['wm_acc']:.2f}% "
-          f"(threshold {row['threshold']:.2f}%)  shift {row['param_shift']:.3f}  {seconds:.0f} s", flush=True)
+def _phases(cfg: dict) -> tuple[str, str | None]:
+    """(the attack's phase, its restoration's phase) for a cell of the experiment files."""
+    if cfg["attack"] == "launder":
+        return "laundered", "laundered-restored"
+    return ("finetuned-mixed", None) if (cfg.get("attack_params") or {}).get("mix_split") else ("finetuned", "restored")
 
 
-# Each attack phase, and the owner's restoration of it (None: none was run).
-ATTACK_PHASES = {"finetuned": "restored", "finetuned-mixed": None, "laundered": "laundered-restored"}
-
-
-def with_outcomes(rows: list[dict]) -> list[dict]:
-    """Each attack phase's outcome: kept (ownership still shown), destroyed (not shown, more than the tolerance
-    of test accuracy lost), hidden (not shown, but shown again after the owner's restoration) or removed."""
-    by = {(r["dataset"], r["name"], r["phase"]): r for r in rows}
-    for (ds, name, phase), r in by.items():
-        base, fix = by.get((ds, name, "embedded")), ATTACK_PHASES.get(phase, "")
-        if fix == "" or base is None or "owned" not in r:
-            continue
-        restored = by.get((ds, name, fix)) if fix else None
-        r["test_drop"] = base["test_acc"] - r["test_acc"]
-        r["tolerance"] = DEFAULT_TOLERANCE
-        back = restored.get("owned") if restored else None       # None: no restoration was run (or judged)
-        r["outcome"] = outcome(r["owned"], r["test_drop"], back, DEFAULT_TOLERANCE)
-    return rows
+def phase_rows(cells: list[dict]) -> list[dict]:
+    """The cells as one row per (model, phase)."""
+    rows: dict[tuple, dict] = {}
+    for c in cells:
+        cfg, sm = c["config"], c["summary"]
+        base = {"dataset": cfg["dataset"], "arch": cfg.get("arch"), "scheme": cfg["scheme"], "name": scheme_name(cfg),
+                "threshold": sm["threshold"], "threshold_rule": sm["threshold_rule"], "tolerance": sm["tolerance"],
+                "model": f"{cfg['owner_path']}.safetensors", "machine": sm["machine"], "commit": sm["commit"],
+                "date": sm["date"], "command": f"nnlaunder run experiments/paper/{c['experiment']}.toml"}
+        if "threshold_paper" in sm:
+            base["threshold_paper"] = sm["threshold_paper"]
+        if (cfg.get("scheme_params") or {}).get("mode"):
+            base["mode"] = cfg["scheme_params"]["mode"]
+        first = c["rounds"][0]
+        rows[(base["dataset"], base["name"], "embedded")] = {
+            **base, "phase": "embedded", "test_acc": sm["orig_test_acc"], "wm_acc": sm["orig_wm_acc"],
+            "owned": bool(first.get("owned")), "status": first.get("status"), "seconds": 0.0}
+        attack, restored = _phases(cfg)
+        rows[(base["dataset"], base["name"], attack)] = {
+            **base, "phase": attack, **{k: sm.get(k) for k in ("test_acc", "wm_acc", "owned", "status", "base_rate",
+                                                                "outcome", "test_drop", "param_shift", "n_clean")},
+            "seconds": sm["attack_seconds"]}
+        if restored and "restored_wm_acc" in sm:
+            rows[(base["dataset"], base["name"], restored)] = {
+                **base, "phase": restored, "test_acc": sm["restored_test_acc"], "wm_acc": sm["restored_wm_acc"],
+                "owned": sm["restored"], "n_owner": sm["n_owner"], "seconds": sm["restore_seconds"]}
+    return list(rows.values())
 
 
 def plot(rows: list[dict], ds: str) -> None:
@@ -181,14 +116,15 @@ def markdown(rows: list[dict]) -> str:
              "restoration on clean data alone (no triggers) shows it again; removed = not shown, even after "
              "restoration where one ran.", "",
              "| dataset | model | phase | test acc % | WM acc % | threshold % (paper's rule) | ownership shown "
-             "| outcome | parameter shift (from its input) | shift from embedded | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| outcome | parameter shift (L2, from the owner's model) | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["dataset"], r["name"], PHASES.index(r["phase"]))):
         paper = f" ({r['threshold_paper']:.2f})" if "threshold_paper" in r else ""
         shown = {True: "yes", False: "no"}.get(r.get("owned"), "–")
+        shift = r.get("shift_from_embedded", r.get("param_shift"))
         lines.append(f"| {r['dataset']} | {r['name']} | {r['phase']} | {r['test_acc']:.2f} | {r['wm_acc']:.2f} | "
-                     f"{r['threshold']:.2f}{paper} | {shown} | {r.get('outcome', '')} | {r['param_shift']:.3f} | "
-                     f"{r['shift_from_embedded']:.3f} | {r['seconds']:.0f} |")
+                     f"{r['threshold']:.2f}{paper} | {shown} | {r.get('outcome', '')} | "
+                     f"{'–' if shift is None else format(shift, '.3f')} | {r['seconds']:.0f} |")
     stale = sorted({(r["dataset"], r["name"], r["model"]) for r in rows
                     if r.get("model") not in (None, f"models/{r['dataset']}/{r['name']}.safetensors")})
     if stale:
@@ -223,22 +159,15 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="mnist")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--ft-epochs", type=int, default=50)
-    ap.add_argument("--restore-epochs", type=int, default=30)
-    add_common_flags(ap)
+    ap.add_argument("--workspace", default=str(ROOT / "runs" / "paper"), help="the engine's workspace")
     args = ap.parse_args(argv)
-    args.models = comma_list(args.models)
-    args.datasets = comma_list(args.datasets) or []
-    if any(d not in MODELS for d in args.datasets):
-        print(f"persistence.py: error: datasets must be among {sorted(MODELS)}", file=sys.stderr)
-        return 2
-    if args.markdown_only:
-        rows = json.loads((RESULTS / "persistence.json").read_text())
-    else:
-        rows = run(args)
-    with_outcomes(rows)
+    stored = json.loads((RESULTS / "persistence.json").read_text()) if (RESULTS / "persistence.json").is_file() else []
+    rows: list[dict] = []
+    for ds, exp in EXPERIMENTS.items():
+        cells, counts = engine_cells(args.workspace, [exp])
+        have, total = counts[exp]
+        rows += phase_rows(cells) if have == total else [r for r in stored if r["dataset"] == ds]
+        print(f"{ds}: {'the engine' if have == total else 'the rows stored before'} ({counts_line(counts)})")
     atomic_write_json(RESULTS / "persistence.json", rows)
     for ds in sorted({r["dataset"] for r in rows}):
         plot(rows, ds)
@@ -248,5 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-
     sys.exit(main())

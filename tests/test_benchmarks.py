@@ -120,21 +120,28 @@ def test_a_result_names_a_dirty_tree(tmp_path, monkeypatch):
     assert common.commit() == clean + "-dirty"
 
 
-def test_persistence_phases_end_kept_hidden_removed_or_destroyed():
-    """An attack phase whose watermark the owner's restoration brings back is hidden, not removed; one that
-    cost more than the tolerance is destroyed; one still owned is kept; a phase without its rows is left."""
+def test_persistence_lays_the_engines_cells_out_as_ngo_et_als_phases():
+    """Each cell of persistence-*.toml is a phase (fine-tuning, mixed fine-tuning, laundering) and, where the
+    owner restored, a second one; the owner's model before any attack is the embedded phase, once."""
     import persistence
 
-    def row(phase, test, owned, name="m"):
-        return {"dataset": "d", "name": name, "phase": phase, "test_acc": test, "owned": owned}
+    def cell(attack, params, outcome, restored=None):
+        sm = {"threshold": 0.5, "threshold_rule": "converged", "tolerance": 3.0, "machine": "cpu", "commit": "abc",
+              "date": "2026-12-05", "orig_test_acc": 99.0, "orig_wm_acc": 99.5, "test_acc": 98.0, "wm_acc": 1.0,
+              "owned": outcome == "kept", "status": "no proof", "outcome": outcome, "test_drop": 1.0,
+              "param_shift": 2.0, "n_clean": 300, "attack_seconds": 5.0}
+        if restored is not None:
+            sm.update(restored_test_acc=98.5, restored_wm_acc=60.0, restored=restored, n_owner=700, restore_seconds=3.0)
+        cfg = {"dataset": "mnist", "arch": "mnist-cnn", "scheme": "zhang-content", "scheme_params": {},
+               "attack": attack, "attack_params": params, "owner_path": "models/mnist/zhang-content"}
+        return {"experiment": "persistence-mnist", "config": cfg, "summary": sm,
+                "rounds": [{"round": 0, "owned": True, "status": "owned"}]}
 
-    rows = [row("embedded", 90.0, True), row("finetuned", 89.0, False), row("restored", 89.5, True),
-            row("finetuned-mixed", 89.5, True), row("laundered", 85.0, False), row("laundered-restored", 89.0, False),
-            row("laundered", 89.0, False, name="other")]                       # no embedded row: nothing to compare
-    by = {(r["name"], r["phase"]): r for r in persistence.with_outcomes(rows)}
-    assert by[("m", "finetuned")]["outcome"] == "hidden"
-    assert by[("m", "finetuned-mixed")]["outcome"] == "kept"
-    assert by[("m", "laundered")]["outcome"] == "destroyed" and by[("m", "laundered")]["test_drop"] == 5.0
-    assert "outcome" not in by[("m", "embedded")] and "outcome" not in by[("other", "laundered")]
-    by[("m", "laundered")]["test_acc"] = 88.0
-    assert persistence.with_outcomes(rows) and by[("m", "laundered")]["outcome"] == "removed"
+    rows = persistence.phase_rows([cell("ftal", {}, "kept", restored=True), cell("ftal", {"mix_split": 0.3}, "kept"),
+                                   cell("launder", {}, "hidden", restored=True)])
+    by = {r["phase"]: r for r in rows}
+    assert sorted(by) == sorted(persistence.PHASES) and len(rows) == 6
+    assert by["embedded"]["owned"] and by["embedded"]["wm_acc"] == 99.5
+    assert by["laundered"]["outcome"] == "hidden" and by["laundered-restored"]["owned"] is True
+    assert by["restored"]["n_owner"] == 700 and "outcome" not in by["restored"]
+    assert by["finetuned-mixed"]["command"] == "nnlaunder run experiments/paper/persistence-mnist.toml"

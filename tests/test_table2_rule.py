@@ -10,7 +10,7 @@ import pytest
 from nnlaunder.errors import UserError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import joint_choice, made_from_current, most_aggressive_within  # noqa: E402
+from common import joint_choice, most_aggressive_within  # noqa: E402
 
 _path = Path(__file__).resolve().parents[1] / "benchmarks" / "table2.py"
 _spec = importlib.util.spec_from_file_location("table2_bench", _path)
@@ -53,12 +53,3 @@ def test_calibration_lines_are_read_from_a_log():
     assert [(r["dt"], r["ct"], r["epochs"], r["attacker_acc"], r["residual_flip"]) for r in rows] == [
         (0.5, 1.0, 5, 93.24, 1.13), (2.0, 2.0, 20, 93.15, 0.51)]
     assert all(r["wm_acc"] is None and r["from_log"] == "x.log" for r in rows)
-
-
-def test_rows_of_a_replaced_model_are_stale():
-    file = {"model": "models/x/a.safetensors", "model_sha256": "abc"}
-    assert made_from_current({"model": "models/x/a.safetensors", "model_sha256": "abc"}, file)
-    assert made_from_current({"model": "models/x/a.safetensors"}, file)            # older rows: path only
-    assert not made_from_current({"model": "models/x/a.safetensors", "model_sha256": "def"}, file)
-    assert not made_from_current({"model": "models/x/a-v1.safetensors"}, file)
-    assert not made_from_current({}, file)
