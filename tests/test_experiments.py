@@ -347,6 +347,34 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path, data_dir):
     assert "Recovered triggers" in md and (rep / "index.html").read_text().count("data:image/png") == 3
 
 
+def test_cells_that_differ_after_trigger_recovery_recover_the_triggers_once(tmp_path, data_dir):
+    """An ablation's variants share round 1's Neural Cleanse: the second cell takes the workspace's kept
+    result and stores exactly what it stores when it runs Neural Cleanse itself in a fresh workspace."""
+    from pathlib import Path
+
+    from nnlaunder.experiments.runner import run_experiment
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = {"name": "abl", "dataset": "mnist", "scheme": "zhang-content", "attack": "launder",
+            "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "threshold": 0.33,
+            "scheme_params": {"n_verify": 300}, "budget": "1/class",
+            "attack_params": {"nc": {"max_epochs": 3}, "retrain": {"epochs": 1}},
+            "sweep": {"attack_params": [{"ct": 1.0}, {"ct": 2.0, "bn_stats": "reestimate"}]}}
+    first, second = expand(spec)
+    run_experiment([first, second], tmp_path / "both", str(data_dir), progress=False)
+    run_experiment([second], tmp_path / "alone", str(data_dir), progress=False)
+    got = {}
+    for name in ("both", "alone"):
+        with Store(tmp_path / name / "results.sqlite") as s:
+            got[name] = {c["cell_id"]: c for c in s.cells("abl")}
+    assert not got["both"][first.cell_id()]["summary"]["nc_reused"]
+    shared, alone = got["both"][second.cell_id()], got["alone"][second.cell_id()]
+    assert shared["summary"]["nc_reused"] and not alone["summary"]["nc_reused"]
+    assert [{k: v for k, v in r.items() if "seconds" not in k} for r in shared["rounds"]] == \
+        [{k: v for k, v in r.items() if "seconds" not in k} for r in alone["rounds"]]
+    assert len(list((tmp_path / "both" / "nc").glob("*.safetensors"))) == 1
+
+
 def test_owner_path_with_other_scheme_parameters_is_refused(tmp_path, data_dir):
     """A committed owner model checked against the experiment's watermark: a different target class
     would verify the wrong thing, so it is an error naming the key (sizes like n_verify are fine)."""

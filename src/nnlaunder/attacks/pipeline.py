@@ -108,11 +108,11 @@ def run_launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, evaluat
                 on_state: Callable[[LaunderState, NCResult], None] | None = None,
                 out_dir: str | Path | None = None, classes: Sequence[str] | None = None,
                 report: dict[str, Any] | None = None, log: Log = _quiet,
-                on_progress: OnProgress | None = None) -> LaunderRun:
+                on_progress: OnProgress | None = None, first_nc: NCResult | None = None) -> LaunderRun:
     state_path = Path(state_file) if state_file is not None else None
     owner = weights_digest(model)
     prior = _resume_state(state_path, resume, owner, log, model)
-    first_nc, calibration = None, None
+    calibration = None              # `first_nc`: round 1's Neural Cleanse on this model and set, already run
     if calibrate is not None:
         if prior is not None and isinstance(prior[1].get("calibration"), dict):
             calibration = prior[1]["calibration"]

@@ -48,6 +48,7 @@ class Hooks:
     on_state: Callable[[Any, Any], None] | None = None           # after each round: (state, round's NC)
     on_progress: OnProgress | None = None
     calibrate: Any = None                       # laundering: CalibrateOptions, chosen on the attacker's set first
+    first_nc: Any = None                        # laundering: round 1's Neural Cleanse result, already run
 
 
 @dataclass
@@ -70,7 +71,8 @@ def _launder(model: nn.Module, clean: Dataset, cfg: Any, hooks: Hooks | None = N
 
     h = hooks or Hooks()
     run = run_launder(model, clean, cfg, evaluate=h.on_round, state_file=h.state_file, resume=True, extra=h.extra,
-                      on_resume=h.on_resume, on_state=h.on_state, on_progress=h.on_progress, calibrate=h.calibrate)
+                      on_resume=h.on_resume, on_state=h.on_state, on_progress=h.on_progress, calibrate=h.calibrate,
+                      first_nc=h.first_nc)
     return AttackResult(run.result.model, {"rounds": run.report["rounds"], "calibration": run.calibration},
                         run.result.seconds)
 

@@ -150,10 +150,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                   extra=lambda: {"rows": rows}, on_resume=on_resume,
                   on_state=lambda state, nc: save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds),
                                                                  nc, wm, te))
-    if cell.calibrate:
-        from ..attacks.pipeline import CalibrateOptions
-
-        hooks.calibrate = CalibrateOptions()
+    reused = _memo_nc(cell, cfg, model, clean, ws, hooks)
     try:
         res = attack_spec(cell.attack).run(model, clean, cfg, hooks)
     finally:
@@ -170,7 +167,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                                            "test_drop")},
                "owned": bool(last.get("owned")), "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
                "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y), "machine": machine_name(),
-               "param_shift": param_shift(model, res.model)["total"]}     # L2 distance the attack moved the weights
+               "param_shift": param_shift(model, res.model)["total"],     # L2 distance the attack moved the weights
+               "nc_reused": reused}
     if "paper" in known:                     # the paper's rule (the maximum over every clean epoch), beside it
         summary["threshold_paper"] = known["paper"]
     if res.info.get("calibration"):
@@ -181,6 +179,31 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                                  cell.tolerance)
     summary["removed"] = summary["outcome"] == "removed"
     return rows, summary, time.perf_counter() - t0
+
+
+def _memo_nc(cell: CellConfig, cfg: Any, model, clean: D.Dataset, ws: Path, hooks: Hooks) -> bool:
+    """Laundering's first Neural Cleanse from the workspace's kept results where an earlier cell ran it on
+    the same model, set and settings (and kept for later cells where none did); calibration runs its own.
+    True when it was reused."""
+    if cell.attack != "launder":
+        return False
+    if cell.calibrate:
+        from ..attacks.pipeline import CalibrateOptions
+
+        hooks.calibrate = CalibrateOptions()
+        return False
+    from .nc_memo import load_nc, nc_key, save_nc
+
+    key, folder, then = nc_key(model, clean, cfg), ws / "nc", hooks.on_state
+    hooks.first_nc = load_nc(folder, key)
+
+    def keep(state: Any, nc: Any) -> None:
+        if len(state.rounds) == 1 and hooks.first_nc is None:
+            save_nc(folder, key, nc)
+        then(state, nc)
+
+    hooks.on_state = keep
+    return hooks.first_nc is not None
 
 
 def external_inputs(cell: CellConfig, allow: CodeAllowance) -> tuple[D.Dataset, D.Dataset, Watermark, Any]:
