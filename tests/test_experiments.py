@@ -372,7 +372,16 @@ def test_cells_that_differ_after_trigger_recovery_recover_the_triggers_once(tmp_
     assert shared["summary"]["nc_reused"] and not alone["summary"]["nc_reused"]
     assert [{k: v for k, v in r.items() if "seconds" not in k} for r in shared["rounds"]] == \
         [{k: v for k, v in r.items() if "seconds" not in k} for r in alone["rounds"]]
-    assert len(list((tmp_path / "both" / "nc").glob("*.safetensors"))) == 1
+    (kept,) = (tmp_path / "both" / "nc").glob("*.safetensors")
+    from nnlaunder.data import Dataset, load
+    from nnlaunder.experiments.nc_memo import load_nc
+
+    tiny = load("mnist", str(data_dir), "test").subset(list(range(20)))
+    assert load_nc(kept.parent, kept.stem, tiny) is not None
+    cropped = Dataset("crop", tiny.x[:, :, :20, :20].contiguous(), tiny.y, tiny.classes)
+    assert load_nc(kept.parent, kept.stem, cropped) is None      # another shape: not this set's result
+    kept.write_bytes(b"not a safetensors file")                # a damaged memo is run again, never trusted
+    assert load_nc(kept.parent, kept.stem, tiny) is None
 
 
 def test_owner_path_with_other_scheme_parameters_is_refused(tmp_path, data_dir):

@@ -32,9 +32,9 @@ def nc_key(model: nn.Module, clean: Dataset, cfg: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def load_nc(folder: Path, key: str) -> NCResult | None:
-    """The kept result, or None (none kept, or a file this module did not write whole)."""
-    from safetensors import safe_open
+def load_nc(folder: Path, key: str, clean: Dataset) -> NCResult | None:
+    """The kept result, or None (none kept, or a file this module did not write whole for `clean`'s shape)."""
+    from safetensors import SafetensorError, safe_open
 
     path = folder / f"{key}.safetensors"
     if not path.is_file():
@@ -43,10 +43,14 @@ def load_nc(folder: Path, key: str) -> NCResult | None:
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["nc"])
             tensors = {k: f.get_tensor(k) for k in _TENSORS}
-        return NCResult(**tensors, flagged=[int(c) for c in meta["flagged"]], seconds=float(meta["seconds"]),
-                        plan=dict(meta["plan"]), phase_seconds=dict(meta["phase_seconds"]))
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError):
+        nc = NCResult(**tensors, flagged=[int(c) for c in meta["flagged"]], seconds=float(meta["seconds"]),
+                      plan=dict(meta["plan"]), phase_seconds=dict(meta["phase_seconds"]))
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError):
         return None
+    k, (c, h, w) = clean.num_classes, clean.x.shape[1:]
+    shapes = [tuple(nc.masks.shape) == (k, 1, h, w), tuple(nc.patterns.shape) == (k, c, h, w),
+              *(tuple(getattr(nc, t).shape) == (k,) for t in _TENSORS[2:]), all(0 <= f < k for f in nc.flagged)]
+    return nc if all(shapes) else None
 
 
 def save_nc(folder: Path, key: str, nc: NCResult) -> None:

@@ -195,7 +195,7 @@ def _memo_nc(cell: CellConfig, cfg: Any, model, clean: D.Dataset, ws: Path, hook
     from .nc_memo import load_nc, nc_key, save_nc
 
     key, folder, then = nc_key(model, clean, cfg), ws / "nc", hooks.on_state
-    hooks.first_nc = load_nc(folder, key)
+    hooks.first_nc = load_nc(folder, key, clean)
 
     def keep(state: Any, nc: Any) -> None:
         if len(state.rounds) == 1 and hooks.first_nc is None:
