@@ -78,7 +78,7 @@ def _save(fig, path: Path, title: str = "") -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")      # a legend outside the axes is kept whole
     plt.close(fig)
     return path
 
@@ -164,12 +164,12 @@ ATTACK_MARKERS = {"launder": "o", "rtal": "s", "ftal": "D", "fine-prune": "^", "
 
 
 def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: str) -> Path:
-    fig, ax = plt.subplots(figsize=(8.4, 4.2))
-    names = sorted({r["attack"].split(" @ ")[0] for r in rows})      # "attack @ budget": one colour per attack,
-    budgets = list(dict.fromkeys(r["attack"].partition(" @ ")[2] for r in rows))   # filled at the first budget
+    fig, ax = plt.subplots(figsize=(8.4, max(4.2, 0.16 * len(rows) + 1.2)))   # room for every legend entry
+    names = sorted({r["attack"].split(" @ ")[0] for r in rows})      # "attack @ budget ...": one colour per
+    budgets = list(dict.fromkeys(_budget(r["attack"]) for r in rows))   # attack, filled at the first budget
     for r in rows:
         xs, ys = zip(*r["points"], strict=True)
-        name, _, budget = r["attack"].partition(" @ ")
+        name, budget = r["attack"].partition(" @ ")[0], _budget(r["attack"])
         colour = plt.get_cmap("tab20")(names.index(name) % 20)
         marker = ATTACK_MARKERS.get(name, "o")
         hollow = budgets.index(budget) > 0 and marker not in ("+", "x")    # a line marker has no face
@@ -186,3 +186,8 @@ def pareto_plot(rows: Sequence[dict[str, Any]], budget: str, path: Path, title: 
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # outside: it never hides a point
     fig.tight_layout()
     return _save(fig, path, title)
+
+
+def _budget(label: str) -> str:
+    """"launder @ 0.6% (table2-mnist)" -> "0.6%"."""
+    return label.partition(" @ ")[2].split(" ")[0]
