@@ -156,7 +156,10 @@ def moved_lines(rows: list[dict]) -> list[str]:
     gap = max((max(abs(o["test_acc"] - n["test_acc"]), abs(o["wm_acc"] - n["wm_acc"])) for o, n in same), default=0)
     return ["", f"Against the rows this script's own loop stored before ({PREVIOUS.name}, some on an H200): "
             f"{len(pairs) - len(moved)} of {len(pairs)} runs keep their outcome; on the same machine the accuracies "
-            f"differ by at most {gap:.2f} points.", *[f"- {m}" for m in moved]]
+            f"differ by at most {gap:.2f} points. The engine seeds every draw of an attack with the cell's seed, "
+            "nested ones included (NAD's teacher fine-tuning); the loop set only the attack's own `seed`, so seed-0 "
+            "runs are the same and NAD's other seeds are new draws of the same attack (a model NAD destroys can land "
+            "anywhere).", *[f"- {m}" for m in moved]]
 
 
 def main(argv=None) -> int:
