@@ -185,9 +185,9 @@ def main(argv=None) -> int:
     store = _store()
     if args.validate:
         validate(args, store, "python benchmarks/attacks.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    store["rows"] = flat_rows(engine_cells(args.workspace, EXPERIMENTS)[0])
+    battery = engine_cells(args.workspace, BATTERY)          # one read of the store: the rows are a part of it
+    store["rows"] = flat_rows([c for c in battery[0] if c["experiment"] in EXPERIMENTS])
     atomic_write_json(OUT, store)
-    battery = engine_cells(args.workspace, BATTERY)
     write_markdown(store, battery)
     for ds in ("mnist", "cifar10"):          # the engine's report of every attack on that dataset's models
         have = sorted({c["experiment"] for c in battery[0] if c["config"]["dataset"] == ds})
