@@ -6,7 +6,7 @@
 
 Every run is one laundering round on the owner model of models/cifar10/ at the row's Table 2 budget
 (0.6% of the training set; 10.8% for Adi); an attacker seed s draws the clean subset and seeds Neural
-Cleanse and the retraining, as in table2_seeds.py. Each finished (row, arm, seed) is written at once to
+Cleanse and the retraining, as the engine's Table 2 cells do. Each finished (row, arm, seed) is written at once to
 benchmarks/results/cifar10-decided.json, so an interrupted run continues where it stopped. Neural
 Cleanse runs once per (row, seed) with the library's fast preset and is kept under runs/cifar-decided/.
 
@@ -18,7 +18,7 @@ Arms (LaunderConfig options over the row's headline attack, the one table2.json 
                 else is the headline attack. Only this script builds these images, from the owner's
                 watermark; the library's attack code never receives them.
   the rest      see ARMS below; "reinit-half-only" is the control: no Neural Cleanse and no Algorithm 1.
-Arms run by table2_seeds.py at earlier commits (strong: the headline attack; preset; +bn-reinit) are
+Arms the Table 2 experiments run (strong: the headline attack; preset; +bn-reinit) are
 carried into the table from table2-seeds.json / table2-ablation.json with their own commits.
 
 Each run ends kept / hidden / removed / destroyed under the project's verdict rules (the default
@@ -44,16 +44,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import default_thresholds, provenance, wilson
-from table2 import PAPER, ROWS  # noqa: E402 (a sibling script: benchmarks/ is on sys.path)
-from table2_seeds import headline_config, load_rows, nc_cached
+from common import PAPER, ROWS, default_thresholds, provenance, wilson
 
 from nnlaunder import data as D
 from nnlaunder.attacks.laundering import launder_config, mask_images, reset_and_retrain_on, stamped_sets, used_triggers
-from nnlaunder.attacks.neural_cleanse import nc_config
+from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse
 from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
+from nnlaunder.experiments.nc_memo import load_nc, nc_key, save_nc
 from nnlaunder.watermarks.schemes import Watermark, make_watermark
 from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome
 
@@ -100,9 +99,37 @@ for _arms in ARMS.values():
 # Arms that add a step the paper does not describe (a verdict built on them is "costlier").
 BEYOND_PAPER = {"reinit-half", "bn-reinit-all", "+bn-reinit"}
 DIAGNOSTIC = {"oracle", "reinit-half-only"}
-# Arms table2_seeds.py ran (file, its variant name -> the arm's name here).
+# Arms the Table 2 experiments run (result file, its variant name -> the arm's name here).
 CARRIED = {("table2-seeds.json", "strong"): "strong", ("table2-ablation.json", "preset"): "preset",
            ("table2-ablation.json", "+bn-reinit"): "+bn-reinit"}
+
+
+def load_rows(name: str) -> list | dict:
+    p = RESULTS / name
+    return json.loads(p.read_text()) if p.is_file() else []
+
+
+def headline_config(name: str) -> dict:
+    """The strong attack table2.json records for the row: its DT, CT, layers and retraining epochs (an engine
+    cell's settings, or a stored row's options), the strong variant's defaults for what it does not set."""
+    strong = launder_config("strong")
+    for r in load_rows("table2.json"):
+        if (r["dataset"], r["name"]) == (DS, name):
+            ap = r.get("options") or r["config"]["attack_params"]
+            return {"dt": ap["dt"], "ct": ap["ct"], "layers": ap["layers"],
+                    "retrain_epochs": ap["retrain_epochs"] if "options" in r else ap["retrain"]["epochs"],
+                    **{k: ap.get(k, getattr(strong, k)) for k in ("threshold_mode", "triggers", "add_masks")}}
+    raise SystemExit(f"cifar_decided.py: error: table2.json has no {DS}/{name} row to take the attack from")
+
+
+def recovered(model, clean: D.Dataset, nc_cfg, seed: int):
+    """Round 1's Neural Cleanse on (model, attacker's set), kept under runs/cifar-decided/ as the engine keeps it."""
+    key = nc_key(model, clean, launder_config("strong", nc=nc_cfg, seed=seed))
+    nc = load_nc(CACHE, key, clean)
+    if nc is None:
+        nc = neural_cleanse(model, clean.x, nc_cfg, num_classes=clean.num_classes)
+        save_nc(CACHE, key, nc)
+    return nc
 
 
 def oracle_images(wm: Watermark, clean: D.Dataset) -> list[torch.Tensor]:
@@ -172,7 +199,7 @@ def run(args) -> None:
         sha = model_digest(path)
         wm = make_watermark(meta["scheme"], tr, te, args.data_dir, meta.get("scheme_params") or {})
         ev = evaluator(te, wm, th[name])
-        head = headline_config(DS, name)
+        head = headline_config(name)
         before = None
         for seed in args.seeds:
             for arm in arms:
@@ -184,8 +211,7 @@ def run(args) -> None:
                 nc_cfg = dataclasses.replace(nc_config(NC_PRESET), seed=seed)
                 nc = None
                 if not (spec.get("oracle") or spec.get("no_nc")):
-                    nc = nc_cached(CACHE / f"nc-{DS}-{name}-s{seed}-{NC_PRESET}.safetensors", sha, model, clean.x,
-                                   nc_cfg, tr.num_classes)
+                    nc = recovered(model, clean, nc_cfg, seed)
                 cfg = arm_config(head, spec, seed, nc_cfg)
                 t0 = time.perf_counter()
                 m, facts = run_arm(model, clean, wm, nc, cfg, spec)

@@ -14,8 +14,8 @@ from nnlaunder.watermarks.verify import wilson
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["ROOT", "RESULTS", "machine", "commit", "provenance", "default_thresholds", "engine_cells", "counts_line",
-           "wilson"]
+__all__ = ["ROOT", "RESULTS", "PAPER", "ROWS", "machine", "commit", "provenance", "default_thresholds", "engine_cells",
+           "counts_line", "row_label", "wilson"]
 
 
 def machine() -> str:
@@ -67,54 +67,22 @@ def row_label(r: dict[str, Any]) -> str:
     return r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
 
 
-def owner_models(ds: str, rows, only: list[str] | None, tr, te, data_dir):
-    """For each (name, extra) of `rows` (all, or the names in `only`) whose model exists under
-    models/<ds>/: (name, extra, model, meta, model sha, the owner's watermark)."""
-    from nnlaunder.checkpoint import load_model, model_digest
-    from nnlaunder.watermarks.schemes import make_watermark
-
-    for name, extra in rows:
-        if only and name not in only:
-            continue
-        path = ROOT / "models" / ds / name
-        if not path.with_suffix(".safetensors").is_file():
-            print(f"{ds}/{name}: no model yet, skipped", flush=True)
-            continue
-        model, meta = load_model(path)
-        wm = make_watermark(meta["scheme"], tr, te, data_dir, meta.get("scheme_params") or {})
-        yield name, extra, model, meta, model_digest(path), wm
-
-
-# ---- the per-architecture rule of the Table 2 headline rows (benchmarks/table2.py)
-# One choice per architecture from single held-out slices of several owner models' attacker sets: of
-# the (DT, CT, retraining epochs) candidates whose held-out accuracy, averaged over the models, is
-# within one point of the best, the most aggressive. Kept for the headline rows it produced; a user
-# laundering one model calibrates with `calibrate` above.
-Candidate = tuple[float, float, int]          # (DT, CT, retraining epochs)
-
-
-def most_aggressive_within(acc: dict[Candidate, float], margin: float = 1.0) -> Candidate:
-    """Of the candidates whose held-out accuracy is within `margin` points of the best, the lowest
-    DT + CT, then the fewest retraining epochs."""
-    if not acc:
-        raise UserError("no calibration candidates to choose from")
-    best = max(acc.values())
-    ok = [k for k, a in acc.items() if a >= best - margin]
-    return min(ok, key=lambda k: (k[0] + k[1], k[2], k))
-
-
-def joint_choice(records: list[dict[str, Any]], ds: str, arch: str) -> tuple[Candidate, list[str]]:
-    """`most_aggressive_within` over every calibration record of `arch` on `ds` (records with
-    "stage" == "calibration", "dt", "ct", "epochs", "name" and "attacker_acc"), the accuracy averaged
-    over the models per candidate: one choice for models calibrated in separate runs."""
-    cells: dict[Candidate, dict[str, float]] = {}
-    for r in records:
-        if r.get("stage") == "calibration" and r["dataset"] == ds and r["arch"] == arch:
-            cells.setdefault((r["dt"], r["ct"], r["epochs"]), {})[r["name"]] = r["attacker_acc"]
-    if not cells:
-        raise UserError(f"no calibration records for {ds}/{arch}")
-    names = sorted({n for c in cells.values() for n in c})
-    full = {k: sum(c.values()) / len(c) for k, c in cells.items() if len(c) == len(names)}
-    if not full:
-        raise UserError(f"no candidate was calibrated on all of {names}")
-    return most_aggressive_within(full), names
+# Aiken et al. Table 2, "Ours" rows: the paper's figures beside which every Table 2 result is shown.
+PAPER = {
+    ("mnist", "zhang-content"): dict(orig_test_acc=99.90, test_acc=98.34, orig_wm_acc=100, wm_acc=0.01, threshold=1.5),
+    ("mnist", "zhang-noise"): dict(orig_test_acc=99.86, test_acc=97.45, orig_wm_acc=99.99, wm_acc=0.07, threshold=6.0),
+    ("mnist", "zhang-unrelated"): dict(orig_test_acc=99.92, test_acc=98.33, orig_wm_acc=99.71, wm_acc=15,
+                                       threshold=20),
+    ("cifar10", "zhang-content"): dict(orig_test_acc=90.24, test_acc=87.65, orig_wm_acc=100, wm_acc=1.4, threshold=5),
+    ("cifar10", "zhang-noise"): dict(orig_test_acc=89.01, test_acc=84.14, orig_wm_acc=100, wm_acc=0.5, threshold=4),
+    ("cifar10", "zhang-unrelated"): dict(orig_test_acc=89.77, test_acc=85.34, orig_wm_acc=99.94, wm_acc=16,
+                                         threshold=52),
+    ("cifar10", "adi-pt"): dict(orig_test_acc=91.55, test_acc=88.25, orig_wm_acc=100, wm_acc=7.0, threshold=12),
+    ("cifar10", "adi-fs"): dict(orig_test_acc=91.85, test_acc=84.73, orig_wm_acc=100, wm_acc=7.0, threshold=12),
+}
+# The Table 2 rows per dataset with the attacker's budget (a fraction of the training set).
+ROWS = {
+    "mnist": [("zhang-content", 0.006), ("zhang-noise", 0.006), ("zhang-unrelated", 0.006)],
+    "cifar10": [("zhang-content", 0.006), ("zhang-noise", 0.006), ("zhang-unrelated", 0.006),
+                ("adi-pt", 0.108), ("adi-fs", 0.108)],
+}

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import row_label
+from common import PAPER, row_label
 
 from nnlaunder import data as D
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
@@ -35,17 +35,12 @@ DEVICE = str(compute_device())
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-# Aiken et al., Table 2 ("Ours" rows): original test / original WM / vanilla-model WM accuracy.
-PAPER = {
-    ("mnist", "zhang-content"): {"test_acc": 99.90, "wm_acc": 100.0, "threshold": 1.5},
-    ("mnist", "zhang-noise"): {"test_acc": 99.86, "wm_acc": 99.99, "threshold": 6.0},
-    ("mnist", "zhang-unrelated"): {"test_acc": 99.92, "wm_acc": 99.71, "threshold": 20.0},
-    ("cifar10", "zhang-content"): {"test_acc": 90.24, "wm_acc": 100.0, "threshold": 5.0},
-    ("cifar10", "zhang-noise"): {"test_acc": 89.01, "wm_acc": 100.0, "threshold": 4.0},
-    ("cifar10", "zhang-unrelated"): {"test_acc": 89.77, "wm_acc": 99.94, "threshold": 52.0},
-    ("cifar10", "adi-pt"): {"test_acc": 91.55, "wm_acc": 100.0, "threshold": 12.0},
-    ("cifar10", "adi-fs"): {"test_acc": 91.85, "wm_acc": 100.0, "threshold": 12.0},
-}
+
+def _paper(ds: str, name: str) -> dict | None:
+    """The paper's owner model (Table 2, "Ours"): test and WM accuracy before laundering, and its threshold."""
+    p = PAPER.get((ds, name))
+    return p and {"test_acc": p["orig_test_acc"], "wm_acc": p["orig_wm_acc"], "threshold": p["threshold"]}
+
 
 # (dataset) -> list of (row name, arch, scheme, scheme params)
 PLAN = {
@@ -174,7 +169,7 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
                                                       if "topup" in meta else ""),
                "cpu_minutes": _cpu_minutes(meta, clean[arch][1]),
                "epochs": len(meta["history"]), "clean_test_acc": clean[arch][1]["metrics"]["test_acc"],
-               "paper": PAPER.get((ds, name)), "model": f"models/{ds}/{name}.safetensors",
+               "paper": _paper(ds, name), "model": f"models/{ds}/{name}.safetensors",
                "command": meta.get("command", cmd)}
         if scheme == "adi":
             row["mode"] = wm.params["mode"]

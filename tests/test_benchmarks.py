@@ -145,3 +145,52 @@ def test_persistence_lays_the_engines_cells_out_as_ngo_et_als_phases():
     assert by["laundered"]["outcome"] == "hidden" and by["laundered-restored"]["owned"] is True
     assert by["restored"]["n_owner"] == 700 and "outcome" not in by["restored"]
     assert by["finetuned-mixed"]["command"] == "nnlaunder run experiments/paper/persistence-mnist.toml"
+
+
+def test_table2_names_every_ablation_variant_from_the_experiment_file():
+    """Each settings group of table2-ablation-cifar10.toml is one named variant (and the headline cells are
+    "strong"), so the ablation table reads the engine's cells without a label stored in them."""
+    import table2
+
+    from nnlaunder.experiments.config import load_experiment
+
+    paper = Path(__file__).resolve().parents[1] / "experiments" / "paper"
+    cells = [c.as_dict() for c in load_experiment(paper / "table2-ablation-cifar10.toml")]
+    by_variant: dict[str, int] = {}
+    for c in cells:
+        by_variant[table2.variant(c)] = by_variant.get(table2.variant(c), 0) + 1
+    assert by_variant == {v: len(cells) // len(table2.VARIANTS) for v in table2.VARIANTS}
+    assert {table2.variant(c.as_dict()) for c in load_experiment(paper / "table2-cifar10.toml")} == {"strong"}
+    assert table2.variant({"attack_params": {"bn_stats": "reestimate", "add_masks": True}}) == "+bn+masks"
+
+
+def test_table2_rows_come_from_the_store_and_keep_what_it_lacks(tmp_path, monkeypatch):
+    """A cell becomes a row with its variant and round 1's facts; a stored row for a (row, seed, variant)
+    the store does not hold stays, one the store holds is replaced; the headline is the median-WM seed."""
+    import json
+
+    import table2
+
+    def cell(seed, wm):
+        cfg = {"dataset": "cifar10", "arch": None, "scheme": "zhang-noise", "scheme_params": {}, "attack": "launder",
+               "budget": 0.006, "seed": seed, "rounds": 1, "owner_path": "models/cifar10/zhang-noise",
+               "attack_params": {"dt": 0.5, "ct": 2.0, "nc": {"preset": "fast"}}}
+        sm = {"test_acc": 85.0 + seed, "wm_acc": wm, "outcome": "kept", "threshold": 0.05, "machine": "cpu",
+              "commit": "new", "date": "2026-12-05", "orig_test_acc": 89.0, "orig_wm_acc": 100.0, "n_clean": 300}
+        return {"experiment": "table2-cifar10", "cell_id": f"c{seed}", "config": cfg, "summary": sm, "seconds": 60.0,
+                "rounds": [{"round": 0}, {"round": 1, "flagged": [4], "used": [4], "resets": {"conv1": 3},
+                                          "nc_seconds": 30.0}]}
+
+    rows = table2.cell_rows([cell(s, wm) for s, wm in enumerate([100.0, 99.0, 98.0, 97.0])])
+    assert rows[0]["arch"] == "cifar-cnn" and rows[0]["variant"] == "strong" and rows[0]["nc_preset"] == "fast"
+    assert rows[0]["resets"] == {"conv1": 3} and rows[0]["flagged"] == [4] and "experiments/paper" in rows[0]["command"]
+    old = {"dataset": "cifar10", "name": "zhang-noise", "variant": "strong", "nc_preset": "fast", "commit": "old",
+           "seconds": 50.0}
+    monkeypatch.setattr(table2, "RESULTS", tmp_path)
+    (tmp_path / "seeds.json").write_text(json.dumps([{**old, "seed": 0}, {**old, "seed": 4, "wm_acc": 1.0,
+                                                                           "test_acc": 80.0, "outcome": "destroyed"}]))
+    seeds = table2.merged("seeds.json", rows)
+    assert sorted((r["seed"], r["commit"]) for r in seeds) == [(0, "new"), (1, "new"), (2, "new"), (3, "new"),
+                                                               (4, "old")]
+    (head,) = [r for r in table2.headline(seeds) if r["name"] == "zhang-noise"]
+    assert head["seed"] == 2 and head["seeds"]["n"] == 5 and head["seeds"]["destroyed"] == 1   # WM 98: the median

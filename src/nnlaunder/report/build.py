@@ -28,6 +28,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
 from ..experiments.store import Store, ran_on  # noqa: E402
+from ..models import DEFAULT_ARCH  # noqa: E402
 from ..watermarks.verify import cell_p, format_p, wilson  # noqa: E402
 from .battery import battery_section, budget_label, scheme_name  # noqa: E402
 from .plots import reconstructions, trigger_grid  # noqa: E402
@@ -126,15 +127,16 @@ def _paper(cfg: dict) -> tuple[float | None, float | None, float | None]:
 
 
 def flat_rows(cells: list[dict]) -> list[dict[str, Any]]:
-    """One row per finished cell, as results files keep them: what the cell is (dataset, architecture,
-    scheme with Adi's mode, attack, budget, seed), its summary (accuracies, threshold, outcome,
-    machine, commit, date), its seconds and its whole config."""
+    """One row per finished cell, as results files keep them: what the cell is (dataset, architecture (the
+    dataset's default where the cell names none), scheme with Adi's mode, attack, budget, seed), its summary
+    (accuracies, threshold, outcome, machine, commit, date), its seconds and its whole config."""
     out = []
     for c in cells:
         cfg = c["config"]
         row = {"experiment": c["experiment"], "cell_id": c["cell_id"], "dataset": cfg["dataset"],
-               "arch": cfg.get("arch"), "scheme": cfg["scheme"], "name": scheme_name(cfg), "attack": cfg["attack"],
-               "budget": cfg["budget"], "seed": cfg["seed"], "rounds": cfg["rounds"]}
+               "arch": cfg.get("arch") or DEFAULT_ARCH.get(cfg["dataset"]), "scheme": cfg["scheme"],
+               "name": scheme_name(cfg), "attack": cfg["attack"], "budget": cfg["budget"], "seed": cfg["seed"],
+               "rounds": cfg["rounds"]}
         if (cfg.get("scheme_params") or {}).get("mode"):
             row["mode"] = cfg["scheme_params"]["mode"]
         out.append({**row, **c["summary"], "seconds": c["seconds"], "config": cfg})
