@@ -170,7 +170,4 @@ def markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    from nnlaunder.device import keep_freed_memory
-
-    keep_freed_memory()       # process-wide allocator setting: entry points only
     sys.exit(main())

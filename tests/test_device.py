@@ -36,26 +36,6 @@ def test_cli_device_flag_error_is_one_line(capsys):
     assert err.startswith("nnlaunder: error:") and len(err.strip().splitlines()) == 1
 
 
-def test_keep_freed_memory_is_opt_in(monkeypatch, capsys):
-    import platform
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "perf"))
-    from attempts import keep_freed_memory  # a benchmark's attempt, not in the library
-
-    monkeypatch.delenv("NNLAUNDER_MALLOC", raising=False)
-    assert keep_freed_memory() is False                  # off unless asked
-    monkeypatch.setenv("NNLAUNDER_MALLOC", "default")
-    assert keep_freed_memory() is False
-    monkeypatch.setenv("NNLAUNDER_MALLOC", "kepp")                 # a typo: said on one line, then ignored
-    assert keep_freed_memory() is False
-    assert "NNLAUNDER_MALLOC='kepp'" in capsys.readouterr().err
-    monkeypatch.setenv("NNLAUNDER_MALLOC", "keep")
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert keep_freed_memory() is glibc                  # mallopt accepted where glibc is the allocator
-
-
 def test_code_commit_outside_a_checkout_is_none(tmp_path):
     """A result run from a folder git does not track names no commit, rather than a wrong one."""
     from nnlaunder.device import code_commit

@@ -206,23 +206,3 @@ def test_embed_oversamples_triggers_and_can_leave_verification_out():
         embed(Spy(), data, wm, TrainConfig(epochs=1, batch_size=8), trigger_repeat=0, progress=False)
 
 
-def test_training_keeps_denormals_and_the_flush_attempt_is_scoped():
-    """The trainer never flushes denormals (an attempt measured in benchmarks/perf, not kept); the
-    benchmark's `flushed_denormals` flushes inside its block only and restores IEEE behaviour."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "perf"))
-    from attempts import flushed_denormals
-
-    tiny = torch.tensor([1e-39])                 # a denormal float32
-    if not torch.set_flush_denormal(True):       # unsupported CPU: nothing to test
-        pytest.skip("this CPU cannot flush denormals")
-    torch.set_flush_denormal(False)
-    for on, expect in ((False, [1e-39, 1e-39]), (True, [0.0, 0.0])):
-        seen: list[float] = []
-        with flushed_denormals(on):
-            train(_net(), *_toy(64), TrainConfig(epochs=2, batch_size=32), progress=False,
-                  callbacks=[lambda epoch, model, seen=seen: seen.append(float(tiny * 1.0)) or {}])
-        assert seen == pytest.approx(expect, rel=1e-3, abs=0)
-        assert float(tiny * 1.0) > 0.0

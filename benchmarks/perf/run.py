@@ -19,10 +19,10 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            threads), kept or not.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
            and the laundering outcome on all three MNIST models), and `nnlaunder demo`.
-  denormal (opt-in, ~3 min) a CIFAR-10 retraining after heavy Algorithm 1 resets, with and without
-           the trainer's denormal flushing (attempts.flushed_denormals, an attempt, not in the library).
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes, machine: CPU model,
-flags, threads, torch) and perf.md.
+flags, threads, torch) and perf.md. A run of some sections keeps every other row of perf.json, rows of
+attempts no longer in this script included (denormal_*, malloc_*: measured and not kept, perf.md says why;
+the code that measured them is `git show 6d3a741:benchmarks/perf/run.py`).
 The bench venv: python3 -m venv /path/to/bench-venv && /path/to/bench-venv/bin/pip install
   'adversarial-robustness-toolbox==1.20.*' tensorflow-cpu packaging
 """
@@ -30,7 +30,6 @@ The bench venv: python3 -m venv /path/to/bench-venv && /path/to/bench-venv/bin/p
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -47,17 +46,11 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
-from attempts import flushed_denormals  # noqa: E402 (a sibling file: benchmarks/perf/ is on sys.path)
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import (  # noqa: E402
-    activation_differences,
-    apply_reset,
     launder,
     launder_config,
-    reset_masks,
-    select_resets,
-    split_holdout,
 )
 from nnlaunder.attacks.neural_cleanse import (  # noqa: E402
     amp_supported,
@@ -67,7 +60,6 @@ from nnlaunder.attacks.neural_cleanse import (  # noqa: E402
     plan_for,
     stamp,
 )
-from nnlaunder.attacks.units import discover_units  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
 from nnlaunder.device import code_commit  # noqa: E402
 from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
@@ -83,7 +75,6 @@ MACHINE = {**machine(torch.device("cpu")), "cpus": os.cpu_count()}   # recorded 
 COMMAND = ""               # this run's command line, recorded in every row (set by main)
 RUN = {"commit": "", "date": ""}   # this run's commit and date, recorded in every row (set by main)
 ROWS: list[dict] = []
-KEPT_FREED_MEMORY = False      # set by the entry point (keep_freed_memory())
 HEAD: list[dict] = []     # headline comparison rows, written first
 
 
@@ -447,35 +438,6 @@ def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base:
               "max-pool (an earlier version of the library); ratio = how many times slower than the default")
 
 
-def section_malloc(args) -> None:
-    """glibc malloc keeping freed memory (attempts.keep_freed_memory, NNLAUNDER_MALLOC=keep) against
-    its defaults, on the faithful batched Neural Cleanse run, each in a fresh child process."""
-    print("[malloc] faithful batched Neural Cleanse, glibc defaults vs freed memory kept", flush=True)
-    secs = {}
-    for mode in ("default", "keep"):
-        p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--probe-faithful-nc", str(args.nc_steps)]
-                           + (["--data-dir", args.data_dir] if args.data_dir else []),
-                           env={**os.environ, "NNLAUNDER_MALLOC": mode}, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"malloc probe ({mode}) failed:\n{p.stderr[-2000:]}")
-        secs[mode] = json.loads(p.stdout.strip().splitlines()[-1])["seconds"]
-    row("malloc_nc_faithful_default", secs["default"],
-        notes=f"faithful batched Neural Cleanse ({args.nc_steps} max epochs, 1000 images) in a child process with "
-              "glibc malloc's defaults (the default)")
-    row("malloc_nc_faithful_kept", secs["keep"], "malloc_nc_faithful_default", secs["default"] / secs["keep"],
-        kept=False, notes="the same with NNLAUNDER_MALLOC=keep (freed blocks up to 32 MB stay in the heap instead of "
-                          "page-faulting in again each step); ratio = speed-up over the default")
-
-
-def probe_faithful_nc(steps: int, data_dir: str | None) -> None:
-    """Child process of section_malloc: the faithful batched run, seconds as one JSON line."""
-    model, _ = load_model(ROOT / "models" / "mnist" / "zhang-content")
-    x = D.stratified_subset(D.load("mnist", data_dir, "train"), per_class=100, seed=0).x
-    t0 = time.perf_counter()
-    neural_cleanse(model, x, nc_config("faithful", max_epochs=steps, batch_size=32, seed=0), num_classes=10)
-    print(json.dumps({"seconds": time.perf_counter() - t0}))
-
-
 def better_or_equal(ours: tuple, art: tuple, k: int) -> bool:
     """Our class-k mask is at least as good as ART's: it reaches the 99% target on all images
     wherever ART's does, and where ART's does, ours is no larger."""
@@ -641,52 +603,8 @@ def section_e2e(args, tr: D.Dataset) -> None:
             + ("" if p.returncode == 0 else f"; FAILED: {p.stderr[-200:]}"))
 
 
-def section_denormal(args) -> None:
-    """Laundering's retraining after heavy resets, with and without flushing denormals to zero
-    (an attempt: a slowdown seen there looked like denormal arithmetic; this measured 1.01x, so the
-    trainer does not flush; the slowdown was two processes sharing the 2 cores).
-
-    The setting where the slowdown was found: the CIFAR-10 zhang-unrelated model, 0.6% of the
-    training set (80% of it trained on), the fast Neural Cleanse, Algorithm 1 resets for every
-    class's recovered trigger (relative DT 0.5 / CT 1.0, 199 units on that model), then 20 epochs of
-    the strong variant's retraining (Adam 1e-4, batch 32) with crop-flip augmentation."""
-    print("[denormal] retraining after resets, denormals flushed or not", flush=True)
-    tr = D.load("cifar10", args.data_dir, "train")
-    model, _ = load_model(ROOT / "models" / "cifar10" / "zhang-unrelated")
-    part, _ = split_holdout(D.stratified_subset(tr, fraction=0.006, seed=0), 0.2, 0)
-    nc = neural_cleanse(model, part.x, nc_config("fast", seed=0), num_classes=10)
-    units = discover_units(model, part.x[:2])[0]
-    chosen = {u.name: torch.zeros(0, dtype=torch.long) for u in units}
-    for t in range(10):
-        diff, an = activation_differences(model, units, part.x, stamp(part.x, nc.masks[t], nc.patterns[t]))
-        sel = select_resets(units, diff, an, 0.5, 1.0, "relative")
-        chosen = {k: torch.unique(torch.cat([v, sel[k].cpu()])) for k, v in chosen.items()}
-    masks = reset_masks(model, units, chosen, {})
-    x = torch.cat([part.x] + [stamp(part.x, nc.masks[t], nc.patterns[t]) for t in range(10)])
-    y = part.y.repeat(11)
-    cfg = dataclasses.replace(launder_config("strong").retrain, epochs=20, augment="crop-flip", seed=1)
-    n_reset = sum(len(v) for v in chosen.values())
-    out = {}
-    for flush in (True, False):
-        m = copy.deepcopy(model)
-        apply_reset(m, masks)
-        with flushed_denormals(flush):
-            res = train(m, x, y, cfg, masks=masks, progress=False)
-        out[flush] = [h["seconds"] for h in res.history]
-        print(f"    flush {flush}: {res.seconds:.1f} s, per epoch {[round(v, 1) for v in out[flush]]}", flush=True)
-    on, off = sum(out[True]), sum(out[False])
-    desc = (f"20 epochs, {len(x)} images ({n_reset} units reset), CIFAR-10 zhang-unrelated at 0.6%; seconds per "
-            "epoch: {}")
-    row("denormal_retrain_flushed", on, notes=desc.format(", ".join(f"{v:.1f}" for v in out[True])),
-        epoch_seconds=out[True], resets=n_reset)
-    row("denormal_retrain_not_flushed", off, "denormal_retrain_flushed", off / on,
-        notes=desc.format(", ".join(f"{v:.1f}" for v in out[False])) + "; ratio = how many times slower",
-        epoch_seconds=out[False], resets=n_reset)
-
-
 SECTION_PREFIX = {"machine": "machine_", "eval": "eval_batch_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_",
-                  "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "e2e": "e2e_",
-                  "denormal": "denormal_", "malloc": "malloc_"}
+                  "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "e2e": "e2e_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
 
@@ -795,7 +713,6 @@ def main(argv=None) -> int:
                     help="skip timing the fast preset with the other input-gradient path")
     ap.add_argument("--no-kernel-attempts", dest="kernel_attempts", action="store_false",
                     help="skip the faithful run without this project's exact speed measures")
-    ap.add_argument("--probe-faithful-nc", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     global COMMAND
@@ -803,9 +720,6 @@ def main(argv=None) -> int:
     RUN.update(commit=code_commit(ROOT, ("src", "benchmarks/perf")) or "unknown", date=time.strftime("%Y-%m-%d"))
     # Neural Cleanse's tuned plans start from an empty cache, so the one-time timing is measured here
     os.environ["NNLAUNDER_CACHE"] = tempfile.mkdtemp(prefix="nnlaunder-perf-")
-    if args.probe_faithful_nc is not None:
-        probe_faithful_nc(args.probe_faithful_nc, args.data_dir)
-        return 0
     if args.markdown_only:                      # e.g. after cifar_audit.py added its rows
         ROWS.extend(json.loads((RESULTS / "perf.json").read_text()))
         HEAD.extend(r for r in ROWS if r["name"] in HEAD_NAMES)
@@ -821,14 +735,12 @@ def main(argv=None) -> int:
     run = {"nc": lambda: section_nc(args, tr, mach), "cifar_nc": lambda: section_cifar_nc(args, mach),
            "cifar_full": lambda: section_cifar_full(args), "nc_peer": lambda: section_nc_peer(args),
            "eval": lambda: section_eval(args), "train": lambda: section_train(args, mach),
-           "e2e": lambda: section_e2e(args, tr), "denormal": lambda: section_denormal(args),
-           "malloc": lambda: section_malloc(args)}
+           "e2e": lambda: section_e2e(args, tr)}
     for name, section in run.items():        # in this order: later sections reuse the machine's rows
         if name in sections:
             section()
     machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} threads"
-               + (", glibc malloc keeps freed memory (NNLAUNDER_MALLOC=keep)" if KEPT_FREED_MEMORY else ""))
+               f"{torch.get_num_threads()} threads")
     merge_previous(sections)
     atomic_write_json(RESULTS / "perf.json", ordered())
     atomic_write_bytes(RESULTS / "perf.md", markdown(machine, COMMAND).encode())
@@ -837,7 +749,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from attempts import keep_freed_memory
-
-    KEPT_FREED_MEMORY = keep_freed_memory()       # process-wide allocator setting: entry points only
     sys.exit(main())
