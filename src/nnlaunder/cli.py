@@ -7,12 +7,12 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import clock
 from . import data as D
 from .checkpoint import atomic_write_json, load_model, model_meta, save_model, stem
 from .cli_flags import (
@@ -161,10 +161,10 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     _out(str(out.with_suffix("")))
     schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
     wms = {s: make_watermark(s, tr, te, args.data_dir, param_table(args.param)) for s in schemes}
-    t0 = time.perf_counter()
+    t0 = clock.now()
     doc = measure_thresholds(args.dataset, arch, train_config(args, arch), args.seeds, wms, tr, te,
                              progress=not args.quiet)
-    atomic_write_json(out, {**doc, "seconds": time.perf_counter() - t0})
+    atomic_write_json(out, {**doc, "seconds": clock.now() - t0})
     print(_table([(s, f"{v:.2f}% ({doc['rule']}; paper rule {doc['rules'][s]['paper']['threshold']:.2f}%)")
                   for s, v in doc["thresholds"].items()]))
     print(f"wrote {out}")
@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         deterministic()
+        clock.watch_stops()               # seconds recorded leave out the time the process is stopped (Ctrl-Z)
         if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         if getattr(args, "device", None):

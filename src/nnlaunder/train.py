@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import clock
 from .device import model_device
 from .errors import UserError
 from .speed.rewrite import relu_after_pool
@@ -291,16 +291,16 @@ def train(
     net = relu_after_pool(model) if cfg.relu_after_pool else model
     run = _Run(model, net, opt, cfg, x, y, fmt, masks, append, interleave, fixed_tail, freeze_bn)
     result = TrainResult(history=history, epochs_run=start)
-    t_all = time.perf_counter()
+    t_all = clock.now()
     desc = progress if isinstance(progress, str) else "train"
     for epoch in range(start, cfg.epochs):
-        t0 = time.perf_counter()
+        t0 = clock.now()
         bar = tqdm(range(run.steps), desc=f"{desc} {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress, mininterval=1.0)
         loss = run.epoch(epoch, bar)
         bar.close()
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": opt.param_groups[0]["lr"],
-                               "seconds": time.perf_counter() - t0}
+                               "seconds": clock.now() - t0}
         stop = _after_epoch(model, epoch + 1, row, eval_sets, callbacks)
         history.append(row)
         result.epochs_run = epoch + 1
@@ -313,7 +313,7 @@ def train(
             result.stopped_early = True
             break
     model.eval()
-    result.seconds = time.perf_counter() - t_all
+    result.seconds = clock.now() - t_all
     return result
 
 

@@ -24,13 +24,13 @@ as in the reference code's training mode); pruning is applied to a fresh copy.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import clock
 from ..config import int_in, raise_first
 from ..data import Dataset
 from ..device import model_device
@@ -171,7 +171,7 @@ def choose_pruned(masks: dict[str, torch.Tensor], cfg: ANPConfig) -> dict[str, t
 
 
 def anp(model: nn.Module, clean: Dataset, cfg: ANPConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     out = attack_copy(model, clean)
     units, _ = discover_units(out, clean.x[:2])
     if not units:
@@ -191,4 +191,4 @@ def anp(model: nn.Module, clean: Dataset, cfg: ANPConfig) -> AttackResult:
     out.eval()
     return AttackResult(out, {"pruned": {u: int(len(i)) for u, i in pruned.items()},
                               "neurons": sum(len(m) for m in masks.values()),
-                              "read_at": where}, time.perf_counter() - t0)
+                              "read_at": where}, clock.now() - t0)

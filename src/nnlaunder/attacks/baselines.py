@@ -17,12 +17,12 @@ Like laundering, no function here can see the watermark.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import clock
 from ..config import int_in
 from ..data import Dataset, disjoint_split
 from ..errors import UserError
@@ -61,7 +61,7 @@ def magnitude_masks(model: nn.Module, fraction: float) -> dict[str, torch.Tensor
 
 
 def prune(model: nn.Module, clean: Dataset, cfg: PruneConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     model = attack_copy(model, clean)
     masks = magnitude_masks(model, cfg.fraction)
     apply_masks(model, masks)
@@ -69,7 +69,7 @@ def prune(model: nn.Module, clean: Dataset, cfg: PruneConfig) -> AttackResult:
         train(model, clean.x, clean.y, cfg.finetune, masks=masks, progress=False)
     model.eval()
     zeros = sum(int((m == 0).sum()) for m in masks.values())
-    return AttackResult(model, {"pruned_weights": zeros, "fraction": cfg.fraction}, time.perf_counter() - t0)
+    return AttackResult(model, {"pruned_weights": zeros, "fraction": cfg.fraction}, clock.now() - t0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ class FinetuneConfig:
 def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackResult:
     """Adi et al.: FTLL / FTAL fine-tune the last / all layers; RTLL / RTAL first re-initialise
     the last layer."""
-    t0 = time.perf_counter()
+    t0 = clock.now()
     model = attack_copy(model, clean)
     name, last = last_linear(model)
     if cfg.mode.startswith("rt"):
@@ -116,7 +116,7 @@ def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackRes
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
     model.eval()
-    return AttackResult(model, {"mode": cfg.mode, "layer": name}, time.perf_counter() - t0)
+    return AttackResult(model, {"mode": cfg.mode, "layer": name}, clock.now() - t0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class FinePruneConfig:
 
 
 def fine_prune(model: nn.Module, clean: Dataset, cfg: FinePruneConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     model = attack_copy(model, clean)
     units, _ = discover_units(model, clean.x[:2])
     convs = [u for u in units if u.kind == "conv"]
@@ -152,7 +152,7 @@ def fine_prune(model: nn.Module, clean: Dataset, cfg: FinePruneConfig) -> Attack
     train(model, clean.x, clean.y, cfg.finetune, masks=masks, progress=False)
     model.eval()
     return AttackResult(model, {"layer": last.name, "pruned_channels": pruned, "of": last.width},
-                        time.perf_counter() - t0)
+                        clock.now() - t0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class UnlearnConfig:
 
 
 def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     model = attack_copy(model, clean)
     nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
     used = used_triggers(nc, cfg.triggers, getattr(cfg, "top_k", 3))
@@ -173,4 +173,4 @@ def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig) -> AttackRe
     train(model, xs, ys, cfg.retrain, progress=False)
     model.eval()
     return AttackResult(model, {"flagged": nc.flagged, "used_triggers": used, "nc_seconds": nc.seconds},
-                        time.perf_counter() - t0)
+                        clock.now() - t0)

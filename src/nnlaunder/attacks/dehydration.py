@@ -27,13 +27,13 @@ named variant.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import clock
 from ..config import int_in, raise_first
 from ..data import Dataset
 from ..device import model_device
@@ -195,9 +195,9 @@ def unlearning_set(model: nn.Module, clean: Dataset, recovered: torch.Tensor, cf
 
 
 def dehydration(model: nn.Module, clean: Dataset, cfg: DehydrationConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     recovered, hit = recover(model, clean, cfg)
-    t_rec = time.perf_counter() - t0
+    t_rec = clock.now() - t0
     d = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in _DEFAULTS[cfg.unlearn].items()}
     model = attack_copy(model, clean)
     rx, ry = unlearning_set(model, clean, recovered, cfg)
@@ -227,4 +227,4 @@ def dehydration(model: nn.Module, clean: Dataset, cfg: DehydrationConfig) -> Att
             opt.step()
     model.eval()
     return AttackResult(model, {"recovered": len(recovered), "recovered_hit_pct": hit, "recover_seconds": t_rec,
-                                "unlearned": len(rx), "unlearn": cfg.unlearn}, time.perf_counter() - t0)
+                                "unlearned": len(rx), "unlearn": cfg.unlearn}, clock.now() - t0)

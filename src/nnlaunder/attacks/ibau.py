@@ -22,13 +22,13 @@ frozen), as in the reference.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import clock
 from ..config import int_in, raise_first
 from ..data import Dataset
 from ..device import model_device
@@ -98,7 +98,7 @@ def hypergradient(model: nn.Module, delta: torch.Tensor, inner: tuple[torch.Tens
 
 
 def ibau(model: nn.Module, clean: Dataset, cfg: IBAUConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     model = attack_copy(model, clean)
     model.eval()
     dev = model_device(model)
@@ -133,4 +133,4 @@ def ibau(model: nn.Module, clean: Dataset, cfg: IBAUConfig) -> AttackResult:
     model.eval()
     for q in model.parameters():
         q.grad = None
-    return AttackResult(model, {"rounds": cfg.rounds, "perturbation_norms": norms}, time.perf_counter() - t0)
+    return AttackResult(model, {"rounds": cfg.rounds, "perturbation_norms": norms}, clock.now() - t0)

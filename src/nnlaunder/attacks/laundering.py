@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import clock
 from ..config import from_dict, with_seed
 from ..data import Dataset
 from ..errors import UserError
@@ -373,11 +373,11 @@ def reset_and_retrain_on(model: nn.Module, clean: Dataset, stamped: list[torch.T
         reinit_second_half(model, cfg.seed + round_idx)
         apply_reset(model, masks)
     rx, ry = retrain_set(clean, stamped, cfg.stamping, cfg.seed + round_idx, extra)
-    t1 = time.perf_counter()
+    t1 = clock.now()
     rcfg = dataclasses.replace(cfg.retrain, seed=cfg.retrain.seed + round_idx)
     ticks = [] if on_progress is None else [lambda e, m: on_progress("retrain", round_idx, e, rcfg.epochs)]
     train(model, rx, ry, rcfg, masks=masks, progress=False, callbacks=ticks)
-    return masks, {u.name: int(len(chosen[u.name])) for u in units}, time.perf_counter() - t1
+    return masks, {u.name: int(len(chosen[u.name])) for u in units}, clock.now() - t1
 
 
 def reset_and_retrain(model: nn.Module, clean: Dataset, nc: NCResult, cfg: LaunderConfig, units: list[Unit],
@@ -443,14 +443,14 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
     if not torch.isfinite(clean.x).all():
         raise UserError("the clean set contains NaN or Inf")
     model = model if inplace else copy.deepcopy(model)
-    t_all = time.perf_counter()
+    t_all = clock.now()
     clean, held = split_holdout(clean, cfg.holdout, cfg.seed)
     units, skipped = _resettable_units(model, clean, cfg)
     ncs: list[NCResult] = []
     masks, rounds, first_most = _resumed(model, resume, cfg)
     start = len(rounds) + 1 if not (rounds and rounds[-1].stopped) else cfg.rounds + 1
     for r in range(start, cfg.rounds + 1):
-        t0 = time.perf_counter()
+        t0 = clock.now()
         if r == 1 and first_nc is not None:
             nc = first_nc
         else:
@@ -472,7 +472,7 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
                                                                          on_progress)
             if held is not None:
                 info.attacker_acc = accuracy(model, held.x, held.y)
-        info.seconds = time.perf_counter() - t0
+        info.seconds = clock.now() - t0
         rounds.append(info)
         if on_round is not None:
             info.metrics = dict(on_round(r, model, info) or {})
@@ -482,4 +482,4 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         if info.stopped:
             break
     model.eval()
-    return LaunderResult(model, rounds, masks, ncs, time.perf_counter() - t_all, skipped)
+    return LaunderResult(model, rounds, masks, ncs, clock.now() - t_all, skipped)

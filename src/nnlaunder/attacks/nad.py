@@ -16,13 +16,13 @@ are refused.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import clock
 from ..config import int_in, raise_first
 from ..data import Dataset
 from ..device import model_device
@@ -95,7 +95,7 @@ class _Taps:
 
 
 def nad(model: nn.Module, clean: Dataset, cfg: NADConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     student = attack_copy(model, clean)
     units, _ = discover_units(student, clean.x[:2])
     taps = attention_taps(units)
@@ -131,4 +131,4 @@ def nad(model: nn.Module, clean: Dataset, cfg: NADConfig) -> AttackResult:
         ts.close()
         tt.close()
     student.eval()
-    return AttackResult(student, {"taps": taps, "betas": list(cfg.betas)}, time.perf_counter() - t0)
+    return AttackResult(student, {"taps": taps, "betas": list(cfg.betas)}, clock.now() - t0)

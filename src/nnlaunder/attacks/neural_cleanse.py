@@ -46,7 +46,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -54,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import clock
 from ..device import model_device
 from ..errors import UserError
 from ..speed.kernels import conv_forward_im2col, conv_input_grad, im2col_ok
@@ -285,9 +285,9 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         cls = list(range(num_classes)) if classes is None else [int(c) for c in classes]
         if not cls or min(cls) < 0 or max(cls) >= num_classes:
             raise UserError(f"candidate classes must be in 0..{num_classes - 1}, got {cls}")
-        t0 = time.perf_counter()
+        t0 = clock.now()
         plan, timed = _plan(model, x, cfg, len(cls))
-        t1 = time.perf_counter()
+        t1 = clock.now()
         net = _net(model, cfg, plan, x[:8])
         if per_class:
             parts = [_optimise(net, x, cfg, [c], progress, plan) for c in cls]
@@ -297,10 +297,10 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         else:
             res = _optimise(net, x, cfg, cls, progress, plan)
             history = res.pop("history")
-        t2 = time.perf_counter()
+        t2 = clock.now()
         if cfg.confirm_best:
             _confirm(model, x, cfg, cls, res)
-        phases = {"plan": t1 - t0, "optimise": t2 - t1, "confirm": time.perf_counter() - t2}
+        phases = {"plan": t1 - t0, "optimise": t2 - t1, "confirm": clock.now() - t2}
     # Full-size outputs indexed by class; the MAD test runs over the candidate classes.
     k_all = num_classes
     c, h, w = x.shape[1:]
@@ -319,7 +319,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
     anomaly[idx] = a
     flagged = [cls[i] for i in flagged_local]
     return NCResult(masks, patterns, l1, success, found, epochs, anomaly, flagged,
-                    time.perf_counter() - t0, history, {**plan.record(), **timed}, phases)
+                    clock.now() - t0, history, {**plan.record(), **timed}, phases)
 
 
 def _default_chunk(dev: torch.device, batch_size: int) -> int | None:
@@ -408,13 +408,13 @@ def _step_seconds(model: nn.Module, x: torch.Tensor, cfg: NCConfig, plan: Plan, 
     while i <= repeats or (spent < min_total and i <= 4 * repeats):
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
-        t0 = time.perf_counter()
+        t0 = clock.now()
         _step_grads(net, xb, w_mask, w_pat, a_idx, a_idx, cost_t, plan)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         if i > 0:
-            best = min(best, time.perf_counter() - t0)
-            spent += time.perf_counter() - t0
+            best = min(best, clock.now() - t0)
+            spent += clock.now() - t0
         i += 1
     return best
 

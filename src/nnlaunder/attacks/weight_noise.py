@@ -4,12 +4,12 @@ it asks whether the watermark sits in a sharp region that any random shove leave
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .. import clock
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, train
@@ -28,7 +28,7 @@ class WeightNoiseConfig:
 
 
 def weight_noise(model: nn.Module, clean: Dataset, cfg: WeightNoiseConfig) -> AttackResult:
-    t0 = time.perf_counter()
+    t0 = clock.now()
     model = attack_copy(model, clean)
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = 0
@@ -42,4 +42,4 @@ def weight_noise(model: nn.Module, clean: Dataset, cfg: WeightNoiseConfig) -> At
     if cfg.finetune is not None:
         train(model, clean.x, clean.y, cfg.finetune, progress=False)
     model.eval()
-    return AttackResult(model, {"scale": cfg.scale, "layers": layers}, time.perf_counter() - t0)
+    return AttackResult(model, {"scale": cfg.scale, "layers": layers}, clock.now() - t0)

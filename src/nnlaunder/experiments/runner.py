@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import socket
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from .. import clock
 from .. import data as D
 from ..attacks.records import RoundInfo
 from ..attacks.registry import Hooks, attack_spec
@@ -116,7 +116,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     """Everything one cell needs, then its attack; returns (round rows, summary, seconds). A cell on the
     user's own model runs its factory only if `allow` (the command line) allows it."""
     deterministic()
-    t0 = time.perf_counter()
+    t0 = clock.now()
     if cell.external is not None:
         tr, te, wm, model = external_inputs(cell, allow)
     else:
@@ -130,7 +130,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     ev = evaluator(te, wm, th)
     rows = [{"round": 0, **ev(0, model), "threshold": th, "seconds": 0.0}]
     cfg = cell.attack_config()
-    t1 = time.perf_counter()
+    t1 = clock.now()
     bar = tqdm(total=cell.rounds, desc=f"{cell.scheme} {cell.attack} {cell.budget}", leave=False,
                disable=not progress)
 
@@ -166,7 +166,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                **{k: last.get(k) for k in ("test_acc", "wm_acc", "status", "base_rate", "p_value", "p_log10",
                                            "test_drop")},
                "owned": bool(last.get("owned")), "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
-               "attack_seconds": time.perf_counter() - t1, "n_verify": len(wm.verify_y), "machine": machine_name(),
+               "attack_seconds": clock.now() - t1, "n_verify": len(wm.verify_y), "machine": machine_name(),
                "param_shift": param_shift(model, res.model)["total"],     # L2 distance the attack moved the weights
                "nc_reused": reused}
     if "paper" in known:                     # the paper's rule (the maximum over every clean epoch), beside it
@@ -178,7 +178,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     summary["outcome"] = outcome(last["outcome"] == "kept", last["test_drop"], summary.get("restored"),
                                  cell.tolerance)
     summary["removed"] = summary["outcome"] == "removed"
-    return rows, summary, time.perf_counter() - t0
+    return rows, summary, clock.now() - t0
 
 
 def _memo_nc(cell: CellConfig, cfg: Any, model, clean: D.Dataset, ws: Path, hooks: Hooks) -> bool:
@@ -234,7 +234,7 @@ def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev) -> dict[str, Any]
 
     from ..restore import RESTORE, restore
 
-    t0 = time.perf_counter()
+    t0 = clock.now()
     owner = tr if cell.restore_fraction >= 1 else D.stratified_subset(tr, fraction=cell.restore_fraction,
                                                                         seed=cell.seed)
     if cell.restore_from == "rest":            # what the attacker's set leaves of the training set
@@ -246,7 +246,7 @@ def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev) -> dict[str, Any]
     after = ev(-1, m)
     back = bool(after.get("owned"))          # the verdict shows ownership again
     return {"restored_test_acc": after["test_acc"], "restored_wm_acc": after["wm_acc"], "restored": back,
-            "restore_seconds": time.perf_counter() - t0, "n_owner": len(owner)}
+            "restore_seconds": clock.now() - t0, "n_owner": len(owner)}
 
 
 def _round_record(info: Any) -> dict[str, Any]:
