@@ -12,6 +12,7 @@ The runs on the Table 2 owner models are experiment files the engine runs (5 att
 attack's defaults, the row's Table 2 budget, outcomes under the verdict rules):
     nnlaunder run experiments/paper/attacks-mnist.toml --workspace runs/paper
     nnlaunder run experiments/paper/attacks-cifar10.toml --workspace runs/paper [--only attack=nad,i-bau]
+    nnlaunder run experiments/paper/attacks-cifar10-20pct.toml --workspace runs/paper     # Gan et al.'s 20%
 This script copies those experiments' rows into attacks.json ("rows", beside "validation"), writes
 attacks.md (the validation table, per model and attack the outcome over seeds, and the cheapest remover of
 each watermark over every attack in the store) and the engine's report of every attack on each dataset's
@@ -43,9 +44,10 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT = RESULTS / "attacks.json"
 PREVIOUS = RESULTS / "attacks-previous.json"   # the rows as this script's own loop stored them, before the engine
 NEW = ("nad", "anp", "i-bau", "dehydration")
-EXPERIMENTS = ["attacks-mnist", "attacks-cifar10"]
+EXPERIMENTS = ["attacks-mnist", "attacks-cifar10", "attacks-cifar10-20pct"]
 # Every attack on the Table 2 models: laundering, the seed paper's battery and the four above.
-BATTERY = ["table2-mnist", "baselines-mnist", "attacks-mnist", "table2-cifar10", "baselines-cifar10", "attacks-cifar10"]
+BATTERY = ["table2-mnist", "baselines-mnist", "attacks-mnist", "table2-cifar10", "baselines-cifar10", "attacks-cifar10",
+           "attacks-cifar10-20pct"]
 
 
 def _store() -> dict:

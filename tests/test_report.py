@@ -125,4 +125,7 @@ def test_battery_finds_the_cheapest_remover_under_its_fixed_rule():
     assert sorted(configurations(variants)[("cifar10", "zhang-noise")]) == [
         "launder @ 0.6% [bn_stats=reinit]", "launder @ 0.6% [retrain.epochs=5]"]    # an ablation's variants
     gan = "\n".join(gan_lines(configurations(cells)))
-    assert "| zhang-noise | 28.4 / – | 28.2 / – | 14.5 / – | 3.9 / 1.5 |" in gan     # median of nad's 1.0, 2.0
+    assert "| zhang-noise | 28.4 / – / – | 28.2 / – / – | 14.5 / – / – | 3.9 / – / 1.5 |" in gan   # nad: 1.0, 2.0
+    at_20 = [cell("gan", "ftal", 0.2, s, "kept", 10000, 300) for s in range(3)]
+    gan = "\n".join(gan_lines(configurations(cells + at_20)))
+    assert "| zhang-noise | 28.4 / 2.0 / – | 28.2 / – / – |" in gan                     # their budget first
