@@ -1,24 +1,17 @@
-"""Re-decide stored Table 2 rows under the project's verdict rules, and say what changed.
+"""What changed under the project's verdict rules: the stored rows, re-decided, against the engine's re-runs.
 
-    python benchmarks/redecide.py            # write what-changed.md from the stored rows (reads only)
-    python benchmarks/redecide.py --apply    # first re-decide the stored rows in place (the migration)
+    python benchmarks/redecide.py            # writes what-changed.md (reads only)
 
-With `--apply`, every row of table2-seeds-previous.json (the strong attack over attacker seeds, as
-stored before the one-commit re-run), table2-ablation-previous.json and baselines-previous.json gets:
-  threshold          the default rule's threshold for its (dataset, watermark) (verdicts.json)
-  threshold_rule     "converged"
-  threshold_paper    the paper's rule, as the row was decided before
-  p_value            the threshold test against the new threshold
-  owned              the verdict's threshold test (hits from wm_acc x n); the base-rate check needs the
-                     attacked model, which these rows did not keep: it can only turn "owned" into "no
-                     evidence", so a row kept here may be removed when re-run, never the reverse
-  test_drop          owner's test accuracy minus the attacked model's, points
-  tolerance          3.0
-  outcome            kept / removed / destroyed (no restoration ran: nothing can be "hidden")
-  removed            outcome == "removed";  removed_paper: the stored verdict (paper's rule, no utility)
-benchmarks/results/what-changed.md lists, per Table 2 row, the old and new verdicts and why; then what
-the one-commit re-run (table2-seeds.json: every row at one commit, the library's fast Neural Cleanse,
-decided with the base-rate check on the attacked model) changed against those stored rows.
+The rows stored before the verdict rules (table2-seeds-previous.json: the strong attack over attacker seeds;
+table2-ablation-previous.json; baselines-previous.json) were re-decided in place once, from their stored
+accuracies (the migration: `--apply` of `git show 6468277:benchmarks/redecide.py`): each gained the default
+rule's threshold (`threshold`, `threshold_rule` "converged", the paper's in `threshold_paper`), the threshold
+test (`p_value`, `owned`: hits from wm_acc x n; the base-rate check needs the attacked model, which these rows
+did not keep, so a row kept here may be removed when re-run, never the reverse), `test_drop`, `tolerance`
+3.0, `outcome` (kept / removed / destroyed; no restoration ran, so nothing is "hidden"), and `removed_paper`,
+the stored verdict under the paper's rule. what-changed.md lists, per Table 2 row, the old and new verdicts and
+why; then what the re-runs through the engine (table2-seeds.json, baselines.json: decided with the base-rate
+check on the attacked model, and the owner's restoration for the battery) changed against those stored rows.
 """
 
 from __future__ import annotations
@@ -30,8 +23,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
-from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome, verdict
+from nnlaunder.checkpoint import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,31 +34,6 @@ def row_name(r: dict) -> str:
     if r.get("scheme") == "adi":
         return f"adi-{r['mode']}" if r.get("mode") else str(r["name"])
     return str(r.get("name") or r["scheme"])
-
-
-def redecide_row(r: dict, t: dict) -> tuple[str, object, float]:
-    """Add the new rule's fields to a stored row; returns (outcome, verdict, test drop)."""
-    old_removed = r.get("removed_paper", r["removed"])
-    old_th = r.get("threshold_paper", r["threshold"])
-    n = int(t["n_verify"])
-    v = verdict(round(r["wm_acc"] * n / 100), n, t["threshold"])
-    drop = r["orig_test_acc"] - r["test_acc"]
-    out = outcome(v.owned, drop, None, DEFAULT_TOLERANCE)
-    r.update(threshold=t["threshold"], threshold_rule="converged", threshold_paper=old_th, p_value=v.p_value,
-             p_log10=v.p_log10, owned=v.owned, test_drop=drop, tolerance=DEFAULT_TOLERANCE, outcome=out,
-             removed=out == "removed", removed_paper=old_removed, n_verify=n)
-    return out, v, drop
-
-
-def apply() -> None:
-    """The migration: every stored row re-decided in place under the default threshold and the tolerance."""
-    th = {(t["dataset"], t["row"]): t for t in json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
-          if t["default"]}
-    for name in (PREVIOUS, "table2-ablation-previous.json", "baselines-previous.json"):
-        rows = json.loads((RESULTS / name).read_text())
-        for r in rows:
-            redecide_row(r, th[(r["dataset"], row_name(r))])
-        atomic_write_json(RESULTS / name, rows)
 
 
 def why_changed(r: dict) -> str:
@@ -139,7 +106,7 @@ def rerun_section(previous: list[dict], rerun: list[dict]) -> list[str]:
 
 def others_section() -> list[str]:
     md = ["| file | changes | unchanged |", "|---|---|---|"]
-    for f in ("table2-ablation-previous.json", "table2-ablation.json", "baselines-previous.json"):
+    for f in ("table2-ablation-previous.json", "baselines-previous.json"):
         moves: dict[tuple[str, str], int] = defaultdict(int)
         for r in json.loads((RESULTS / f).read_text()):
             moves[("removed" if r["removed_paper"] else "kept", r["outcome"])] += 1
@@ -186,10 +153,7 @@ def baselines_section() -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--apply", action="store_true", help="re-decide the stored rows in place first")
-    args = ap.parse_args(argv)
-    if args.apply:
-        apply()
+    ap.parse_args(argv)
     previous = json.loads((RESULTS / PREVIOUS).read_text())
     rerun = json.loads((RESULTS / "table2-seeds.json").read_text())
     md = ["# What changed under the verdict rules", "",
