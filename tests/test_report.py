@@ -129,3 +129,26 @@ def test_battery_finds_the_cheapest_remover_under_its_fixed_rule():
     at_20 = [cell("gan", "ftal", 0.2, s, "kept", 10000, 300) for s in range(3)]
     gan = "\n".join(gan_lines(configurations(cells + at_20)))
     assert "| zhang-noise | 28.4 / 2.0 / – | 28.2 / – / – |" in gan                     # their budget first
+
+
+def test_merge_copies_the_cells_a_workspace_lacks(tmp_path, capsys):
+    """`nnlaunder merge` brings cells run elsewhere into a workspace: the ones it lacks, whole, with their
+    seconds and finish time; the ones it has stay as they are; a store merged twice changes nothing."""
+    from nnlaunder.cli import main
+    from nnlaunder.experiments.store import Store
+
+    with Store(tmp_path / "here" / "results.sqlite") as s:
+        s.record("a", "e", {"k": 1}, [{"round": 0}], {"wm_acc": 1.0}, 10.0)
+    with Store(tmp_path / "gpu" / "results.sqlite") as s:
+        s.record("a", "e", {"k": 1}, [{"round": 0}], {"wm_acc": 99.0}, 1.0)          # already here: not copied
+        s.record("b", "e", {"k": 2}, [{"round": 0}, {"round": 1, "x": 2}], {"wm_acc": 5.0}, 2.5, finished=123.0)
+    args = ["merge", str(tmp_path / "gpu"), "--workspace", str(tmp_path / "here")]
+    assert main(args) == 0 and "merged 1 cell(s)" in capsys.readouterr().out
+    with Store(tmp_path / "here" / "results.sqlite", readonly=True) as s:
+        cells = {c["cell_id"]: c for c in s.cells()}
+    assert cells["a"]["summary"] == {"wm_acc": 1.0} and cells["b"]["seconds"] == 2.5
+    assert cells["b"]["finished"] == 123.0 and cells["b"]["rounds"][1] == {"round": 1, "x": 2}
+    assert main(args) == 0 and "merged 0 cell(s)" in capsys.readouterr().out
+    assert main(["merge", str(tmp_path / "nowhere"), "--workspace", str(tmp_path / "here")]) == 2
+    assert main(["merge", str(tmp_path / "here"), "--workspace", str(tmp_path / "here")]) == 2
+    assert "into itself" in capsys.readouterr().err

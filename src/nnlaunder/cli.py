@@ -342,6 +342,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .experiments.store import Store
+
+    with Store(Path(args.workspace) / "results.sqlite") as store:
+        copied, here = store.merge(Path(args.other) / "results.sqlite")
+    print(f"merged {copied} cell(s) from {args.other} into {args.workspace}; {here} were already there")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from .experiments.audit import ExternalAudit, run_audit
 
@@ -386,7 +395,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "embed": cmd_embed, "verify": cmd_verify, "threshold": cmd_threshold,
             "launder": cmd_launder, "run": cmd_run, "finetune": cmd_finetune, "restore": cmd_restore,
             "landscape": cmd_landscape, "report": cmd_report, "demo": cmd_demo, "data": cmd_data,
-            "audit": cmd_audit}
+            "audit": cmd_audit, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

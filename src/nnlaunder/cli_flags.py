@@ -202,6 +202,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_persistence(sub)
     _add_landscape(sub)
     _add_report(sub)
+    _add_merge(sub)
     _add_demo(sub)
     _add_data(sub)
     _add_audit(sub)
@@ -407,6 +408,12 @@ def _add_report(sub: Any) -> None:
                    help="also write one JSON row per cell there (what the cell is, its summary, machine, commit)")
 
 
+def _add_merge(sub: Any) -> None:
+    s = sub.add_parser("merge", help="copy the finished cells of another workspace's store into this one")
+    s.add_argument("other", help="the other workspace (a folder with results.sqlite), e.g. a run on another machine")
+    s.add_argument("--workspace", default="runs/workspace", help="the workspace to merge into (default runs/workspace)")
+
+
 def _add_demo(sub: Any) -> None:
     s = sub.add_parser("demo", help="embed, verify, launder and verify again (MNIST, a few minutes)")
     _common(s)
@@ -460,5 +467,6 @@ KEPT = {  # what an interrupted command leaves to continue from
     "run": "finished cells are in the workspace's store (rerun the same command to continue)",
     "finetune": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
     "audit": "finished cells are in the workspace's store (rerun the same command to continue)",
+    "merge": "each cell is copied whole or not at all (rerun the same command to continue)",
     "restore": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
 }

@@ -77,8 +77,9 @@ class Store:
         return {r[0] for r in self.db.execute("SELECT cell_id FROM cells")}
 
     def record(self, cell_id: str, experiment: str, config: dict[str, Any], rounds: list[dict[str, Any]],
-               summary: dict[str, Any], seconds: float) -> None:
-        """Write a finished cell and all its rounds atomically (all or nothing)."""
+               summary: dict[str, Any], seconds: float, finished: float | None = None) -> None:
+        """Write a finished cell and all its rounds atomically (all or nothing); `finished` (default now) is
+        when the cell finished."""
         cur = self.db.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -86,12 +87,28 @@ class Store:
             cur.executemany("INSERT INTO rounds (cell_id, round, metrics) VALUES (?, ?, ?)",
                             [(cell_id, int(r["round"]), json.dumps(r, sort_keys=True, default=str)) for r in rounds])
             cur.execute("INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?)",
-                        (cell_id, experiment, json.dumps(config, sort_keys=True, default=str), time.time(), seconds,
+                        (cell_id, experiment, json.dumps(config, sort_keys=True, default=str),
+                         time.time() if finished is None else finished, seconds,
                          json.dumps(summary, sort_keys=True, default=str)))
             cur.execute("COMMIT")
         except BaseException:
             cur.execute("ROLLBACK")
             raise
+
+    def merge(self, other: str | Path) -> tuple[int, int]:
+        """Copy into this store every finished cell of the store at `other` (a cell run on another machine)
+        that this one lacks, with its rounds, seconds and finish time; a cell both hold stays as this store
+        has it. Returns (cells copied, cells already here)."""
+        if Path(other).resolve() == self.path.resolve():
+            raise UserError(f"{other}: merging a store into itself")
+        with Store(other, readonly=True) as src:
+            theirs = src.cells()
+        have = self.finished_ids()
+        new = [c for c in theirs if c["cell_id"] not in have]
+        for c in new:
+            self.record(c["cell_id"], c["experiment"], c["config"], c["rounds"], c["summary"], c["seconds"],
+                        finished=c["finished"])
+        return len(new), len(theirs) - len(new)
 
     def cells(self, experiment: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT cell_id, experiment, config, finished, seconds, summary FROM cells"
