@@ -443,6 +443,44 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
     assert (tmp_path / "ws" / "triggers" / f"{cell.cell_id()}-round02.safetensors").is_file()
 
 
+def test_a_cell_stopped_inside_neural_cleanse_continues_it(tmp_path, data_dir, monkeypatch):
+    """A cell killed while its Neural Cleanse runs (nc-unlearn here) keeps the optimisation state in
+    ws/partial/<cell>-nc/; the rerun continues it and stores what an uninterrupted run stores, and the
+    state is gone once the cell is in the store."""
+    from pathlib import Path
+
+    from nnlaunder.experiments import runner
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = {"name": "nc-resume", "dataset": "mnist", "scheme": "zhang-content", "attack": "nc-unlearn",
+            "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "threshold": 0.33,
+            "scheme_params": {"n_verify": 300}, "budget": "2/class",
+            "attack_params": {"nc": {"max_epochs": 6, "early_stop": False}, "retrain": {"epochs": 1}}}
+    (cell,) = expand(spec)
+    saves = []
+
+    class StoppedAfterTwoSaves(runner.Keeper):
+        def __init__(self, folder):
+            super().__init__(folder, every=0.0)
+
+        def _save(self, path, state):
+            super()._save(path, state)
+            saves.append(state["meta"]["next_epoch"])
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "Keeper", StoppedAfterTwoSaves)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
+    kept = tmp_path / "ws" / "partial" / f"{cell.cell_id()}-nc"
+    assert saves == [1, 2] and len(list(kept.glob("nc-*.safetensors"))) == 1
+    runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
+    assert saves[2] == 3 and not kept.exists()                 # epochs 1-2 came from the kept state
+    monkeypatch.undo()
+    runner.run_experiment([cell], tmp_path / "ref", str(data_dir), progress=False)
+    assert _metrics(tmp_path / "ws" / "results.sqlite") == _metrics(tmp_path / "ref" / "results.sqlite")
+
+
 def test_ray_without_a_cluster_is_one_line(tmp_path):
     from nnlaunder.experiments import runner
 

@@ -157,3 +157,67 @@ def test_matmul_input_gradient_equals_the_native_one(arch, shape):
     xi = x.clone().requires_grad_(True)
     fast(xi).sum().backward()
     assert wrapped[0].conv.weight.grad is not None
+
+
+class _Stopped(Exception):
+    pass
+
+
+def test_a_stopped_run_continues_where_it_was_kept_and_ends_as_an_unbroken_one(tmp_path):
+    """Inside `keeping(...)`, Neural Cleanse saves its state (masks, patterns, Adam's moments, the schedule,
+    the best masks and, with confirm_best, their candidates); a run stopped after a save and started again
+    continues at that epoch and returns what an unbroken run returns, and counts the work done before."""
+    from nnlaunder.attacks.neural_cleanse import keeping
+    from nnlaunder.experiments.nc_memo import Keeper
+
+    model = tiny_net().eval()
+    x = make_images(64, seed=1).x
+    for cfg in (NCConfig(max_epochs=14, patience=2, early_stop_patience=3, batch_size=16, seed=3),
+                NCConfig(max_epochs=14, patience=2, early_stop_patience=3, batch_size=16, seed=3, confirm_best=True,
+                         steps_per_epoch=2)):
+        whole = neural_cleanse(model, x, cfg, num_classes=4)
+        keeper = Keeper(tmp_path / f"keep-{cfg.confirm_best}", every=0.0)        # a save after every epoch
+        saves = []
+
+        def stop_after(n, keeper=keeper, saves=saves):
+            def factory(*a):
+                keep = keeper(*a)
+
+                def save(state):
+                    keep.save(state)
+                    saves.append(state["meta"]["next_epoch"])
+                    if len(saves) == n:
+                        raise _Stopped
+                return type(keep)(load=keep.load, save=save, every=0.0)
+            return factory
+
+        with pytest.raises(_Stopped), keeping(stop_after(5)):
+            neural_cleanse(model, x, cfg, num_classes=4)
+        assert saves == [1, 2, 3, 4, 5] and keeper.resumed == 0.0
+        with keeping(keeper):
+            again = neural_cleanse(model, x, cfg, num_classes=4)
+        assert keeper.resumed > 0.0                                              # the first five epochs' work
+        assert torch.equal(again.masks, whole.masks) and torch.equal(again.patterns, whole.patterns)
+        assert torch.equal(again.l1, whole.l1) and torch.equal(again.epochs, whole.epochs)
+        assert again.flagged == whole.flagged and again.history == whole.history
+        assert again.phase_seconds["optimise"] >= keeper.resumed
+
+
+def test_a_kept_state_of_another_run_is_not_used(tmp_path):
+    """The state file is named by the weights, images, settings and classes; a damaged file is run again."""
+    from nnlaunder.attacks.neural_cleanse import keeping
+    from nnlaunder.experiments.nc_memo import Keeper
+
+    model, x = tiny_net().eval(), make_images(64, seed=1).x
+    cfg = NCConfig(max_epochs=4, patience=2, early_stop_patience=3, batch_size=16, seed=3)
+    keeper = Keeper(tmp_path, every=0.0)
+    with keeping(keeper):
+        first = neural_cleanse(model, x, cfg, num_classes=4)
+    (kept,) = list(tmp_path.glob("nc-*.safetensors"))
+    with keeping(keeper):
+        neural_cleanse(model, x[:32], cfg, num_classes=4)                      # other images: their own file
+    assert len(list(tmp_path.glob("nc-*.safetensors"))) == 2 and keeper.resumed == 0.0
+    kept.write_bytes(b"not a safetensors file")
+    with keeping(keeper):
+        again = neural_cleanse(model, x, cfg, num_classes=4)
+    assert torch.equal(again.masks, first.masks)

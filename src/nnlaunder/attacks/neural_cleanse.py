@@ -43,10 +43,12 @@ the watermark.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import dataclasses
+import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -275,8 +277,8 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
     if not torch.isfinite(x).all():
         raise UserError("Neural Cleanse input contains NaN or Inf")
     if cfg.max_images is not None and len(x) > cfg.max_images:
-        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
-        x = x[torch.sort(keep).values]
+        pick = torch.randperm(len(x), generator=torch.Generator().manual_seed(cfg.seed))[:cfg.max_images]
+        x = x[torch.sort(pick).values]
     x = x.to(model_device(model))     # the optimisation runs where the model is; results come back on the CPU
     with _frozen(model):
         if num_classes is None:
@@ -289,18 +291,23 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         plan, timed = _plan(model, x, cfg, len(cls))
         t1 = clock.now()
         net = _net(model, cfg, plan, x[:8])
+        factory = _KEEPING.get()
+        keep = factory(model, x, cfg, cls) if factory is not None and not per_class else None
+        resumed = 0.0
         if per_class:
             parts = [_optimise(net, x, cfg, [c], progress, plan) for c in cls]
-            res = {k: torch.cat([p[k] for p in parts]) for k in parts[0] if k not in ("history", "candidates")}
+            res = {k: torch.cat([p[k] for p in parts]) for k in parts[0]
+                   if k not in ("history", "candidates", "resumed_seconds")}
             history = [h for p in parts for h in p["history"]]
             res["candidates"] = [c for p in parts for c in p.get("candidates", [[]])]
         else:
-            res = _optimise(net, x, cfg, cls, progress, plan)
+            res = _optimise(net, x, cfg, cls, progress, plan, keep)
             history = res.pop("history")
+            resumed = res.pop("resumed_seconds")       # work done before a stop counts, as in an unbroken run
         t2 = clock.now()
         if cfg.confirm_best:
             _confirm(model, x, cfg, cls, res)
-        phases = {"plan": t1 - t0, "optimise": t2 - t1, "confirm": clock.now() - t2}
+        phases = {"plan": t1 - t0, "optimise": t2 - t1 + resumed, "confirm": clock.now() - t2}
     # Full-size outputs indexed by class; the MAD test runs over the candidate classes.
     k_all = num_classes
     c, h, w = x.shape[1:]
@@ -319,7 +326,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
     anomaly[idx] = a
     flagged = [cls[i] for i in flagged_local]
     return NCResult(masks, patterns, l1, success, found, epochs, anomaly, flagged,
-                    clock.now() - t0, history, {**plan.record(), **timed}, phases)
+                    clock.now() - t0 + resumed, history, {**plan.record(), **timed}, phases)
 
 
 def _default_chunk(dev: torch.device, batch_size: int) -> int | None:
@@ -496,6 +503,80 @@ def _init_variables(cls: list[int], seed: int, chw: tuple[int, int, int], dtype:
     return w_mask.to(dev).requires_grad_(True), w_pat.to(dev).requires_grad_(True)
 
 
+@dataclass(frozen=True)
+class NCKeep:
+    """Where a long Neural Cleanse keeps its optimisation state, so that a run stopped part-way continues at
+    the epoch it reached and ends as an unbroken run would: `load()` gives the state last saved (None:
+    none), `save(state)` keeps one (the caller does the I/O; a state is {"tensors": ..., "meta": ...})."""
+    load: Callable[[], dict | None]
+    save: Callable[[dict], None]
+    every: float = 60.0                 # seconds of work between saves
+
+
+# Who supplies an NCKeep to each Neural Cleanse run inside a `keeping(...)` block (the experiment runner:
+# one per cell and run), called as factory(model, images, cfg, classes) -> NCKeep | None.
+_KEEPING: contextvars.ContextVar[Callable[..., NCKeep | None] | None] = contextvars.ContextVar("nc_keeping",
+                                                                                             default=None)
+
+
+@contextlib.contextmanager
+def keeping(factory: Callable[..., NCKeep | None]) -> Iterator[None]:
+    """Every Neural Cleanse run in the block (an attack's own, however deep) keeps its state where
+    `factory(model, images, cfg, classes)` says; the batched run only (per_class is a speed reference)."""
+    token = _KEEPING.set(factory)
+    try:
+        yield
+    finally:
+        _KEEPING.reset(token)
+
+
+_KEPT = ("w_mask", "w_pat", "best_mask", "best_pat", "best_succ", "epochs")
+
+
+def _tensors(state: tuple) -> dict[str, torch.Tensor]:
+    """The run's tensors a kept state holds, by name (the run's own objects)."""
+    w_mask, w_pat, opt, _, _, best_mask, best_pat, best_succ, epochs, _, _ = state
+    t = dict(zip(_KEPT, (w_mask, w_pat, best_mask, best_pat, best_succ, epochs), strict=True))
+    t.update({"m_mask": opt.moments[0][0], "v_mask": opt.moments[0][1], "m_pat": opt.moments[1][0],
+              "v_pat": opt.moments[1][1], "adam_steps": opt.steps})
+    return t
+
+
+def _pack(next_epoch: int, state: tuple, how: dict, seconds: float) -> dict:
+    _, _, _, sched, active, _, _, _, _, history, cands = state
+    t = _tensors(state)
+    for i, cs in enumerate(cands):
+        if cs:
+            t[f"cand_mask{i}"], t[f"cand_pat{i}"] = torch.stack([c[0] for c in cs]), torch.stack([c[1] for c in cs])
+            t[f"cand_reg{i}"] = torch.tensor([c[2] for c in cs], dtype=torch.float64)
+    meta = {"next_epoch": next_epoch, "sched": [dataclasses.asdict(sc) for sc in sched], "active": list(active),
+            "history": history, "plan": how, "seconds": seconds}
+    return {"tensors": {k: v.detach().cpu().contiguous() for k, v in t.items()}, "meta": meta}
+
+
+def _unpack(kept: dict | None, state: tuple, how: dict) -> tuple[int, float]:
+    """Put a kept state back in place (tensors copied into the run's own): (the epoch to continue from, the
+    seconds of work it holds); (0, 0.0) where none was kept, or one of another plan or shape."""
+    _, _, _, sched, active, _, _, _, _, history, cands = state
+    dsts = _tensors(state)
+    if kept is None or kept["meta"].get("plan") != how or len(kept["meta"].get("sched", ())) != len(sched) or \
+            any(k not in kept["tensors"] or kept["tensors"][k].shape != d.shape for k, d in dsts.items()):
+        return 0, 0.0
+    t, meta = kept["tensors"], kept["meta"]
+    with torch.no_grad():
+        for name, dst in dsts.items():
+            dst.copy_(t[name])
+    for i, d in enumerate(meta["sched"]):
+        sched[i] = _Lambda(**d)
+    active[:] = meta["active"]
+    history[:] = [{**h, "classes": {int(c): v for c, v in h["classes"].items()}} for h in meta["history"]]
+    for i in range(len(cands)):
+        if f"cand_reg{i}" in t:
+            cands[i] = [(m, p, float(r)) for m, p, r in zip(t[f"cand_mask{i}"], t[f"cand_pat{i}"],
+                                                            t[f"cand_reg{i}"].tolist(), strict=True)]
+    return int(meta["next_epoch"]), float(meta.get("seconds", 0.0))
+
+
 @dataclass
 class _Lambda:
     """One class's λ (cost) schedule and early stop, as Wang et al.'s visualizer runs them."""
@@ -658,8 +739,9 @@ def _epoch(model: nn.Module, batches: _Batches, w_mask: torch.Tensor, w_pat: tor
 
 
 def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
-              progress: Callable[[int, int], None] | None, plan: Plan) -> dict:
-    """Reverse-engineer a trigger (mask, pattern) for each class in `cls` at once."""
+              progress: Callable[[int, int], None] | None, plan: Plan, keep: NCKeep | None = None) -> dict:
+    """Reverse-engineer a trigger (mask, pattern) for each class in `cls` at once; with `keep`, from the
+    state it kept, keeping it again every `keep.every` seconds."""
     k = len(cls)
     w_mask, w_pat = _init_variables(cls, cfg.seed, tuple(x.shape[1:]), x.dtype, x.device)
     opt = _Adam(w_mask, w_pat, cfg)
@@ -673,7 +755,11 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
     cands: list[list[tuple]] = [[] for _ in range(k)]     # every successive best (confirm_best)
     batches = _Batches(x, cfg)
     steps = cfg.steps_per_epoch or batches.steps_full
-    for epoch in range(cfg.max_epochs):
+    state = (w_mask, w_pat, opt, sched, active, best_mask, best_pat, best_succ, epochs, history, cands)
+    how = json.loads(json.dumps(plan.record(), default=str))      # a state kept under another plan is not used
+    start, before = _unpack(keep.load(), state, how) if keep is not None else (0, 0.0)
+    began = saved = clock.now()
+    for epoch in range(start, cfg.max_epochs):
         act = [i for i in range(k) if active[i]]
         if not act:
             break
@@ -698,6 +784,9 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
         history.append({"epoch": epoch + 1, "active": len(act), "classes": per})
         if progress is not None:
             progress(epoch + 1, sum(active))
+        if keep is not None and clock.now() - saved >= keep.every:
+            keep.save(_pack(epoch + 1, state, how, before + clock.now() - began))
+            saved = clock.now()
     reg_best = [sc.reg_best for sc in sched]
     found = torch.tensor([r < math.inf for r in reg_best])
     # Where no epoch reached the success target, keep the last mask and its norm.
@@ -709,7 +798,7 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
             best_mask[i], best_pat[i] = last_m[i], last_p[i]
             l1[i] = float(last_m[i].abs().sum())
     out = {"masks": best_mask.float(), "patterns": best_pat.float(), "l1": l1, "success": best_succ,
-           "found": found, "epochs": epochs, "history": history}
+           "found": found, "epochs": epochs, "history": history, "resumed_seconds": before}
     if cfg.confirm_best:
         out["candidates"] = cands
     return out

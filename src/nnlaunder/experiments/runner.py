@@ -14,12 +14,16 @@ Workspace layout:
                                               (model, reset masks, rounds so far): a rerun of an
                                               interrupted cell continues from there; removed once
                                               the cell is in the store
+    <ws>/partial/<cell>-nc/nc-<hash>.safetensors  every Neural Cleanse run of a cell while it runs (masks,
+                                              patterns, Adam's moments, the schedule), saved every minute:
+                                              an interrupted cell continues it at the epoch it reached
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -29,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .. import clock
 from .. import data as D
+from ..attacks.neural_cleanse import keeping
 from ..attacks.records import RoundInfo
 from ..attacks.registry import Hooks, attack_spec
 from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, model_meta, save_model
@@ -43,6 +48,7 @@ from ..watermarks.schemes import Watermark, make_watermark
 from ..watermarks.verify import outcome
 from .config import CellConfig, digest
 from .evaluate import evaluator
+from .nc_memo import Keeper
 from .store import Store
 
 
@@ -151,8 +157,10 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                   on_state=lambda state, nc: save_round_triggers(ws / "triggers", cell.cell_id(), len(state.rounds),
                                                                  nc, wm, te))
     reused = _memo_nc(cell, cfg, model, clean, ws, hooks)
+    keeper = Keeper(ws / "partial" / f"{cell.cell_id()}-nc")      # Neural Cleanse's state while it runs
     try:
-        res = attack_spec(cell.attack).run(model, clean, cfg, hooks)
+        with keeping(keeper):
+            res = attack_spec(cell.attack).run(model, clean, cfg, hooks)
     finally:
         bar.close()
     for r in rows:
@@ -166,7 +174,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                **{k: last.get(k) for k in ("test_acc", "wm_acc", "status", "base_rate", "p_value", "p_log10",
                                            "test_drop")},
                "owned": bool(last.get("owned")), "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
-               "attack_seconds": clock.now() - t1, "n_verify": len(wm.verify_y), "machine": machine_name(),
+               "attack_seconds": clock.now() - t1 + keeper.resumed, "n_verify": len(wm.verify_y),
+               "machine": machine_name(),
                "param_shift": param_shift(model, res.model)["total"],     # L2 distance the attack moved the weights
                "nc_reused": reused}
     if "paper" in known:                     # the paper's rule (the maximum over every clean epoch), beside it
@@ -178,7 +187,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
     summary["outcome"] = outcome(last["outcome"] == "kept", last["test_drop"], summary.get("restored"),
                                  cell.tolerance)
     summary["removed"] = summary["outcome"] == "removed"
-    return rows, summary, clock.now() - t0
+    return rows, summary, clock.now() - t0 + keeper.resumed
 
 
 def _memo_nc(cell: CellConfig, cfg: Any, model, clean: D.Dataset, ws: Path, hooks: Hooks) -> bool:
@@ -328,6 +337,7 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
             summary = {**summary, "commit": rev, "date": today()}
             store.record(cell.cell_id(), cell.name, cell.as_dict(), rows, summary, seconds)
             (ws / "partial" / f"{cell.cell_id()}.safetensors").unlink(missing_ok=True)
+            shutil.rmtree(ws / "partial" / f"{cell.cell_id()}-nc", ignore_errors=True)
             bar.update(1)
             if on_cell is not None:
                 on_cell(cell, summary)
