@@ -541,3 +541,17 @@ def test_settings_sweep_and_the_owners_restoration_on_what_the_attacker_left(tmp
     assert got["prune"]["n_owner"] == 6000 and got["prune"]["n_clean"] == 54000       # 60,000 split 90 / 10
     assert "n_owner" not in got["weight-noise"]
     assert got["prune"]["param_shift"] > got["weight-noise"]["param_shift"] > 0
+
+
+def test_a_dry_run_says_which_cells_the_store_holds(tmp_path):
+    """`nnlaunder run FILE --dry-run` lists every cell and marks those already in the workspace's store."""
+    from nnlaunder.experiments.runner import cell_lines
+
+    cells = expand({"name": "dry", "dataset": "mnist", "scheme": "zhang-content", "attack": "prune",
+                    "sweep": {"seed": [0, 1, 2]}})
+    assert cell_lines(cells, tmp_path / "nothing-yet")[-1] == "3 cells, 0 already in the store"
+    with Store(tmp_path / "ws" / "results.sqlite") as s:
+        s.record(cells[1].cell_id(), "dry", cells[1].as_dict(), [{"round": 0}], {}, 1.0)
+    lines = cell_lines(cells, tmp_path / "ws")
+    assert lines[1].endswith("seed 1  (in the store)") and not lines[0].endswith("(in the store)")
+    assert lines[-1] == "3 cells, 1 already in the store"

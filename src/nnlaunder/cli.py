@@ -248,7 +248,7 @@ def _launder_external(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .experiments.config import load_experiment, select_cells
-    from .experiments.runner import run_experiment
+    from .experiments.runner import cell_lines, run_experiment
 
     cells = load_experiment(args.file, allow := code_allowance(args))
     if args.only:
@@ -256,9 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     ws = Path(args.workspace)
     _out(str(ws / "results"))
     if args.dry_run:
-        for c in cells:
-            print(f"{c.cell_id()}  {c.dataset}/{c.scheme} {c.attack} budget {c.budget} rounds {c.rounds} seed {c.seed}")
-        print(f"{len(cells)} cells")
+        print("\n".join(cell_lines(cells, ws)))
         return 0
 
     def show(cell, summary):

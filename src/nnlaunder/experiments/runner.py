@@ -305,6 +305,17 @@ def _pool_init(threads: int, device: str | None) -> None:
     set_device(device)
 
 
+def cell_lines(cells: Sequence[CellConfig], ws: str | Path) -> list[str]:
+    """One line per cell (its id and settings, and whether the workspace's store holds it), then the count."""
+    done: set[str] = set()
+    if (Path(ws) / "results.sqlite").is_file():
+        with Store(Path(ws) / "results.sqlite", readonly=True) as store:
+            done = store.finished_ids()
+    return [*(f"{c.cell_id()}  {c.dataset}/{c.scheme} {c.attack} budget {c.budget} rounds {c.rounds} seed {c.seed}"
+              f"{'  (in the store)' if c.cell_id() in done else ''}" for c in cells),
+            f"{len(cells)} cells, {sum(c.cell_id() in done for c in cells)} already in the store"]
+
+
 def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | None, *, progress: bool = True,
                    on_cell: Callable[[CellConfig, dict[str, Any]], None] | None = None,
                    executor: str = "local", address: str | None = None, jobs: int = 1,
