@@ -28,7 +28,8 @@ import sys
 
 from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, wilson
 
-from nnlaunder.attacks.laundering import launder_config
+from nnlaunder.attacks.calibrate import apply_candidate
+from nnlaunder.attacks.laundering import config_from_params
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.report.build import build_report, flat_rows
 from nnlaunder.watermarks.verify import cell_p, format_p
@@ -55,6 +56,20 @@ def variant(cfg: dict) -> str:
     return "preset" if ap.get("ct") == 1.0 else "strong"
 
 
+OPTIONS = ("dt", "ct", "threshold_mode", "layers", "triggers", "top_k", "add_masks", "diff", "measure", "bn_stats",
+           "stamping", "reinit")
+
+
+def options(c: dict) -> dict:
+    """The laundering settings a cell ran with (the calibration's choice where it calibrated), as the rows name
+    them: the library's own reading of the experiment file's `attack_params`."""
+    cfg = c["config"]
+    lc = config_from_params(cfg.get("attack_params") or {}, cfg.get("variant") or "strong", cfg["rounds"], cfg["seed"])
+    chosen = (c["summary"].get("calibration") or {}).get("chosen")
+    lc = apply_candidate(lc, chosen) if chosen else lc
+    return {**{k: getattr(lc, k) for k in OPTIONS}, "retrain_epochs": lc.retrain.epochs, "retrain_lr": lc.retrain.lr}
+
+
 def cell_rows(cells: list[dict]) -> list[dict]:
     """The engine's cells as result rows: flat_rows' fields, the variant, and round 1's Neural Cleanse and resets."""
     out = []
@@ -62,7 +77,8 @@ def cell_rows(cells: list[dict]) -> list[dict]:
         r1 = c["rounds"][1] if len(c["rounds"]) > 1 else {}
         nc = (c["config"].get("attack_params") or {}).get("nc") or {}
         out.append({**row, "variant": variant(c["config"]), "nc_preset": nc.get("preset", "faithful"),
-                    "flagged": r1.get("flagged"), "used_triggers": r1.get("used"), "resets": r1.get("resets") or {},
+                    "options": options(c), "flagged": r1.get("flagged"), "used_triggers": r1.get("used"),
+                    "resets": r1.get("resets") or {},
                     "nc_seconds": r1.get("nc_seconds"), "model": f"{c['config']['owner_path']}.safetensors",
                     "command": f"nnlaunder run experiments/paper/{c['experiment']}.toml --workspace runs/paper"})
     return out
@@ -120,13 +136,9 @@ def headline(seeds: list[dict]) -> list[dict]:
 
 
 def settings(r: dict) -> tuple:
-    """(DT, CT, retraining epochs, layers) the row's attack ran with, from its cell's config or stored options."""
-    if "options" in r:
-        o = r["options"]
-        return o["dt"], o["ct"], o["retrain_epochs"], o["layers"]
-    ap, strong = r["config"].get("attack_params") or {}, launder_config("strong")
-    epochs = (ap.get("retrain") or {}).get("epochs", strong.retrain.epochs)
-    return ap.get("dt", strong.dt), ap.get("ct", strong.ct), epochs, ap.get("layers", strong.layers)
+    """(DT, CT, retraining epochs, layers) the row's attack ran with."""
+    o = r["options"]
+    return o["dt"], o["ct"], o["retrain_epochs"], o["layers"]
 
 
 def seeds_markdown(seeds: list[dict], counts: dict) -> str:
