@@ -66,7 +66,13 @@ def test_only_selects_part_of_a_grid_and_names_its_mistakes():
     got = select_cells(cells, ["attack=nad,i-bau", "seed=1"])
     assert sorted((c.attack, c.seed) for c in got) == [("i-bau", 1)] * 2 + [("nad", 1)] * 2
     assert {c.budget for c in select_cells(cells, ["budget=0.06"])} == {0.06}
+    groups = expand({"dataset": "mnist", "attack": "launder", "sweep": {"settings": [
+        {"attack_params": {"ct": 1.0, "retrain": {"epochs": 5}}}, {"attack_params": {"bn_stats": "reinit"}}]}})
+    assert [c.attack_params for c in select_cells(groups, ["attack_params.retrain.epochs=5"])] == [
+        {"ct": 1.0, "retrain": {"epochs": 5}}]                       # a dotted key reads into a table
+    assert len(select_cells(groups, ["attack_params.bn_stats=reinit,keep"])) == 1   # lacking the key: no match
     for bad, needle in ((["colour=red"], "unknown setting 'colour'"), (["attack"], "KEY=VALUE"),
+                        (["attack_params.ct=9"], "no cell"), (["colour.x=1"], "unknown setting 'colour'"),
                         (["attack=launder"], "no cell")):
         with pytest.raises(UserError, match=needle):
             select_cells(cells, bad)

@@ -338,7 +338,8 @@ def _add_run(sub: Any) -> None:
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
     s.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
                    help="run only the cells whose setting KEY has one of these values (repeatable: all must "
-                        "match), e.g. --only attack=nad,i-bau --only seed=0")
+                        "match; a dotted KEY reads into a table), e.g. --only attack=nad,i-bau --only seed=0 "
+                        "--only attack_params.ct=1.0")
     s.add_argument("--executor", choices=("local", "ray"), default="local",
                    help="local (this machine) or ray (an existing Ray cluster at --address)")
     s.add_argument("--address", help="Ray cluster address HOST:PORT (with --executor ray)")

@@ -278,25 +278,40 @@ def expand(raw: dict[str, Any]) -> list[CellConfig]:
 
 
 def select_cells(cells: list[CellConfig], only: list[str]) -> list[CellConfig]:
-    """The cells whose settings match every `KEY=V1,V2` of `only` (a top-level setting, its value as the
-    file writes it: `attack=nad,i-bau`, `seed=0`, `budget=0.006`); part of a grid, run or reported alone."""
+    """The cells whose settings match every `KEY=V1,V2` of `only` (a setting, its value as the file writes it:
+    `attack=nad,i-bau`, `seed=0`, `budget=0.006`; a dotted key reads into a table, `attack_params.ct=1.0`, and
+    a cell whose table lacks the key does not match); part of a grid, run or reported alone."""
     names = [f.name for f in dataclasses.fields(CellConfig)]
     for spec in only:
         key, eq, values = spec.partition("=")
-        key = key.strip()
+        path = key.strip().split(".")
         if not eq or not values.strip():
             raise UserError(f"--only {spec!r}: expected KEY=VALUE[,VALUE...], e.g. attack=nad,i-bau")
-        if key not in names:
-            raise UserError(f"--only {spec!r}: unknown setting {key!r}; choose from {', '.join(names)}")
+        if path[0] not in names:
+            raise UserError(f"--only {spec!r}: unknown setting {path[0]!r}; choose from {', '.join(names)}")
         wanted = {v.strip() for v in values.split(",")}
-        cells = [c for c in cells if _as_written(getattr(c, key)) in wanted]
+        cells = [c for c in cells if _as_written(_lookup(getattr(c, path[0]), path[1:])) in wanted]
     if not cells:
         raise UserError(f"--only {' '.join(only)}: no cell of the experiment matches")
     return cells
 
 
+_MISSING = object()
+
+
+def _lookup(v: Any, path: list[str]) -> Any:
+    """`v`'s value at the dotted `path` into its tables (_MISSING where a table lacks a key)."""
+    for k in path:
+        if not isinstance(v, dict) or k not in v:
+            return _MISSING
+        v = v[k]
+    return v
+
+
 def _as_written(v: Any) -> str:
     """A setting's value as a TOML file or a command line writes it (0.006, true, 3, "nad" as nad)."""
+    if v is _MISSING:
+        return "\0missing"                 # matches no value a command line can write
     if isinstance(v, bool):
         return str(v).lower()
     return v if isinstance(v, str) else json.dumps(v, default=str)
