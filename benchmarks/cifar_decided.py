@@ -18,7 +18,7 @@ Arms (LaunderConfig options over the row's headline attack, the one table2.json 
                 else is the headline attack. Only this script builds these images, from the owner's
                 watermark; the library's attack code never receives them.
   the rest      see ARMS below; "reinit-half-only" is the control: no Neural Cleanse and no Algorithm 1.
-Arms the Table 2 experiments run (strong: the headline attack; preset; +bn-reinit) are
+Arms the Table 2 experiments run (strong: the headline attack; every variant of the ablation) are
 carried into the table from table2-seeds.json / table2-ablation.json with their own commits.
 
 Each run ends kept / hidden / removed / destroyed under the project's verdict rules (the default
@@ -99,9 +99,11 @@ for _arms in ARMS.values():
 # Arms that add a step the paper does not describe (a verdict built on them is "costlier").
 BEYOND_PAPER = {"reinit-half", "bn-reinit-all", "+bn-reinit"}
 DIAGNOSTIC = {"oracle", "reinit-half-only"}
-# Arms the Table 2 experiments run (result file, its variant name -> the arm's name here).
-CARRIED = {("table2-seeds.json", "strong"): "strong", ("table2-ablation.json", "preset"): "preset",
-           ("table2-ablation.json", "+bn-reinit"): "+bn-reinit"}
+# Arms the Table 2 experiments run (result file, its variant name -> the arm's name here): the headline
+# attack and every variant of the ablation (experiments/paper/table2-ablation-cifar10.toml).
+CARRIED = {("table2-seeds.json", "strong"): "strong",
+           **{("table2-ablation.json", v): v for v in ("+bn", "+branch", "+masks", "+topk", "+all", "+bn-reinit",
+                                                       "preset", "calibrated")}}
 
 
 def load_rows(name: str) -> list | dict:
