@@ -84,7 +84,7 @@ def _seed_change(old: dict, new: dict) -> str:
 
 
 def rerun_section(previous: list[dict], rerun: list[dict]) -> list[str]:
-    """The one-commit re-run against the stored rows, seed by seed (the stored rows' fast-bf16 runs)."""
+    """The re-run against the stored rows, seed by seed (the stored rows' fast-bf16 runs)."""
     md = ["| row | stored: commits | stored outcomes | re-run outcomes | WM % median, stored -> re-run "
           "| test % mean, stored -> re-run | seeds whose outcome moved |", "|---|---|---|---|---|---|---|"]
     for k in sorted({(r["dataset"], row_name(r)) for r in rerun}):
@@ -164,8 +164,10 @@ def main(argv=None) -> int:
           "their stored watermark accuracy; the base-rate check needs the attacked models, which they did not keep.",
           "", *rule_section(previous), ""]
     if rerun:
-        md += ["## The one-commit re-run", "",
-               "table2-seeds.json: every row and seed run again at one commit with the library's fast Neural Cleanse "
+        md += ["## The re-run", "",
+               "table2-seeds.json: every row and seed run again (the engine's cells of "
+               "experiments/paper/table2-*.toml, whose attack code is the same at the commits they name) with the "
+               "library's fast Neural Cleanse "
                "preset (masks confirmed on all the attacker's images; the stored rows used fast-bf16, whose masks "
                "were not confirmed) and decided as `nnlaunder verify` decides: the threshold test and the base-rate "
                "check on the attacked model, then the 3-point tolerance. Against the stored rows of the same seeds:",
