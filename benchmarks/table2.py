@@ -246,19 +246,23 @@ def _closest(ds: str, name: str, base: list[dict], rs_all: list[dict]) -> list[s
             f"{statistics.mean(r['test_acc'] for r in same):.2f}%)."]
 
 
+ABLATION_INTRO = """
+Each CIFAR-10 row, on the same attacker seeds and the same Neural Cleanse result per seed as table2-seeds.md
+(experiments/paper/table2-ablation-cifar10.toml): the strong attack, then with one of the steps it leaves out
+switched on, then all of them. +bn: batch-norm statistics re-estimated on the attacker's set before retraining;
++branch: a ResNet unit read on its own branch (ResNet-20 only; on the Table 7 CNN it reads the same units);
++masks: the recovered masks as retraining images labelled the least likely class; +topk: the 3 smallest-mask
+triggers with per-trigger differences; +all: all four; +bn-reinit: every batch norm re-initialised before
+retraining (scale 1, shift 0 as well as the statistics); preset: the strong variant's own defaults (DT 0.5, CT
+1.0, 5 retraining epochs) instead of the row's settings; calibrated: the options chosen per seed by
+`attacks/calibrate.py` from the attacker's own set alone (docs/methods.md), with the row's layer choice.
+Compare a variant with the strong attack on the seeds both have (the last column).
+"""
+
+
 def ablation_markdown(seeds: list[dict], abl: list[dict]) -> str:
-    lines = ["# Table 2 ablation: the paper's steps, one at a time and together", "",
-             "Each CIFAR-10 row, on the same attacker seeds and the same Neural Cleanse result per seed as "
-             "table2-seeds.md (experiments/paper/table2-ablation-cifar10.toml): the strong attack, then with one of "
-             "the steps it leaves out switched on, then all of them. +bn: batch-norm statistics re-estimated on the "
-             "attacker's set before retraining; +branch: a ResNet unit read on its own branch (ResNet-20 only; on "
-             "the Table 7 CNN it reads the same units); +masks: the recovered masks as retraining images labelled the "
-             "least likely class; +topk: the 3 smallest-mask triggers with per-trigger differences; +all: all four; "
-             "+bn-reinit: every batch norm re-initialised before retraining (scale 1, shift 0 as well as the "
-             "statistics); preset: the strong variant's own defaults (DT 0.5, CT 1.0, 5 retraining epochs) instead "
-             "of the row's settings; calibrated: the options chosen per seed by `attacks/calibrate.py` from the "
-             "attacker's own set alone (docs/methods.md), with the row's layer choice. Compare a variant with the "
-             "strong attack on the seeds both have (the last column).", "",
+    lines = ["# Table 2 ablation: the paper's steps, one at a time and together", "", " ".join(ABLATION_INTRO.split()),
+             "",
              "| row | variant | seeds | removed | test acc % | WM acc % | strong on the same seeds: removed, test % "
              "| commit |", "|---|---|---|---|---|---|---|---|"]
     findings = []
