@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import pytest
@@ -188,3 +189,39 @@ def test_used_triggers_pass_over_masks_that_were_never_found():
     assert used_triggers(nc, "all") == [0, 1, 2, 3]
     none = SimpleNamespace(l1=nc.l1, found=torch.zeros(4, dtype=torch.bool), flagged=[], most_likely=1)
     assert used_triggers(none, "flagged") == [1]        # none found: the smallest, as before
+
+
+def test_a_launder_run_stopped_inside_neural_cleanse_resumes_it(tmp_path, monkeypatch):
+    """`nnlaunder launder --resume` after a stop inside round 1's Neural Cleanse continues it from the state
+    kept beside the run's state file and ends as an unbroken run; without --resume the kept state is dropped."""
+    from nnlaunder.attacks import pipeline
+    from nnlaunder.attacks.laundering import launder_config
+
+    model = tiny_net().eval()
+    clean = make_images(48, seed=2)
+    cfg = launder_config("strong", nc=NCConfig(max_epochs=6, early_stop=False, batch_size=16),
+                         retrain=TrainConfig(epochs=1, batch_size=16))
+    whole = pipeline.run_launder(copy.deepcopy(model), clean, cfg)
+    saves = []
+
+    class StopsAfterTwoSaves(pipeline.Keeper):
+        def __init__(self, folder):
+            super().__init__(folder, every=0.0)
+
+        def _save(self, path, state):
+            super()._save(path, state)
+            saves.append(state["meta"]["next_epoch"])
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "Keeper", StopsAfterTwoSaves)
+    state = tmp_path / "partial.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_launder(copy.deepcopy(model), clean, cfg, state_file=state, resume=True)
+    kept = tmp_path / "partial-nc"
+    assert len(list(kept.glob("nc-*.safetensors"))) == 1
+    again = pipeline.run_launder(copy.deepcopy(model), clean, cfg, state_file=state, resume=True)
+    assert saves[2] == 3 and not kept.exists()                          # epochs 1-2 came from the kept state
+    assert torch.equal(again.result.nc[0].masks, whole.result.nc[0].masks)
+    for a, b in zip(again.result.model.state_dict().values(), whole.result.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)

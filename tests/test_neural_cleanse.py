@@ -168,7 +168,7 @@ def test_a_stopped_run_continues_where_it_was_kept_and_ends_as_an_unbroken_one(t
     the best masks and, with confirm_best, their candidates); a run stopped after a save and started again
     continues at that epoch and returns what an unbroken run returns, and counts the work done before."""
     from nnlaunder.attacks.neural_cleanse import keeping
-    from nnlaunder.experiments.nc_memo import Keeper
+    from nnlaunder.attacks.records import Keeper
 
     model = tiny_net().eval()
     x = make_images(64, seed=1).x
@@ -206,7 +206,7 @@ def test_a_stopped_run_continues_where_it_was_kept_and_ends_as_an_unbroken_one(t
 def test_a_kept_state_of_another_run_is_not_used(tmp_path):
     """The state file is named by the weights, images, settings and classes; a damaged file is run again."""
     from nnlaunder.attacks.neural_cleanse import keeping
-    from nnlaunder.experiments.nc_memo import Keeper
+    from nnlaunder.attacks.records import Keeper
 
     model, x = tiny_net().eval(), make_images(64, seed=1).x
     cfg = NCConfig(max_epochs=4, patience=2, early_stop_patience=3, batch_size=16, seed=3)

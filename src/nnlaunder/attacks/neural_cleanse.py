@@ -530,6 +530,11 @@ def keeping(factory: Callable[..., NCKeep | None]) -> Iterator[None]:
         _KEEPING.reset(token)
 
 
+def keeping_active() -> bool:
+    """Whether a `keeping(...)` block is open around this call."""
+    return _KEEPING.get() is not None
+
+
 _KEPT = ("w_mask", "w_pat", "best_mask", "best_pat", "best_succ", "epochs")
 
 

@@ -14,8 +14,10 @@ Messages go through `log` (the CLI passes `print`), progress events to `on_progr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +31,8 @@ from ..errors import UserError
 from ..report.plots import trigger_grid
 from .calibrate import apply_candidate, calibrate
 from .laundering import LaunderConfig, LaunderResult, OnProgress, launder
-from .neural_cleanse import NCResult, neural_cleanse
-from .records import LaunderState, RoundInfo, check_state_fits, load_launder_state, save_launder_state
+from .neural_cleanse import NCResult, keeping, keeping_active, neural_cleanse
+from .records import Keeper, LaunderState, RoundInfo, check_state_fits, load_launder_state, save_launder_state
 
 Evaluate = Callable[..., dict[str, Any]]
 Log = Callable[[str], None]
@@ -142,8 +144,10 @@ def run_launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, evaluat
                                                           "calibration": calibration,
                                                           "caller": extra() if extra is not None else {}})
 
-    res = launder(model, clean, cfg, on_round=measured, on_state=keep, on_progress=on_progress,
-                  resume=None if prior is None else prior[0], first_nc=first_nc if prior is None else None)
+    keeper = _nc_keeper(state_path, resume)
+    with keeping(keeper) if keeper is not None else contextlib.nullcontext():
+        res = launder(model, clean, cfg, on_round=measured, on_state=keep, on_progress=on_progress,
+                      resume=None if prior is None else prior[0], first_nc=first_nc if prior is None else None)
     out = {**(report or {}), "n_clean": len(clean), "config": dataclasses.asdict(cfg),
            "after": res.rounds[-1].metrics if res.rounds else {}, "rounds": res.report(),
            "skipped_layers": [list(s) for s in res.skipped], "seconds": res.seconds, "calibration": calibration}
@@ -152,7 +156,21 @@ def run_launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, evaluat
         run.files = write_outputs(Path(out_dir), run, clean, classes)
     if state_path is not None:
         state_path.unlink(missing_ok=True)
+    if keeper is not None:
+        shutil.rmtree(keeper.folder, ignore_errors=True)
     return run
+
+
+def _nc_keeper(state_path: Path | None, resume: bool) -> Keeper | None:
+    """Where a run with a state file keeps Neural Cleanse's state while it runs (beside the state file),
+    so that `--resume` after a stop inside Neural Cleanse continues it; a run without --resume starts it
+    afresh. None where the caller keeps it already (the experiment runner) or keeps nothing."""
+    if state_path is None or keeping_active():
+        return None
+    folder = state_path.with_name(state_path.stem + "-nc")
+    if not resume:
+        shutil.rmtree(folder, ignore_errors=True)
+    return Keeper(folder)
 
 
 def write_outputs(out_dir: Path, run: LaunderRun, clean: Dataset, classes: Sequence[str] | None) -> list[str]:

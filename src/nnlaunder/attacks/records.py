@@ -1,10 +1,12 @@
 """The records of a laundering run: one round's account, and the state an interrupted run resumes
 from with its file (`save_launder_state` / `load_launder_state`, on top of checkpoint's generic
-safetensors I/O)."""
+safetensors I/O); `Keeper`: every Neural Cleanse run's optimisation state while it runs, in files, so that
+a run stopped inside Neural Cleanse continues it."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,9 +16,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..checkpoint import atomic_save_tensors, dtype_kind
+from ..checkpoint import atomic_save_tensors, dtype_kind, tensor_bytes, weights_digest
 from ..config import from_dict
+from ..device import machine_name
 from ..errors import UserError
+from .neural_cleanse import NCKeep
 
 
 @dataclass
@@ -114,3 +118,39 @@ def check_state_fits(state: LaunderState, model: torch.nn.Module, path: str | os
     missing = sorted(set(own) - set(state.model_state))
     if state.model_state and missing:
         raise UserError(f"{path}: no weights for {missing[:3]}; delete it to start over")
+
+
+class Keeper:
+    """Every Neural Cleanse run of a cell keeps its optimisation state in `folder` (`neural_cleanse.keeping`),
+    one file per run, named by what the run depends on (weights, images, settings, candidate classes, machine),
+    so a cell stopped part-way (a session's end, a kill) continues its Neural Cleanse at the epoch it reached.
+    `resumed` sums the seconds of work the states it handed back held (the cell counts them as its own)."""
+
+    def __init__(self, folder: Path, every: float = 60.0) -> None:
+        self.folder, self.every, self.resumed = Path(folder), every, 0.0
+
+    def __call__(self, model: torch.nn.Module, x: Any, cfg: Any, cls: list[int]) -> NCKeep:
+        h = hashlib.sha256()
+        h.update(weights_digest(model).encode())
+        h.update(tensor_bytes(x.detach().cpu().contiguous()))
+        h.update(json.dumps({"nc": dataclasses.asdict(cfg), "classes": cls, "machine": machine_name()},
+                            sort_keys=True, default=str).encode())
+        path = self.folder / f"nc-{h.hexdigest()[:32]}.safetensors"
+        return NCKeep(load=lambda: self._load(path), save=lambda state: self._save(path, state), every=self.every)
+
+    def _load(self, path: Path) -> dict | None:
+        from safetensors import SafetensorError, safe_open
+
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads(f.metadata()["nc_state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError):
+            return None              # a damaged file: the run starts over
+        self.resumed += float(meta.get("seconds", 0.0))
+        return {"tensors": tensors, "meta": meta}
+
+    def _save(self, path: Path, state: dict) -> None:
+        atomic_save_tensors(path, state["tensors"], {"nc_state": json.dumps(state["meta"], default=str)})

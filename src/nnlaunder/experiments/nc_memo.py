@@ -1,8 +1,6 @@
 """Neural Cleanse results kept per (model, attacker's set, Neural Cleanse settings, machine) in a workspace,
 so that laundering cells that differ only after trigger recovery (an ablation's variants, Table 2's seeds
-beside them) recover the triggers once. Round 1 only: later rounds run on a model the round changed.
-`Keeper`: the optimisation state of every Neural Cleanse run of a cell, kept while it runs, so that a cell
-stopped part-way continues it."""
+beside them) recover the triggers once. Round 1 only: later rounds run on a model the round changed."""
 
 from __future__ import annotations
 
@@ -14,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from ..attacks.neural_cleanse import NCKeep, NCResult
+from ..attacks.neural_cleanse import NCResult
 from ..checkpoint import atomic_save_tensors, tensor_bytes, weights_digest
 from ..data import Dataset
 from ..device import machine_name
@@ -61,38 +59,3 @@ def save_nc(folder: Path, key: str, nc: NCResult) -> None:
     atomic_save_tensors(folder / f"{key}.safetensors", {k: getattr(nc, k) for k in _TENSORS},
                         {"nc": json.dumps(meta, default=str)})
 
-
-class Keeper:
-    """Every Neural Cleanse run of a cell keeps its optimisation state in `folder` (`neural_cleanse.keeping`),
-    one file per run, named by what the run depends on (weights, images, settings, candidate classes, machine),
-    so a cell stopped part-way (a session's end, a kill) continues its Neural Cleanse at the epoch it reached.
-    `resumed` sums the seconds of work the states it handed back held (the cell counts them as its own)."""
-
-    def __init__(self, folder: Path, every: float = 60.0) -> None:
-        self.folder, self.every, self.resumed = Path(folder), every, 0.0
-
-    def __call__(self, model: nn.Module, x: Any, cfg: Any, cls: list[int]) -> NCKeep:
-        h = hashlib.sha256()
-        h.update(weights_digest(model).encode())
-        h.update(tensor_bytes(x.detach().cpu().contiguous()))
-        h.update(json.dumps({"nc": dataclasses.asdict(cfg), "classes": cls, "machine": machine_name()},
-                            sort_keys=True, default=str).encode())
-        path = self.folder / f"nc-{h.hexdigest()[:32]}.safetensors"
-        return NCKeep(load=lambda: self._load(path), save=lambda state: self._save(path, state), every=self.every)
-
-    def _load(self, path: Path) -> dict | None:
-        from safetensors import SafetensorError, safe_open
-
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), "pt") as f:
-                meta = json.loads(f.metadata()["nc_state"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError):
-            return None              # a damaged file: the run starts over
-        self.resumed += float(meta.get("seconds", 0.0))
-        return {"tensors": tensors, "meta": meta}
-
-    def _save(self, path: Path, state: dict) -> None:
-        atomic_save_tensors(path, state["tensors"], {"nc_state": json.dumps(state["meta"], default=str)})

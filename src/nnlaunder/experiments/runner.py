@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .. import clock
 from .. import data as D
 from ..attacks.neural_cleanse import keeping
-from ..attacks.records import RoundInfo
+from ..attacks.records import Keeper, RoundInfo
 from ..attacks.registry import Hooks, attack_spec
 from ..checkpoint import atomic_save_tensors, atomic_write_json, load_model, model_meta, save_model
 from ..config import from_dict
@@ -48,7 +48,6 @@ from ..watermarks.schemes import Watermark, make_watermark
 from ..watermarks.verify import outcome
 from .config import CellConfig, digest
 from .evaluate import evaluator
-from .nc_memo import Keeper
 from .store import Store
 
 
