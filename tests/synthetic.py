@@ -58,3 +58,21 @@ def launder_interrupted_at(round_no: int):
         yield
     finally:
         L.launder = real
+
+
+def keeper_that_stops(saves: list, after: int = 2):
+    """A Neural Cleanse `Keeper` that saves after every epoch, notes each save's next epoch in `saves`, and
+    raises KeyboardInterrupt after the `after`-th save (a run stopped just after a save)."""
+    from nnlaunder.attacks.records import Keeper
+
+    class Stops(Keeper):
+        def __init__(self, folder):
+            super().__init__(folder, every=0.0)
+
+        def _save(self, path, state):
+            super()._save(path, state)
+            saves.append(state["meta"]["next_epoch"])
+            if len(saves) == after:
+                raise KeyboardInterrupt
+
+    return Stops

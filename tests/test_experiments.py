@@ -12,6 +12,8 @@ from nnlaunder.errors import UserError
 from nnlaunder.experiments.config import expand, load_experiment, select_cells
 from nnlaunder.experiments.store import Store
 
+from .synthetic import keeper_that_stops
+
 
 def test_grid_expansion_and_dotted_keys():
     cells = expand({"dataset": "mnist", "rounds": 2,
@@ -464,18 +466,7 @@ def test_a_cell_stopped_inside_neural_cleanse_continues_it(tmp_path, data_dir, m
             "attack_params": {"nc": {"max_epochs": 6, "early_stop": False}, "retrain": {"epochs": 1}}}
     (cell,) = expand(spec)
     saves = []
-
-    class StoppedAfterTwoSaves(runner.Keeper):
-        def __init__(self, folder):
-            super().__init__(folder, every=0.0)
-
-        def _save(self, path, state):
-            super()._save(path, state)
-            saves.append(state["meta"]["next_epoch"])
-            if len(saves) == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "Keeper", StoppedAfterTwoSaves)
+    monkeypatch.setattr(runner, "Keeper", keeper_that_stops(saves))
     with pytest.raises(KeyboardInterrupt):
         runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
     kept = tmp_path / "ws" / "partial" / f"{cell.cell_id()}-nc"

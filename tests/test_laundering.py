@@ -17,7 +17,7 @@ from nnlaunder.attacks.units import discover_units, mean_activations, select_uni
 from nnlaunder.models import build
 from nnlaunder.train import TrainConfig, accuracy, predict, train
 
-from .synthetic import add_trigger, make_images, tiny_net
+from .synthetic import add_trigger, keeper_that_stops, make_images, tiny_net
 
 
 def test_unit_discovery_on_the_paper_models():
@@ -203,18 +203,7 @@ def test_a_launder_run_stopped_inside_neural_cleanse_resumes_it(tmp_path, monkey
                          retrain=TrainConfig(epochs=1, batch_size=16))
     whole = pipeline.run_launder(copy.deepcopy(model), clean, cfg)
     saves = []
-
-    class StopsAfterTwoSaves(pipeline.Keeper):
-        def __init__(self, folder):
-            super().__init__(folder, every=0.0)
-
-        def _save(self, path, state):
-            super()._save(path, state)
-            saves.append(state["meta"]["next_epoch"])
-            if len(saves) == 2:
-                raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "Keeper", StopsAfterTwoSaves)
+    monkeypatch.setattr(pipeline, "Keeper", keeper_that_stops(saves))
     state = tmp_path / "partial.safetensors"
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_launder(copy.deepcopy(model), clean, cfg, state_file=state, resume=True)
