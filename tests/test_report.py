@@ -152,3 +152,17 @@ def test_merge_copies_the_cells_a_workspace_lacks(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "nowhere"), "--workspace", str(tmp_path / "here")]) == 2
     assert main(["merge", str(tmp_path / "here"), "--workspace", str(tmp_path / "here")]) == 2
     assert "into itself" in capsys.readouterr().err
+
+
+def test_cells_of_one_budget_share_one_trigger_figure(tmp_path):
+    """An ablation's variants and seeds at one budget are drawn once (their lowest seed with kept triggers),
+    not once per cell into the same file (a page that inlined the figure 36 times)."""
+    from nnlaunder.report.build import _one_cell_per_budget
+
+    (tmp_path / "triggers").mkdir()
+    cells = [{"cell_id": f"c{i}", "config": {"budget": b, "seed": s}}
+             for i, (b, s) in enumerate([(0.006, 2), (0.006, 0), (0.006, 0), (0.108, 3), (0.108, 1)])]
+    for cid in ("c0", "c2", "c3", "c4"):                              # c1 (seed 0) kept no triggers
+        (tmp_path / "triggers" / f"{cid}-round01.safetensors").write_bytes(b"")
+    got = [(c["cell_id"], f.name) for c, f in _one_cell_per_budget(tmp_path, cells)]
+    assert got == [("c2", "c2-round01.safetensors"), ("c4", "c4-round01.safetensors")]

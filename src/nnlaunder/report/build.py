@@ -283,17 +283,27 @@ def _seeds_row(cs: list[dict]) -> str:
             f"{'–' if paper[0] is None else f'{paper[0]:g} / {paper[1]:g}'} | {secs:.0f} |")
 
 
+def _one_cell_per_budget(ws: Path, cells: list[dict]) -> list[tuple[dict, Path]]:
+    """Per budget, the lowest-seed cell whose round-1 triggers the runner kept, with that file: the cells of a
+    budget share one figure, so it is drawn once (cells differing only after trigger recovery recover the same)."""
+    chosen: dict[str, tuple[dict, Path]] = {}
+    for c in sorted(cells, key=lambda c: (json.dumps(c["config"]["budget"]), c["config"]["seed"], c["cell_id"])):
+        f = ws / "triggers" / f"{c['cell_id']}-round01.safetensors"
+        key = json.dumps(c["config"]["budget"])
+        if key not in chosen and f.is_file():
+            chosen[key] = (c, f)
+    return list(chosen.values())
+
+
 def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images: list[Path]) -> list[str]:
-    """Figures 6/8: the recovered triggers the runner kept for each laundering cell (round 1)."""
+    """Figures 6/8: the recovered triggers the runner kept (round 1), one figure per experiment, watermark and
+    budget."""
     from safetensors import safe_open
 
     md: list[str] = []
     for (exp, ds, scheme), cs in sorted(groups.items()):
         recon = []
-        for c in sorted(cs, key=lambda c: json.dumps(c["config"]["budget"])):
-            f = ws / "triggers" / f"{c['cell_id']}-round01.safetensors"
-            if not f.is_file():
-                continue
+        for c, f in _one_cell_per_budget(ws, cs):
             with safe_open(str(f), "pt") as st:
                 t = {k: st.get_tensor(k) for k in st.keys()}   # noqa: SIM118 (safe_open has no __iter__)
                 meta = st.metadata() or {}
@@ -303,12 +313,15 @@ def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images
             safe = lab.replace("/", "per").replace("%", "pct")
             png = trigger_grid(t["masks"], t["patterns"], t["l1"].tolist(), t["anomaly"].tolist(), flagged, classes,
                                out / safe_name(f"triggers-{exp}-{ds}-{scheme}-{safe}.png"), example=t["clean"],
-                               title=f"{exp}: {ds} {scheme}, budget {lab}: Neural Cleanse round 1 "
+                               title=f"{exp}: {ds} {scheme}, budget {lab}, seed {c['config']['seed']}: "
+                                     "Neural Cleanse round 1 "
                                      f"(flagged in red{'' if target is None else f'; watermark label {target}'})")
             if not md:
                 md += ["## Recovered triggers (Figures 6 and 8 style)", "",
-                       "Neural Cleanse's first round per cell: mask, pattern, mask·pattern and the trigger on a clean "
-                       "image; flagged classes (MAD > 2) in red.", ""]
+                       "Neural Cleanse's first round for each experiment, watermark and budget (its lowest-seed "
+                       "cell): mask, pattern, mask·pattern and the trigger on a clean image; flagged classes (MAD > 2) "
+                       "in red.",
+                       ""]
             images.append(png)
             md += [f"![{exp} {scheme} {lab}]({png.name})", ""]
             if target is not None:
