@@ -48,11 +48,11 @@ from common import PAPER, ROWS, default_thresholds, provenance, wilson
 
 from nnlaunder import data as D
 from nnlaunder.attacks.laundering import launder_config, mask_images, reset_and_retrain_on, stamped_sets, used_triggers
-from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse
+from nnlaunder.attacks.neural_cleanse import nc_config
 from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
-from nnlaunder.experiments.nc_memo import load_nc, nc_key, save_nc
+from nnlaunder.experiments.nc_memo import kept_nc
 from nnlaunder.watermarks.schemes import Watermark, make_watermark
 from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome
 
@@ -122,16 +122,6 @@ def headline_config(name: str) -> dict:
                     "retrain_epochs": ap["retrain_epochs"] if "options" in r else ap["retrain"]["epochs"],
                     **{k: ap.get(k, getattr(strong, k)) for k in ("threshold_mode", "triggers", "add_masks")}}
     raise SystemExit(f"cifar_decided.py: error: table2.json has no {DS}/{name} row to take the attack from")
-
-
-def recovered(model, clean: D.Dataset, nc_cfg, seed: int):
-    """Round 1's Neural Cleanse on (model, attacker's set), kept under runs/cifar-decided/ as the engine keeps it."""
-    key = nc_key(model, clean, launder_config("strong", nc=nc_cfg, seed=seed))
-    nc = load_nc(CACHE, key, clean)
-    if nc is None:
-        nc = neural_cleanse(model, clean.x, nc_cfg, num_classes=clean.num_classes)
-        save_nc(CACHE, key, nc)
-    return nc
 
 
 def oracle_images(wm: Watermark, clean: D.Dataset) -> list[torch.Tensor]:
@@ -213,7 +203,7 @@ def run(args) -> None:
                 nc_cfg = dataclasses.replace(nc_config(NC_PRESET), seed=seed)
                 nc = None
                 if not (spec.get("oracle") or spec.get("no_nc")):
-                    nc = recovered(model, clean, nc_cfg, seed)
+                    nc = kept_nc(CACHE, model, clean, nc_cfg)
                 cfg = arm_config(head, spec, seed, nc_cfg)
                 t0 = time.perf_counter()
                 m, facts = run_arm(model, clean, wm, nc, cfg, spec)

@@ -221,3 +221,19 @@ def test_a_kept_state_of_another_run_is_not_used(tmp_path):
     with keeping(keeper):
         again = neural_cleanse(model, x, cfg, num_classes=4)
     assert torch.equal(again.masks, first.masks)
+
+
+def test_kept_nc_runs_neural_cleanse_once_per_model_images_and_settings(tmp_path, monkeypatch):
+    """`nc_memo.kept_nc`: the first call runs and keeps the result, a second one loads it; other settings run."""
+    from nnlaunder.experiments import nc_memo
+
+    model, x = tiny_net().eval(), make_images(32, seed=1)
+    calls = []
+    real = nc_memo.neural_cleanse
+    monkeypatch.setattr(nc_memo, "neural_cleanse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = NCConfig(max_epochs=3, batch_size=16, seed=1)
+    first = nc_memo.kept_nc(tmp_path, model, x, cfg)
+    again = nc_memo.kept_nc(tmp_path, model, x, cfg)
+    assert len(calls) == 1 and torch.equal(first.masks, again.masks) and first.flagged == again.flagged
+    nc_memo.kept_nc(tmp_path, model, x, NCConfig(max_epochs=3, batch_size=16, seed=2))
+    assert len(calls) == 2

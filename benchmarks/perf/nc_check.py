@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import statistics
 import sys
@@ -25,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, ROOT, ROWS, provenance  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
-from nnlaunder.attacks.neural_cleanse import nc_config, neural_cleanse  # noqa: E402
+from nnlaunder.attacks.neural_cleanse import nc_config  # noqa: E402
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest  # noqa: E402
-from nnlaunder.experiments.nc_memo import load_nc, save_nc  # noqa: E402
+from nnlaunder.experiments.nc_memo import kept_nc  # noqa: E402
 
 OUT = RESULTS / "table2-nc-check.json"
 CACHE = ROOT / "runs" / "nc-check"
@@ -36,22 +35,13 @@ CACHE = ROOT / "runs" / "nc-check"
 PRESETS = {"fast": "fast-bf16", "faithful": "faithful"}
 
 
-def recovered(model, sha: str, clean: D.Dataset, preset: str, seed: int):
-    cfg = dataclasses.replace(nc_config(PRESETS[preset]), seed=seed)
-    key = hashlib.sha256(json.dumps([sha, dataclasses.asdict(cfg), len(clean)], default=str).encode()).hexdigest()[:32]
-    nc = load_nc(CACHE, key, clean)
-    if nc is None:
-        nc = neural_cleanse(model, clean.x, cfg, num_classes=clean.num_classes)
-        save_nc(CACHE, key, nc)
-    return nc
-
-
 def check(ds: str, name: str, budget: float, seed: int, tr: D.Dataset, cmd: str) -> dict:
     path = ROOT / "models" / ds / name
     model, _ = load_model(path)
     sha = model_digest(path)
     clean = D.stratified_subset(tr, fraction=budget, seed=seed)
-    a, b = (recovered(model, sha, clean, p, seed) for p in ("fast", "faithful"))
+    a, b = (kept_nc(CACHE, model, clean, dataclasses.replace(nc_config(PRESETS[p]), seed=seed))
+            for p in ("fast", "faithful"))
     ra, rb = torch.argsort(torch.argsort(a.l1)).double(), torch.argsort(torch.argsort(b.l1)).double()
     rho = float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
     return {"dataset": ds, "name": name, "seed": seed, "model_sha256": sha,

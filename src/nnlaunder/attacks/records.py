@@ -120,6 +120,16 @@ def check_state_fits(state: LaunderState, model: torch.nn.Module, path: str | os
         raise UserError(f"{path}: no weights for {missing[:3]}; delete it to start over")
 
 
+def run_digest(model: torch.nn.Module, x: torch.Tensor, settings: dict[str, Any]) -> str:
+    """What a Neural Cleanse run depends on, as a key: the weights, the images, its settings and the machine
+    (a fast preset's plan differs by hardware)."""
+    h = hashlib.sha256()
+    h.update(weights_digest(model).encode())
+    h.update(tensor_bytes(x.detach().cpu().contiguous()))
+    h.update(json.dumps({**settings, "machine": machine_name()}, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
 class Keeper:
     """Every Neural Cleanse run of a cell keeps its optimisation state in `folder` (`neural_cleanse.keeping`),
     one file per run, named by what the run depends on (weights, images, settings, candidate classes, machine),
@@ -130,12 +140,7 @@ class Keeper:
         self.folder, self.every, self.resumed = Path(folder), every, 0.0
 
     def __call__(self, model: torch.nn.Module, x: Any, cfg: Any, cls: list[int]) -> NCKeep:
-        h = hashlib.sha256()
-        h.update(weights_digest(model).encode())
-        h.update(tensor_bytes(x.detach().cpu().contiguous()))
-        h.update(json.dumps({"nc": dataclasses.asdict(cfg), "classes": cls, "machine": machine_name()},
-                            sort_keys=True, default=str).encode())
-        path = self.folder / f"nc-{h.hexdigest()[:32]}.safetensors"
+        path = self.folder / f"nc-{run_digest(model, x, {'nc': dataclasses.asdict(cfg), 'classes': cls})}.safetensors"
         return NCKeep(load=lambda: self._load(path), save=lambda state: self._save(path, state), every=self.every)
 
     def _load(self, path: Path) -> dict | None:

@@ -5,17 +5,16 @@ beside them) recover the triggers once. Round 1 only: later rounds run on a mode
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..attacks.neural_cleanse import NCResult
-from ..checkpoint import atomic_save_tensors, tensor_bytes, weights_digest
+from ..attacks.neural_cleanse import NCResult, neural_cleanse
+from ..attacks.records import run_digest
+from ..checkpoint import atomic_save_tensors
 from ..data import Dataset
-from ..device import machine_name
 
 _TENSORS = ("masks", "patterns", "l1", "success", "found", "epochs", "anomaly")
 
@@ -24,12 +23,18 @@ def nc_key(model: nn.Module, clean: Dataset, cfg: Any) -> str:
     """What round 1's Neural Cleanse depends on: the weights, the attacker's images (before laundering
     holds some out, by `cfg.holdout` and `cfg.seed`), its settings, and the machine (a fast preset's plan
     differs by hardware)."""
-    h = hashlib.sha256()
-    h.update(weights_digest(model).encode())
-    h.update(tensor_bytes(clean.x.detach().cpu().contiguous()))
-    h.update(json.dumps({"nc": dataclasses.asdict(cfg.nc), "holdout": cfg.holdout, "seed": cfg.seed,
-                         "machine": machine_name()}, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:32]
+    return run_digest(model, clean.x, {"nc": dataclasses.asdict(cfg.nc), "holdout": cfg.holdout, "seed": cfg.seed})
+
+
+def kept_nc(folder: Path, model: nn.Module, clean: Dataset, nc_cfg: Any) -> NCResult:
+    """Neural Cleanse on (model, clean) with `nc_cfg`, run once and kept in `folder` (keyed by the weights,
+    images, settings and machine): what a script that recovers the same triggers in several places calls."""
+    key = run_digest(model, clean.x, {"nc": dataclasses.asdict(nc_cfg)})
+    nc = load_nc(folder, key, clean)
+    if nc is None:
+        nc = neural_cleanse(model, clean.x, nc_cfg, num_classes=clean.num_classes)
+        save_nc(folder, key, nc)
+    return nc
 
 
 def load_nc(folder: Path, key: str, clean: Dataset) -> NCResult | None:
