@@ -511,6 +511,7 @@ class NCKeep:
     load: Callable[[], dict | None]
     save: Callable[[dict], None]
     every: float = 60.0                 # seconds of work between saves
+    resumed: Callable[[float], None] | None = None   # told the seconds of work a state it gave back held, when used
 
 
 # Who supplies an NCKeep to each Neural Cleanse run inside a `keeping(...)` block (the experiment runner:
@@ -763,6 +764,8 @@ def _optimise(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int],
     state = (w_mask, w_pat, opt, sched, active, best_mask, best_pat, best_succ, epochs, history, cands)
     how = json.loads(json.dumps(plan.record(), default=str))      # a state kept under another plan is not used
     start, before = _unpack(keep.load(), state, how) if keep is not None else (0, 0.0)
+    if start and keep is not None and keep.resumed is not None:
+        keep.resumed(before)
     began = saved = clock.now()
     for epoch in range(start, cfg.max_epochs):
         act = [i for i in range(k) if active[i]]

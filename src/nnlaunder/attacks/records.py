@@ -134,14 +134,19 @@ class Keeper:
     """Every Neural Cleanse run of a cell keeps its optimisation state in `folder` (`neural_cleanse.keeping`),
     one file per run, named by what the run depends on (weights, images, settings, candidate classes, machine),
     so a cell stopped part-way (a session's end, a kill) continues its Neural Cleanse at the epoch it reached.
-    `resumed` sums the seconds of work the states it handed back held (the cell counts them as its own)."""
+    `resumed` sums the seconds of work held by the states it handed back that the runs used (the cell counts
+    them as its own; a state of another plan or shape is not used, and not counted)."""
 
     def __init__(self, folder: Path, every: float = 60.0) -> None:
         self.folder, self.every, self.resumed = Path(folder), every, 0.0
 
     def __call__(self, model: torch.nn.Module, x: Any, cfg: Any, cls: list[int]) -> NCKeep:
         path = self.folder / f"nc-{run_digest(model, x, {'nc': dataclasses.asdict(cfg), 'classes': cls})}.safetensors"
-        return NCKeep(load=lambda: self._load(path), save=lambda state: self._save(path, state), every=self.every)
+        return NCKeep(load=lambda: self._load(path), save=lambda state: self._save(path, state), every=self.every,
+                      resumed=self._count)
+
+    def _count(self, seconds: float) -> None:
+        self.resumed += seconds
 
     def _load(self, path: Path) -> dict | None:
         from safetensors import SafetensorError, safe_open
@@ -154,7 +159,6 @@ class Keeper:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError):
             return None              # a damaged file: the run starts over
-        self.resumed += float(meta.get("seconds", 0.0))
         return {"tensors": tensors, "meta": meta}
 
     def _save(self, path: Path, state: dict) -> None:
