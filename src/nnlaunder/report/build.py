@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -286,10 +287,14 @@ def _seeds_row(cs: list[dict]) -> str:
 def _one_cell_per_budget(ws: Path, cells: list[dict]) -> list[tuple[dict, Path]]:
     """Per budget, the lowest-seed cell whose round-1 triggers the runner kept, with that file: the cells of a
     budget share one figure, so it is drawn once (cells differing only after trigger recovery recover the same)."""
+    def order(c: dict) -> tuple:
+        seed = c["config"].get("seed")               # a store written by other code may lack it, or hold anything
+        return json.dumps(c["config"].get("budget")), seed if type(seed) is int else math.inf, str(c["cell_id"])
+
     chosen: dict[str, tuple[dict, Path]] = {}
-    for c in sorted(cells, key=lambda c: (json.dumps(c["config"]["budget"]), c["config"]["seed"], c["cell_id"])):
+    for c in sorted(cells, key=order):
         f = ws / "triggers" / f"{c['cell_id']}-round01.safetensors"
-        key = json.dumps(c["config"]["budget"])
+        key = json.dumps(c["config"].get("budget"))
         if key not in chosen and f.is_file():
             chosen[key] = (c, f)
     return list(chosen.values())
@@ -313,7 +318,7 @@ def trigger_section(ws: Path, groups: dict[tuple, list[dict]], out: Path, images
             safe = lab.replace("/", "per").replace("%", "pct")
             png = trigger_grid(t["masks"], t["patterns"], t["l1"].tolist(), t["anomaly"].tolist(), flagged, classes,
                                out / safe_name(f"triggers-{exp}-{ds}-{scheme}-{safe}.png"), example=t["clean"],
-                               title=f"{exp}: {ds} {scheme}, budget {lab}, seed {c['config']['seed']}: "
+                               title=f"{exp}: {ds} {scheme}, budget {lab}, seed {c['config'].get('seed')}: "
                                      "Neural Cleanse round 1 "
                                      f"(flagged in red{'' if target is None else f'; watermark label {target}'})")
             if not md:
