@@ -10,7 +10,7 @@ import pytest
 
 from nnlaunder.errors import UserError
 from nnlaunder.experiments.config import expand, load_experiment, select_cells
-from nnlaunder.experiments.store import Store
+from nnlaunder.experiments.store import Store, export_workspace, merge_workspace
 
 from .synthetic import keeper_that_stops
 
@@ -453,8 +453,8 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
 
 def test_a_cell_stopped_inside_neural_cleanse_continues_it(tmp_path, data_dir, monkeypatch):
     """A cell killed while its Neural Cleanse runs (nc-unlearn here) keeps the optimisation state in
-    ws/partial/<cell>-nc/; the rerun continues it and stores what an uninterrupted run stores, and the
-    state is gone once the cell is in the store."""
+    ws/partial/<cell>-nc/; carried to another workspace by `export` and `merge`, the rerun there continues
+    it and stores what an uninterrupted run stores, and the state is gone once the cell is in the store."""
     from pathlib import Path
 
     from nnlaunder.experiments import runner
@@ -471,11 +471,14 @@ def test_a_cell_stopped_inside_neural_cleanse_continues_it(tmp_path, data_dir, m
         runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
     kept = tmp_path / "ws" / "partial" / f"{cell.cell_id()}-nc"
     assert saves == [1, 2] and len(list(kept.glob("nc-*.safetensors"))) == 1
-    runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
-    assert saves[2] == 3 and not kept.exists()                 # epochs 1-2 came from the kept state
+    export_workspace(tmp_path / "ws", tmp_path / "carried")     # to another machine, as text + state files
+    assert merge_workspace(tmp_path / "carried", tmp_path / "there") == (0, 0, 1)
+    runner.run_experiment([cell], tmp_path / "there", str(data_dir), progress=False)
+    assert saves[2] == 3                                       # epochs 1-2 came from the carried state
+    assert not (tmp_path / "there" / "partial" / f"{cell.cell_id()}-nc").exists()
     monkeypatch.undo()
     runner.run_experiment([cell], tmp_path / "ref", str(data_dir), progress=False)
-    assert _metrics(tmp_path / "ws" / "results.sqlite") == _metrics(tmp_path / "ref" / "results.sqlite")
+    assert _metrics(tmp_path / "there" / "results.sqlite") == _metrics(tmp_path / "ref" / "results.sqlite")
 
 
 def test_ray_without_a_cluster_is_one_line(tmp_path):

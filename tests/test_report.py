@@ -1,4 +1,5 @@
 import json
+import shutil
 
 from nnlaunder.cli import main
 from nnlaunder.experiments.config import expand
@@ -152,6 +153,55 @@ def test_merge_copies_the_cells_a_workspace_lacks(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "nowhere"), "--workspace", str(tmp_path / "here")]) == 2
     assert main(["merge", str(tmp_path / "here"), "--workspace", str(tmp_path / "here")]) == 2
     assert "into itself" in capsys.readouterr().err
+
+
+def test_an_export_is_the_store_as_text_and_merges_back_whole(tmp_path, capsys):
+    """`nnlaunder export` writes a workspace's cells as one JSON line each, per experiment in cell-id order,
+    with the state files of unfinished cells (and trigger files only when asked); `merge` of the export into
+    an empty workspace gives back the same cells, to the bit, and that state; a damaged export is one line."""
+    from nnlaunder.cli import main
+    from nnlaunder.experiments.store import Store
+
+    ws = tmp_path / "ws"
+    with Store(ws / "results.sqlite") as s:
+        s.record("b" * 16, "e2", {"k": 0.1 + 0.2}, [{"round": 0}, {"round": 1, "wm": 1 / 3}], {"w": [1, None]},
+                 12.345678901234567, finished=1.7e9 + 0.123456)
+        s.record("a" * 16, "e1", {"k": 1}, [{"round": 0}], {"wm_acc": 1.0}, 10.0)
+        ref = sorted(s.cells(), key=lambda c: c["cell_id"])
+    for f in ("triggers/" + "a" * 16 + "-round01.safetensors", "partial/" + "c" * 16 + "-nc/nc-x.safetensors",
+              "partial/" + "c" * 16 + ".safetensors"):
+        (ws / f).parent.mkdir(parents=True, exist_ok=True)
+        (ws / f).write_bytes(f.encode())
+    assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "x")]) == 0
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["e1.jsonl", "e2.jsonl", "partial"]
+    assert len((tmp_path / "x" / "e2.jsonl").read_text().splitlines()) == 1
+    assert main(["merge", str(tmp_path / "x"), "--workspace", str(tmp_path / "new")]) == 0
+    assert "merged 2 cell(s)" in capsys.readouterr().out
+    with Store(tmp_path / "new" / "results.sqlite", readonly=True) as s:
+        assert sorted(s.cells(), key=lambda c: c["cell_id"]) == ref
+    carried = tmp_path / "new" / "partial" / ("c" * 16 + "-nc") / "nc-x.safetensors"
+    assert carried.read_bytes().endswith(b"nc-x.safetensors")
+    assert not (tmp_path / "new" / "triggers").exists()
+    shutil.rmtree(ws / "partial")                                   # cell c finished since: its state goes
+    with Store(ws / "results.sqlite") as s:
+        s.record("c" * 16, "e1", {"k": 2}, [{"round": 0}], {}, 1.0)
+    assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "x")]) == 0
+    assert not list((tmp_path / "x" / "partial").iterdir())
+    assert len((tmp_path / "x" / "e1.jsonl").read_text().splitlines()) == 2
+    assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "t"), "--experiments", "e1",
+                 "--triggers"]) == 0
+    assert (tmp_path / "t" / "triggers").is_dir() and not (tmp_path / "t" / "e2.jsonl").exists()
+    capsys.readouterr()
+    assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "u"), "--experiments", "nope"]) == 2
+    (tmp_path / "x" / "e1.jsonl").write_text('{"cell_id": "d", "experiment": "e1"}\n')
+    assert main(["merge", str(tmp_path / "x"), "--workspace", str(tmp_path / "new2")]) == 2
+    (tmp_path / "x" / "e1.jsonl").write_text(json.dumps({**ref[0], "cell_id": "../../etc"}) + "\n")
+    assert main(["merge", str(tmp_path / "x"), "--workspace", str(tmp_path / "new2")]) == 2
+    (tmp_path / "x" / "e1.jsonl").write_text("[[[[\n")
+    assert main(["merge", str(tmp_path / "x"), "--workspace", str(tmp_path / "new2")]) == 2
+    err = capsys.readouterr().err
+    assert "no finished cell of nope" in err and "not a cell export" in err and "Traceback" not in err
+    assert "not a plain name" in err
 
 
 def test_cells_of_one_budget_share_one_trigger_figure(tmp_path):

@@ -341,11 +341,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .experiments.store import Store
+    from .experiments.store import merge_workspace
 
-    with Store(Path(args.workspace) / "results.sqlite") as store:
-        copied, here = store.merge(Path(args.other) / "results.sqlite")
-    print(f"merged {copied} cell(s) from {args.other} into {args.workspace}; {here} were already there")
+    copied, here, files = merge_workspace(args.other, args.workspace)
+    print(f"merged {copied} cell(s) from {args.other} into {args.workspace}; {here} were already there"
+          + (f"; {files} file(s) of triggers and unfinished cells copied" if files else ""))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .experiments.store import export_workspace
+
+    names = [e.strip() for e in (args.experiments or "").split(",") if e.strip()] or None
+    cells, files = export_workspace(args.workspace, args.out, names, args.triggers)
+    print(f"wrote {cells} cell(s) to {args.out}/<experiment>.jsonl" + (f" and {files} file(s)" if files else ""))
     return 0
 
 
@@ -393,7 +402,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "embed": cmd_embed, "verify": cmd_verify, "threshold": cmd_threshold,
             "launder": cmd_launder, "run": cmd_run, "finetune": cmd_finetune, "restore": cmd_restore,
             "landscape": cmd_landscape, "report": cmd_report, "demo": cmd_demo, "data": cmd_data,
-            "audit": cmd_audit, "merge": cmd_merge}
+            "audit": cmd_audit, "merge": cmd_merge, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

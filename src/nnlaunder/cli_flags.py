@@ -203,6 +203,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_landscape(sub)
     _add_report(sub)
     _add_merge(sub)
+    _add_export(sub)
     _add_demo(sub)
     _add_data(sub)
     _add_audit(sub)
@@ -410,9 +411,20 @@ def _add_report(sub: Any) -> None:
 
 
 def _add_merge(sub: Any) -> None:
-    s = sub.add_parser("merge", help="copy the finished cells of another workspace's store into this one")
-    s.add_argument("other", help="the other workspace (a folder with results.sqlite), e.g. a run on another machine")
+    s = sub.add_parser("merge", help="copy the finished cells of another workspace (or an export) into this one")
+    s.add_argument("other", help="the other workspace (a folder with results.sqlite), e.g. a run on another machine, "
+                   "or a folder that `nnlaunder export` wrote")
     s.add_argument("--workspace", default="runs/workspace", help="the workspace to merge into (default runs/workspace)")
+
+
+def _add_export(sub: Any) -> None:
+    s = sub.add_parser("export", help="write a workspace's cells as text (one JSON line per cell), with the state "
+                       "of unfinished cells, to commit or carry to another machine (`nnlaunder merge` reads it)")
+    s.add_argument("--workspace", default="runs/workspace", help="the workspace to export (default runs/workspace)")
+    s.add_argument("--out", required=True, help="the folder to write <experiment>.jsonl files into")
+    s.add_argument("--experiments", help="comma-separated experiment names (default: all)")
+    s.add_argument("--triggers", action="store_true", help="also copy the finished cells' trigger files (the "
+                   "report's Figure 6/8 panels; large for CIFAR-10 grids)")
 
 
 def _add_demo(sub: Any) -> None:
@@ -469,5 +481,6 @@ KEPT = {  # what an interrupted command leaves to continue from
     "finetune": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
     "audit": "finished cells are in the workspace's store (rerun the same command to continue)",
     "merge": "each cell is copied whole or not at all (rerun the same command to continue)",
+    "export": "each file is written whole or not at all (rerun the same command)",
     "restore": "the epoch-NNN checkpoints written so far are kept; a rerun starts over",
 }

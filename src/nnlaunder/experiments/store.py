@@ -1,20 +1,31 @@
-"""The results store: one SQLite file per workspace, no server.
+"""The results store: one SQLite file per workspace, no server; and its text export.
 
 A cell's round rows and its "done" mark are written in ONE transaction when the cell finishes,
 so a run killed at any moment (even SIGKILL) leaves either a finished cell or nothing of it; the
 next run skips finished cells and redoes the rest.
+
+An export (`export_workspace`) is the same cells as text: one `<experiment>.jsonl` per experiment, one
+cell per line in cell-id order, so it diffs, merges and travels in a repository; with it go the state files
+of cells still running (`partial/`), so a run stopped on one machine continues on another, and optionally
+the trigger files the report draws. `merge_workspace` reads either form.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..checkpoint import atomic_write_bytes, safe_name
+from ..errors import UserError, os_error_line
+
+SIDE_FOLDERS = ("partial", "triggers")      # a workspace's files that belong to cells (by their id prefix)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -95,20 +106,16 @@ class Store:
             cur.execute("ROLLBACK")
             raise
 
-    def merge(self, other: str | Path) -> tuple[int, int]:
-        """Copy into this store every finished cell of the store at `other` (a cell run on another machine)
-        that this one lacks, with its rounds, seconds and finish time; a cell both hold stays as this store
-        has it. Returns (cells copied, cells already here)."""
-        if Path(other).resolve() == self.path.resolve():
-            raise UserError(f"{other}: merging a store into itself")
-        with Store(other, readonly=True) as src:
-            theirs = src.cells()
+    def add(self, cells: Sequence[dict[str, Any]]) -> tuple[int, int]:
+        """Record every finished cell in `cells` (as `cells()` returns them, e.g. from a store on another
+        machine) that this store lacks, with its rounds, seconds and finish time; a cell both hold stays as
+        this store has it. Returns (cells copied, cells already here)."""
         have = self.finished_ids()
-        new = [c for c in theirs if c["cell_id"] not in have]
+        new = [c for c in cells if c["cell_id"] not in have]
         for c in new:
             self.record(c["cell_id"], c["experiment"], c["config"], c["rounds"], c["summary"], c["seconds"],
                         finished=c["finished"])
-        return len(new), len(theirs) - len(new)
+        return len(new), len(cells) - len(new)
 
     def cells(self, experiment: str | None = None) -> list[dict[str, Any]]:
         q = "SELECT cell_id, experiment, config, finished, seconds, summary FROM cells"
@@ -121,15 +128,112 @@ class Store:
             for cid, exp, cfg, fin, sec, summ in self.db.execute(q + " ORDER BY finished", args):
                 rounds = [json.loads(m) for (m,) in self.db.execute(
                     "SELECT metrics FROM rounds WHERE cell_id = ? ORDER BY round", (cid,))]
-                cell = {"cell_id": cid, "experiment": exp, "config": json.loads(cfg), "finished": fin,
-                        "seconds": sec, "summary": json.loads(summ), "rounds": rounds}
-                if not (isinstance(cell["config"], dict) and isinstance(cell["summary"], dict)
-                        and all(isinstance(r, dict) for r in rounds) and isinstance(exp, str)):
-                    raise ValueError(f"cell {cid!r} is malformed")
-                out.append(cell)
+                out.append(_checked({"cell_id": cid, "experiment": exp, "config": json.loads(cfg), "finished": fin,
+                                     "seconds": sec, "summary": json.loads(summ), "rounds": rounds}))
         except (sqlite3.Error, ValueError, TypeError, RecursionError) as e:
             raise UserError(f"{self.path}: a corrupt results store ({str(e).splitlines()[0][:200]})") from e
         return out
+
+
+_KEYS = {"cell_id": str, "experiment": str, "config": dict, "finished": (int, float), "seconds": (int, float),
+         "summary": dict, "rounds": list}
+
+
+def _checked(cell: Any) -> dict[str, Any]:
+    if not isinstance(cell, dict) or any(not isinstance(cell.get(k), t) or isinstance(cell.get(k), bool)
+                                         for k, t in _KEYS.items()):
+        raise ValueError(f"cell {str(cell.get('cell_id') if isinstance(cell, dict) else cell)[:40]!r} is malformed")
+    if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}", cell["cell_id"]):   # it names files
+        raise ValueError(f"cell id {cell['cell_id'][:40]!r} is not a plain name")
+    if not all(isinstance(r, dict) and isinstance(r.get("round"), int) for r in cell["rounds"]):
+        raise ValueError(f"cell {cell['cell_id'][:40]!r} has a malformed round")
+    return {k: cell[k] for k in _KEYS}
+
+
+def read_export(folder: Path) -> list[dict[str, Any]]:
+    """The cells of an export folder's `*.jsonl` files."""
+    out = []
+    for f in sorted(Path(folder).glob("*.jsonl")):
+        try:
+            with open(f, encoding="utf-8") as fh:
+                out += [_checked(json.loads(line)) for line in fh if line.strip()]
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, RecursionError) as e:
+            raise UserError(f"{f}: not a cell export this version can read ({str(e).splitlines()[0][:200]})") from e
+    return out
+
+
+def workspace_cells(folder: str | Path) -> list[dict[str, Any]]:
+    """The finished cells of a workspace (its results.sqlite) or of an export (its *.jsonl files)."""
+    folder = Path(folder)
+    if (folder / "results.sqlite").is_file():
+        with Store(folder / "results.sqlite", readonly=True) as s:
+            return s.cells()
+    if folder.is_dir() and (any(folder.glob("*.jsonl")) or any((folder / d).is_dir() for d in SIDE_FOLDERS)):
+        return read_export(folder)
+    raise UserError(f"{folder}: neither a workspace (results.sqlite) nor a cell export (*.jsonl)")
+
+
+def _copy_side_files(src: Path, dst: Path, keep: Callable[[str, str], bool], newer: bool = False) -> int:
+    """Copy the files under src's side folders that `keep(folder, cell id)` accepts (a file's cell id is its
+    name's first 16 characters); a file dst has stays as it is, unless `newer` (src is the newer state).
+    Returns how many were copied."""
+    n = 0
+    for sub in SIDE_FOLDERS:
+        for f in sorted((src / sub).rglob("*")) if (src / sub).is_dir() else []:
+            rel = f.relative_to(src)
+            if f.is_file() and not f.is_symlink() and keep(sub, rel.parts[1][:16]) and \
+                    (newer or not (dst / rel).exists()):
+                atomic_write_bytes(dst / rel, f.read_bytes())
+                n += 1
+    return n
+
+
+def merge_workspace(other: str | Path, ws: str | Path) -> tuple[int, int, int]:
+    """Bring into workspace `ws` every finished cell of `other` (a workspace or an export) that ws lacks, the
+    trigger files ws lacks, and the state files of cells ws has not finished, so a cell stopped elsewhere
+    continues here. Returns (cells copied, cells already here, files copied)."""
+    other, ws = Path(other), Path(ws)
+    if other.resolve() == ws.resolve():
+        raise UserError(f"{other}: merging a workspace into itself")
+    cells = workspace_cells(other)
+    with Store(ws / "results.sqlite") as store:
+        copied, here = store.add(cells)
+        done = store.finished_ids()
+    try:
+        files = _copy_side_files(other, ws, lambda sub, cell: sub == "triggers" or cell not in done)
+    except OSError as e:
+        raise UserError(f"copying files from {other} into {ws}: {os_error_line(e)}") from e
+    return copied, here, files
+
+
+def export_workspace(ws: str | Path, out: str | Path, experiments: Sequence[str] | None = None,
+                     triggers: bool = False) -> tuple[int, int]:
+    """Write workspace `ws`'s finished cells (of `experiments`, default all) as `out/<experiment>.jsonl`, with
+    the state files of its unfinished cells and, with `triggers`, the finished cells' trigger files. Exporting
+    again into the same folder rewrites each experiment's file whole and drops the state of cells finished
+    since. Returns (cells written, files copied)."""
+    ws, out = Path(ws), Path(out)
+    with Store(ws / "results.sqlite", readonly=True) as s:
+        cells = s.cells()
+    keep = [c for c in cells if experiments is None or c["experiment"] in experiments]
+    if experiments is not None and (missing := sorted(set(experiments) - {c["experiment"] for c in cells})):
+        raise UserError(f"{ws}: no finished cell of {', '.join(missing)}")
+    by_exp: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for c in sorted(keep, key=lambda c: c["cell_id"]):
+        by_exp[c["experiment"]].append(c)
+    done, mine = {c["cell_id"] for c in cells}, {c["cell_id"] for c in keep}
+    try:
+        for exp, group in by_exp.items():
+            text = "".join(json.dumps(c, sort_keys=True, default=str) + "\n" for c in group)
+            atomic_write_bytes(out / f"{safe_name(exp)}.jsonl", text.encode())
+        for stale in sorted((out / "partial").glob("*")) if (out / "partial").is_dir() else []:
+            if stale.name[:16] in done or not (ws / "partial" / stale.name).exists():     # finished since
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        files = _copy_side_files(ws, out, lambda sub, cell: cell not in done
+                                 or (triggers and sub == "triggers" and cell in mine), newer=True)
+    except OSError as e:
+        raise UserError(f"writing the export {out}: {os_error_line(e)}") from e
+    return len(keep), files
 
 
 def ran_on(cells: Sequence[dict[str, Any]]) -> str:
