@@ -21,10 +21,11 @@ from .api import (
     neural_cleanse,
     save_model,
     threshold,
+    train_clean,
     verify,
     watermark,
 )
 
 __version__ = "0.1.0"
 __all__ = ["attack", "attacker_subset", "audit", "embed", "launder", "load_data", "load_model", "model_meta",
-           "neural_cleanse", "save_model", "threshold", "verify", "watermark"]
+           "neural_cleanse", "save_model", "threshold", "train_clean", "verify", "watermark"]

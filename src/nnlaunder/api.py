@@ -31,16 +31,17 @@ from .checkpoint import load_model as _load_model
 from .checkpoint import model_meta, save_model
 from .config import with_seed
 from .errors import UserError
-from .models import build
+from .models import build, check_data
 from .recipes import owner_config
 from .train import TrainConfig, accuracy
+from .train import train as _train
 from .watermarks.embed import embed as _embed
 from .watermarks.schemes import Watermark, make_watermark
 from .watermarks.verify import Verdict
 from .watermarks.verify import verify as _verify
 
-__all__ = ["load_model", "save_model", "load_data", "attacker_subset", "watermark", "model_meta", "embed",
-           "verify", "threshold", "neural_cleanse", "launder", "attack", "audit"]
+__all__ = ["load_model", "save_model", "load_data", "attacker_subset", "watermark", "model_meta", "train_clean",
+           "embed", "verify", "threshold", "neural_cleanse", "launder", "attack", "audit"]
 
 
 def load_model(path: str | Path, *, allow_torch_load: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -68,21 +69,42 @@ def watermark(scheme: str, dataset: str, params: dict[str, Any] | None = None,
     return make_watermark(scheme, tr, te, data_dir, params or {})
 
 
+def train_clean(arch: str, dataset: str, *, seed: int = 0, config: TrainConfig | None = None,
+                data_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
+                progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a model without a watermark (the architecture's owner recipe unless `config`); with
+    `checkpoint_dir` every finished epoch is kept there, and `resume` continues from the last one.
+    Returns (model, metadata for `save_model`); the metadata's metrics hold test accuracy and epochs run."""
+    tr, te = D.load(dataset, data_dir, "train"), D.load(dataset, data_dir, "test")
+    check_data(arch, dataset, tr, te)
+    model, cfg = build(arch, tr.num_classes, seed=seed), config or owner_config(arch)
+    res = _train(model, tr.x, tr.y, cfg, eval_sets={"test": (te.x, te.y)}, checkpoint_dir=checkpoint_dir,
+                 resume=resume, progress=progress)
+    return model, model_meta(arch, dataset, tr.num_classes, seed=seed, config=cfg, history=res.history,
+                             metrics={"test_acc": accuracy(model, te.x, te.y), "epochs_run": res.epochs_run})
+
+
 def embed(arch: str, dataset: str, scheme: str, params: dict[str, Any] | None = None, *, seed: int = 0,
-          config: TrainConfig | None = None, base: nn.Module | None = None, data_dir: str | Path | None = None,
+          config: TrainConfig | None = None, base: nn.Module | None = None, base_name: str | None = None,
+          data_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None, resume: bool = False,
           progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
     """Train an owner model with a watermark (the architecture's owner recipe unless `config`), or
-    fine-tune `base` with it (Adi et al.'s "pt" mode). Returns (model, metadata for `save_model`)."""
+    fine-tune `base` with it (Adi et al.'s "pt" mode; `base_name` is recorded as its source). With
+    `checkpoint_dir` every finished epoch is kept there, and `resume` continues from the last one.
+    Returns (model, metadata for `save_model`); the metadata's metrics hold test and WM accuracy and the
+    size of the verification set."""
     tr, te = D.load(dataset, data_dir, "train"), D.load(dataset, data_dir, "test")
+    check_data(arch, dataset, tr, te)
     wm = make_watermark(scheme, tr, te, data_dir, params or {})
     if base is None and wm.params.get("mode") == "pt":
-        raise UserError("adi mode=pt fine-tunes a clean pre-trained model: pass base=")
+        raise UserError("adi mode=pt fine-tunes a clean pre-trained model: pass a base model")
     model = base if base is not None else build(arch, tr.num_classes, seed=seed)
     cfg = config or owner_config(arch)
-    res = _embed(model, tr, wm, cfg, test=te, progress=progress)
-    metrics = {"test_acc": accuracy(model, te.x, te.y), "wm_acc": accuracy(model, wm.verify_x, wm.verify_y)}
+    res = _embed(model, tr, wm, cfg, test=te, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    metrics = {"test_acc": accuracy(model, te.x, te.y), "wm_acc": accuracy(model, wm.verify_x, wm.verify_y),
+               "n_verify": len(wm.verify_y)}
     return model, model_meta(arch, dataset, tr.num_classes, seed=seed, config=cfg, scheme=scheme,
-                             scheme_params=wm.params, metrics=metrics, history=res.history)
+                             scheme_params=wm.params, base=base_name, metrics=metrics, history=res.history)
 
 
 def verify(model: nn.Module, wm: Watermark, threshold: float, *, test: D.Dataset | None = None,

@@ -109,6 +109,12 @@ def model_meta(arch: str, dataset: str, num_classes: int, *, seed: int, config: 
             "scheme_params": scheme_params, "seed": seed, "config": cfg, **more}
 
 
+def derived_meta(meta: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """The metadata of a model made from the model `meta` describes (laundered, fine-tuned, restored): its
+    architecture, task and watermark, and `more`."""
+    return {**{k: meta.get(k) for k in ("arch", "num_classes", "dataset", "scheme", "scheme_params")}, **more}
+
+
 def save_model(path: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write <stem>.safetensors and <stem>.json; `meta` must hold at least `arch`, `num_classes`."""
     for key in ("arch", "num_classes"):

@@ -14,7 +14,7 @@ import torch
 
 from . import clock
 from . import data as D
-from .checkpoint import atomic_write_json, load_model, model_meta, save_model, stem
+from .checkpoint import atomic_write_json, derived_meta, load_model, save_model, stem
 from .cli_flags import (
     KEPT,
     budget_of,
@@ -27,18 +27,22 @@ from .cli_flags import (
 )
 from .device import deterministic, set_device
 from .errors import Inconclusive, UserError, os_error_line
-from .models import DEFAULT_ARCH, build, check_data, check_fits
-from .train import NonFiniteLoss, accuracy
-from .watermarks.embed import embed
+from .models import DEFAULT_ARCH, check_data, check_fits
+from .train import NonFiniteLoss
 from .watermarks.schemes import SCHEMES, make_watermark
 from .watermarks.verify import check_alpha, read_threshold, verify
 
 
-def _task(args: argparse.Namespace) -> tuple[str, D.Dataset, D.Dataset]:
+def _arch(args: argparse.Namespace) -> str:
     arch = args.arch or DEFAULT_ARCH.get(args.dataset)
     if arch is None:
         raise UserError(f"no default architecture for {args.dataset!r}; pass --arch")
     check_fits(arch, args.dataset)
+    return arch
+
+
+def _task(args: argparse.Namespace) -> tuple[str, D.Dataset, D.Dataset]:
+    arch = _arch(args)
     tr, te = D.load(args.dataset, args.data_dir, "train"), D.load(args.dataset, args.data_dir, "test")
     check_data(arch, args.dataset, tr, te)
     return arch, tr, te
@@ -62,49 +66,40 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 # --------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    arch, tr, te = _task(args)
-    out = _out(args.out)
-    cfg = train_config(args, arch)
-    model = build(arch, tr.num_classes, seed=args.seed)
-    from .train import train
+    from .api import train_clean
 
-    res = train(model, tr.x, tr.y, cfg, eval_sets={"test": (te.x, te.y)},
-                checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume, progress=not args.quiet)
-    test_acc = accuracy(model, te.x, te.y)
-    save_model(out, model, model_meta(arch, args.dataset, tr.num_classes, seed=args.seed, config=cfg,
-                                      metrics={"test_acc": test_acc}, history=res.history))
+    arch, out = _arch(args), _out(args.out)
+    model, meta = train_clean(arch, args.dataset, seed=args.seed, config=train_config(args, arch),
+                              data_dir=args.data_dir, checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume,
+                              progress=not args.quiet)
+    save_model(out, model, meta)
     shutil.rmtree(out.with_suffix(".ckpt"), ignore_errors=True)     # the finished model replaces the resume point
-    print(f"saved {out}.safetensors: test accuracy {test_acc:.2f}% after {res.epochs_run} epochs")
+    print(f"saved {out}.safetensors: test accuracy {meta['metrics']['test_acc']:.2f}% after "
+          f"{meta['metrics']['epochs_run']} epochs")
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    arch, tr, te = _task(args)
-    out = _out(args.out)
-    params = param_table(args.param)
-    wm = make_watermark(args.scheme, tr, te, args.data_dir, params)
+    from .api import embed
+
+    arch, out, base = _arch(args), _out(args.out), None
     if args.base:
-        model, base_meta = load_model(args.base, allow_torch_load=args.allow_torch_load)
+        base, base_meta = load_model(args.base, allow_torch_load=args.allow_torch_load)
         if base_meta.get("arch") != arch or base_meta.get("dataset") != args.dataset:
             raise UserError(f"--base {args.base} is a {base_meta.get('arch')}/{base_meta.get('dataset')} model, "
                             f"not {arch}/{args.dataset}")
-    else:
-        if wm.params.get("mode") == "pt":
-            raise UserError("adi mode=pt fine-tunes a clean pre-trained model: pass --base MODEL")
-        model = build(arch, tr.num_classes, seed=args.seed)
     cfg = train_config(args, arch)
-    res = embed(model, tr, wm, cfg, test=te, checkpoint_dir=out.with_suffix(".ckpt"), resume=args.resume,
-                progress=not args.quiet)
-    test_acc, wm_acc = accuracy(model, te.x, te.y), accuracy(model, wm.verify_x, wm.verify_y)
-    save_model(out, model, model_meta(arch, args.dataset, tr.num_classes, seed=args.seed, config=cfg,
-                                      scheme=args.scheme, scheme_params=wm.params, base=args.base,
-                                      metrics={"test_acc": test_acc, "wm_acc": wm_acc}, history=res.history))
+    model, meta = embed(arch, args.dataset, args.scheme, param_table(args.param), seed=args.seed, config=cfg,
+                        base=base, base_name=args.base, data_dir=args.data_dir, checkpoint_dir=out.with_suffix(".ckpt"),
+                        resume=args.resume, progress=not args.quiet)
+    save_model(out, model, meta)
     shutil.rmtree(out.with_suffix(".ckpt"), ignore_errors=True)
     if cfg.epochs == 0:
         print(f"note: --epochs 0 trained nothing; the saved model is the {'base' if args.base else 'untrained'} "
               "model as it was")
-    print(f"saved {out}.safetensors ({args.scheme}): test accuracy {test_acc:.2f}%, "
-          f"watermark accuracy {wm_acc:.2f}% on {len(wm.verify_y)} held-out triggers")
+    m = meta["metrics"]
+    print(f"saved {out}.safetensors ({args.scheme}): test accuracy {m['test_acc']:.2f}%, "
+          f"watermark accuracy {m['wm_acc']:.2f}% on {m['n_verify']} held-out triggers")
     return 0
 
 
@@ -204,9 +199,8 @@ def cmd_launder(args: argparse.Namespace) -> int:
                                   "threshold": threshold, "verify_scheme": args.verify_scheme, "before": before})
     finally:
         bars.close()
-    new_meta = {**{k: meta[k] for k in ("arch", "num_classes", "dataset")}, "scheme": meta.get("scheme"),
-                "scheme_params": meta.get("scheme_params"), "laundered_from": str(args.model), "launder": run.report}
-    save_model(out_dir / "laundered", run.result.model, new_meta)
+    save_model(out_dir / "laundered", run.result.model,
+               derived_meta(meta, laundered_from=str(args.model), launder=run.report))
     if wm is not None and threshold is not None:
         print(verify(run.result.model, wm, threshold).summary())
     print(f"wrote {out_dir}/laundered.safetensors, {', '.join(run.files)} ({run.result.seconds:.0f} s)")
@@ -303,30 +297,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_landscape(args: argparse.Namespace) -> int:
-    from .report.plots import landscape
-    from .restore import trajectory_landscape
+    from .experiments.persistence import landscape_files, trajectory_files
 
-    folder = Path(args.checkpoints)
-    files = sorted(folder.glob("epoch-*.safetensors"))
-    if len(files) < 3:
-        raise UserError(f"{folder}: need at least 3 epoch-NNN.safetensors checkpoints (from `nnlaunder finetune` "
-                        "or `restore`)")
-    models = [load_model(f, allow_torch_load=args.allow_torch_load)[0] for f in files]
+    files = trajectory_files(Path(args.checkpoints))
     args.model = str(files[-1])
-    _, meta, tr, te, wm = _owner_view(args)
-    if args.on == "trigger":
-        x, y = wm.verify_x[:args.images], wm.verify_y[:args.images]
-    else:
-        sub = D.stratified_subset(tr, fraction=min(1.0, args.images / len(tr)), seed=0)
-        x, y = sub.x, sub.y
+    _, meta, tr, _, wm = _owner_view(args)
     out = Path(args.out)
     _out(str(out.with_suffix("")))
-    ls = trajectory_landscape(models, x, y, args.grid, args.margin)
-    landscape(ls["grid"], ls["grid"], ls["loss"], ls["acc"], ls["coords"], out.with_suffix(".png"),
-              title=f"{meta.get('scheme')} {args.on} loss along the trajectory's PCA plane "
-                    f"({100 * float(ls['explained'].sum()):.0f}% of its variance)")
-    atomic_write_json(out.with_suffix(".json"), {**{k: v.tolist() for k, v in ls.items()},
-                                                 "checkpoints": [str(f) for f in files], "on": args.on})
+    landscape_files(files, wm, tr, out, on=args.on, images=args.images, grid=args.grid, margin=args.margin,
+                    allow_torch_load=args.allow_torch_load, title=str(meta.get("scheme")))
     print(f"wrote {out.with_suffix('.png')} and .json")
     return 0
 

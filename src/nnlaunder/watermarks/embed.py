@@ -28,9 +28,8 @@ def embed(model: nn.Module, train_set: Dataset, wm: Watermark, cfg: TrainConfig,
 
     augment_triggers=False keeps Zhang et al.'s embedding triggers out of cfg.augment (the training
     images are still augmented): a flipped "TEST" is not the trigger the owner verifies with. The
-    stored models were trained with it True (the default); 3 epochs of fine-tuning the CIFAR-10
-    content model with it False did not raise its watermark accuracy (97.78 -> 97.69%,
-    docs/recipes.md). Adi et al.'s appended triggers are never augmented.
+    stored models were trained with it True (the default); docs/recipes.md measures what False does on
+    the CIFAR-10 content model. Adi et al.'s appended triggers are never augmented.
     trigger_repeat: Zhang et al.'s triggers appear this many times per epoch (oversampling; 1 is
     the paper's recipe; benchmarks/topup.py chooses it on held-out stamped training images).
     eval_wm=False leaves the verification set out of the per-epoch history (choosing a recipe
