@@ -8,21 +8,23 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            vs ours per class, each with the faithful and the fast preset, and the fast-bf16 preset;
            the fast preset's one-time plan timing on its own row (the run starts from an empty plan
            cache). Per class: wall time, iterations, mask L1, attack success, flagged.
-  eval     (opt-in, ~1 min) prediction over the CIFAR-10 test set at a batch of 1000 and at the default.
   nc_peer  (opt-in, ~25 min) the fast preset against a per-class PyTorch Neural Cleanse (the project's
            own per-class loop, Wang et al.'s schedule) on the Table 7 CNN and ResNet-20, at equal images.
   cifar_nc Neural Cleanse on the Table 7 CNN and ResNet-20 (1000 CIFAR-10 images): seconds, stamped
            images/s and achieved GFLOP/s against the measured conv throughput, per preset.
   machine  fp32 matmul and conv throughput (GFLOP/s), and bf16 conv where the CPU has it; medians.
   train    the trainer's images/s and achieved GFLOP/s (3 × forward FLOPs) on the Table 5 and Table 7
-           models and ResNet-20, with the attempts tried (channels_last, torch.compile, batch size,
-           threads), kept or not.
+           models and ResNet-20, at the library's defaults.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
            and the laundering outcome on all three MNIST models), and `nnlaunder demo`.
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes, machine: CPU model,
-flags, threads, torch) and perf.md. A run of some sections keeps every other row of perf.json, rows of
-attempts no longer in this script included (denormal_*, malloc_*: measured and not kept, perf.md says why;
-the code that measured them is `git show 6d3a741:benchmarks/perf/run.py`).
+flags, threads, torch) and perf.md. A run of some sections keeps every other row of perf.json, the rows of
+measurements this script no longer makes included: the attempts that decided a default
+(denormal_*, malloc_*, the trainer's and Neural Cleanse's speed settings tried one by one: train_*_contiguous,
+_b64, _b256, _no_relu_after_pool, _torch.compile, _threads*, nc_fast_batched_input_grad_*,
+nc_faithful_batched_library_conv_relu_first), the prediction batch (eval_batch_*) and the fast presets over NC
+seeds (cifar_full_*). perf.md says what each decided; the code that measured them is
+`git show a9cd4c2:benchmarks/perf/run.py` (denormal_*, malloc_*: `git show 6d3a741:benchmarks/perf/run.py`).
 The bench venv: python3 -m venv /path/to/bench-venv && /path/to/bench-venv/bin/pip install
   'adversarial-robustness-toolbox==1.20.*' tensorflow-cpu packaging
 """
@@ -264,20 +266,6 @@ def section_nc(args, tr: D.Dataset, mach: dict) -> None:
               f"{gf[('faithful', 'batched')]:.1f} GFLOP/s. Any implementation of the same arithmetic beats the loop "
               f"by at most {1 / loop_pct:.1f}x on this machine (at 100% of that throughput)",
         ceiling=1 / loop_pct)
-    if args.input_grad_attempt and not cfgs["fast"].tune:     # a tuned preset times both paths itself
-        base = cfgs["fast"]
-        alt = dataclasses.replace(base, input_grad="native" if base.input_grad == "matmul" else "matmul")
-        times = []
-        for _ in range(args.fast_repeats):
-            t0 = time.perf_counter()
-            neural_cleanse(model, x, alt, num_classes=10)
-            times.append(time.perf_counter() - t0)
-        ta = statistics.median(times)
-        row(f"nc_fast_batched_input_grad_{alt.input_grad}", ta, "nc_fast_batched", t[("fast", "batched")] / ta,
-            notes=f"attempt: the first conv's input gradient by the {alt.input_grad} path (default: "
-                  f"{base.input_grad}); runs {', '.join(f'{v:.1f}' for v in times)} s", kept=False)
-    if args.kernel_attempts:
-        faithful_kernel_attempts(args, model, x, cfgs["faithful"], t[("faithful", "batched")])
     if art is not None:
         row("nc_art_1.20", art_total, notes=f"ART {art['art_version']}, TF {art['tf_version']}, Keras "
             f"{art['keras_version']}; {steps} steps per class (early stop never fires); Keras logits "
@@ -324,49 +312,6 @@ def section_cifar_nc(args, mach: dict) -> None:
                          else ""))
 
 
-def section_cifar_full(args) -> None:
-    """The fast preset at its own defaults (up to 100 schedule epochs, early stop on), as laundering
-    runs it, on each CIFAR-10 architecture and NC seed: where its time goes (plan timing,
-    optimisation, the mask confirmation) and against fast-bf16 (no tuning, no confirmation), whose
-    masks are checked here on all images as the confirmation would."""
-    print("[cifar_full] Neural Cleanse at the fast presets' own defaults on the CIFAR-10 models", flush=True)
-    sub = D.stratified_subset(D.load("cifar10", args.data_dir, "train"), per_class=100, seed=0)
-    x, y = sub.x, sub.y
-    seeds = [int(v) for v in args.cifar_full_seeds.split(",")]
-    for arch, name in (("cifar-cnn", "zhang-content"), ("resnet20", "adi-pt")):
-        model, meta = load_model(ROOT / "models" / "cifar10" / name)
-        assert meta["arch"] == arch, meta["arch"]
-        runs: dict[str, list[dict]] = {"fast": [], "fast-bf16": []}
-        for seed in seeds:
-            for preset in runs:
-                cfg = nc_config(preset, seed=seed)
-                plan_for(model, x, cfg, 10)        # a tuned plan's one-time timing, outside the measurement
-                t0 = time.perf_counter()
-                nc = neural_cleanse(model, x, cfg, num_classes=10)
-                secs = time.perf_counter() - t0
-                _, _, succ_all = success_and_l1(model, x, y, nc.masks, nc.patterns)
-                runs[preset].append({
-                    "seed": seed, "seconds": secs, "phase_seconds": nc.phase_seconds,
-                    "class_epochs": int(nc.epochs.sum()), "l1": nc.l1.tolist(), "success_all": succ_all,
-                    "under_target": [k for k in range(10) if succ_all[k] < 100 * cfg.success],
-                    "flagged": nc.flagged, "plan": {k: v for k, v in nc.plan.items() if k != "timing"}})
-                print(f"    {arch} seed {seed} {preset}: {secs:.1f} s", flush=True)
-        med = {p: statistics.median(r["seconds"] for r in rs) for p, rs in runs.items()}
-        for preset, rs in runs.items():
-            conf = [r["phase_seconds"]["confirm"] / r["seconds"] for r in rs]
-            under = [len(r["under_target"]) for r in rs]
-            secs = ", ".join(f"{r['seconds']:.1f}" for r in rs)
-            base = None if preset == "fast" else f"cifar_full_nc_{arch}_fast"
-            row(f"cifar_full_nc_{arch}_{preset}", med[preset], base,
-                None if preset == "fast" else med[preset] / med["fast"], runs=rs,
-                notes=f"{arch} ({name}), 1000 images, preset {preset} at its defaults (max 100 schedule epochs of 8 "
-                      f"minibatches, early stop on), median over NC seeds {seeds}: runs "
-                      f"{secs} s; mask confirmation "
-                      f"{', '.join(f'{100 * c:.1f}' for c in conf)}% of each run; classes whose mask sends under "
-                      f"99% of all the images to the class: {', '.join(map(str, under))} of 10"
-                      + ("" if preset == "fast" else "; ratio = seconds against the tuned fast preset"))
-
-
 def section_nc_peer(args) -> None:
     """Our fast Neural Cleanse against a PyTorch per-class Neural Cleanse as the backdoor toolboxes run
     it (Wang et al.'s schedule, one class at a time, fp32). BackdoorBench and TrojanZoo need torchvision
@@ -403,39 +348,6 @@ def section_nc_peer(args) -> None:
                   f"{p['seconds']:.1f} s vs the fast preset at its defaults {o['seconds']:.1f} s; smallest class "
                   f"{p['smallest']} / {o['smallest']}, flagged {p['flagged']} / {o['flagged']}, classes under 99% "
                   f"success on all images {len(p['under_target'])} / {len(o['under_target'])} of 10 (peer / ours)")
-
-
-def section_eval(args) -> None:
-    """Prediction over the CIFAR-10 test set (what every verdict and evaluation runs) at the old batch of
-    1000 images against the library's default (`train.eval_batch`); the labels must be identical."""
-    print("[eval] prediction batch size on the CIFAR-10 models", flush=True)
-    from nnlaunder.train import eval_batch
-
-    te = D.load("cifar10", args.data_dir, "test")
-    for arch, name in (("cifar-cnn", "zhang-content"), ("resnet20", "adi-pt")):
-        model, _ = load_model(ROOT / "models" / "cifar10" / name)
-        runs = {}
-        for bs in (1000, eval_batch(torch.device("cpu"))):
-            predict(model, te.x[:bs], bs)                       # warm-up
-            t0 = time.perf_counter()
-            labels = predict(model, te.x, bs)
-            runs[bs] = (time.perf_counter() - t0, labels)
-        (old, la), (new, lb) = runs[1000], runs[eval_batch(torch.device("cpu"))]
-        row(f"eval_batch_{arch}", new, f"batch 1000: {old:.2f} s", old / new, same_labels=bool(torch.equal(la, lb)),
-            notes=f"{arch} ({name}), the 10000 CIFAR-10 test images predicted in batches of "
-                  f"{eval_batch(torch.device('cpu'))} (the default on a CPU) against 1000; labels "
-                  f"{'identical' if torch.equal(la, lb) else 'DIFFER'}")
-
-
-def faithful_kernel_attempts(args, model: nn.Module, x: torch.Tensor, cfg, base: float) -> None:
-    """The faithful batched run without this project's exact kernel measures: the library's forward for
-    the one-channel conv and ReLU before max-pool (NCConfig.im2col_forward / relu_after_pool off)."""
-    t0 = time.perf_counter()
-    neural_cleanse(model, x, dataclasses.replace(cfg, relu_after_pool=False, im2col_forward=False), num_classes=10)
-    secs = time.perf_counter() - t0
-    row("nc_faithful_batched_library_conv_relu_first", secs, "nc_faithful_batched", secs / base, kept=False,
-        notes="attempt record: the same run with the library's forward for the one-channel conv and ReLU before "
-              "max-pool (an earlier version of the library); ratio = how many times slower than the default")
 
 
 def better_or_equal(ours: tuple, art: tuple, k: int) -> bool:
@@ -499,15 +411,10 @@ def section_machine(args) -> dict:
     return out
 
 
-def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1, speed: dict | None = None,
-                     compile_: bool = False) -> float:
-    """Images/s of nnlaunder's trainer; `speed` overrides its speed measures (TrainConfig's
-    channels_last / relu_after_pool) for this call."""
+def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1) -> float:
+    """Images/s of nnlaunder's trainer with its defaults."""
     model = build(arch, 10, seed=0)
-    if compile_:
-        model = torch.compile(model)
-    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none",
-                              **(speed or {}))
+    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none")
     t0 = time.perf_counter()
     train(model, x, y, cfg, progress=False)
     return len(x) * steps_epochs / (time.perf_counter() - t0)
@@ -530,33 +437,6 @@ def section_train(args, mach: dict) -> None:
         row(f"train_{arch}_b{base_bs}", len(x) / base, notes=f"{base:.0f} img/s, {gf:.1f} GFLOP/s achieved "
             f"({100 * gf / mach['conv_best']:.0f}% of measured conv throughput); forward {f / 1e6:.1f} MFLOP/img",
             images_per_s=base, gflops=gf, fwd_mflop=f / 1e6, kept=True)
-        # The default has every speed measure on; each try turns one off or changes one setting.
-        tries = [("contiguous", dict(batch=base_bs, speed={"channels_last": False})),
-                 ("b64", dict(batch=64)), ("b256", dict(batch=256))]
-        if arch == "mnist-cnn":         # the only model with ReLU -> max-pool pairs
-            tries.insert(1, ("no_relu_after_pool", dict(batch=base_bs, speed={"relu_after_pool": False})))
-        if arch == "mnist-cnn" and args.compile:
-            tries.append(("torch.compile", dict(batch=base_bs, compile_=True)))
-        for label, kw in tries:
-            try:
-                if kw.get("compile_"):
-                    train_throughput(arch, x[:1024], y[:1024], **kw)         # compile outside the timing
-                v = statistics.median(train_throughput(arch, x, y, **kw) for _ in range(3))
-            except Exception as e:              # an attempt that fails is reported, not fatal
-                row(f"train_{arch}_{label}", None, notes=f"failed: {type(e).__name__}: {str(e)[:120]}", kept=False)
-                continue
-            row(f"train_{arch}_{label}", len(x) / v, f"train_{arch}_b{base_bs}", v / base,
-                notes=f"{v:.0f} img/s ({v / base:.2f}× the default"
-                + (", which has it on: kept)" if "speed" in kw else ")"),
-                images_per_s=v, gflops=v * 3 * f / 1e9, kept="speed" in kw)
-        if arch == "mnist-cnn":
-            for th in (1, 2):
-                old = torch.get_num_threads()
-                torch.set_num_threads(th)
-                v = statistics.median(train_throughput(arch, x, y, base_bs) for _ in range(3))
-                torch.set_num_threads(old)
-                row(f"train_{arch}_threads{th}", len(x) / v, f"train_{arch}_b{base_bs}", v / base,
-                    notes=f"{v:.0f} img/s with {th} thread(s)", images_per_s=v, kept=th == old)
 
 
 def section_e2e(args, tr: D.Dataset) -> None:
@@ -603,6 +483,7 @@ def section_e2e(args, tr: D.Dataset) -> None:
             + ("" if p.returncode == 0 else f"; FAILED: {p.stderr[-200:]}"))
 
 
+# Every section's row prefix, the retired ones (eval, cifar_full) included: their rows are kept, in this order.
 SECTION_PREFIX = {"machine": "machine_", "eval": "eval_batch_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_",
                   "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "e2e": "e2e_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
@@ -702,17 +583,11 @@ def main(argv=None) -> int:
     ap.add_argument("--cifar-nc-epochs", type=int, default=2,
                     help="full-pass epochs of the faithful CIFAR-10 Neural Cleanse rows (the fast ones run 4x as many "
                          "8-minibatch epochs)")
-    ap.add_argument("--cifar-full-seeds", default="0,1", help="NC seeds of the cifar_full rows")
     ap.add_argument("--peer-epochs", type=int, default=10,
                     help="nc_peer: at most this many full passes per class for the per-class peer")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite perf.md from perf.json")
     ap.add_argument("--no-cifar", dest="cifar", action="store_false")
-    ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-demo", dest="demo", action="store_false")
-    ap.add_argument("--no-input-grad-attempt", dest="input_grad_attempt", action="store_false",
-                    help="skip timing the fast preset with the other input-gradient path")
-    ap.add_argument("--no-kernel-attempts", dest="kernel_attempts", action="store_false",
-                    help="skip the faithful run without this project's exact speed measures")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     global COMMAND
@@ -733,9 +608,10 @@ def main(argv=None) -> int:
     if "machine" in sections:
         mach = section_machine(args)
     run = {"nc": lambda: section_nc(args, tr, mach), "cifar_nc": lambda: section_cifar_nc(args, mach),
-           "cifar_full": lambda: section_cifar_full(args), "nc_peer": lambda: section_nc_peer(args),
-           "eval": lambda: section_eval(args), "train": lambda: section_train(args, mach),
+           "nc_peer": lambda: section_nc_peer(args), "train": lambda: section_train(args, mach),
            "e2e": lambda: section_e2e(args, tr)}
+    if unknown := sections - set(run) - {"machine"}:
+        ap.error(f"unknown or retired section(s) {sorted(unknown)}; this script runs {['machine', *run]}")
     for name, section in run.items():        # in this order: later sections reuse the machine's rows
         if name in sections:
             section()
