@@ -21,12 +21,14 @@ def _fill(ws):
     (ws / "thresholds" / "abc123.json").write_text(json.dumps({"threshold": 0.3, "curves": [[0.1, 0.3, 0.2]]}))
 
 
-def test_report_folder(tmp_path):
+def test_report_folder(tmp_path, monkeypatch):
     ws = tmp_path / "ws"
     ws.mkdir()
     _fill(ws)
+    monkeypatch.chdir(tmp_path)
     out = build_report(ws, tmp_path / "rep")
     md = (out / "index.md").read_text()
+    assert "Workspace `ws`:" in md and str(tmp_path) not in md        # named as from here, not by a machine path
     assert "| fig3 | mnist | zhang-content | launder | 0.6% | 2 | 99.00 → 97.00 (98.34) |" in md
     assert "1/class" in md and "(1.5)" in md
     pngs = sorted(p.name for p in out.glob("*.png"))

@@ -590,6 +590,11 @@ def markdown(machine: str, command: str, rerender: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _relative(arg: str) -> str:
+    """A command-line argument as a result records it: a path on this machine relative to the repository."""
+    return os.path.relpath(arg, ROOT) if os.path.isabs(arg) and os.path.exists(arg) else arg
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=None)
@@ -609,7 +614,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     global COMMAND
-    COMMAND = ("python benchmarks/perf/run.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    COMMAND = ("python benchmarks/perf/run.py " + " ".join(_relative(a) for a in (argv if argv is not None
+                                                                                  else sys.argv[1:]))).strip()
     RUN.update(commit=code_commit(ROOT, ("src", "benchmarks/perf")) or "unknown", date=time.strftime("%Y-%m-%d"))
     # Neural Cleanse's tuned plans start from an empty cache, so the one-time timing is measured here
     os.environ["NNLAUNDER_CACHE"] = tempfile.mkdtemp(prefix="nnlaunder-perf-")

@@ -183,7 +183,8 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the report folder {str(out)[:200]}: {e.strerror or e}") from None
-    md = ["# nnlaunder report", "", f"Workspace `{ws}`: {len(cells)} finished cells. Ran on: {ran_on(cells)}.", "",
+    shown = ws.resolve().relative_to(Path.cwd().resolve()) if ws.resolve().is_relative_to(Path.cwd().resolve()) else ws
+    md = ["# nnlaunder report", "", f"Workspace `{shown}`: {len(cells)} finished cells. Ran on: {ran_on(cells)}.", "",
           *last_round_section(cells)]
     md += seeds_section(cells)
     images: list[Path] = []
