@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import Dataset
-from ..device import model_device
-from ..errors import UserError
-from ..train import Callback, TrainConfig, TrainResult, accuracy, train
+from .data import Dataset
+from .device import model_device
+from .errors import UserError
+from .train import Callback, TrainConfig, TrainResult, accuracy, train
 
 # Ngo et al.'s settings: Adam 1e-4; 50 epochs fine-tuning, 30 epochs restoration.
 PERSISTENCE_FINETUNE = TrainConfig(epochs=50, batch_size=128, optimizer="adam", lr=1e-4)
