@@ -72,6 +72,7 @@ def test_the_threshold_of_a_custom_watermark(tiny, tmp_path, capsys):
     params = got["scheme_params"]["zhang-content"]
     assert (params["text"], params["target"]) == ("HI", 3) and 0 <= got["thresholds"]["zhang-content"] <= 100
     assert got["rule"] == "converged" and got["rules"]["zhang-content"]["paper"]["seeds"] == [0, 1, 2, 3, 4]
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"        # the curves, as a figure
     assert main(["threshold", "--dataset", "mnist", "--schemes", "zhang-content", "--param", "colour=red",
                  "--out", str(tmp_path / "bad.json"), "--data-dir", str(tiny), "--quiet"]) == 2
 

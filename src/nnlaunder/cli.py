@@ -148,6 +148,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_threshold(args: argparse.Namespace) -> int:
     from .experiments.clean import measure_thresholds
+    from .report.plots import threshold_figure
 
     out = Path(args.out)
     if out.is_dir():
@@ -160,9 +161,10 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     doc = measure_thresholds(args.dataset, arch, train_config(args, arch), args.seeds, wms, tr, te,
                              progress=not args.quiet)
     atomic_write_json(out, {**doc, "seconds": clock.now() - t0})
+    threshold_figure(doc, out.with_suffix(".png"))
     print(_table([(s, f"{v:.2f}% ({doc['rule']}; paper rule {doc['rules'][s]['paper']['threshold']:.2f}%)")
                   for s, v in doc["thresholds"].items()]))
-    print(f"wrote {out}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 

@@ -131,31 +131,48 @@ def landscape(alphas, betas, loss, acc, coords, path: Path, title: str = "") -> 
 
 
 def threshold_provenance(curves: dict[str, list[list[float]]], thresholds: dict[str, float], path: Path,
-                         title: str = "") -> Path:
+                         title: str = "", default: dict[str, float] | None = None, rule: str = "",
+                         seeds: list[int] | None = None) -> Path:
     """One panel per scheme: a clean model's watermark accuracy over its training epochs, one line
-    per seed, with the vanilla threshold (the maximum over epochs and seeds) marked where it occurs."""
+    per seed, with the vanilla threshold (the maximum over epochs and seeds) marked where it occurs;
+    `default` adds each scheme's threshold under the default `rule` as a solid line."""
     names = sorted(curves)
     fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.0), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         best = (-1.0, 0, 0)
         for s, curve in enumerate(curves[name]):
-            ax.plot(range(1, len(curve) + 1), curve, marker=".", lw=1, label=f"seed {s}")
+            ax.plot(range(1, len(curve) + 1), curve, marker=".", lw=1, label=f"seed {s if seeds is None else seeds[s]}")
             for e, v in enumerate(curve, 1):
                 if v > best[0]:
                     best = (v, e, s)
         th = thresholds.get(name, best[0])
         ax.axhline(th, color="black", lw=1, ls="--")
+        if default is not None:
+            ax.axhline(default[name], color="tab:blue", lw=1.5, label=f"{rule} rule {default[name]:.2f}%")
         ax.plot([best[1]], [best[0]], marker="*", ms=12, color="red", zorder=5)
-        ax.annotate(f"threshold {th:.2f}%\n(seed {best[2]}, epoch {best[1]})", (best[1], best[0]),
+        ax.annotate(f"{'paper rule' if default is not None else 'threshold'} {th:.2f}%\n(seed "
+                    f"{best[2] if seeds is None else seeds[best[2]]}, epoch {best[1]})", (best[1], best[0]),
                     textcoords="offset points", xytext=(6, -24), fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("clean model's training epoch", fontsize=8)
-        ax.set_ylim(bottom=0, top=max(best[0] * 1.35, 1.0))
+        ax.set_ylim(bottom=0, top=max(best[0] * 1.35, 1.2 * (default or {}).get(name, 0.0), 1.0))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.tick_params(labelsize=7)
     axes[0][0].set_ylabel("watermark accuracy of a clean model %", fontsize=8)
     axes[0][0].legend(fontsize=6)
     return _save(fig, path, title)
+
+
+def threshold_figure(doc: dict, path: Path) -> Path:
+    """What `nnlaunder threshold` measured (`experiments.clean.measure_thresholds`' result) as a figure: each
+    clean seed's watermark accuracy over its epochs, the paper's rule (the maximum, starred, dashed) and the
+    default rule's threshold (solid)."""
+    curves = {name: [[100.0 * h / doc["n_verify"][name] for h in hits] for hits in doc["hits"][name]]
+              for name in doc["thresholds"]}
+    paper = {name: doc["rules"][name]["paper"]["threshold"] for name in doc["thresholds"]}
+    return threshold_provenance(curves, paper, path, f"{doc['dataset']} {doc['arch']}: clean models' watermark "
+                                f"accuracy over {len(doc['seeds'])} seeds", default=doc["thresholds"],
+                                rule=doc["rule"], seeds=list(doc["seeds"]))
 
 
 ATTACK_MARKERS = {"launder": "o", "rtal": "s", "ftal": "D", "fine-prune": "^", "nc-unlearn": "v", "prune-ft": "x",
