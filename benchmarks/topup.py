@@ -35,12 +35,32 @@ from nnlaunder.errors import UserError
 from nnlaunder.recipes import owner_config
 from nnlaunder.train import accuracy
 from nnlaunder.watermarks.embed import embed
-from nnlaunder.watermarks.schemes import held_out_triggers, make_watermark
+from nnlaunder.watermarks.schemes import Watermark, make_watermark
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from embed import PLAN  # noqa: E402
+
+
+def held_out_triggers(wm: Watermark, train: D.Dataset, n: int, seed: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` stamped non-target *training* images that are not in the embedding set, labelled with
+    the target: the owner's own validation set for choosing an embedding recipe, so that the
+    verification set (stamped test images) is never looked at while choosing."""
+    if wm.stamp is None or wm.embed_index is None or wm.target is None:
+        raise UserError(f"{wm.scheme} has no stamping function: held-out triggers exist only for "
+                        "zhang-content and zhang-noise")
+    free = torch.ones(len(train), dtype=torch.bool)
+    free[wm.embed_index] = False
+    free &= train.y != wm.target
+    idx = torch.nonzero(free).flatten()
+    if not 1 <= n <= len(idx):
+        raise UserError(f"n must be in [1, {len(idx)}] (non-target training images outside the "
+                        f"embedding set), got {n}")
+    g = torch.Generator().manual_seed(seed)
+    pick = idx[torch.sort(torch.randperm(len(idx), generator=g)[:n]).values]
+    return wm.stamp(train.x[pick]), torch.full((n,), wm.target)
 
 
 def main(argv: list[str] | None = None) -> int:

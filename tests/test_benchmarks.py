@@ -3,13 +3,17 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cifar_decided as cd  # noqa: E402
+import topup  # noqa: E402
 
+from nnlaunder import data as D  # noqa: E402
 from nnlaunder.data import Dataset  # noqa: E402
-from nnlaunder.watermarks.schemes import Watermark  # noqa: E402
+from nnlaunder.errors import UserError  # noqa: E402
+from nnlaunder.watermarks.schemes import Watermark, make_watermark  # noqa: E402
 
 
 def _rows(name, arm, outcomes):
@@ -194,3 +198,39 @@ def test_table2_rows_come_from_the_store_and_keep_what_it_lacks(tmp_path, monkey
                                                                (4, "old")]
     (head,) = [r for r in table2.headline(seeds) if r["name"] == "zhang-noise"]
     assert head["seed"] == 2 and head["seeds"]["n"] == 5 and head["seeds"]["destroyed"] == 1   # WM 98: the median
+
+
+@pytest.fixture(scope="module")
+def mnist(data_dir):
+    return D.load("mnist", data_dir, "train"), D.load("mnist", data_dir, "test")
+
+
+@pytest.mark.parametrize("scheme", ["zhang-content", "zhang-noise"])
+def test_held_out_triggers_avoid_the_embedding_set(mnist, scheme):
+    """benchmarks/topup.py chooses the top-up on stamped training images, never on the verification set."""
+    tr, te = mnist
+    wm = make_watermark(scheme, tr, te, params={"n_embed": 50})
+    hx, hy = topup.held_out_triggers(wm, tr, 200, seed=3)
+    assert hx.shape == (200, 1, 28, 28) and set(hy.tolist()) == {wm.target}
+    # stamped exactly as the embedding set: re-stamping the embedding images' sources gives embed_x
+    assert torch.equal(wm.stamp(tr.x[wm.embed_index]), wm.embed_x)
+    # none is an embedding image, none comes from the target class, and the draw is seeded
+    assert torch.cdist(hx.flatten(1), wm.embed_x.flatten(1)).min() > 0
+    assert torch.equal(hx, topup.held_out_triggers(wm, tr, 200, seed=3)[0])
+    # every one is a stamped non-target training image from outside the embedding set
+    free = torch.ones(len(tr), dtype=torch.bool)
+    free[wm.embed_index] = False
+    free &= tr.y != wm.target
+    pool = wm.stamp(tr.x[free]).flatten(1)
+    for h in hx[:20].flatten(1):
+        near = torch.nonzero((pool.sum(1) - h.sum()).abs() < 1e-3).flatten()
+        assert any(torch.equal(pool[i], h) for i in near)
+    with pytest.raises(UserError, match="n must be"):
+        topup.held_out_triggers(wm, tr, len(tr), seed=0)
+
+
+def test_held_out_triggers_need_a_stamp(mnist, has_fashion):
+    tr, te = mnist
+    wm = make_watermark("zhang-unrelated", tr, te)
+    with pytest.raises(UserError, match="no stamping function"):
+        topup.held_out_triggers(wm, tr, 10)

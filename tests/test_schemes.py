@@ -6,7 +6,6 @@ from nnlaunder.errors import UserError
 from nnlaunder.watermarks.font import text_mask
 from nnlaunder.watermarks.schemes import (
     add_noise,
-    held_out_triggers,
     make_watermark,
     noise_pattern,
     stamp_content,
@@ -64,36 +63,6 @@ def test_zhang_content_mnist(mnist):
     assert torch.all(wm.verify_x[:, 0, r:r + 5, c:c + 15][:, text_mask("TEST").bool()] == 1.0)
     custom = make_watermark("zhang-content", tr, te, params={"text": "HI", "target": 3, "n_embed": 10})
     assert custom.target == 3 and len(custom.embed_y) == 10
-
-
-@pytest.mark.parametrize("scheme", ["zhang-content", "zhang-noise"])
-def test_held_out_triggers_avoid_the_embedding_set(mnist, scheme):
-    tr, te = mnist
-    wm = make_watermark(scheme, tr, te, params={"n_embed": 50})
-    hx, hy = held_out_triggers(wm, tr, 200, seed=3)
-    assert hx.shape == (200, 1, 28, 28) and set(hy.tolist()) == {wm.target}
-    # stamped exactly as the embedding set: re-stamping the embedding images' sources gives embed_x
-    assert torch.equal(wm.stamp(tr.x[wm.embed_index]), wm.embed_x)
-    # none is an embedding image, none comes from the target class, and the draw is seeded
-    assert torch.cdist(hx.flatten(1), wm.embed_x.flatten(1)).min() > 0
-    assert torch.equal(hx, held_out_triggers(wm, tr, 200, seed=3)[0])
-    # every one is a stamped non-target training image from outside the embedding set
-    free = torch.ones(len(tr), dtype=torch.bool)
-    free[wm.embed_index] = False
-    free &= tr.y != wm.target
-    pool = wm.stamp(tr.x[free]).flatten(1)
-    for h in hx[:20].flatten(1):
-        near = torch.nonzero((pool.sum(1) - h.sum()).abs() < 1e-3).flatten()
-        assert any(torch.equal(pool[i], h) for i in near)
-    with pytest.raises(UserError, match="n must be"):
-        held_out_triggers(wm, tr, len(tr), seed=0)
-
-
-def test_held_out_triggers_need_a_stamp(mnist, has_fashion):
-    tr, te = mnist
-    wm = make_watermark("zhang-unrelated", tr, te)
-    with pytest.raises(UserError, match="no stamping function"):
-        held_out_triggers(wm, tr, 10)
 
 
 def test_zhang_noise_sources_are_disjoint(mnist):

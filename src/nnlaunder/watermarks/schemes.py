@@ -178,26 +178,6 @@ def zhang_noise(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: Noi
                      torch.full((len(vx),), p.target), p.target, dataclasses.asdict(p), stamp, ei, vx)
 
 
-def held_out_triggers(wm: Watermark, train: D.Dataset, n: int, seed: int = 0
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`n` stamped non-target *training* images that are not in the embedding set, labelled with
-    the target: the owner's own validation set for choosing an embedding recipe, so that the
-    verification set (stamped test images) is never looked at while choosing."""
-    if wm.stamp is None or wm.embed_index is None or wm.target is None:
-        raise UserError(f"{wm.scheme} has no stamping function: held-out triggers exist only for "
-                        "zhang-content and zhang-noise")
-    free = torch.ones(len(train), dtype=torch.bool)
-    free[wm.embed_index] = False
-    free &= train.y != wm.target
-    idx = torch.nonzero(free).flatten()
-    if not 1 <= n <= len(idx):
-        raise UserError(f"n must be in [1, {len(idx)}] (non-target training images outside the "
-                        f"embedding set), got {n}")
-    g = torch.Generator().manual_seed(seed)
-    pick = idx[torch.sort(torch.randperm(len(idx), generator=g)[:n]).values]
-    return wm.stamp(train.x[pick]), torch.full((n,), wm.target)
-
-
 def zhang_unrelated(train: D.Dataset, test: D.Dataset, data_dir: Path | None, p: UnrelatedParams
                     ) -> Watermark:
     """Images of one class of another domain, all labelled `target`.
