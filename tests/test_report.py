@@ -33,6 +33,9 @@ def test_report_folder(tmp_path, monkeypatch):
     assert "1/class" in md and "(1.5)" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["clean-curves.png", "rounds-fig3-mnist-zhang-content.png"]
+    assert main(["export", "--workspace", "ws", "--out", "cells"]) == 0      # the report reads an export too
+    again = (build_report(tmp_path / "cells", tmp_path / "rep2") / "index.md").read_text()
+    assert "| fig3 | mnist | zhang-content | launder | 0.6% | 2 | 99.00 → 97.00 (98.34) |" in again
     page = (out / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page and 'src="http' not in page
 
@@ -179,6 +182,8 @@ def test_an_export_is_the_store_as_text_and_merges_back_whole(tmp_path, capsys):
     assert len((tmp_path / "x" / "e2.jsonl").read_text().splitlines()) == 1
     assert main(["merge", str(tmp_path / "x"), "--workspace", str(tmp_path / "new")]) == 0
     assert "merged 2 cell(s)" in capsys.readouterr().out
+    assert main(["report", "--workspace", str(tmp_path / "x"), "--out", str(tmp_path / "rep")]) == 2  # not a run's cells
+    assert "is not as the runner writes it" in capsys.readouterr().err
     with Store(tmp_path / "new" / "results.sqlite", readonly=True) as s:
         assert sorted(s.cells(), key=lambda c: c["cell_id"]) == ref
     carried = tmp_path / "new" / "partial" / ("c" * 16 + "-nc") / "nc-x.safetensors"

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
-from ..experiments.store import Store, ran_on  # noqa: E402
+from ..experiments.store import ran_on, workspace_cells  # noqa: E402
 from ..models import DEFAULT_ARCH  # noqa: E402
 from ..watermarks.verify import cell_p, format_p, wilson  # noqa: E402
 from .battery import battery_section, budget_label, scheme_name  # noqa: E402
@@ -169,10 +169,10 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
     if rows is not None and Path(rows).is_dir():
         raise UserError(f"--rows {rows} is a folder; give the JSON file to write")
     db = ws / "results.sqlite"
-    if not db.is_file():
-        raise UserError(f"no results store at {db}; run an experiment first (`nnlaunder run FILE --workspace {ws}`)")
-    with Store(db, readonly=True) as s:
-        cells = s.cells()
+    if not db.is_file() and not any(ws.glob("*.jsonl")):
+        raise UserError(f"no results store at {db} (nor a cell export, *.jsonl); run an experiment first "
+                        f"(`nnlaunder run FILE --workspace {ws}`)")
+    cells = workspace_cells(ws)                 # a workspace's store, or the cells `nnlaunder export` wrote
     if not cells:
         raise UserError(f"{db} holds no finished cell yet; run an experiment to the end of at least one cell "
                         "(`nnlaunder run FILE --workspace ...`), then make the report")
