@@ -44,15 +44,16 @@ def default_thresholds(ds: str) -> dict[str, float]:
 
 def engine_cells(workspace: str | Path, experiments: list[str]) -> tuple[list[dict[str, Any]], dict[str, tuple]]:
     """The finished cells of `experiments/paper/<name>.toml` for each name in `experiments`, from the engine's
-    store at `workspace`, and for each name (cells in the store, cells in the file)."""
+    store at `workspace` (or a cell export such as benchmarks/cells), and for each name (cells in the store,
+    cells in the file)."""
     from nnlaunder.experiments.config import load_experiment
-    from nnlaunder.experiments.store import Store
+    from nnlaunder.experiments.store import workspace_cells
 
-    db = Path(workspace) / "results.sqlite"
-    if not db.is_file():
-        raise UserError(f"no results store at {db}: run the experiment files first (nnlaunder run ...)")
-    with Store(db, readonly=True) as s:
-        cells = [c for c in s.cells() if c["experiment"] in experiments]
+    ws = Path(workspace)
+    if not (ws / "results.sqlite").is_file() and not any(ws.glob("*.jsonl")):
+        raise UserError(f"no results store at {ws / 'results.sqlite'}: run the experiment files first "
+                        "(nnlaunder run ...), or merge benchmarks/cells into it")
+    cells = [c for c in workspace_cells(ws) if c["experiment"] in experiments]
     return cells, {e: (sum(c["experiment"] == e for c in cells),
                        len(load_experiment(ROOT / "experiments" / "paper" / f"{e}.toml"))) for e in experiments}
 
