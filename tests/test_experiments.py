@@ -454,9 +454,11 @@ def test_an_interrupted_multi_round_cell_resumes_after_its_last_finished_round(t
 def test_a_cell_stopped_inside_neural_cleanse_continues_it(tmp_path, data_dir, monkeypatch):
     """A cell killed while its Neural Cleanse runs (nc-unlearn here) keeps the optimisation state in
     ws/partial/<cell>-nc/; carried to another workspace by `export` and `merge`, the rerun there continues
-    it and stores what an uninterrupted run stores, and the state is gone once the cell is in the store."""
+    it and stores what an uninterrupted run stores, and the state is gone once the cell is in the store. On
+    another processor it continues too, and the cell says where its Neural Cleanse began."""
     from pathlib import Path
 
+    from nnlaunder.attacks import records
     from nnlaunder.experiments import runner
 
     repo = Path(__file__).resolve().parents[1]
@@ -476,6 +478,15 @@ def test_a_cell_stopped_inside_neural_cleanse_continues_it(tmp_path, data_dir, m
     runner.run_experiment([cell], tmp_path / "there", str(data_dir), progress=False)
     assert saves[2] == 3                                       # epochs 1-2 came from the carried state
     assert not (tmp_path / "there" / "partial" / f"{cell.cell_id()}-nc").exists()
+    here = runner.machine_name()
+    for mod in (runner, records):                              # carried to another processor: it continues there,
+        monkeypatch.setattr(mod, "machine_name", lambda: "Other CPU")     # and the cell names both machines
+    merge_workspace(tmp_path / "carried", tmp_path / "elsewhere")
+    n = len(saves)
+    runner.run_experiment([cell], tmp_path / "elsewhere", str(data_dir), progress=False)
+    assert saves[n] == 3
+    (other,) = Store(tmp_path / "elsewhere" / "results.sqlite", readonly=True).cells()
+    assert other["summary"]["machine"] == f"Other CPU (its Neural Cleanse begun on {here})"
     monkeypatch.undo()
     runner.run_experiment([cell], tmp_path / "ref", str(data_dir), progress=False)
     assert _metrics(tmp_path / "there" / "results.sqlite") == _metrics(tmp_path / "ref" / "results.sqlite")

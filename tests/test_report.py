@@ -182,7 +182,7 @@ def test_an_export_is_the_store_as_text_and_merges_back_whole(tmp_path, capsys):
     assert len((tmp_path / "x" / "e2.jsonl").read_text().splitlines()) == 1
     assert main(["merge", str(tmp_path / "x"), "--workspace", str(tmp_path / "new")]) == 0
     assert "merged 2 cell(s)" in capsys.readouterr().out
-    assert main(["report", "--workspace", str(tmp_path / "x"), "--out", str(tmp_path / "rep")]) == 2  # not a run's cells
+    assert main(["report", "--workspace", str(tmp_path / "x"), "--out", str(tmp_path / "rep")]) == 2  # not runner cells
     assert "is not as the runner writes it" in capsys.readouterr().err
     with Store(tmp_path / "new" / "results.sqlite", readonly=True) as s:
         assert sorted(s.cells(), key=lambda c: c["cell_id"]) == ref

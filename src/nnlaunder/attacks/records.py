@@ -120,33 +120,42 @@ def check_state_fits(state: LaunderState, model: torch.nn.Module, path: str | os
         raise UserError(f"{path}: no weights for {missing[:3]}; delete it to start over")
 
 
-def run_digest(model: torch.nn.Module, x: torch.Tensor, settings: dict[str, Any]) -> str:
-    """What a Neural Cleanse run depends on, as a key: the weights, the images, its settings and the machine
-    (a fast preset's plan differs by hardware)."""
+def run_digest(model: torch.nn.Module, x: torch.Tensor, settings: dict[str, Any], machine: bool = True) -> str:
+    """What a Neural Cleanse run depends on, as a key: the weights, the images, its settings and (with `machine`)
+    the machine (a fast preset's plan differs by hardware)."""
     h = hashlib.sha256()
     h.update(weights_digest(model).encode())
     h.update(tensor_bytes(x.detach().cpu().contiguous()))
-    h.update(json.dumps({**settings, "machine": machine_name()}, sort_keys=True, default=str).encode())
+    h.update(json.dumps({**settings, **({"machine": machine_name()} if machine else {})}, sort_keys=True,
+                        default=str).encode())
     return h.hexdigest()[:32]
 
 
 class Keeper:
     """Every Neural Cleanse run of a cell keeps its optimisation state in `folder` (`neural_cleanse.keeping`),
-    one file per run, named by what the run depends on (weights, images, settings, candidate classes, machine),
-    so a cell stopped part-way (a session's end, a kill) continues its Neural Cleanse at the epoch it reached.
+    one file per run, named by what the run depends on (weights, images, settings, candidate classes), so a
+    cell stopped part-way (a session's end, a kill) continues its Neural Cleanse at the epoch it reached, on
+    this machine or, carried there (`nnlaunder export` / `merge`), on another whose plan is the same (a state
+    of another plan or shape is not used). On one machine the run ends as an unbroken run would; a state
+    begun elsewhere continues with that machine's rounding, and `machines` then names where it ran.
     `resumed` sums the seconds of work held by the states it handed back that the runs used (the cell counts
-    them as its own; a state of another plan or shape is not used, and not counted)."""
+    them as its own)."""
 
     def __init__(self, folder: Path, every: float = 60.0) -> None:
         self.folder, self.every, self.resumed = Path(folder), every, 0.0
+        self.machines: list[str] = []       # where the states the runs used were worked on, this machine aside
+        self._seen: dict[Path, list[str]] = {}
 
     def __call__(self, model: torch.nn.Module, x: Any, cfg: Any, cls: list[int]) -> NCKeep:
-        path = self.folder / f"nc-{run_digest(model, x, {'nc': dataclasses.asdict(cfg), 'classes': cls})}.safetensors"
+        key = run_digest(model, x, {"nc": dataclasses.asdict(cfg), "classes": cls}, machine=False)
+        path = self.folder / f"nc-{key}.safetensors"
         return NCKeep(load=lambda: self._load(path), save=lambda state: self._save(path, state), every=self.every,
-                      resumed=self._count)
+                      resumed=lambda seconds: self._count(path, seconds))
 
-    def _count(self, seconds: float) -> None:
+    def _count(self, path: Path, seconds: float) -> None:
         self.resumed += seconds
+        here = machine_name()
+        self.machines += [m for m in self._seen.get(path, []) if m != here and m not in self.machines]
 
     def _load(self, path: Path) -> dict | None:
         from safetensors import SafetensorError, safe_open
@@ -159,7 +168,12 @@ class Keeper:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError):
             return None              # a damaged file: the run starts over
+        ran = meta.get("machines") if isinstance(meta, dict) else None
+        self._seen[path] = [str(m) for m in ran] if isinstance(ran, list) else []
         return {"tensors": tensors, "meta": meta}
 
     def _save(self, path: Path, state: dict) -> None:
-        atomic_save_tensors(path, state["tensors"], {"nc_state": json.dumps(state["meta"], default=str)})
+        ran = [*self._seen.get(path, []), machine_name()]
+        self._seen[path] = list(dict.fromkeys(ran))
+        meta = {**state["meta"], "machines": self._seen[path]}
+        atomic_save_tensors(path, state["tensors"], {"nc_state": json.dumps(meta, default=str)})

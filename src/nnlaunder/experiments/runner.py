@@ -174,7 +174,8 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
                                            "test_drop")},
                "owned": bool(last.get("owned")), "tolerance": cell.tolerance, "rounds_run": len(rows) - 1,
                "attack_seconds": clock.now() - t1 + keeper.resumed, "n_verify": len(wm.verify_y),
-               "machine": machine_name(),
+               "machine": machine_name() + (f" (its Neural Cleanse begun on {', '.join(keeper.machines)})"
+                                            if keeper.machines else ""),
                "param_shift": param_shift(model, res.model)["total"],     # L2 distance the attack moved the weights
                "nc_reused": reused}
     if "paper" in known:                     # the paper's rule (the maximum over every clean epoch), beside it
