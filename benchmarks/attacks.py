@@ -13,7 +13,8 @@ attack's defaults, the row's Table 2 budget, outcomes under the verdict rules):
     nnlaunder run experiments/paper/attacks-mnist.toml --workspace runs/paper
     nnlaunder run experiments/paper/attacks-cifar10.toml --workspace runs/paper [--only attack=nad,i-bau]
     nnlaunder run experiments/paper/attacks-cifar10-20pct.toml --workspace runs/paper     # Gan et al.'s 20%
-This script copies those experiments' rows into attacks.json ("rows", beside "validation"), writes
+This script copies those experiments' rows into attacks.json ("rows", beside "validation"; a row whose cell
+the store does not hold stays as stored, with its own commit and machine), writes
 attacks.md (the validation table, per model and attack the outcome over seeds, and the cheapest remover of
 each watermark over every attack in the store) and the engine's report of every attack on each dataset's
 models (battery-<dataset>/, `nnlaunder report` over table2-*, baselines-* and attacks-*).
@@ -188,7 +189,9 @@ def main(argv=None) -> int:
     if args.validate:
         validate(args, store, "python benchmarks/attacks.py " + " ".join(sys.argv[1:] if argv is None else argv))
     battery = engine_cells(args.workspace, BATTERY)          # one read of the store: the rows are a part of it
-    store["rows"] = flat_rows([c for c in battery[0] if c["experiment"] in EXPERIMENTS])
+    rows = flat_rows([c for c in battery[0] if c["experiment"] in EXPERIMENTS])
+    have = {r["cell_id"] for r in rows}                     # a cell the store lacks keeps the row stored before
+    store["rows"] = rows + [r for r in store["rows"] if r.get("cell_id") and r["cell_id"] not in have]
     atomic_write_json(OUT, store)
     write_markdown(store, battery)
     for ds in ("mnist", "cifar10"):          # the engine's report of every attack on that dataset's models
