@@ -200,6 +200,14 @@ def test_an_export_is_the_store_as_text_and_merges_back_whole(tmp_path, capsys):
     assert (tmp_path / "t" / "triggers").is_dir() and not (tmp_path / "t" / "e2.jsonl").exists()
     capsys.readouterr()
     assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "u"), "--experiments", "nope"]) == 2
+    assert main(["export", "--workspace", str(ws), "--out", str(ws)]) == 2
+    (tmp_path / "linked").mkdir()                     # an export whose partial/ is a link elsewhere: not followed
+    (tmp_path / "elsewhere" / ("e" * 16)).mkdir(parents=True)
+    (tmp_path / "elsewhere" / ("e" * 16) / "secret").write_text("x")
+    (tmp_path / "linked" / "partial").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "linked" / "e1.jsonl").write_text((tmp_path / "t" / "e1.jsonl").read_text())
+    assert main(["merge", str(tmp_path / "linked"), "--workspace", str(tmp_path / "new3")]) == 0
+    assert not (tmp_path / "new3" / "partial").exists()
     (tmp_path / "x" / "e1.jsonl").write_text('{"cell_id": "d", "experiment": "e1"}\n')
     assert main(["merge", str(tmp_path / "x"), "--workspace", str(tmp_path / "new2")]) == 2
     (tmp_path / "x" / "e1.jsonl").write_text(json.dumps({**ref[0], "cell_id": "../../etc"}) + "\n")

@@ -179,7 +179,9 @@ def _copy_side_files(src: Path, dst: Path, keep: Callable[[str, str], bool], new
     Returns how many were copied."""
     n = 0
     for sub in SIDE_FOLDERS:
-        for f in sorted((src / sub).rglob("*")) if (src / sub).is_dir() else []:
+        if (src / sub).is_symlink() or not (src / sub).is_dir():      # a link could point anywhere: not followed
+            continue
+        for f in sorted((src / sub).rglob("*")):
             rel = f.relative_to(src)
             if f.is_file() and not f.is_symlink() and keep(sub, rel.parts[1][:16]) and \
                     (newer or not (dst / rel).exists()):
@@ -213,6 +215,8 @@ def export_workspace(ws: str | Path, out: str | Path, experiments: Sequence[str]
     again into the same folder rewrites each experiment's file whole and drops the state of cells finished
     since. Returns (cells written, files copied)."""
     ws, out = Path(ws), Path(out)
+    if out.resolve() == ws.resolve():
+        raise UserError(f"--out {out} is the workspace itself; export into another folder")
     with Store(ws / "results.sqlite", readonly=True) as s:
         cells = s.cells()
     keep = [c for c in cells if experiments is None or c["experiment"] in experiments]
