@@ -234,3 +234,18 @@ def test_held_out_triggers_need_a_stamp(mnist, has_fashion):
     wm = make_watermark("zhang-unrelated", tr, te)
     with pytest.raises(UserError, match="no stamping function"):
         topup.held_out_triggers(wm, tr, 10)
+
+
+def test_the_committed_cells_are_cells_the_experiment_files_run():
+    """benchmarks/cells holds the engine's finished cells as text: every one reads back, and every one is a cell
+    its experiment file (experiments/paper/<name>.toml) would run today, so a changed file or cell id shows."""
+    from nnlaunder.experiments.config import load_experiment
+    from nnlaunder.experiments.store import workspace_cells
+
+    root = Path(__file__).resolve().parents[1]
+    cells = workspace_cells(root / "benchmarks" / "cells")
+    assert cells
+    for exp in {c["experiment"] for c in cells}:
+        ids = {cell.cell_id() for cell in load_experiment(root / "experiments" / "paper" / f"{exp}.toml")}
+        stale = [c["cell_id"] for c in cells if c["experiment"] == exp and c["cell_id"] not in ids]
+        assert not stale, f"{exp}: {len(stale)} committed cell(s) its file no longer runs, e.g. {stale[0]}"
