@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from nnlaunder.checkpoint import atomic_write_bytes
-from nnlaunder.report.plots import threshold_provenance
+from nnlaunder.plots import threshold_provenance
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 

@@ -9,7 +9,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "nnlaunder"
 # Lower layers never import higher ones. A module not listed takes its package's layer.
 LAYERS = [
     {"nnlaunder.errors", "nnlaunder.config", "nnlaunder.device", "nnlaunder.clock", "nnlaunder.speed",
-     "nnlaunder.progress", "nnlaunder.report.plots"},
+     "nnlaunder.progress", "nnlaunder.plots"},
     {"nnlaunder.data", "nnlaunder.models"},
     {"nnlaunder.checkpoint", "nnlaunder.train", "nnlaunder.recipes", "nnlaunder.external"},
     {"nnlaunder.watermarks"},

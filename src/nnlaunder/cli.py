@@ -148,7 +148,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_threshold(args: argparse.Namespace) -> int:
     from .experiments.clean import measure_thresholds
-    from .report.plots import threshold_figure
+    from .plots import threshold_figure
 
     out = Path(args.out)
     if out.is_dir():

@@ -18,9 +18,9 @@ from .attacks.pipeline import run_launder
 from .checkpoint import atomic_write_json, model_meta, save_model
 from .experiments.evaluate import evaluator
 from .models import build
+from .plots import before_after, trigger_grid
 from .progress import LaunderBars
 from .recipes import owner_config
-from .report.plots import before_after, trigger_grid
 from .train import accuracy
 from .watermarks.embed import clean_wm_curve, embed
 from .watermarks.schemes import make_watermark

@@ -28,7 +28,7 @@ from torch import nn
 from ..checkpoint import atomic_write_json, weights_digest
 from ..data import Dataset
 from ..errors import UserError
-from ..report.plots import trigger_grid
+from ..plots import trigger_grid
 from .calibrate import apply_candidate, calibrate
 from .laundering import LaunderConfig, LaunderResult, OnProgress, launder
 from .neural_cleanse import NCResult, keeping, keeping_active, neural_cleanse

@@ -69,7 +69,7 @@ def landscape_files(files: Sequence[Path], wm: Watermark, tr: D.Dataset, out: Pa
                     grid: int, margin: float, allow_torch_load: bool = False, title: str = "") -> None:
     """The loss and accuracy over the plane of the trajectory's first two principal directions, on the
     watermark's verification images (`on="trigger"`) or on clean training images: `out`.png and .json."""
-    from ..report.plots import landscape
+    from ..plots import landscape
 
     models = [load_model(f, allow_torch_load=allow_torch_load)[0] for f in files]
     if on == "trigger":

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name
+from ..plots import pareto_plot, trigger_grid
 from ..watermarks.verify import format_p
 from .build import html_page
-from .plots import pareto_plot, trigger_grid
 
 
 def _triggers(ws: Path, cells: Sequence[dict[str, Any]], out: Path, images: list[Path]) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import safe_name
-from .plots import pareto_plot
+from ..plots import pareto_plot
 
 # Gan et al. (CVPR 2023), CIFAR-10 ResNet-18, attacker with 20% of the training set: residual WM %.
 GAN_ET_AL = {"zhang-content": {"ft": 56.8, "fine-prune": 74.6, "anp": 25.3, "nad": 48.1, "mcr": 16.6, "launder": 21.0},

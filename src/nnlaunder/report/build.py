@@ -30,9 +30,9 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
 from ..experiments.store import ran_on, workspace_cells  # noqa: E402
 from ..models import DEFAULT_ARCH  # noqa: E402
+from ..plots import reconstructions, trigger_grid  # noqa: E402
 from ..watermarks.verify import cell_p, format_p, wilson  # noqa: E402
 from .battery import battery_section, budget_label, scheme_name  # noqa: E402
-from .plots import reconstructions, trigger_grid  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): laundered test / laundered WM / vanilla threshold.
 PAPER = {("mnist", "zhang-content"): (98.34, 0.01, 1.5), ("mnist", "zhang-noise"): (97.45, 0.07, 6.0),
