@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nnlaunder.attacks.neural_cleanse as NC
+import nnlaunder.speed.kernels as kernels
 from nnlaunder.attacks.neural_cleanse import NCConfig, nc_config, neural_cleanse, stamp
 from nnlaunder.speed.plans import BF16_MARGIN, Plan, pick
 
@@ -74,8 +75,8 @@ def test_one_channel_forward_path_is_timed_for_fp32_plans(cache, monkeypatch):
     assert {s["im2col_forward"] for s in r.plan["timing"]["stage2"]} == {True, False}
     # and the choice reaches the network: no im2col forward in the run
     calls = []
-    monkeypatch.setattr(NC, "conv_forward_im2col",
-                        lambda *a: calls.append(1) or (NC.F.conv2d(*a[:3], padding=a[3]), None))
+    monkeypatch.setattr(kernels, "conv_forward_im2col",
+                        lambda *a: calls.append(1) or (kernels.F.conv2d(*a[:3], padding=a[3]), None))
     r2 = neural_cleanse(model, x, nc_config("fast", max_epochs=1, input_grad="matmul"), num_classes=4)
     assert r2.plan["timing"] == {"cached": True} and r2.plan["im2col_forward"] is False and not calls
     neural_cleanse(model, x, NCConfig(max_epochs=1, input_grad="matmul", im2col_forward=True), num_classes=4)

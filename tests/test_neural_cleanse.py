@@ -128,8 +128,8 @@ def test_presets_are_validated():
 @pytest.mark.parametrize("arch,shape", [("mnist-cnn", (5, 1, 28, 28)), ("resnet20", (3, 3, 32, 32)),
                                         ("padded-1ch", (4, 1, 9, 11))])
 def test_matmul_input_gradient_equals_the_native_one(arch, shape):
-    from nnlaunder.attacks.neural_cleanse import InputGradConv, with_input_grad_convs
     from nnlaunder.models import build
+    from nnlaunder.speed.kernels import InputGradConv, with_input_grad_convs
 
     if arch == "padded-1ch":       # one input channel (im2col forward) with padding and a non-square kernel
         torch.manual_seed(0)

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import copy
 import dataclasses
 import json
 import math
@@ -58,7 +57,7 @@ from torch import nn
 from .. import clock
 from ..device import model_device
 from ..errors import UserError
-from ..speed.kernels import conv_forward_im2col, conv_input_grad, im2col_ok
+from ..speed.kernels import im2col_ok, with_input_grad_convs
 from ..speed.native import conv_pool as native_conv_pool
 from ..speed.plans import Plan, machine, model_signature, tuned_plan
 from ..speed.rewrite import conv_pool_runs, fold_batchnorm, fuse_conv_pool, relu_after_pool, rewrite_for_speed
@@ -156,58 +155,6 @@ def amp_supported(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return False
-
-
-class _InputGradConv2d(torch.autograd.Function):
-    """conv2d whose backward gives the input gradient only, as (W^T @ grad_out) followed by k·k
-    shifted adds (col2im, `kernels.conv_input_grad`), in fp32. For a frozen conv with 1-3 input
-    channels (the first layer, whose input is the stamped image) this is several times faster on a
-    CPU than the library's backward, which runs such convs at a few GFLOP/s (docs/methods.md). The
-    same sums in another order: results agree with the native gradient to rounding, not bit for bit.
-    Computed in fp32 (fp64 for fp64 inputs), also under bf16 autocast. On a CPU without autocast a
-    one-channel input's forward is im2col + matmul as well (`im2col_forward`)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, padding, im2col_forward=True):
-        ctx.save_for_backward(weight)
-        ctx.in_shape, ctx.padding, ctx.in_dtype = x.shape, padding, x.dtype
-        if (not im2col_forward or x.shape[1] != 1 or x.device.type != "cpu"
-                or torch.is_autocast_enabled(x.device.type)):
-            return F.conv2d(x, weight, bias, padding=padding)
-        # With 3 channels the library's forward is the faster one (docs/methods.md).
-        return conv_forward_im2col(x, weight, bias, padding)[0]
-
-    @staticmethod
-    def backward(ctx, go):
-        (w,) = ctx.saved_tensors
-        return conv_input_grad(go, w, ctx.in_shape, ctx.padding).to(ctx.in_dtype), None, None, None, None
-
-
-class InputGradConv(nn.Module):
-    """Wraps a frozen nn.Conv2d (stride 1, no dilation, one group, zero padding) so that its input
-    gradient runs through `_InputGradConv2d`. Shares the conv's parameters."""
-
-    def __init__(self, conv: nn.Conv2d, im2col_forward: bool = True):
-        super().__init__()
-        self.conv = conv
-        self.im2col_forward = im2col_forward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        if c.weight.requires_grad or (c.bias is not None and c.bias.requires_grad) or not x.requires_grad:
-            return c(x)
-        return _InputGradConv2d.apply(x, c.weight, c.bias, c.padding, self.im2col_forward)
-
-
-def with_input_grad_convs(model: nn.Module, max_channels: int = 3, im2col_forward: bool = True) -> nn.Module:
-    """A copy of `model` whose convs with at most `max_channels` input channels compute their input
-    gradient as a matmul (`InputGradConv`); the original model is not touched."""
-    fast = copy.deepcopy(model)
-    for parent in list(fast.modules()):
-        for name, child in list(parent.named_children()):
-            if im2col_ok(child, max_channels):
-                setattr(parent, name, InputGradConv(child, im2col_forward))
-    return fast
 
 
 @dataclass

@@ -7,11 +7,14 @@ crawls at a few GFLOP/s (docs/methods.md). These are the same sums in another or
 with the library's to fp32 rounding, not bit for bit (tested).
 
 Pure tensor code, used by Neural Cleanse (`attacks/neural_cleanse.py`), whose frozen first conv
-needs only the input gradient. The trainer does not use it: its channels-last weights already get
+needs only the input gradient: `with_input_grad_convs` wraps such convs (`InputGradConv`) so that their
+backward is one matmul and the shifted adds. The trainer does not use it: its channels-last weights already get
 a fast library forward (the measurement is in docs/recipes.md).
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -185,3 +188,55 @@ class FusedConvPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"k={self.k}, cout={self.cout}, padding={self.padding}, relu={self.relu}"
+
+
+class _InputGradConv2d(torch.autograd.Function):
+    """conv2d whose backward gives the input gradient only, as (W^T @ grad_out) followed by k·k
+    shifted adds (col2im, `kernels.conv_input_grad`), in fp32. For a frozen conv with 1-3 input
+    channels (the first layer, whose input is the stamped image) this is several times faster on a
+    CPU than the library's backward, which runs such convs at a few GFLOP/s (docs/methods.md). The
+    same sums in another order: results agree with the native gradient to rounding, not bit for bit.
+    Computed in fp32 (fp64 for fp64 inputs), also under bf16 autocast. On a CPU without autocast a
+    one-channel input's forward is im2col + matmul as well (`im2col_forward`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, im2col_forward=True):
+        ctx.save_for_backward(weight)
+        ctx.in_shape, ctx.padding, ctx.in_dtype = x.shape, padding, x.dtype
+        if (not im2col_forward or x.shape[1] != 1 or x.device.type != "cpu"
+                or torch.is_autocast_enabled(x.device.type)):
+            return F.conv2d(x, weight, bias, padding=padding)
+        # With 3 channels the library's forward is the faster one (docs/methods.md).
+        return conv_forward_im2col(x, weight, bias, padding)[0]
+
+    @staticmethod
+    def backward(ctx, go):
+        (w,) = ctx.saved_tensors
+        return conv_input_grad(go, w, ctx.in_shape, ctx.padding).to(ctx.in_dtype), None, None, None, None
+
+
+class InputGradConv(nn.Module):
+    """Wraps a frozen nn.Conv2d (stride 1, no dilation, one group, zero padding) so that its input
+    gradient runs through `_InputGradConv2d`. Shares the conv's parameters."""
+
+    def __init__(self, conv: nn.Conv2d, im2col_forward: bool = True):
+        super().__init__()
+        self.conv = conv
+        self.im2col_forward = im2col_forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        if c.weight.requires_grad or (c.bias is not None and c.bias.requires_grad) or not x.requires_grad:
+            return c(x)
+        return _InputGradConv2d.apply(x, c.weight, c.bias, c.padding, self.im2col_forward)
+
+
+def with_input_grad_convs(model: nn.Module, max_channels: int = 3, im2col_forward: bool = True) -> nn.Module:
+    """A copy of `model` whose convs with at most `max_channels` input channels compute their input
+    gradient as a matmul (`InputGradConv`); the original model is not touched."""
+    fast = copy.deepcopy(model)
+    for parent in list(fast.modules()):
+        for name, child in list(parent.named_children()):
+            if im2col_ok(child, max_channels):
+                setattr(parent, name, InputGradConv(child, im2col_forward))
+    return fast
