@@ -61,7 +61,9 @@ def _used_pair(r: dict) -> str:
 def markdown(rows: list[dict]) -> str:
     lines = ["# Neural Cleanse: does the fast preset rank classes as the faithful one does?", "",
              "Same owner model, same attacker subset and seed; `python benchmarks/perf/nc_check.py`. The laundering "
-             "attack acts on the smallest-mask class (or the flagged ones), so that is what must agree.", "",
+             "attack acts on the smallest-mask class (or the flagged ones), so that is what must agree. \"fast\" here "
+             f"is the `{PRESETS['fast']}` preset (bf16, no plan tuning, masks not confirmed), as the stored rows ran "
+             "it.", "",
              "| row | seeds | same smallest class | same flagged set | class(es) the attack uses, fast / faithful | "
              "Spearman of mask sizes (median) | seconds fast / faithful (mean) |", "|---|---|---|---|---|---|---|"]
     for ds, name in [(d, n) for d, rs in ROWS.items() for n, _ in rs]:
