@@ -10,7 +10,7 @@ import pytest
 
 from nnlaunder.errors import UserError
 from nnlaunder.experiments.config import expand, load_experiment, select_cells
-from nnlaunder.experiments.store import Store, export_workspace, merge_workspace
+from nnlaunder.experiments.store import Store, merge_workspace
 
 from .synthetic import keeper_that_stops
 
@@ -469,11 +469,10 @@ def test_a_cell_stopped_inside_neural_cleanse_continues_it(tmp_path, data_dir, m
     (cell,) = expand(spec)
     saves = []
     monkeypatch.setattr(runner, "Keeper", keeper_that_stops(saves))
-    with pytest.raises(KeyboardInterrupt):
-        runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False)
+    with pytest.raises(KeyboardInterrupt):             # `--export`: written when the run stops, too
+        runner.run_experiment([cell], tmp_path / "ws", str(data_dir), progress=False, export=tmp_path / "carried")
     kept = tmp_path / "ws" / "partial" / f"{cell.cell_id()}-nc"
     assert saves == [1, 2] and len(list(kept.glob("nc-*.safetensors"))) == 1
-    export_workspace(tmp_path / "ws", tmp_path / "carried")     # to another machine, as text + state files
     assert merge_workspace(tmp_path / "carried", tmp_path / "there") == (0, 0, 1)
     runner.run_experiment([cell], tmp_path / "there", str(data_dir), progress=False)
     assert saves[2] == 3                                       # epochs 1-2 came from the carried state

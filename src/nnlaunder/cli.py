@@ -260,8 +260,8 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"WM {summary['wm_acc']:.2f}% (threshold {summary['threshold']:.2f}%)"
               f"{' removed' if summary['removed'] else ''}", flush=True)
 
-    out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show,
-                         executor=args.executor, address=args.address, jobs=args.jobs, allow=allow)
+    out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show, executor=args.executor,
+                         address=args.address, jobs=args.jobs, allow=allow, export=args.export)
     print(f"{out['ran']} cells run, {out['skipped']} already in {ws / 'results.sqlite'}")
     return 0
 

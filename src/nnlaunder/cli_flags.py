@@ -337,6 +337,8 @@ def _add_run(sub: Any) -> None:
     s.add_argument("file", help="experiment file (TOML; docs/experiments.md)")
     s.add_argument("--workspace", default="runs/workspace", help="models and results.sqlite live here")
     s.add_argument("--dry-run", action="store_true", help="validate and list the cells, run nothing")
+    s.add_argument("--export", metavar="DIR", help="after every finished cell, and when the run stops, write the "
+                   "workspace's cells and the state of unfinished ones to DIR as text (`nnlaunder export`)")
     s.add_argument("--only", action="append", default=[], metavar="KEY=V1,V2",
                    help="run only the cells whose setting KEY has one of these values (repeatable: all must "
                         "match; a dotted KEY reads into a table), e.g. --only attack=nad,i-bau --only seed=0 "

@@ -48,7 +48,7 @@ from ..watermarks.schemes import Watermark, make_watermark
 from ..watermarks.verify import outcome
 from .config import CellConfig, digest
 from .evaluate import evaluator
-from .store import Store
+from .store import Store, export_workspace
 
 
 def clean_seed(cell: CellConfig, seed: int, ws: Path, tr: D.Dataset, te: D.Dataset, progress: bool):
@@ -319,8 +319,10 @@ def cell_lines(cells: Sequence[CellConfig], ws: str | Path) -> list[str]:
 def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | None, *, progress: bool = True,
                    on_cell: Callable[[CellConfig, dict[str, Any]], None] | None = None,
                    executor: str = "local", address: str | None = None, jobs: int = 1,
-                   allow: CodeAllowance | None = None) -> dict[str, int]:
-    """Run every unfinished cell; finished cells (same config) are skipped.
+                   allow: CodeAllowance | None = None, export: str | Path | None = None) -> dict[str, int]:
+    """Run every unfinished cell; finished cells (same config) are skipped. With `export`, the workspace's
+    cells and the state of unfinished ones are written there as text (`store.export_workspace`) after every
+    finished cell and when the run stops, however it stops short of a kill.
 
     `allow`: the factories the command line allows cells on the user's own model to import (none by
     default); every such cell is checked against it before anything runs.
@@ -352,16 +354,22 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
             bar.update(1)
             if on_cell is not None:
                 on_cell(cell, summary)
+            if export is not None:
+                export_workspace(ws, export)
 
-        if executor == "local" and jobs <= 1:
-            for cell in todo:
-                finish(cell, run_cell(cell, ws, data_dir, progress, allow))
-        elif executor == "local":
-            _run_in_pool(todo, ws, data_dir, jobs, progress, finish, allow)
-        elif executor == "ray":
-            _run_on_ray(todo, ws, str(D.resolve_data_dir(data_dir).resolve()), address, finish, allow)
-        else:
-            raise UserError(f"unknown executor {executor!r}; choose local or ray")
+        try:
+            if executor == "local" and jobs <= 1:
+                for cell in todo:
+                    finish(cell, run_cell(cell, ws, data_dir, progress, allow))
+            elif executor == "local":
+                _run_in_pool(todo, ws, data_dir, jobs, progress, finish, allow)
+            elif executor == "ray":
+                _run_on_ray(todo, ws, str(D.resolve_data_dir(data_dir).resolve()), address, finish, allow)
+            else:
+                raise UserError(f"unknown executor {executor!r}; choose local or ray")
+        finally:
+            if export is not None:
+                export_workspace(ws, export)           # with the state of a cell stopped part-way
         bar.close()
     return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}
 
