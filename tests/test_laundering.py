@@ -214,3 +214,29 @@ def test_a_launder_run_stopped_inside_neural_cleanse_resumes_it(tmp_path, monkey
     assert torch.equal(again.result.nc[0].masks, whole.result.nc[0].masks)
     for a, b in zip(again.result.model.state_dict().values(), whole.result.model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_kept_state_names_the_machines_of_the_states_a_run_used(tmp_path, monkeypatch):
+    """A Neural Cleanse state records where it was worked on; a state loaded but not used (another plan) lends
+    its machines to nothing, and one that is used makes the cell name them."""
+    from nnlaunder.attacks import records
+
+    model, x, cfg = tiny_net(), make_images(8, 0).x, nc_config("faithful")
+    state = {"tensors": {"t": torch.zeros(2)}, "meta": {"next_epoch": 3}}
+
+    def on(machine):
+        monkeypatch.setattr(records, "machine_name", lambda: machine)
+        keeper = records.Keeper(tmp_path)
+        return keeper, keeper(model, x, cfg, [0, 1])
+
+    _, keep = on("A")
+    keep.save(state)
+    keeper, keep = on("B")
+    assert keep.load()["meta"]["machines"] == ["A"]
+    keep.save(state)                                   # not used: B's own run from the start
+    assert keep.load()["meta"]["machines"] == ["B"] and keeper.machines == []
+    keeper, keep = on("C")
+    keep.load()
+    keep.resumed(5.0)                                  # used: C continues B's run
+    keep.save(state)
+    assert keep.load()["meta"]["machines"] == ["B", "C"] and keeper.machines == ["B"] and keeper.resumed == 5.0

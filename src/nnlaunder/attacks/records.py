@@ -144,7 +144,8 @@ class Keeper:
     def __init__(self, folder: Path, every: float = 60.0) -> None:
         self.folder, self.every, self.resumed = Path(folder), every, 0.0
         self.machines: list[str] = []       # where the states the runs used were worked on, this machine aside
-        self._seen: dict[Path, list[str]] = {}
+        self._seen: dict[Path, list[str]] = {}      # the machines a loaded state names (used or not)
+        self._ran: dict[Path, list[str]] = {}       # the machines a run's own state has been worked on
 
     def __call__(self, model: torch.nn.Module, x: Any, cfg: Any, cls: list[int]) -> NCKeep:
         key = run_digest(model, x, {"nc": dataclasses.asdict(cfg), "classes": cls}, machine=False)
@@ -154,8 +155,9 @@ class Keeper:
 
     def _count(self, path: Path, seconds: float) -> None:
         self.resumed += seconds
+        self._ran[path] = list(self._seen.get(path, []))           # the state was used: its machines count
         here = machine_name()
-        self.machines += [m for m in self._seen.get(path, []) if m != here and m not in self.machines]
+        self.machines += [m for m in self._ran[path] if m != here and m not in self.machines]
 
     def _load(self, path: Path) -> dict | None:
         from safetensors import SafetensorError, safe_open
@@ -173,7 +175,6 @@ class Keeper:
         return {"tensors": tensors, "meta": meta}
 
     def _save(self, path: Path, state: dict) -> None:
-        ran = [*self._seen.get(path, []), machine_name()]
-        self._seen[path] = list(dict.fromkeys(ran))
-        meta = {**state["meta"], "machines": self._seen[path]}
+        self._ran[path] = list(dict.fromkeys([*self._ran.get(path, []), machine_name()]))
+        meta = {**state["meta"], "machines": self._ran[path]}
         atomic_save_tensors(path, state["tensors"], {"nc_state": json.dumps(meta, default=str)})
