@@ -189,11 +189,14 @@ def test_an_export_is_the_store_as_text_and_merges_back_whole(tmp_path, capsys):
     carried = tmp_path / "new" / "partial" / ("c" * 16 + "-nc") / "nc-x.safetensors"
     assert carried.read_bytes().endswith(b"nc-x.safetensors")
     assert not (tmp_path / "new" / "triggers").exists()
+    (ws / "triggers" / ("c" * 16 + "-round01.safetensors")).write_bytes(b"t")
+    assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "x")]) == 0   # a running cell's rounds
+    assert (tmp_path / "x" / "triggers" / ("c" * 16 + "-round01.safetensors")).is_file()
     shutil.rmtree(ws / "partial")                                   # cell c finished since: its state goes
     with Store(ws / "results.sqlite") as s:
         s.record("c" * 16, "e1", {"k": 2}, [{"round": 0}], {}, 1.0)
     assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "x")]) == 0
-    assert not list((tmp_path / "x" / "partial").iterdir())
+    assert not list((tmp_path / "x" / "partial").iterdir()) and not list((tmp_path / "x" / "triggers").iterdir())
     assert len((tmp_path / "x" / "e1.jsonl").read_text().splitlines()) == 2
     assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "t"), "--experiments", "e1",
                  "--triggers"]) == 0

@@ -233,6 +233,9 @@ def export_workspace(ws: str | Path, out: str | Path, experiments: Sequence[str]
         for stale in sorted((out / "partial").glob("*")) if (out / "partial").is_dir() else []:
             if stale.name[:16] in done or not (ws / "partial" / stale.name).exists():     # finished since
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        for stale in sorted((out / "triggers").glob("*")) if (out / "triggers").is_dir() else []:
+            if stale.name[:16] in done and not (triggers and stale.name[:16] in mine):   # went with a running cell
+                stale.unlink()
         files = _copy_side_files(ws, out, lambda sub, cell: cell not in done
                                  or (triggers and sub == "triggers" and cell in mine), newer=True)
     except OSError as e:
