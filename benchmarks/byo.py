@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "examples" / "byo")]
+sys.path.insert(0, str(ROOT / "examples" / "byo"))      # the user's model code of the example
 from table5 import table5  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402

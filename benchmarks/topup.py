@@ -39,7 +39,6 @@ from nnlaunder.watermarks.schemes import Watermark, make_watermark
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-sys.path.insert(0, str(ROOT / "benchmarks"))
 from embed import PLAN  # noqa: E402
 
 

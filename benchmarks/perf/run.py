@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "src"))
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.laundering import (  # noqa: E402
