@@ -47,14 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[2]
-
-from nnlaunder import data as D  # noqa: E402
-from nnlaunder.attacks.laundering import (  # noqa: E402
+from nnlaunder import data as D
+from nnlaunder.attacks.laundering import (
     launder,
     launder_config,
 )
-from nnlaunder.attacks.neural_cleanse import (  # noqa: E402
+from nnlaunder.attacks.neural_cleanse import (
     amp_supported,
     anomaly_index,
     nc_config,
@@ -62,15 +60,17 @@ from nnlaunder.attacks.neural_cleanse import (  # noqa: E402
     plan_for,
     stamp,
 )
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
-from nnlaunder.device import code_commit  # noqa: E402
-from nnlaunder.experiments.evaluate import evaluator  # noqa: E402
-from nnlaunder.models import build  # noqa: E402
-from nnlaunder.recipes import owner_config  # noqa: E402
-from nnlaunder.speed import native  # noqa: E402
-from nnlaunder.speed.plans import machine  # noqa: E402
-from nnlaunder.train import predict, train  # noqa: E402
-from nnlaunder.watermarks.schemes import make_watermark  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model
+from nnlaunder.device import code_commit
+from nnlaunder.experiments.evaluate import evaluator
+from nnlaunder.models import build
+from nnlaunder.recipes import owner_config
+from nnlaunder.speed import native
+from nnlaunder.speed.plans import machine
+from nnlaunder.train import predict, train
+from nnlaunder.watermarks.schemes import make_watermark
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RESULTS = ROOT / "benchmarks" / "results"
 MACHINE = {**machine(torch.device("cpu")), "cpus": os.cpu_count()}   # recorded in every row
