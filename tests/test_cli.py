@@ -24,6 +24,7 @@ def run(args, capsys):
     (["threshold", "--dataset", "mnist", "--schemes", "zhang-foo", "--out", "t.json"], "unknown scheme"),
     (["embed", "--dataset", "mnist", "--scheme", "zhang-noise", "--param", "sigma=1", "--out", "x"],
      "unknown key"),
+    (["embed", "--dataset", "mnist", "--scheme", "adi", "--param", "mode=pt", "--out", "x"], "--base MODEL"),
 ])
 def test_user_mistakes_are_one_line_exit_2(args, needle, capsys, data_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -97,7 +97,7 @@ def embed(arch: str, dataset: str, scheme: str, params: dict[str, Any] | None = 
     check_data(arch, dataset, tr, te)
     wm = make_watermark(scheme, tr, te, data_dir, params or {})
     if base is None and wm.params.get("mode") == "pt":
-        raise UserError("adi mode=pt fine-tunes a clean pre-trained model: pass a base model")
+        raise UserError("adi mode=pt fine-tunes a clean pre-trained model: pass one (`--base MODEL`, or `base=`)")
     model = base if base is not None else build(arch, tr.num_classes, seed=seed)
     cfg = config or owner_config(arch)
     res = _embed(model, tr, wm, cfg, test=te, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
