@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from nnlaunder.device import code_commit, machine_name
-from nnlaunder.errors import UserError
 from nnlaunder.watermarks.verify import wilson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,11 +48,7 @@ def engine_cells(workspace: str | Path, experiments: list[str]) -> tuple[list[di
     from nnlaunder.experiments.config import load_experiment
     from nnlaunder.experiments.store import workspace_cells
 
-    ws = Path(workspace)
-    if not (ws / "results.sqlite").is_file() and not any(ws.glob("*.jsonl")):
-        raise UserError(f"no results store at {ws / 'results.sqlite'}: run the experiment files first "
-                        "(nnlaunder run ...), or merge benchmarks/cells into it")
-    cells = [c for c in workspace_cells(ws) if c["experiment"] in experiments]
+    cells = [c for c in workspace_cells(workspace) if c["experiment"] in experiments]
     return cells, {e: (sum(c["experiment"] == e for c in cells),
                        len(load_experiment(ROOT / "experiments" / "paper" / f"{e}.toml"))) for e in experiments}
 

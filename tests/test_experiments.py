@@ -300,12 +300,18 @@ def test_ray_executor_errors(tmp_path, data_dir):
         run_experiment(cells, tmp_path, str(data_dir), progress=False, executor="dask")
 
 
-def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
-    """--jobs 2: cells run in worker processes; the store equals an in-process run's."""
+def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir, monkeypatch):
+    """--jobs 2: cells run in worker processes; the store equals an in-process run's. With `--export`, the
+    export is written once after each finished cell (not again at the end) and holds every cell."""
     from pathlib import Path
 
     from nnlaunder.device import code_commit, machine_name, today
+    from nnlaunder.experiments import runner
     from nnlaunder.experiments.runner import run_experiment
+    from nnlaunder.experiments.store import export_workspace, workspace_cells
+
+    exports = []
+    monkeypatch.setattr(runner, "export_workspace", lambda ws, out: exports.append(out) or export_workspace(ws, out))
 
     repo = Path(__file__).resolve().parents[1]
     spec = {"name": "pool-grid", "dataset": "mnist", "scheme": "zhang-content", "attack": "prune",
@@ -313,8 +319,10 @@ def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
             "scheme_params": {"n_verify": 500}, "sweep": {"budget": [0.002, 0.003]}}
     got = {}
     for name, jobs in (("serial", 1), ("pool", 2)):
-        out = run_experiment(expand(spec), tmp_path / name, str(data_dir), progress=False, jobs=jobs)
+        out = run_experiment(expand(spec), tmp_path / name, str(data_dir), progress=False, jobs=jobs,
+                             export=tmp_path / f"{name}-cells")
         assert out == {"cells": 2, "ran": 2, "skipped": 0}
+        assert exports.count(tmp_path / f"{name}-cells") == 2 and len(workspace_cells(tmp_path / f"{name}-cells")) == 2
         with Store(tmp_path / name / "results.sqlite") as s:
             got[name] = {c["config"]["budget"]: [(r["test_acc"], r["wm_acc"]) for r in c["rounds"]]
                          for c in s.cells("pool-grid")}
@@ -323,6 +331,8 @@ def test_local_pool_executor_matches_in_process_run(tmp_path, data_dir):
                 assert c["summary"]["status"] and c["summary"]["base_rate"] is not None    # the verdict's why
                 assert c["summary"]["machine"].split(" (")[0] == machine_name().split(" (")[0]   # threads differ
     assert got["pool"] == got["serial"] and len(got["pool"]) == 2
+    run_experiment(expand(spec), tmp_path / "serial", str(data_dir), progress=False, export=tmp_path / "again")
+    assert exports[-1] == tmp_path / "again" and len(workspace_cells(tmp_path / "again")) == 2   # nothing to run
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path, data_dir):

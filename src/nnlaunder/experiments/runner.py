@@ -357,6 +357,7 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
             if export is not None:
                 export_workspace(ws, export)
 
+        completed = False
         try:
             if executor == "local" and jobs <= 1:
                 for cell in todo:
@@ -367,9 +368,10 @@ def run_experiment(cells: Sequence[CellConfig], ws: str | Path, data_dir: str | 
                 _run_on_ray(todo, ws, str(D.resolve_data_dir(data_dir).resolve()), address, finish, allow)
             else:
                 raise UserError(f"unknown executor {executor!r}; choose local or ray")
-        finally:
-            if export is not None:
-                export_workspace(ws, export)           # with the state of a cell stopped part-way
+            completed = True
+        finally:        # the last finished cell exported already; a stopped run adds its cell's saved state
+            if export is not None and not (completed and todo):
+                export_workspace(ws, export)
         bar.close()
     return {"cells": len(cells), "ran": len(todo), "skipped": len(cells) - len(todo)}
 

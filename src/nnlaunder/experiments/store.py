@@ -170,7 +170,9 @@ def workspace_cells(folder: str | Path) -> list[dict[str, Any]]:
             return s.cells()
     if folder.is_dir() and (any(folder.glob("*.jsonl")) or any((folder / d).is_dir() for d in SIDE_FOLDERS)):
         return read_export(folder)
-    raise UserError(f"{folder}: neither a workspace (results.sqlite) nor a cell export (*.jsonl)")
+    raise UserError(f"no results store at {folder / 'results.sqlite'} (nor a cell export, *.jsonl): run an experiment "
+                    f"first (`nnlaunder run FILE --workspace {folder}`), or merge an export into it "
+                    f"(`nnlaunder merge DIR --workspace {folder}`)")
 
 
 def _copy_side_files(src: Path, dst: Path, keep: Callable[[str, str], bool], newer: bool = False) -> int:

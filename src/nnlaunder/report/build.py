@@ -169,9 +169,6 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
     if rows is not None and Path(rows).is_dir():
         raise UserError(f"--rows {rows} is a folder; give the JSON file to write")
     db = ws / "results.sqlite"
-    if not db.is_file() and not any(ws.glob("*.jsonl")):
-        raise UserError(f"no results store at {db} (nor a cell export, *.jsonl); run an experiment first "
-                        f"(`nnlaunder run FILE --workspace {ws}`)")
     cells = workspace_cells(ws)                 # a workspace's store, or the cells `nnlaunder export` wrote
     if not cells:
         raise UserError(f"{db} holds no finished cell yet; run an experiment to the end of at least one cell "
