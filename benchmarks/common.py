@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from nnlaunder.device import code_commit, machine_name
+from nnlaunder.report.build import PAPER  # Aiken et al.'s Table 2: the figures every Table 2 result stands beside
 from nnlaunder.watermarks.verify import wilson
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,19 +64,6 @@ def row_label(r: dict[str, Any]) -> str:
     return r["scheme"] + (f"-{r['mode']}" if r.get("mode") else "")
 
 
-# Aiken et al. Table 2, "Ours" rows: the paper's figures beside which every Table 2 result is shown.
-PAPER = {
-    ("mnist", "zhang-content"): dict(orig_test_acc=99.90, test_acc=98.34, orig_wm_acc=100, wm_acc=0.01, threshold=1.5),
-    ("mnist", "zhang-noise"): dict(orig_test_acc=99.86, test_acc=97.45, orig_wm_acc=99.99, wm_acc=0.07, threshold=6.0),
-    ("mnist", "zhang-unrelated"): dict(orig_test_acc=99.92, test_acc=98.33, orig_wm_acc=99.71, wm_acc=15,
-                                       threshold=20),
-    ("cifar10", "zhang-content"): dict(orig_test_acc=90.24, test_acc=87.65, orig_wm_acc=100, wm_acc=1.4, threshold=5),
-    ("cifar10", "zhang-noise"): dict(orig_test_acc=89.01, test_acc=84.14, orig_wm_acc=100, wm_acc=0.5, threshold=4),
-    ("cifar10", "zhang-unrelated"): dict(orig_test_acc=89.77, test_acc=85.34, orig_wm_acc=99.94, wm_acc=16,
-                                         threshold=52),
-    ("cifar10", "adi-pt"): dict(orig_test_acc=91.55, test_acc=88.25, orig_wm_acc=100, wm_acc=7.0, threshold=12),
-    ("cifar10", "adi-fs"): dict(orig_test_acc=91.85, test_acc=84.73, orig_wm_acc=100, wm_acc=7.0, threshold=12),
-}
 # The Table 2 rows per dataset with the attacker's budget (a fraction of the training set).
 ROWS = {
     "mnist": [("zhang-content", 0.006), ("zhang-noise", 0.006), ("zhang-unrelated", 0.006)],
