@@ -134,7 +134,8 @@ def write_markdown(store: dict, battery: tuple[list[dict], str]) -> None:
                      f"{sum(r['outcome'] == 'destroyed' for r in rs)}/{n} | "
                      f"{statistics.mean(tests):.2f} ± {sd:.2f} | "
                      f"{statistics.median(wms):.2f} [{min(wms):.2f}-{max(wms):.2f}] | "
-                     f"{statistics.mean(r.get('attack_seconds', r['seconds']) for r in rs):.0f} | "
+                     f"{statistics.mean(r.get('work_seconds', r.get('attack_seconds', r['seconds'])) for r in rs):.0f}"
+                     " | "
                      f"{', '.join(sorted({str(r.get('machine')) for r in rs}))} |")
     lines += moved_lines(store["rows"])
     cells, counts = battery

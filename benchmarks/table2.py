@@ -76,7 +76,9 @@ def cell_rows(cells: list[dict]) -> list[dict]:
     for c, row in zip(cells, flat_rows(cells), strict=True):
         r1 = c["rounds"][1] if len(c["rounds"]) > 1 else {}
         nc = (c["config"].get("attack_params") or {}).get("nc") or {}
-        out.append({**row, "variant": variant(c["config"]), "nc_preset": nc.get("preset", "faithful"),
+        reused = row["work_seconds"] - row.get("attack_seconds", row["seconds"])    # an earlier cell's Neural Cleanse
+        out.append({**row, "seconds": row["seconds"] + reused,                      # counted, as if run alone
+                    "variant": variant(c["config"]), "nc_preset": nc.get("preset", "faithful"),
                     "options": options(c), "flagged": r1.get("flagged"), "used_triggers": r1.get("used"),
                     "resets": r1.get("resets") or {},
                     "nc_seconds": r1.get("nc_seconds"), "model": f"{c['config']['owner_path']}.safetensors",

@@ -87,9 +87,17 @@ def _told_apart(cs: list[dict], groups: list[list[dict]]) -> str:
     return " ".join(parts + ([f"[{' '.join(shown)}]"] if shown else []))
 
 
+def work_seconds(cell: dict) -> float:
+    """The seconds a cell's attack costs on its own: its attack's (the whole cell's where those are not kept),
+    plus its Neural Cleanse's where the cell reused one an earlier cell of the workspace ran."""
+    sm, rounds = cell["summary"], cell.get("rounds") or []
+    reused = (rounds[1].get("nc_seconds") or 0.0) if sm.get("nc_reused") and len(rounds) > 1 else 0.0
+    return sm.get("attack_seconds", cell["seconds"]) + reused
+
+
 def _seconds(cs: list[dict]) -> float:
-    """A configuration's mean attack seconds per cell (the whole cell's where the attack's are not kept)."""
-    return statistics.mean(c["summary"].get("attack_seconds", c["seconds"]) for c in cs)
+    """A configuration's mean attack seconds per cell (`work_seconds`)."""
+    return statistics.mean(work_seconds(c) for c in cs)
 
 
 def _removes(cs: list[dict]) -> bool:

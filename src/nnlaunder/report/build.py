@@ -32,7 +32,7 @@ from ..experiments.store import ran_on, workspace_cells  # noqa: E402
 from ..models import DEFAULT_ARCH  # noqa: E402
 from ..plots import reconstructions, trigger_grid  # noqa: E402
 from ..watermarks.verify import cell_p, format_p, wilson  # noqa: E402
-from .battery import battery_section, budget_label, scheme_name  # noqa: E402
+from .battery import battery_section, budget_label, scheme_name, work_seconds  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): the owner's model before and after laundering, and the vanilla threshold.
 PAPER = {
@@ -138,7 +138,8 @@ def _paper(cfg: dict) -> tuple[float | None, float | None, float | None]:
 def flat_rows(cells: list[dict]) -> list[dict[str, Any]]:
     """One row per finished cell, as results files keep them: what the cell is (dataset, architecture (the
     dataset's default where the cell names none), scheme with Adi's mode, attack, budget, seed), its summary
-    (accuracies, threshold, outcome, machine, commit, date), its seconds and its whole config."""
+    (accuracies, threshold, outcome, machine, commit, date), its seconds, its attack's `work_seconds` and its whole
+    config."""
     out = []
     for c in cells:
         cfg = c["config"]
@@ -148,7 +149,7 @@ def flat_rows(cells: list[dict]) -> list[dict[str, Any]]:
                "rounds": cfg["rounds"]}
         if (cfg.get("scheme_params") or {}).get("mode"):
             row["mode"] = cfg["scheme_params"]["mode"]
-        out.append({**row, **c["summary"], "seconds": c["seconds"], "config": cfg})
+        out.append({**row, **c["summary"], "seconds": c["seconds"], "work_seconds": work_seconds(c), "config": cfg})
     return out
 
 
@@ -281,7 +282,7 @@ def _seeds_row(cs: list[dict]) -> str:
     rule = f" ({sms[0]['threshold_paper']:.2f})" if "threshold_paper" in sms[0] else ""
     ps = sorted((cell_p(sm) for sm in sms), key=lambda t: t[0])
     p_mid = format_p(*ps[(len(ps) - 1) // 2])          # the median (the lower one of an even count)
-    secs = statistics.mean(sm.get("attack_seconds", c["seconds"]) for sm, c in zip(sms, cs, strict=True))
+    secs = statistics.mean(work_seconds(c) for c in cs)
     return (f"| {cs[0]['experiment']} | {cfg['dataset']} | {scheme_name(cfg)} | {cfg['attack']} | "
             f"{budget_label(cfg['budget'])} | {n} | {k}/{n} ({100 * lo:.0f}-{100 * hi:.0f}%) | "
             f"{outs.count('destroyed')}/{n} | {statistics.mean(sm['orig_test_acc'] for sm in sms):.2f} → "
