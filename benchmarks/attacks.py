@@ -28,22 +28,18 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from common import counts_line, engine_cells, provenance, row_label, wilson
+from common import RESULTS, ROOT, counts_line, engine_cells, provenance, row_label, stored, wilson, write
 
 from nnlaunder import data as D
 from nnlaunder.attacks.registry import ATTACKS
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.models import Normalize
 from nnlaunder.report.battery import battery_table, remover_lines
 from nnlaunder.report.build import build_report, flat_rows
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-OUT = RESULTS / "attacks.json"
-PREVIOUS = RESULTS / "attacks-previous.json"   # the rows as this script's own loop stored them, before the engine
+OUT = "attacks.json"
+PREVIOUS = "attacks-previous.json"   # the rows as this script's own loop stored them, before the engine
 NEW = ("nad", "anp", "i-bau", "dehydration")
 EXPERIMENTS = ["attacks-mnist", "attacks-cifar10", "attacks-cifar10-20pct"]
 # Every attack on the Table 2 models: laundering, the seed paper's battery and the four above.
@@ -52,7 +48,7 @@ BATTERY = ["table2-mnist", "baselines-mnist", "attacks-mnist", "table2-cifar10",
 
 
 def _store() -> dict:
-    return json.loads(OUT.read_text()) if OUT.is_file() else {"validation": [], "rows": []}
+    return stored(OUT, {"validation": [], "rows": []})
 
 
 def validate(args, store: dict, cmd: str) -> None:
@@ -88,7 +84,7 @@ def validate(args, store: dict, cmd: str) -> None:
                "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                "info": json.loads(json.dumps(res.info, default=str)), **provenance(cmd)}
         store["validation"].append(row)
-        atomic_write_json(OUT, store)
+        write(OUT, store)
         print(f"validate {name}: attack success {row['asr_before']:.2f} -> {row['asr_after']:.2f}%, test "
               f"{row['test_before']:.2f} -> {row['test_after']:.2f}%, {row['seconds']:.0f} s", flush=True)
 
@@ -141,7 +137,7 @@ def write_markdown(store: dict, battery: tuple[list[dict], str]) -> None:
     cells, counts = battery
     lines += ["", "## The cheapest attack that removes each watermark", "", counts_line(counts), "",
               *remover_lines(battery_table(cells))]
-    atomic_write_bytes(RESULTS / "attacks.md", ("\n".join(lines) + "\n").encode())
+    write("attacks.md", lines)
 
 
 def moved_lines(rows: list[dict]) -> list[str]:
@@ -149,7 +145,7 @@ def moved_lines(rows: list[dict]) -> list[str]:
     def key(r: dict) -> tuple:
         return r["dataset"], row_label(r), r["attack"], r["seed"]
 
-    old = {key(r): r for r in json.loads(PREVIOUS.read_text())["rows"]} if PREVIOUS.is_file() else {}
+    old = {key(r): r for r in stored(PREVIOUS, {"rows": []})["rows"]}
     pairs = [(old[key(r)], r) for r in rows if key(r) in old]
     if not pairs:
         return []
@@ -158,7 +154,7 @@ def moved_lines(rows: list[dict]) -> list[str]:
              for o, n in pairs if o["outcome"] != n["outcome"]]
     same = [(o, n) for o, n in pairs if o["machine"] == n["machine"]]
     gap = max((max(abs(o["test_acc"] - n["test_acc"]), abs(o["wm_acc"] - n["wm_acc"])) for o, n in same), default=0)
-    return ["", f"Against the rows this script's own loop stored before ({PREVIOUS.name}, some on an H200): "
+    return ["", f"Against the rows this script's own loop stored before ({PREVIOUS}, some on an H200): "
             f"{len(pairs) - len(moved)} of {len(pairs)} runs keep their outcome; on the same machine the accuracies "
             f"differ by at most {gap:.2f} points. The engine seeds every draw of an attack with the cell's seed, "
             "nested ones included (NAD's teacher fine-tuning); the loop set only the attack's own `seed`, so seed-0 "
@@ -193,7 +189,7 @@ def main(argv=None) -> int:
     rows = flat_rows([c for c in battery[0] if c["experiment"] in EXPERIMENTS])
     have = {r["cell_id"] for r in rows}                     # a cell the store lacks keeps the row stored before
     store["rows"] = rows + [r for r in store["rows"] if r.get("cell_id") and r["cell_id"] not in have]
-    atomic_write_json(OUT, store)
+    write(OUT, store)
     write_markdown(store, battery)
     for ds in ("mnist", "cifar10"):          # the engine's report of every attack on that dataset's models
         have = sorted({c["experiment"] for c in battery[0] if c["config"]["dataset"] == ds})

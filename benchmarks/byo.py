@@ -25,18 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, ROOT, write
 from safetensors.torch import save_file
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "byo"))      # the user's model code of the example
 from table5 import table5  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model  # noqa: E402
+from nnlaunder.checkpoint import atomic_write_bytes, load_model  # noqa: E402
 from nnlaunder.cli import main as cli  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 TARGET = 0
 MEAN, STD = 0.1307, 0.3081
 
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
            "seconds": launder_s, "nc_seconds": r1["nc_seconds"], "seed": args.seed,
            "command": "python benchmarks/byo.py" + (f" --seed {args.seed}" if args.seed else ""),
            "launder_command": "nnlaunder " + " ".join(c if "/" not in c else Path(c).name for c in cmd)}
-    atomic_write_json(RESULTS / "byo.json", [row])
+    write("byo.json", [row])
     md = ["# Bring your own model: a BadNets backdoor planted by someone else's code", "",
           "The backdoored Table 5 network is defined and trained in plain PyTorch (examples/byo/table5.py,",
           "`plant()` in benchmarks/byo.py: 10% of MNIST's training images get a 4×4 white corner square and",
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
           f"{'yes' if row['removed'] else '**no**'} | {row['flagged']} | {sum(row['resets'].values())} | "
           f"{launder_s:.0f} |", "", "Recovered triggers: triggers-byo-backdoor.png", "",
           "Commands:", f"    {row['command']}", f"    {row['launder_command']}", ""]
-    atomic_write_bytes(RESULTS / "byo.md", "\n".join(md).encode())
+    write("byo.md", "\n".join(md))
     print("\n".join(md))
     return 0
 

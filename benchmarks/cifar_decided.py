@@ -37,28 +37,24 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
-from common import PAPER, ROWS, default_thresholds, provenance, wilson
+from common import PAPER, ROOT, ROWS, default_thresholds, provenance, stored, wilson, write
 
 from nnlaunder import data as D
 from nnlaunder.attacks.laundering import launder_config, mask_images, reset_and_retrain_on, stamped_sets, used_triggers
 from nnlaunder.attacks.neural_cleanse import nc_config
 from nnlaunder.attacks.units import discover_units, select_units
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest
+from nnlaunder.checkpoint import load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.experiments.nc_memo import kept_nc
 from nnlaunder.watermarks.schemes import Watermark, make_watermark
 from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-OUT = RESULTS / "cifar10-decided.json"
+OUT = "cifar10-decided.json"
 CACHE = ROOT / "runs" / "cifar-decided"
 DS = "cifar10"
 NC_PRESET = "fast"
@@ -106,16 +102,11 @@ CARRIED = {("table2-seeds.json", "strong"): "strong",
                                                        "preset", "calibrated")}}
 
 
-def load_rows(name: str) -> list | dict:
-    p = RESULTS / name
-    return json.loads(p.read_text()) if p.is_file() else []
-
-
 def headline_config(name: str) -> dict:
     """The strong attack table2.json records for the row: its DT, CT, layers and retraining epochs (an engine
     cell's settings, or a stored row's options), the strong variant's defaults for what it does not set."""
     strong = launder_config("strong")
-    for r in load_rows("table2.json"):
+    for r in stored("table2.json"):
         if (r["dataset"], r["name"]) == (DS, name):
             ap = r.get("options") or r["config"]["attack_params"]
             return {"dt": ap["dt"], "ct": ap["ct"], "layers": ap["layers"],
@@ -179,7 +170,7 @@ def _options(cfg) -> dict:
 
 def run(args) -> None:
     cmd = "python benchmarks/cifar_decided.py " + " ".join(sys.argv[1:])
-    rows = load_rows(OUT.name)["rows"] if OUT.is_file() else []
+    rows = stored(OUT, {"rows": []})["rows"]
     done = {(r["row"], r["arm"], r["seed"]) for r in rows if r.get("source") is None}
     tr, te = D.load(DS, args.data_dir, "train"), D.load(DS, args.data_dir, "test")
     th = default_thresholds(DS)
@@ -225,7 +216,7 @@ def run(args) -> None:
                        **provenance(cmd), "model": f"models/{DS}/{name}.safetensors", "model_sha256": sha}
                 rows.append(row)
                 done.add((name, arm, seed))
-                write(rows)
+                write_rows(rows)
                 print(f"{name} [{arm}] seed {seed}: test {before['test_acc']:.2f} -> {after['test_acc']:.2f}%, WM "
                       f"{before['wm_acc']:.2f} -> {after['wm_acc']:.2f}% (threshold {th[name]:.2f}%) {out}, "
                       f"resets {sum(facts['resets'].values())}, {row['seconds']:.0f} s", flush=True)
@@ -235,7 +226,7 @@ def run(args) -> None:
 def carried() -> list[dict]:
     out = []
     for (fname, variant), arm in CARRIED.items():
-        for r in load_rows(fname):
+        for r in stored(fname):
             if r["dataset"] == DS and r["variant"] == variant and r.get("nc_preset") != "faithful":
                 name = f"adi-{r['mode']}" if r["scheme"] == "adi" else r["name"]
                 out.append({**{k: r.get(k) for k in ("seed", "dataset", "arch", "budget", "n_clean", "orig_test_acc",
@@ -270,15 +261,15 @@ def decide(rows: list[dict], name: str) -> tuple[str, list[str]]:
     return ("costlier", wins) if wins else ("not-reproduced", [])
 
 
-def write(rows: list[dict]) -> None:
+def write_rows(rows: list[dict]) -> None:
     own = [r for r in rows if r.get("source") is None]
     every = own + carried()
     verdicts = {name: decide(every, name)[0] for name in ARMS}
-    atomic_write_json(OUT, {"rows": every, "verdicts": verdicts})
+    write(OUT, {"rows": every, "verdicts": verdicts})
 
 
 def write_markdown() -> None:
-    data = json.loads(OUT.read_text())
+    data = stored(OUT)
     rows = data["rows"]
     lines = ["# CIFAR-10: the oracle decomposition and the decisive arms", "",
              "Written by `benchmarks/cifar_decided.py` (each JSON row names its command, machine, date and commit). "
@@ -328,7 +319,7 @@ def write_markdown() -> None:
             lines.append(f"| {arm} | " + " | ".join(f"{statistics.median(x[str(c)] for x in ls):.1f}"
                                                     for c in range(10)) + " |")
         lines.append("")
-    atomic_write_bytes(RESULTS / "cifar10-decided.md", ("\n".join(lines) + "\n").encode())
+    write("cifar10-decided.md", lines)
 
 
 def main(argv=None) -> int:
@@ -350,7 +341,7 @@ def main(argv=None) -> int:
         except ValueError:
             ap.error("--seeds takes comma-separated integers")
         run(args)
-    write(load_rows(OUT.name)["rows"] if OUT.is_file() else [])
+    write_rows(stored(OUT, {"rows": []})["rows"])
     write_markdown()
     return 0
 

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.device import code_commit, machine_name
 from nnlaunder.report.build import PAPER  # Aiken et al.'s Table 2: the figures every Table 2 result stands beside
 from nnlaunder.watermarks.verify import wilson
@@ -14,8 +15,8 @@ from nnlaunder.watermarks.verify import wilson
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
-__all__ = ["ROOT", "RESULTS", "PAPER", "ROWS", "machine", "commit", "provenance", "default_thresholds", "engine_cells",
-           "counts_line", "row_label", "wilson"]
+__all__ = ["ROOT", "RESULTS", "PAPER", "ROWS", "machine", "commit", "provenance", "stored", "write",
+           "default_thresholds", "engine_cells", "counts_line", "row_label", "wilson"]
 
 
 def machine() -> str:
@@ -36,9 +37,26 @@ def provenance(command: str, rev: str | None = None) -> dict[str, str]:
             "command": command}
 
 
+def stored(name: str, empty: Any = None) -> Any:
+    """The result file benchmarks/results/<name> as stored, or `empty` ([] unless given) before a run wrote it."""
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else ([] if empty is None else empty)
+
+
+def write(name: str, data: Any) -> Path:
+    """Write benchmarks/results/<name> whole or not at all: JSON for a .json name, else text (a list of Markdown
+    lines is joined, ending in a newline)."""
+    path = RESULTS / name
+    if name.endswith(".json"):
+        atomic_write_json(path, data)
+    else:
+        atomic_write_bytes(path, (data if isinstance(data, str) else "\n".join(data) + "\n").encode())
+    return path
+
+
 def default_thresholds(ds: str) -> dict[str, float]:
     """The default rule's threshold (percent) for each Table 2 row of `ds` (verdicts.json)."""
-    rows = json.loads((RESULTS / "verdicts.json").read_text())["thresholds"]
+    rows = stored("verdicts.json")["thresholds"]
     return {t["row"]: t["threshold"] for t in rows if t["default"] and t["dataset"] == ds}
 
 

@@ -12,17 +12,16 @@ continues from its last finished epoch (models/<dataset>/<name>.ckpt/): the run 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import PAPER, row_label
+from common import PAPER, ROOT, row_label, stored, write
 
 from nnlaunder import data as D
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
+from nnlaunder.checkpoint import load_model, save_model
 from nnlaunder.device import compute_device
 from nnlaunder.models import build
 from nnlaunder.recipes import owner_config
@@ -32,8 +31,6 @@ from nnlaunder.watermarks.schemes import make_watermark
 from nnlaunder.watermarks.verify import verify
 
 DEVICE = str(compute_device())
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def _paper(ds: str, name: str) -> dict | None:
@@ -133,8 +130,8 @@ def run_dataset(ds: str, args: argparse.Namespace) -> list[dict]:
                      "clean_test_acc_seeds": [m["metrics"]["test_acc"] for m in metas], "paper": None,
                      "command": cmd})
     if not args.only:
-        atomic_write_json(RESULTS / f"thresholds-{ds}.json", {"dataset": ds, "thresholds": thresholds,
-                                                              "by_arch": curves_out, "command": cmd})
+        write(f"thresholds-{ds}.json", {"dataset": ds, "thresholds": thresholds, "by_arch": curves_out,
+                                        "command": cmd})
 
     # 2. Watermarked models.
     for name, arch, scheme, _params in plan:
@@ -235,9 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"embed.py: error: unknown dataset(s) {bad}; choose from {sorted(PLAN)}", file=sys.stderr)
         return 2
-    path = RESULTS / "embed.json"
-    old = json.loads(path.read_text()) if path.is_file() else []
-    rows = [r for r in old if r["dataset"] not in datasets]
+    rows = [r for r in stored("embed.json") if r["dataset"] not in datasets]
     for ds in datasets:
         rows += run_dataset(ds, args)
     if args.only:
@@ -245,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     order = {d: i for i, d in enumerate(PLAN)}
     rows.sort(key=lambda r: order.get(r["dataset"], 99))
-    atomic_write_json(path, rows)
-    atomic_write_bytes(RESULTS / "embed.md", write_markdown(rows).encode())
-    print(f"wrote {path} and embed.md")
+    write("embed.json", rows)
+    write("embed.md", write_markdown(rows))
+    print("wrote benchmarks/results/embed.json and embed.md")
     return 0
 
 

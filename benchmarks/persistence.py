@@ -22,22 +22,17 @@ their command and commit).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import counts_line, engine_cells  # noqa: E402
+from common import RESULTS, ROOT, counts_line, engine_cells, stored, write  # noqa: E402
 
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json  # noqa: E402
 from nnlaunder.report.battery import scheme_name  # noqa: E402
 from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 MODELS = {"mnist": ["zhang-content", "zhang-noise", "zhang-unrelated"],
           "cifar10": ["zhang-content", "zhang-noise", "zhang-unrelated", "adi-pt", "adi-fs"]}
 PHASES = ["embedded", "finetuned", "finetuned-mixed", "restored", "laundered", "laundered-restored"]
@@ -161,17 +156,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", default=str(ROOT / "runs" / "paper"), help="the engine's workspace")
     args = ap.parse_args(argv)
-    stored = json.loads((RESULTS / "persistence.json").read_text()) if (RESULTS / "persistence.json").is_file() else []
+    before = stored("persistence.json")
     rows: list[dict] = []
     for ds, exp in EXPERIMENTS.items():
         cells, counts = engine_cells(args.workspace, [exp])
         have, total = counts[exp]
-        rows += phase_rows(cells) if have == total else [r for r in stored if r["dataset"] == ds]
+        rows += phase_rows(cells) if have == total else [r for r in before if r["dataset"] == ds]
         print(f"{ds}: {'the engine' if have == total else 'the rows stored before'} ({counts_line(counts)})")
-    atomic_write_json(RESULTS / "persistence.json", rows)
+    write("persistence.json", rows)
     for ds in sorted({r["dataset"] for r in rows}):
         plot(rows, ds)
-    atomic_write_bytes(RESULTS / "persistence.md", markdown(rows).encode())
+    write("persistence.md", markdown(rows))
     print("wrote persistence.json, persistence.md and plots")
     return 0
 

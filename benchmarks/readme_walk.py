@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import shlex
@@ -26,7 +25,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
 
 EXPECTED_RC = {"--executor ray": 2}          # no Ray cluster here: one line, exit 2
@@ -73,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=int, default=3600, help="seconds per command (default 3600)")
     args = ap.parse_args(argv)
     wd = workdir(Path(args.workdir))
-    out_json = RESULTS / "readme-walk.json"
-    rows = json.loads(out_json.read_text()) if out_json.is_file() else []
+    rows = common.stored("readme-walk.json")
     here = common.commit()
     passed = {r["command"] for r in rows if r["ok"] and r["commit"] == here}
     env = {**os.environ}
@@ -108,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    rc {rc} (want {want}), {secs:.0f} s: {row['note']}", flush=True)
         rows = [r for r in rows if r["command"] != cmd] + [row]
         rows.sort(key=lambda r: r["n"])
-        out_json.write_text(json.dumps(rows, indent=1) + "\n")
-    write_markdown(rows, readme_commands())
+        common.write("readme-walk.json", rows)
+    common.write("readme-walk.md", markdown(rows, readme_commands()))
     return 0 if all(r["ok"] for r in rows) else 1
 
 
-def write_markdown(rows: list[dict], commands: list[str]) -> None:
+def markdown(rows: list[dict], commands: list[str]) -> list[str]:
     lines = ["# The README's commands, as written, in order", "",
              "Wall time of each command of the README on the machine named (`python benchmarks/readme_walk.py`; "
              "each ran in a scratch folder after the ones above it). The commands that need hours on a CPU "
@@ -129,7 +126,7 @@ def write_markdown(rows: list[dict], commands: list[str]) -> None:
             outcome += f": {r['note'][:120]}"
         lines.append(f"| {r['n']} | `{r['command']}` | {t} | {outcome.replace('|', '/')} | {r['machine']} | "
                      f"{r['date']} | {r['commit']} |")
-    (RESULTS / "readme-walk.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 if __name__ == "__main__":

@@ -17,16 +17,12 @@ check on the attacked model, and the owner's restoration for the battery) change
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
-from pathlib import Path
 
-from nnlaunder.checkpoint import atomic_write_bytes
+from common import stored, write
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PREVIOUS = "table2-seeds-previous.json"
 
 
@@ -108,7 +104,7 @@ def others_section() -> list[str]:
     md = ["| file | changes | unchanged |", "|---|---|---|"]
     for f in ("table2-ablation-previous.json", "baselines-previous.json"):
         moves: dict[tuple[str, str], int] = defaultdict(int)
-        for r in json.loads((RESULTS / f).read_text()):
+        for r in stored(f):
             moves[("removed" if r["removed_paper"] else "kept", r["outcome"])] += 1
         changed = ", ".join(f"{a} -> {b}: {k}" for (a, b), k in sorted(moves.items()) if a != b) or "none"
         same = ", ".join(f"{a}: {k}" for (a, b), k in sorted(moves.items()) if a == b) or "none"
@@ -131,9 +127,8 @@ def baselines_section() -> list[str]:
     def key(r: dict) -> tuple:
         return (r["dataset"], r["name"], r["attack"], float(r["budget"]))
 
-    old = {key(r): r for r in json.loads((RESULTS / "baselines-previous.json").read_text())}
-    path = RESULTS / "baselines.json"
-    new = [r for r in json.loads(path.read_text()) if r.get("commit")] if path.is_file() else []
+    old = {key(r): r for r in stored("baselines-previous.json")}
+    new = [r for r in stored("baselines.json") if r.get("commit")]
     if not new:
         return ["baselines.json holds no re-run row yet."]
     md = ["| dataset | model | attack | budget | stored | re-run | WM %, stored -> re-run | test %, stored -> re-run "
@@ -154,8 +149,7 @@ def baselines_section() -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.parse_args(argv)
-    previous = json.loads((RESULTS / PREVIOUS).read_text())
-    rerun = json.loads((RESULTS / "table2-seeds.json").read_text())
+    previous, rerun = stored(PREVIOUS), stored("table2-seeds.json")
     md = ["# What changed under the verdict rules", "",
           "`python benchmarks/redecide.py`. First, the stored Table 2 rows (table2-seeds-previous.json: the strong "
           "attack over attacker seeds, run at the commits each row names) re-decided with the default `converged` "
@@ -179,7 +173,7 @@ def main(argv=None) -> int:
            "the same cell run again through the engine (`experiments/paper/baselines-*.toml`: decided as "
            "`nnlaunder verify` decides, base-rate check included, then the owner's restoration). Cells whose "
            "outcome moved:", "", *baselines_section()]
-    atomic_write_bytes(RESULTS / "what-changed.md", ("\n".join(md) + "\n").encode())
+    write("what-changed.md", md)
     print("\n".join(md))
     return 0
 

@@ -22,15 +22,13 @@ its records are table2-variants.json (the calibration table of table2.md).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
-from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, wilson
+from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored, wilson, write
 
 from nnlaunder.attacks.calibrate import apply_candidate
 from nnlaunder.attacks.laundering import config_from_params
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.report.build import build_report, flat_rows
 from nnlaunder.watermarks.verify import cell_p, format_p
 
@@ -90,7 +88,7 @@ def paper_rule(rows: list[dict]) -> list[dict]:
     """Each row with the paper's-rule threshold of verdicts.json beside its own (a cell given its threshold in
     the experiment file records no other)."""
     paper = {(t["dataset"], t["row"]): t["threshold"]
-             for t in json.loads((RESULTS / "verdicts.json").read_text())["thresholds"] if t["rule"] == "paper"}
+             for t in stored("verdicts.json")["thresholds"] if t["rule"] == "paper"}
     return [{**r, "threshold_paper": paper[(r["dataset"], r["name"])]} if (r["dataset"], r["name"]) in paper else r
             for r in rows]
 
@@ -100,10 +98,8 @@ def merged(file: str, engine: list[dict]) -> list[dict]:
     def key(r: dict) -> tuple:
         return r["dataset"], r["name"], r["seed"], r["variant"]
 
-    path = RESULTS / file
-    stored = json.loads(path.read_text()) if path.is_file() else []
     have = {key(r) for r in engine}
-    return engine + [r for r in stored if key(r) not in have and r.get("nc_preset") == "fast"]
+    return engine + [r for r in stored(file) if key(r) not in have and r.get("nc_preset") == "fast"]
 
 
 def summary(rs: list[dict]) -> dict:
@@ -301,7 +297,7 @@ def protocol_time(seeds: list[dict]) -> None:
     for r in seeds:
         by.setdefault((r["dataset"], r["name"]), []).append(r["seconds"])
     robust = sum(5 * statistics.median(v) for v in by.values())
-    perf = [x for x in json.loads((RESULTS / "perf.json").read_text()) if x.get("name") != "table2_protocol"]
+    perf = [x for x in stored("perf.json") if x.get("name") != "table2_protocol"]
     perf.append({"name": "table2_protocol", "seconds": robust, "seconds_summed": sum(map(sum, by.values())),
                  "rows": len(by), "runs": len(seeds), "goal_seconds": 3600,
                  "machine": ", ".join(sorted({r["machine"] for r in seeds})), "date": max(r["date"] for r in seeds),
@@ -312,7 +308,7 @@ def protocol_time(seeds: list[dict]) -> None:
                  "notes": "Table 2 protocol: 8 rows x 5 attacker seeds, one round each (Neural Cleanse with the "
                           "library's fast preset + Algorithm 1 + retraining + evaluation), run one at a time; "
                           "seconds = sum of each row's median cell x 5, seconds_summed = the cells' own wall times"})
-    atomic_write_json(RESULTS / "perf.json", perf)
+    write("perf.json", perf)
     print(f"table2_protocol: {robust / 60:.1f} min over {len(seeds)} runs")
 
 
@@ -325,13 +321,12 @@ def main(argv=None) -> int:
     rows = paper_rule(cell_rows(cells))
     seeds = merged("table2-seeds.json", [r for r in rows if r["experiment"] in HEADLINE])
     abl = merged("table2-ablation.json", [r for r in rows if r["experiment"] == ABLATION])
-    atomic_write_json(RESULTS / "table2-seeds.json", seeds)
-    atomic_write_json(RESULTS / "table2-ablation.json", abl)
-    atomic_write_json(RESULTS / "table2.json", headline(seeds))
-    variants = json.loads((RESULTS / "table2-variants.json").read_text())
-    atomic_write_bytes(RESULTS / "table2-seeds.md", seeds_markdown(seeds, counts).encode())
-    atomic_write_bytes(RESULTS / "table2.md", table2_markdown(headline(seeds), variants).encode())
-    atomic_write_bytes(RESULTS / "table2-ablation.md", ablation_markdown(seeds, abl).encode())
+    write("table2-seeds.json", seeds)
+    write("table2-ablation.json", abl)
+    write("table2.json", headline(seeds))
+    write("table2-seeds.md", seeds_markdown(seeds, counts))
+    write("table2.md", table2_markdown(headline(seeds), stored("table2-variants.json")))
+    write("table2-ablation.md", ablation_markdown(seeds, abl))
     build_report(args.workspace, RESULTS / "table2-engine",
                  experiments=sorted({c["experiment"] for c in cells}))
     if args.protocol_time:

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-from nnlaunder.checkpoint import atomic_write_bytes
+from common import RESULTS, write
+
 from nnlaunder.plots import threshold_provenance
-
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def main() -> int:
@@ -44,8 +42,7 @@ def main() -> int:
                 lines.append(f"| {d['dataset']} | {arch} | {s} | {ths.get(s, best[0]):.2f} | seed {best[2]}, epoch "
                              f"{best[1]} | {len(per_seed)} × {len(per_seed[0])} | {flat[len(flat) // 2]:.2f} |")
             lines += ["", f"![{d['dataset']} {arch}]({png.name})", ""]
-    atomic_write_bytes(RESULTS / "thresholds.md", ("\n".join(lines) + "\n").encode())
-    print(f"wrote {RESULTS / 'thresholds.md'}")
+    print(f"wrote {write('thresholds.md', lines)}")
     return 0
 
 

@@ -21,25 +21,21 @@ Writes benchmarks/results/topup.json + topup.md. Then `python benchmarks/embed.p
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
-from pathlib import Path
 
 import torch
+from common import ROOT, stored, write
+from embed import PLAN
 
 from nnlaunder import data as D
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, save_model
+from nnlaunder.checkpoint import load_model, save_model
 from nnlaunder.device import compute_device
 from nnlaunder.errors import UserError
 from nnlaunder.recipes import owner_config
 from nnlaunder.train import accuracy
 from nnlaunder.watermarks.embed import embed
 from nnlaunder.watermarks.schemes import Watermark, make_watermark
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-from embed import PLAN  # noqa: E402
 
 
 def held_out_triggers(wm: Watermark, train: D.Dataset, n: int, seed: int = 0
@@ -159,12 +155,10 @@ def run(argv: list[str] | None) -> int:
            "chosen_repeat": best["repeat"], "test_acc_before": base_meta["metrics"]["test_acc"],
            "wm_acc_before": base_meta["metrics"]["wm_acc"], "test_acc": test_acc, "wm_acc": wm_acc,
            "command": cmd}
-    path = RESULTS / "topup.json"
-    rows = [r for r in (json.loads(path.read_text()) if path.is_file() else [])
-            if (r["dataset"], r["name"]) != (args.dataset, args.name)] + [row]
-    atomic_write_json(path, rows)
-    atomic_write_bytes(RESULTS / "topup.md", markdown(rows).encode())
-    print(f"saved {cur.relative_to(ROOT)}.safetensors; wrote {path.relative_to(ROOT)} and topup.md")
+    rows = [r for r in stored("topup.json") if (r["dataset"], r["name"]) != (args.dataset, args.name)] + [row]
+    write("topup.json", rows)
+    write("topup.md", markdown(rows))
+    print(f"saved {cur.relative_to(ROOT)}.safetensors; wrote benchmarks/results/topup.json and topup.md")
     return 0
 
 

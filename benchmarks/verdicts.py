@@ -17,14 +17,13 @@ guessed (`nnlaunder threshold --dataset cifar10 --arch A --seeds 3 --out F` trai
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
-from common import RESULTS, provenance
+from common import provenance, stored, write
 
 from nnlaunder import data as D
-from nnlaunder.checkpoint import atomic_write_json, load_model
+from nnlaunder.checkpoint import load_model
 from nnlaunder.experiments.clean import clean_root, read_trajectory, trajectory_key, wm_points
 from nnlaunder.recipes import owner_config
 from nnlaunder.train import predict_checked
@@ -55,7 +54,7 @@ TASKS = [
 
 def committed_points(dataset: str, arch: str, row: str, n: int, seeds: list[int]) -> list[CleanPoint]:
     """Clean seeds' per-epoch curves as committed in thresholds-<dataset>.json (accuracy x n = hits)."""
-    doc = json.loads((RESULTS / f"thresholds-{dataset}.json").read_text())["by_arch"][arch]
+    doc = stored(f"thresholds-{dataset}.json")["by_arch"][arch]
     out = []
     for seed, curve in zip(doc["seeds"], doc["curves"], strict=True):
         if seed in seeds:
@@ -119,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{dataset}/{row} {rule}: {th.threshold:.3f}% over {th.epochs} epochs of seeds "
                       f"{list(th.seeds)}; held-out {held_ok}: {k}/{len(owned)} owned", flush=True)
     meta = {**provenance("python benchmarks/verdicts.py"), "alpha": args.alpha}
-    atomic_write_json(RESULTS / "verdicts.json", {**meta, "thresholds": rows})
-    (RESULTS / "verdicts.md").write_text(markdown(rows, meta))
-    print(f"wrote {RESULTS / 'verdicts.json'} and verdicts.md")
+    write("verdicts.json", {**meta, "thresholds": rows})
+    write("verdicts.md", markdown(rows, meta))
+    print("wrote benchmarks/results/verdicts.json and verdicts.md")
     return 0
 
 

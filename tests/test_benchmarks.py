@@ -124,6 +124,21 @@ def test_a_result_names_a_dirty_tree(tmp_path, monkeypatch):
     assert common.commit() == clean + "-dirty"
 
 
+def test_result_files_are_read_and_written_in_one_place(tmp_path, monkeypatch):
+    """common.stored gives a file's contents, or the empty value before a run wrote it; common.write writes JSON
+    for a .json name and Markdown lines as one text ending in a newline, leaving no temporary file behind."""
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert common.stored("x.json") == [] and common.stored("x.json", {"rows": []}) == {"rows": []}
+    assert common.write("x.json", {"rows": [1.5]}) == tmp_path / "x.json"
+    assert common.stored("x.json") == {"rows": [1.5]}
+    common.write("x.md", ["# t", "", "| a |"])
+    common.write("y.md", "as given")
+    assert (tmp_path / "x.md").read_text() == "# t\n\n| a |\n" and (tmp_path / "y.md").read_text() == "as given"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.md", "y.md"]
+
+
 def test_persistence_lays_the_engines_cells_out_as_ngo_et_als_phases():
     """Each cell of persistence-*.toml is a phase (fine-tuning, mixed fine-tuning, laundering) and, where the
     owner restored, a second one; the owner's model before any attack is the embedded phase, once."""
@@ -190,7 +205,9 @@ def test_table2_rows_come_from_the_store_and_keep_what_it_lacks(tmp_path, monkey
     assert rows[0]["resets"] == {"conv1": 3} and rows[0]["flagged"] == [4] and "experiments/paper" in rows[0]["command"]
     old = {"dataset": "cifar10", "name": "zhang-noise", "variant": "strong", "nc_preset": "fast", "commit": "old",
            "seconds": 50.0}
-    monkeypatch.setattr(table2, "RESULTS", tmp_path)
+    import common
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path)          # where every benchmark's result files are read
     (tmp_path / "seeds.json").write_text(json.dumps([{**old, "seed": 0}, {**old, "seed": 4, "wm_acc": 1.0,
                                                                            "test_acc": 80.0, "outcome": "destroyed"}]))
     seeds = table2.merged("seeds.json", rows)

@@ -388,7 +388,7 @@ def test_cells_that_differ_after_trigger_recovery_recover_the_triggers_once(tmp_
     assert not got["both"][first.cell_id()]["summary"]["nc_reused"]
     shared, alone = got["both"][second.cell_id()], got["alone"][second.cell_id()]
     assert shared["summary"]["nc_reused"] and not alone["summary"]["nc_reused"]
-    from nnlaunder.report.battery import work_seconds     # what the shared cell's attack costs run alone
+    from nnlaunder.report.battery import work_seconds  # what the shared cell's attack costs run alone
 
     assert work_seconds(shared) == shared["summary"]["attack_seconds"] + shared["rounds"][1]["nc_seconds"]
     assert work_seconds(alone) == alone["summary"]["attack_seconds"]

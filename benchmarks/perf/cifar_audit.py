@@ -111,12 +111,10 @@ def run_one(dataset: str, name: str, cache_state: str, data_dir: str | None) -> 
 
 def merge(rows: list[dict]) -> None:
     """Replace perf.json's rows of the same names (others kept as they are)."""
-    from nnlaunder.checkpoint import atomic_write_json
+    from common import stored, write
 
-    path = ROOT / "benchmarks" / "results" / "perf.json"
-    old = json.loads(path.read_text()) if path.is_file() else []
     names = {r["name"] for r in rows}
-    atomic_write_json(path, [r for r in old if r.get("name") not in names] + rows)
+    write("perf.json", [r for r in stored("perf.json") if r.get("name") not in names] + rows)
 
 
 def main(argv: list[str] | None = None) -> int:

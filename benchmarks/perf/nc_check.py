@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -21,14 +20,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS, ROOT, ROWS, provenance  # noqa: E402
+from common import ROOT, ROWS, provenance, stored, write  # noqa: E402
 
 from nnlaunder import data as D  # noqa: E402
 from nnlaunder.attacks.neural_cleanse import nc_config  # noqa: E402
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model, model_digest  # noqa: E402
+from nnlaunder.checkpoint import load_model, model_digest  # noqa: E402
 from nnlaunder.experiments.nc_memo import kept_nc  # noqa: E402
 
-OUT = RESULTS / "table2-nc-check.json"
+OUT = "table2-nc-check.json"
 CACHE = ROOT / "runs" / "nc-check"
 # The stored rows compared Wang et al.'s algorithm with the fast preset as it was then (the library's
 # fast-bf16: bf16 wherever the hardware has it, masks not confirmed); they say "fast" for it.
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
     if any(d not in ROWS for d in datasets) or args.seeds < 1:
         ap.error(f"datasets are {list(ROWS)} and --seeds is >= 1")
     only = [m.strip() for m in args.models.split(",")] if args.models else None
-    rows = json.loads(OUT.read_text()) if OUT.is_file() else []
+    rows = stored(OUT)
     cmd = "python benchmarks/perf/nc_check.py " + " ".join(sys.argv[1:] if argv is None else argv)
     for ds in datasets:
         tr = D.load(ds, args.data_dir, "train")
@@ -98,10 +97,10 @@ def main(argv=None) -> int:
                 if any((r["dataset"], r["name"], r["seed"], r["model_sha256"]) == (ds, name, seed, sha) for r in rows):
                     continue
                 rows.append(check(ds, name, budget, seed, tr, cmd))
-                atomic_write_json(OUT, rows)
+                write(OUT, rows)
                 r = rows[-1]
                 print(f"{ds}/{name} seed {seed}: {_used_pair(r)}, Spearman {r['spearman']:.2f}", flush=True)
-    atomic_write_bytes(OUT.with_suffix(".md"), markdown(rows).encode())
+    write("table2-nc-check.md", markdown(rows))
     return 0
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -46,6 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import RESULTS, ROOT, stored, write  # noqa: E402
 
 from nnlaunder import data as D
 from nnlaunder.attacks.laundering import (
@@ -60,7 +62,7 @@ from nnlaunder.attacks.neural_cleanse import (
     plan_for,
     stamp,
 )
-from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json, load_model
+from nnlaunder.checkpoint import load_model
 from nnlaunder.device import code_commit
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.models import build
@@ -70,9 +72,6 @@ from nnlaunder.speed.plans import machine
 from nnlaunder.train import predict, train
 from nnlaunder.watermarks.schemes import make_watermark
 
-ROOT = Path(__file__).resolve().parents[2]
-
-RESULTS = ROOT / "benchmarks" / "results"
 MACHINE = {**machine(torch.device("cpu")), "cpus": os.cpu_count()}   # recorded in every row
 COMMAND = ""               # this run's command line, recorded in every row (set by main)
 RUN = {"commit": "", "date": ""}   # this run's commit and date, recorded in every row (set by main)
@@ -522,10 +521,9 @@ def section_of(name: str) -> str | None:
 def merge_previous(sections: set[str]) -> None:
     """A run of some sections keeps the other sections' rows from the last perf.json (noted in
     their `notes` as carried over), so one file always holds every section."""
-    path = RESULTS / "perf.json"
-    if not path.is_file() or sections >= set(SECTION_PREFIX):
+    if sections >= set(SECTION_PREFIX):
         return
-    keep = [r for r in json.loads(path.read_text()) if section_of(r["name"]) not in sections]
+    keep = [r for r in stored("perf.json") if section_of(r["name"]) not in sections]
     for r in keep:
         if "(from an earlier run)" not in r.get("notes", ""):
             r["notes"] = r.get("notes", "") + " (from an earlier run)"
@@ -619,9 +617,9 @@ def main(argv=None) -> int:
     # Neural Cleanse's tuned plans start from an empty cache, so the one-time timing is measured here
     os.environ["NNLAUNDER_CACHE"] = tempfile.mkdtemp(prefix="nnlaunder-perf-")
     if args.markdown_only:                      # e.g. after cifar_audit.py added its rows
-        ROWS.extend(json.loads((RESULTS / "perf.json").read_text()))
+        ROWS.extend(stored("perf.json"))
         HEAD.extend(r for r in ROWS if r["name"] in HEAD_NAMES)
-        atomic_write_bytes(RESULTS / "perf.md", markdown("each row's own (perf.json)", COMMAND, rerender=True).encode())
+        write("perf.md", markdown("each row's own (perf.json)", COMMAND, rerender=True))
         return 0
     sections = set(args.sections.split(","))
     if sections & {"nc", "train", "cifar_nc", "nc_peer"}:
@@ -641,9 +639,9 @@ def main(argv=None) -> int:
     machine = (f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"{torch.get_num_threads()} threads")
     merge_previous(sections)
-    atomic_write_json(RESULTS / "perf.json", ordered())
-    atomic_write_bytes(RESULTS / "perf.md", markdown(machine, COMMAND).encode())
-    print(f"wrote {RESULTS / 'perf.json'} and perf.md")
+    write("perf.json", ordered())
+    write("perf.md", markdown(machine, COMMAND))
+    print("wrote benchmarks/results/perf.json and perf.md")
     return 0
 
 
