@@ -256,9 +256,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     def show(cell, summary):
-        print(f"{cell.dataset}/{cell.scheme} {cell.attack} @ {cell.budget}: test {summary['test_acc']:.2f}%, "
-              f"WM {summary['wm_acc']:.2f}% (threshold {summary['threshold']:.2f}%)"
-              f"{' removed' if summary['removed'] else ''}", flush=True)
+        mode = cell.scheme_params.get("mode") if cell.scheme == "adi" else None
+        print(f"{cell.dataset}/{cell.scheme}{f'-{mode}' if mode else ''} {cell.attack} @ {cell.budget} "
+              f"seed {cell.seed}: test {summary['test_acc']:.2f}%, WM {summary['wm_acc']:.2f}% "
+              f"(threshold {summary['threshold']:.2f}%) {summary['outcome']}", flush=True)
 
     out = run_experiment(cells, ws, args.data_dir, progress=not args.quiet, on_cell=show, executor=args.executor,
                          address=args.address, jobs=args.jobs, allow=allow, export=args.export)
