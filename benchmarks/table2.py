@@ -220,6 +220,17 @@ def table2_markdown(rows: list[dict], variants: list[dict]) -> str:
     return "\n".join([*lines, "", "Commands:", *[f"    {c}" for c in sorted({r["command"] for r in rows})], ""])
 
 
+def _machine(r: dict) -> str:
+    return r["machine"].split(" (its Neural Cleanse")[0]
+
+
+def paired(control: list[dict], rs: list[dict]) -> list[dict]:
+    """The strong attack's rows that variant rows `rs` are compared with: the same seed, run on the same machine
+    (a cell's outcome can move across processors, so a pairing across them would compare machines)."""
+    keys = {(r["seed"], _machine(r)) for r in rs}
+    return sorted((c for c in control if (c["seed"], _machine(c)) in keys), key=lambda c: (c["seed"], _machine(c)))
+
+
 def _closest(ds: str, name: str, base: list[dict], rs_all: list[dict]) -> list[str]:
     """Where no variant removes the watermark, the one that lowers its median WM accuracy most against the
     strong attack on the same seeds."""
@@ -228,7 +239,7 @@ def _closest(ds: str, name: str, base: list[dict], rs_all: list[dict]) -> list[s
     best = None
     for v in {r["variant"] for r in rs_all}:
         rs = [r for r in rs_all if r["variant"] == v]
-        same = [r for r in base if r["seed"] in {x["seed"] for x in rs}]
+        same = paired(base, rs)
         if same:
             drop = statistics.median(r["wm_acc"] for r in same) - statistics.median(r["wm_acc"] for r in rs)
             if best is None or drop > best[0]:
@@ -254,7 +265,9 @@ triggers with per-trigger differences; +all: all four; +bn-reinit: every batch n
 retraining (scale 1, shift 0 as well as the statistics); preset: the strong variant's own defaults (DT 0.5, CT
 1.0, 5 retraining epochs) instead of the row's settings; calibrated: the options chosen per seed by
 `attacks/calibrate.py` from the attacker's own set alone (docs/methods.md), with the row's layer choice.
-Compare a variant with the strong attack on the seeds both have (the last column).
+Compare a variant with the strong attack on the seeds both have (the last column), run on the same machine: a
+cell's outcome can move across processors. The strong rows are the headline's cells where the variant ran on the
+headline's machine, else that machine's strong rows, kept in table2-ablation.json (variant "strong").
 """
 
 
@@ -265,7 +278,8 @@ def ablation_markdown(seeds: list[dict], abl: list[dict]) -> str:
              "| commit |", "|---|---|---|---|---|---|---|---|"]
     findings = []
     for ds, name in ORDER:
-        base, rs_all = of_row(seeds, ds, name), [r for r in abl if (r["dataset"], r["name"]) == (ds, name)]
+        rs_all = [r for r in abl if (r["dataset"], r["name"]) == (ds, name) and r["variant"] != "strong"]
+        base = paired(of_row(seeds, ds, name) + of_row(abl, ds, name), rs_all)     # the control arm
         if not rs_all:
             continue
         findings += _closest(ds, name, base, rs_all)
@@ -273,7 +287,7 @@ def ablation_markdown(seeds: list[dict], abl: list[dict]) -> str:
             rs = base if v == "strong" else of_row(abl, ds, name, v)
             if not rs:
                 continue
-            same = [r for r in base if r["seed"] in {x["seed"] for x in rs}]
+            same = paired(base, rs)
             sv, sb = summary(rs), summary(same) if same and v != "strong" else None
             ref = f"{sb['removed']}/{sb['n']}, {sb['test_mean']:.2f}" if sb else ""
             label, seeds_run = f"{ds}/{name}" if v == "strong" else "", ",".join(str(x["seed"]) for x in rs)
