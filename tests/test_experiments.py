@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -186,10 +187,8 @@ def test_sweep_killed_with_sigkill_resumes_to_the_same_store(tmp_path, data_dir)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert f"{4 - len(kept)} cells run, {len(kept)} already" in r.stdout
-    import re                                          # a line per cell: which cell, and its outcome
-
     assert re.search(r"mnist/zhang-content prune @ \S+ seed \d+: test \S+%, WM \S+% \(threshold \S+%\) "
-                     r"(kept|hidden|removed|destroyed)\n", r.stdout), r.stdout
+                     r"(kept|hidden|removed|destroyed)\n", r.stdout), r.stdout      # a line per cell, its outcome
     with Store(db) as s:
         cells = {c["cell_id"]: c for c in s.cells()}
     assert len(cells) == 4
