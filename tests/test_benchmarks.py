@@ -217,6 +217,25 @@ def test_table2_rows_come_from_the_store_and_keep_what_it_lacks(tmp_path, monkey
     assert head["seed"] == 2 and head["seeds"]["n"] == 5 and head["seeds"]["destroyed"] == 1   # WM 98: the median
 
 
+def test_the_ablation_sets_each_variant_beside_the_strong_attack_of_its_own_machine():
+    """A variant run on one processor is compared with the strong attack's cells of the same seeds on that
+    processor (kept in the ablation's file once the headline moved to another), never across processors."""
+    import table2
+
+    def row(variant, seed, machine, outcome, test):
+        return {"dataset": "cifar10", "name": "zhang-noise", "variant": variant, "seed": seed, "machine": machine,
+                "outcome": outcome, "test_acc": test, "wm_acc": 0.0 if outcome != "kept" else 100.0,
+                "threshold": 0.05, "commit": machine[:4], "seconds": 1.0}
+
+    headline = [row("strong", s, "Xeon (2 threads)", "destroyed" if s == 2 else "kept", 85.0) for s in range(5)]
+    abl = [row("strong", s, "EPYC (2 threads)", "kept", 86.0) for s in range(5)] + \
+        [row("+topk", 2, "EPYC (2 threads) (its Neural Cleanse begun on Xeon)", "removed", 86.5)]
+    assert [(r["seed"], r["machine"]) for r in table2.paired(headline + abl[:5], abl[-1:])] == [(2, "EPYC (2 threads)")]
+    md = table2.ablation_markdown(headline, abl)
+    assert "| cifar10/zhang-noise | strong | 2 | 0/1" in md and "| +topk | 2 | 1/1" in md and "| 0/1, 86.00 |" in md
+    assert "+topk removes the watermark in 1/1 seeds where the strong attack removes it in 0/1" in md
+
+
 @pytest.fixture(scope="module")
 def mnist(data_dir):
     return D.load("mnist", data_dir, "train"), D.load("mnist", data_dir, "test")
