@@ -146,9 +146,13 @@ def test_the_nc_epochs_help_names_each_presets_own_cap():
     assert f"{NCConfig().max_epochs} faithful" in text and f"{nc_config('fast').max_epochs} fast" in text
 
 
-def test_no_script_names_a_machine_path():
+def test_no_script_or_result_names_a_machine_path():
+    """Code, results, committed cells and docs name files relative to the repository, never by a path of the
+    machine they were made on."""
     root = SRC.parents[1]
-    for p in [*root.glob("benchmarks/**/*.py"), *SRC.rglob("*.py")]:
+    for p in [*root.glob("benchmarks/**/*.py"), *SRC.rglob("*.py"), *root.glob("benchmarks/results/**/*.md"),
+              *root.glob("benchmarks/results/**/*.json"), *root.glob("benchmarks/cells/*.jsonl"),
+              *root.glob("docs/*.md"), root / "README.md"]:
         text = p.read_text()
         assert "/work/" not in text and "/home/" not in text and "/root/" not in text, p
 
