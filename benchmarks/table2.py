@@ -29,6 +29,7 @@ from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored
 
 from nnlaunder.attacks.calibrate import apply_candidate
 from nnlaunder.attacks.laundering import config_from_params
+from nnlaunder.report.battery import reused_nc_seconds
 from nnlaunder.report.build import build_report, flat_rows
 from nnlaunder.watermarks.verify import cell_p, format_p
 
@@ -74,8 +75,7 @@ def cell_rows(cells: list[dict]) -> list[dict]:
     for c, row in zip(cells, flat_rows(cells), strict=True):
         r1 = c["rounds"][1] if len(c["rounds"]) > 1 else {}
         nc = (c["config"].get("attack_params") or {}).get("nc") or {}
-        reused = row["work_seconds"] - row.get("attack_seconds", row["seconds"])    # an earlier cell's Neural Cleanse
-        out.append({**row, "seconds": row["seconds"] + reused,                      # counted, as if run alone
+        out.append({**row, "seconds": row["seconds"] + reused_nc_seconds(c),      # as if run alone
                     "variant": variant(c["config"]), "nc_preset": nc.get("preset", "faithful"),
                     "options": options(c), "flagged": r1.get("flagged"), "used_triggers": r1.get("used"),
                     "resets": r1.get("resets") or {},
@@ -337,9 +337,10 @@ def main(argv=None) -> int:
     abl = merged("table2-ablation.json", [r for r in rows if r["experiment"] == ABLATION])
     write("table2-seeds.json", seeds)
     write("table2-ablation.json", abl)
-    write("table2.json", headline(seeds))
+    head = headline(seeds)
+    write("table2.json", head)
     write("table2-seeds.md", seeds_markdown(seeds, counts))
-    write("table2.md", table2_markdown(headline(seeds), stored("table2-variants.json")))
+    write("table2.md", table2_markdown(head, stored("table2-variants.json")))
     write("table2-ablation.md", ablation_markdown(seeds, abl))
     build_report(args.workspace, RESULTS / "table2-engine",
                  experiments=sorted({c["experiment"] for c in cells}))

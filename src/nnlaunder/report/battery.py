@@ -87,12 +87,16 @@ def _told_apart(cs: list[dict], groups: list[list[dict]]) -> str:
     return " ".join(parts + ([f"[{' '.join(shown)}]"] if shown else []))
 
 
+def reused_nc_seconds(cell: dict) -> float:
+    """The seconds of the Neural Cleanse a cell reused from an earlier cell of its workspace (0 if it ran its own)."""
+    rounds = cell.get("rounds") or []
+    return (rounds[1].get("nc_seconds") or 0.0) if cell["summary"].get("nc_reused") and len(rounds) > 1 else 0.0
+
+
 def work_seconds(cell: dict) -> float:
     """The seconds a cell's attack costs on its own: its attack's (the whole cell's where those are not kept),
-    plus its Neural Cleanse's where the cell reused one an earlier cell of the workspace ran."""
-    sm, rounds = cell["summary"], cell.get("rounds") or []
-    reused = (rounds[1].get("nc_seconds") or 0.0) if sm.get("nc_reused") and len(rounds) > 1 else 0.0
-    return sm.get("attack_seconds", cell["seconds"]) + reused
+    plus the Neural Cleanse it reused (`reused_nc_seconds`)."""
+    return cell["summary"].get("attack_seconds", cell["seconds"]) + reused_nc_seconds(cell)
 
 
 def _seconds(cs: list[dict]) -> float:
