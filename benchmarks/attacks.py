@@ -30,12 +30,12 @@ import sys
 import time
 
 import torch
-from common import RESULTS, ROOT, counts_line, engine_cells, provenance, row_label, stored, wilson, write
+from common import RESULTS, ROOT, counts_line, engine_cells, provenance, row_label, stored, write
 
 from nnlaunder import data as D
 from nnlaunder.attacks.registry import ATTACKS
 from nnlaunder.models import Normalize
-from nnlaunder.report.battery import battery_table, remover_lines
+from nnlaunder.report.battery import battery_table, over_seeds, remover_lines
 from nnlaunder.report.build import build_report, flat_rows
 
 OUT = "attacks.json"
@@ -122,17 +122,10 @@ def write_markdown(store: dict, battery: tuple[list[dict], str]) -> None:
     for r in store["rows"]:
         groups.setdefault((r["dataset"], row_label(r), r["attack"]), []).append(r)
     for (ds, name, attack), rs in sorted(groups.items()):
-        k, n = sum(r["outcome"] == "removed" for r in rs), len(rs)
-        lo, hi = wilson(k, n)
-        tests, wms = [r["test_acc"] for r in rs], [r["wm_acc"] for r in rs]
-        sd = statistics.stdev(tests) if n > 1 else 0.0
-        lines.append(f"| {ds}/{name} | {attack} | {k}/{n} [{100 * lo:.0f}-{100 * hi:.0f}%] | "
-                     f"{sum(r['outcome'] == 'destroyed' for r in rs)}/{n} | "
-                     f"{statistics.mean(tests):.2f} ± {sd:.2f} | "
-                     f"{statistics.median(wms):.2f} [{min(wms):.2f}-{max(wms):.2f}] | "
-                     f"{statistics.mean(r.get('work_seconds', r.get('attack_seconds', r['seconds'])) for r in rs):.0f}"
-                     " | "
-                     f"{', '.join(sorted({str(r.get('machine')) for r in rs}))} |")
+        s = over_seeds(rs)
+        secs = statistics.mean(r.get("work_seconds", r.get("attack_seconds", r["seconds"])) for r in rs)
+        lines.append(f"| {ds}/{name} | {attack} | {s.rate()} | {s.destroyed}/{s.n} | {s.test()} | {s.wm()} | "
+                     f"{secs:.0f} | {', '.join(sorted({str(r.get('machine')) for r in rs}))} |")
     lines += moved_lines(store["rows"])
     cells, counts = battery
     lines += ["", "## The cheapest attack that removes each watermark", "", counts_line(counts), "",

@@ -42,7 +42,7 @@ import sys
 import time
 
 import torch
-from common import PAPER, ROOT, ROWS, default_thresholds, provenance, stored, wilson, write
+from common import PAPER, ROOT, ROWS, default_thresholds, provenance, stored, write
 
 from nnlaunder import data as D
 from nnlaunder.attacks.laundering import launder_config, mask_images, reset_and_retrain_on, stamped_sets, used_triggers
@@ -51,6 +51,7 @@ from nnlaunder.attacks.units import discover_units, select_units
 from nnlaunder.checkpoint import load_model, model_digest
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.experiments.nc_memo import kept_nc
+from nnlaunder.report.battery import over_seeds
 from nnlaunder.watermarks.schemes import Watermark, make_watermark
 from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE, outcome
 
@@ -238,15 +239,6 @@ def carried() -> list[dict]:
     return out
 
 
-def arm_summary(rs: list[dict]) -> dict:
-    k, n = sum(r["outcome"] == "removed" for r in rs), len(rs)
-    tests, wms = [r["test_acc"] for r in rs], [r["wm_acc"] for r in rs]
-    lo, hi = wilson(k, n)
-    return {"k": k, "n": n, "lo": lo, "hi": hi, "test_mean": statistics.mean(tests),
-            "test_sd": statistics.stdev(tests) if n > 1 else 0.0, "wm_median": statistics.median(wms),
-            "wm_min": min(wms), "wm_max": max(wms), "destroyed": sum(r["outcome"] == "destroyed" for r in rs)}
-
-
 def decide(rows: list[dict], name: str) -> tuple[str, list[str]]:
     """The row's verdict under the rule in this file's docstring, and the arms that decided it."""
     arms: dict[str, list[dict]] = {}
@@ -294,16 +286,13 @@ def write_markdown() -> None:
             if r["row"] == name:
                 arms.setdefault(r["arm"], []).append(r)
         for arm, rs in arms.items():
-            s = arm_summary(rs)
+            s = over_seeds(rs)
             o = rs[0].get("options") or {}
             opt = ", ".join(f"{k} {o[k]}" for k in ("ct", "threshold_mode", "triggers", "add_masks", "bn_stats",
                                                      "stamping", "reinit", "retrain_epochs", "retrain_lr") if k in o)
             at_cost = sum(not r["owned"] and r["test_drop"] <= cost for r in rs)
-            lines.append(f"| {arm} | {','.join(str(r['seed']) for r in rs)} | {s['k']}/{s['n']} "
-                         f"[{100 * s['lo']:.0f}-{100 * s['hi']:.0f}%] | {s['destroyed']}/{s['n']} | "
-                         f"{at_cost}/{s['n']} | "
-                         f"{s['test_mean']:.2f} ± {s['test_sd']:.2f} | {s['wm_median']:.2f} "
-                         f"[{s['wm_min']:.2f}-{s['wm_max']:.2f}] | {opt} | {rs[0].get('source') or 'this script'} |")
+            lines.append(f"| {arm} | {','.join(str(r['seed']) for r in rs)} | {s.rate()} | {s.destroyed}/{s.n} | "
+                         f"{at_cost}/{s.n} | {s.test()} | {s.wm()} | {opt} | {rs[0].get('source') or 'this script'} |")
         lines.append("")
     land = [r for r in rows if r["row"] == "zhang-unrelated" and r.get("landing")]
     if land:

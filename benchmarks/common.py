@@ -10,13 +10,12 @@ from typing import Any
 from nnlaunder.checkpoint import atomic_write_bytes, atomic_write_json
 from nnlaunder.device import code_commit, machine_name
 from nnlaunder.report.build import PAPER  # Aiken et al.'s Table 2: the figures every Table 2 result stands beside
-from nnlaunder.watermarks.verify import wilson
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 __all__ = ["ROOT", "RESULTS", "PAPER", "ROWS", "machine", "commit", "provenance", "stored", "write",
-           "default_thresholds", "engine_cells", "counts_line", "row_label", "wilson"]
+           "default_thresholds", "engine_cells", "counts_line", "row_label"]
 
 
 def machine() -> str:

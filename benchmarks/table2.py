@@ -22,14 +22,15 @@ its records are table2-variants.json (the calibration table of table2.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 
-from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored, wilson, write
+from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored, write
 
 from nnlaunder.attacks.calibrate import apply_candidate
 from nnlaunder.attacks.laundering import config_from_params
-from nnlaunder.report.battery import reused_nc_seconds
+from nnlaunder.report.battery import over_seeds, reused_nc_seconds
 from nnlaunder.report.build import build_report, flat_rows
 from nnlaunder.watermarks.verify import cell_p, format_p
 
@@ -103,18 +104,13 @@ def merged(file: str, engine: list[dict]) -> list[dict]:
 
 
 def summary(rs: list[dict]) -> dict:
-    k, n = sum(r["outcome"] == "removed" for r in rs), len(rs)
-    tests, wms = [r["test_acc"] for r in rs], [r["wm_acc"] for r in rs]
-    return {"n": n, "removed": k, "destroyed": sum(r["outcome"] == "destroyed" for r in rs), "wilson95": wilson(k, n),
-            "test_mean": statistics.mean(tests), "test_sd": statistics.stdev(tests) if n > 1 else 0.0,
-            "wm_median": statistics.median(wms), "wm_range": [min(wms), max(wms)],
-            "seconds": statistics.mean(r["seconds"] for r in rs)}
+    """`over_seeds` as a JSON row, with the mean seconds per seed."""
+    return {**dataclasses.asdict(over_seeds(rs)), "seconds": statistics.mean(r["seconds"] for r in rs)}
 
 
-def _cells(s: dict) -> str:
-    lo, hi = s["wilson95"]
-    return (f"{s['removed']}/{s['n']} [{100 * lo:.0f}-{100 * hi:.0f}%] | {s['test_mean']:.2f} ± {s['test_sd']:.2f} | "
-            f"{s['wm_median']:.2f} [{s['wm_range'][0]:.2f}-{s['wm_range'][1]:.2f}]")
+def _cells(rs: list[dict]) -> str:
+    s = over_seeds(rs)
+    return f"{s.rate()} | {s.test()} | {s.wm()}"
 
 
 def of_row(rows: list[dict], ds: str, name: str, v: str = "strong") -> list[dict]:
@@ -160,7 +156,7 @@ def seeds_markdown(seeds: list[dict], counts: dict) -> str:
             lines.append(f"| {ds}/{name} | | not run yet | | | | | {paper['test_acc']} / {paper['wm_acc']} | |")
             continue
         s, mid = summary(rs), sorted(cell_p(r) for r in rs)[len(rs) // 2]
-        first, rest = _cells(s).split(" | ", 1)
+        first, rest = _cells(rs).split(" | ", 1)
         tp = f" ({rs[0]['threshold_paper']:.2f})" if "threshold_paper" in rs[0] else ""
         lines.append(f"| {ds}/{name} | {rs[0]['threshold']:.2f}{tp} | {first} | {s['destroyed']}/{s['n']} | {rest} | "
                      f"{format_p(*mid)} | {paper['test_acc']} / {paper['wm_acc']} | "
@@ -292,7 +288,7 @@ def ablation_markdown(seeds: list[dict], abl: list[dict]) -> str:
             ref = f"{sb['removed']}/{sb['n']}, {sb['test_mean']:.2f}" if sb else ""
             label, seeds_run = f"{ds}/{name}" if v == "strong" else "", ",".join(str(x["seed"]) for x in rs)
             commits = ", ".join(sorted({r["commit"] for r in rs}))
-            lines.append(f"| {label} | {v} | {seeds_run} | {_cells(sv)} | {ref} | {commits} |")
+            lines.append(f"| {label} | {v} | {seeds_run} | {_cells(rs)} | {ref} | {commits} |")
             if sb and sv["removed"] > sb["removed"]:
                 findings.append(f"- {ds}/{name}: {v} removes the watermark in {sv['removed']}/{sv['n']} seeds where "
                                 f"the strong attack removes it in {sb['removed']}/{sb['n']} on the same seeds, at a "

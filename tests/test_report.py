@@ -58,12 +58,30 @@ def test_seeds_section_summarises_cells_that_differ_only_in_their_seed():
     lines = seeds_section([cell(0, 98.6, 0.1, "removed"), cell(1, 98.4, 0.2, "removed"),
                            cell(2, 95.0, 0.1, "destroyed")])
     row = [ln for ln in lines if ln.startswith("| t2 ")]
-    assert len(row) == 1 and "| 3 | 2/3 (" in row[0] and "| 1/3 |" in row[0]
+    assert len(row) == 1 and "| 3 | 2/3 [21-94%] |" in row[0] and "| 1/3 |" in row[0]
     assert "97.33 ± 2.02" in row[0] and "0.10 [0.10-0.20]" in row[0]
     # threshold with the paper's rule; the median p (1 hit of 1000 against 0.49%: p = 1 - P(0 hits)); the
     # paper's laundered test / WM for this row; the attack's seconds, not the cell's
     assert "| 0.49 (0.33) | 0.993 | 98.34 / 0.01 | 7 |" in row[0]
     assert seeds_section([cell(0, 98.6, 0.1, "removed")]) == []          # one seed: nothing to summarise
+
+
+def test_over_seeds_is_the_one_summary_of_a_rate():
+    """Every result table sums a configuration's seeds with `over_seeds`: the rate with its Wilson interval,
+    destroyed, test mean ± sd, WM median [range]; a row without an outcome counts by its verdict."""
+    import pytest
+
+    from nnlaunder.report.battery import over_seeds
+
+    s = over_seeds([{"outcome": "removed", "test_acc": 98.0, "wm_acc": 1.0},
+                    {"outcome": "destroyed", "test_acc": 90.0, "wm_acc": 0.0},
+                    {"removed": True, "test_acc": 97.0, "wm_acc": 3.0},
+                    {"outcome": "kept", "test_acc": 99.0, "wm_acc": 99.0}])
+    assert (s.n, s.removed, s.destroyed) == (4, 2, 1)
+    assert s.rate() == "2/4 [15-85%]" and s.test() == "96.00 ± 4.08" and s.wm() == "2.00 [0.00-99.00]"
+    assert over_seeds([{"outcome": "kept", "test_acc": 1, "wm_acc": 2}]).test_sd == 0.0
+    with pytest.raises(ValueError):
+        over_seeds([])
 
 
 def test_report_of_chosen_experiments_writes_their_rows_and_sets_attacks_side_by_side(tmp_path, capsys):

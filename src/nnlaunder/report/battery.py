@@ -16,11 +16,14 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import safe_name
 from ..plots import pareto_plot
+from ..watermarks.verify import wilson
 
 # Gan et al. (CVPR 2023), CIFAR-10 ResNet-18, attacker with 20% of the training set: residual WM %.
 GAN_ET_AL = {"zhang-content": {"ft": 56.8, "fine-prune": 74.6, "anp": 25.3, "nad": 48.1, "mcr": 16.6, "launder": 21.0},
@@ -35,6 +38,44 @@ def scheme_name(cfg: dict) -> str:
     """The watermark a cell attacks: the scheme, with Adi et al.'s mode (adi-pt, adi-fs)."""
     mode = (cfg.get("scheme_params") or {}).get("mode")
     return f"{cfg['scheme']}-{mode}" if cfg["scheme"] == "adi" and mode else cfg["scheme"]
+
+
+@dataclass(frozen=True)
+class OverSeeds:
+    """One configuration's outcomes over its seeds: every result table's summary of a rate."""
+
+    n: int
+    removed: int
+    destroyed: int
+    wilson95: tuple[float, float]          # the removal rate's 95% Wilson interval
+    test_mean: float
+    test_sd: float
+    wm_median: float
+    wm_range: tuple[float, float]
+
+    def rate(self) -> str:
+        """"k/n [lo-hi%]": removed over the seeds, with its interval."""
+        lo, hi = self.wilson95
+        return f"{self.removed}/{self.n} [{100 * lo:.0f}-{100 * hi:.0f}%]"
+
+    def test(self) -> str:
+        return f"{self.test_mean:.2f} ± {self.test_sd:.2f}"
+
+    def wm(self) -> str:
+        return f"{self.wm_median:.2f} [{self.wm_range[0]:.2f}-{self.wm_range[1]:.2f}]"
+
+
+def over_seeds(rows: Sequence[Mapping[str, Any]]) -> OverSeeds:
+    """Rows (a cell's summary or a result row: `outcome`, `test_acc`, `wm_acc`) of one configuration, summed up:
+    removed k/n with its 95% Wilson interval, destroyed, test accuracy mean ± sd, WM accuracy median [range]."""
+    if not rows:
+        raise ValueError("over_seeds needs at least one row")
+    outs = [r.get("outcome") or ("removed" if r.get("removed") else "kept") for r in rows]
+    tests, wms = [float(r["test_acc"]) for r in rows], [float(r["wm_acc"]) for r in rows]
+    k, n = outs.count("removed"), len(rows)
+    return OverSeeds(n=n, removed=k, destroyed=outs.count("destroyed"), wilson95=wilson(k, n),
+                     test_mean=statistics.mean(tests), test_sd=statistics.stdev(tests) if n > 1 else 0.0,
+                     wm_median=statistics.median(wms), wm_range=(min(wms), max(wms)))
 
 
 def budget_label(b: Any) -> str:

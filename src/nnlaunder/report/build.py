@@ -31,8 +31,8 @@ from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noq
 from ..experiments.store import ran_on, workspace_cells  # noqa: E402
 from ..models import DEFAULT_ARCH  # noqa: E402
 from ..plots import reconstructions, trigger_grid  # noqa: E402
-from ..watermarks.verify import cell_p, format_p, wilson  # noqa: E402
-from .battery import battery_section, budget_label, scheme_name, work_seconds  # noqa: E402
+from ..watermarks.verify import cell_p, format_p  # noqa: E402
+from .battery import battery_section, budget_label, over_seeds, scheme_name, work_seconds  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): the owner's model before and after laundering, and the vanilla threshold.
 PAPER = {
@@ -269,14 +269,10 @@ def seeds_section(cells: list[dict]) -> list[str]:
 
 
 def _seeds_row(cs: list[dict]) -> str:
-    """One configuration over its seeds: removed k/n with its 95% Wilson interval, destroyed, test accuracy
-    mean ± sd, WM accuracy median [range], threshold, median p, the paper's figures, seconds per cell."""
+    """One configuration over its seeds (`over_seeds`), with its threshold, median p, the paper's figures and
+    seconds per cell."""
     cfg, sms = cs[0]["config"], [c["summary"] for c in cs]
-    outs = [sm.get("outcome") or ("removed" if sm["removed"] else "kept") for sm in sms]
-    k, n = outs.count("removed"), len(outs)
-    lo, hi = wilson(k, n)
-    tests, wms = [sm["test_acc"] for sm in sms], [sm["wm_acc"] for sm in sms]
-    sd = statistics.stdev(tests) if n > 1 else 0.0
+    s = over_seeds(sms)
     wm0 = statistics.median(sm["orig_wm_acc"] for sm in sms)
     paper = _paper(cfg)
     rule = f" ({sms[0]['threshold_paper']:.2f})" if "threshold_paper" in sms[0] else ""
@@ -284,10 +280,9 @@ def _seeds_row(cs: list[dict]) -> str:
     p_mid = format_p(*ps[(len(ps) - 1) // 2])          # the median (the lower one of an even count)
     secs = statistics.mean(work_seconds(c) for c in cs)
     return (f"| {cs[0]['experiment']} | {cfg['dataset']} | {scheme_name(cfg)} | {cfg['attack']} | "
-            f"{budget_label(cfg['budget'])} | {n} | {k}/{n} ({100 * lo:.0f}-{100 * hi:.0f}%) | "
-            f"{outs.count('destroyed')}/{n} | {statistics.mean(sm['orig_test_acc'] for sm in sms):.2f} → "
-            f"{statistics.mean(tests):.2f} ± {sd:.2f} | {wm0:.2f} → {statistics.median(wms):.2f}"
-            f" [{min(wms):.2f}-{max(wms):.2f}] | {sms[0]['threshold']:.2f}{rule} | {p_mid} | "
+            f"{budget_label(cfg['budget'])} | {s.n} | {s.rate()} | {s.destroyed}/{s.n} | "
+            f"{statistics.mean(sm['orig_test_acc'] for sm in sms):.2f} → {s.test()} | {wm0:.2f} → {s.wm()} | "
+            f"{sms[0]['threshold']:.2f}{rule} | {p_mid} | "
             f"{'–' if paper[0] is None else f'{paper[0]:g} / {paper[1]:g}'} | {secs:.0f} |")
 
 
