@@ -23,21 +23,10 @@ from typing import Any
 from common import provenance, stored, write
 
 from nnlaunder import data as D
-from nnlaunder.checkpoint import load_model
-from nnlaunder.experiments.clean import clean_root, read_trajectory, trajectory_key, wm_points
+from nnlaunder.experiments.clean import clean_root, heldout_rates, read_trajectory, trajectory_key, wm_points
 from nnlaunder.recipes import owner_config
-from nnlaunder.train import predict_checked
 from nnlaunder.watermarks.schemes import make_watermark
-from nnlaunder.watermarks.verify import (
-    DEFAULT_RULE,
-    THRESHOLD_RULES,
-    CleanPoint,
-    base_rate,
-    converged,
-    threshold_rule,
-    verdict,
-    wilson,
-)
+from nnlaunder.watermarks.verify import DEFAULT_RULE, THRESHOLD_RULES, CleanPoint, threshold_rule
 
 PAPER_THRESHOLD = {("mnist", "zhang-content"): 1.5, ("mnist", "zhang-noise"): 6.0, ("mnist", "zhang-unrelated"): 20,
                    ("cifar10", "zhang-content"): 5, ("cifar10", "zhang-noise"): 4, ("cifar10", "zhang-unrelated"): 52,
@@ -88,35 +77,24 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 pts = committed_points(dataset, arch, row, n, th_seeds)
             held_ok = [s for s in held if trajs[s] is not None]
-            evals = []              # (seed, epoch, rate, model) of held-out converged epochs
-            for s in held_ok:
-                for p in converged(wm_points(trajs[s], wm)):
-                    evals.append((s, p.epoch, p.rate, trajs[s].folder / f"epoch-{p.epoch:03d}"))
-            evidence = []           # per held-out epoch: hits and the base rate (they do not depend on the rule)
-            for *_, f in evals:
-                m = load_model(f)[0]
-                pred, _ = predict_checked(m, wm.verify_x)
-                evidence.append((int((pred == wm.verify_y).sum()),
-                                 base_rate(m, wm, te.x, te.y, tr.num_classes, pred_t=pred)))
-            for rule in THRESHOLD_RULES:
-                th = threshold_rule(rule, pts, args.alpha)
-                owned = [verdict(h, n, th.threshold, args.alpha, b).owned for h, b in evidence]
-                k = sum(owned)
-                lo, hi = wilson(k, len(owned)) if owned else (None, None)
+            ths = {rule: threshold_rule(rule, pts, args.alpha) for rule in THRESHOLD_RULES}
+            rates = heldout_rates([trajs[s] for s in held_ok], wm, {r: t.threshold for r, t in ths.items()}, te,
+                                  tr.num_classes, args.alpha)
+            for rule, th in ths.items():
+                fp = rates["by_threshold"][rule]
                 rows.append({
                     "dataset": dataset, "scheme": "adi" if scheme == "adi" else row,
                     **({"mode": params["mode"]} if scheme == "adi" else {}), "row": row, "arch": arch,
                     "rule": rule, "default": rule == DEFAULT_RULE, "threshold": th.threshold,
                     "alpha": th.alpha, "seeds": list(th.seeds), "epochs": th.epochs, "n_verify": n,
                     "heldout_seeds": held_ok, "heldout_missing": [s for s in held if s not in held_ok],
-                    "heldout_epochs": len(evals), "fpr_k": k if evals else None,
-                    "fpr_pct": 100.0 * k / len(owned) if owned else None,
-                    "fpr_interval_pct": [100 * lo, 100 * hi] if owned else None,
-                    "heldout_max_rate": max((e[2] for e in evals), default=None),
+                    "heldout_epochs": rates["epochs"], "fpr_k": fp["false_positives"], "fpr_pct": fp["fpr_pct"],
+                    "fpr_interval_pct": fp["interval_pct"], "heldout_max_rate": rates["max_rate"],
                     "paper_threshold": PAPER_THRESHOLD[(dataset, row)],
                 })
                 print(f"{dataset}/{row} {rule}: {th.threshold:.3f}% over {th.epochs} epochs of seeds "
-                      f"{list(th.seeds)}; held-out {held_ok}: {k}/{len(owned)} owned", flush=True)
+                      f"{list(th.seeds)}; held-out {held_ok}: {fp['false_positives']}/{rates['epochs']} owned",
+                      flush=True)
     meta = {**provenance("python benchmarks/verdicts.py"), "alpha": args.alpha}
     write("verdicts.json", {**meta, "thresholds": rows})
     write("verdicts.md", markdown(rows, meta))

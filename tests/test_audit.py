@@ -67,14 +67,19 @@ def test_the_threshold_of_a_custom_watermark(tiny, tmp_path, capsys):
     out = tmp_path / "th.json"
     assert main(["threshold", "--dataset", "mnist", "--schemes", "zhang-content", "--param", "text=HI",
                  "--param", "target=3", "--epochs", "1", "--batch-size", "32", "--out", str(out),
-                 "--data-dir", str(tiny), "--quiet"]) == 0
+                 "--data-dir", str(tiny), "--quiet", "--heldout-seeds", "5"]) == 0
+    assert "false positives" in capsys.readouterr().out      # the default rule's rate on the held-out seed
     got = json.loads(out.read_text())
+    assert got["heldout"]["zhang-content"]["seeds"] == [5]
     params = got["scheme_params"]["zhang-content"]
     assert (params["text"], params["target"]) == ("HI", 3) and 0 <= got["thresholds"]["zhang-content"] <= 100
     assert got["rule"] == "converged" and got["rules"]["zhang-content"]["paper"]["seeds"] == [0, 1, 2, 3, 4]
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"        # the curves, as a figure
     assert main(["threshold", "--dataset", "mnist", "--schemes", "zhang-content", "--param", "colour=red",
                  "--out", str(tmp_path / "bad.json"), "--data-dir", str(tiny), "--quiet"]) == 2
+    assert main(["threshold", "--dataset", "mnist", "--schemes", "zhang-content", "--seeds", "0,1",
+                 "--heldout-seeds", "1", "--out", str(tmp_path / "o.json"), "--data-dir", str(tiny)]) == 2
+    assert "also set the threshold" in capsys.readouterr().err
 
 
 def test_an_audit_runs_resumes_after_a_kill_and_reports(owner, tiny, tmp_path, monkeypatch):

@@ -133,6 +133,38 @@ def test_a_second_threshold_on_the_same_architecture_trains_nothing(tiny, tmp_pa
     assert len(calls) == 3
 
 
+def test_heldout_seeds_measure_each_rules_false_positive_rate_as_verify_decides(tiny, tmp_path):
+    """`heldout`: clean seeds that set no threshold; per rule, the share of their converged epochs that `verify`
+    (threshold test, base-rate and task checks) would call owned. A seed cannot be both."""
+    from nnlaunder import data as D
+    from nnlaunder.checkpoint import load_model
+    from nnlaunder.experiments import clean
+    from nnlaunder.recipes import owner_config
+    from nnlaunder.watermarks.schemes import make_watermark
+    from nnlaunder.watermarks.verify import verify
+
+    tr, te = D.load("mnist", str(tiny), "train"), D.load("mnist", str(tiny), "test")
+    cfg = owner_config("mnist-cnn", epochs=3, batch_size=32)
+    wm = make_watermark("zhang-content", tr, te, str(tiny))
+    doc = clean.measure_thresholds("mnist", "mnist-cnn", cfg, [0], {"c": wm}, tr, te, root=tmp_path, heldout=[1])
+    held = doc["heldout"]["c"]
+    assert held["seeds"] == [1] and set(held["by_threshold"]) == set(doc["rules"]["c"])
+    traj = clean.clean_trajectory("mnist", "mnist-cnn", cfg, 1, tr, te, root=tmp_path)
+    epochs = [p.epoch for p in converged(clean.wm_points(traj, wm))]
+    assert held["epochs"] == len(epochs) >= 1
+    for rule, got in held["by_threshold"].items():
+        th = doc["rules"]["c"][rule]["threshold"]
+        owned = [verify(load_model(traj.folder / f"epoch-{e:03d}")[0], wm, th, test=(te.x, te.y),
+                        num_classes=10).owned for e in epochs]
+        assert got["threshold"] == th and got["false_positives"] == sum(owned)
+        assert got["fpr_pct"] == pytest.approx(100 * sum(owned) / len(owned))
+    # a threshold of 0% on a model that hits the target class now and then: the verdict's own tests decide
+    low = clean.heldout_rates([traj], wm, {"zero": 0.0, "all": 100.0}, te, 10)["by_threshold"]
+    assert low["all"]["false_positives"] == 0 and low["zero"]["interval_pct"][1] <= 100
+    with pytest.raises(UserError, match="held-out seeds \\[0\\]"):
+        clean.measure_thresholds("mnist", "mnist-cnn", cfg, [0], {"c": wm}, tr, te, root=tmp_path, heldout=[0])
+
+
 def test_a_broken_cache_entry_is_trained_again(tiny, tmp_path):
     from nnlaunder import data as D
     from nnlaunder.experiments import clean

@@ -117,16 +117,17 @@ def verify(model: nn.Module, wm: Watermark, threshold: float, *, test: D.Dataset
 
 def threshold(dataset: str, arch: str, schemes: dict[str, dict[str, Any]], *, seeds: Sequence[int] | None = None,
               config: TrainConfig | None = None, data_dir: str | Path | None = None,
-              progress: bool = False) -> dict[str, Any]:
+              progress: bool = False, heldout: Sequence[int] = ()) -> dict[str, Any]:
     """Thresholds for each watermark ({scheme: params}) from clean models of the architecture (trained
     once per seed and cached; every rule, the default `converged` one first). `seeds` default: the
-    dataset's (5 on MNIST and Fashion-MNIST, 3 elsewhere)."""
+    dataset's (5 on MNIST and Fashion-MNIST, 3 elsewhere). `heldout`: more clean seeds on which each rule's
+    false-positive rate is measured (the result's `heldout`)."""
     from .experiments.clean import measure_thresholds
 
     tr, te = D.load(dataset, data_dir, "train"), D.load(dataset, data_dir, "test")
     wms = {s: make_watermark(s, tr, te, data_dir, p) for s, p in schemes.items()}
     return measure_thresholds(dataset, arch, config or owner_config(arch), seeds, wms, tr, te,
-                              progress=progress)
+                              progress=progress, heldout=heldout)
 
 
 def neural_cleanse(model: nn.Module, clean_x: torch.Tensor, *, preset: str = "fast", num_classes: int | None = None,

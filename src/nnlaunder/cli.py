@@ -146,6 +146,18 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fpr(doc: dict[str, Any], scheme: str) -> str:
+    """", false positives k/n on held-out seeds [...]" for the default rule, where they were measured."""
+    held = (doc.get("heldout") or {}).get(scheme)
+    if not held:
+        return ""
+    got = held["by_threshold"][doc["rule"]]
+    if got["fpr_pct"] is None:
+        return f", no converged epoch on held-out seeds {held['seeds']}"
+    return (f", false positives {got['false_positives']}/{held['epochs']} = {got['fpr_pct']:.1f}% on held-out "
+            f"seeds {held['seeds']}")
+
+
 def cmd_threshold(args: argparse.Namespace) -> int:
     from .experiments.clean import measure_thresholds
     from .plots import threshold_figure
@@ -159,11 +171,11 @@ def cmd_threshold(args: argparse.Namespace) -> int:
     wms = {s: make_watermark(s, tr, te, args.data_dir, param_table(args.param)) for s in schemes}
     t0 = clock.now()
     doc = measure_thresholds(args.dataset, arch, train_config(args, arch), args.seeds, wms, tr, te,
-                             progress=not args.quiet)
+                             progress=not args.quiet, heldout=args.heldout_seeds)
     atomic_write_json(out, {**doc, "seconds": clock.now() - t0})
     threshold_figure(doc, out.with_suffix(".png"))
-    print(_table([(s, f"{v:.2f}% ({doc['rule']}; paper rule {doc['rules'][s]['paper']['threshold']:.2f}%)")
-                  for s, v in doc["thresholds"].items()]))
+    print(_table([(s, f"{v:.2f}% ({doc['rule']}; paper rule {doc['rules'][s]['paper']['threshold']:.2f}%)"
+                   + _fpr(doc, s)) for s, v in doc["thresholds"].items()]))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

@@ -245,6 +245,9 @@ def _add_threshold(sub: Any) -> None:
                    help="clean models' seeds, comma-separated (default 0-4 on MNIST and Fashion-MNIST, 0-2 "
                         "elsewhere); each is trained once per architecture and recipe and cached, so another "
                         "watermark's threshold costs only evaluation")
+    s.add_argument("--heldout-seeds", type=_int_list, default=(),
+                   help="more clean seeds, none of --seeds: every rule's false-positive rate on their converged "
+                        "epochs (how often `verify` would show ownership on a model that never saw the watermark)")
     s.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="scheme parameter, for a watermark other than the published one (repeatable)")
     s.add_argument("--out", required=True, help="JSON file")

@@ -33,7 +33,17 @@ from ..errors import UserError
 from ..models import build
 from ..train import TrainConfig, predict_checked
 from ..watermarks.schemes import Watermark
-from ..watermarks.verify import CleanPoint
+from ..watermarks.verify import (
+    DEFAULT_RULE,
+    THRESHOLD_RULES,
+    CleanPoint,
+    base_rate,
+    converged,
+    default_threshold_seeds,
+    threshold_rule,
+    verdict,
+    wilson,
+)
 
 
 def clean_root(fallback: str | Path | None = None) -> Path:
@@ -154,25 +164,56 @@ def clean_points(dataset: str, arch: str, cfg: TrainConfig, seeds: Sequence[int]
 
 
 
+def heldout_rates(trajs: Sequence[Trajectory], wm: Watermark, thresholds: dict[str, float], te: D.Dataset,
+                  num_classes: int, alpha: float = 0.01) -> dict[str, Any]:
+    """Each threshold's measured false-positive rate: on clean trajectories that set none of them, the share of
+    their converged epochs for which the verdict (`verdict`: the threshold test, the base-rate check and the task
+    check at `alpha`, as `nnlaunder verify` decides) shows ownership, with its 95% Wilson interval."""
+    evidence, rates = [], []                  # per converged epoch: hits and the base rate (rule-independent)
+    for t in trajs:
+        for p in converged(wm_points(t, wm)):
+            m, _ = load_model(t.folder / f"epoch-{p.epoch:03d}")
+            pred, _ = predict_checked(m, wm.verify_x)
+            evidence.append((int((pred == wm.verify_y).sum()),
+                             base_rate(m, wm, te.x, te.y, num_classes, pred_t=pred)))
+            rates.append(p.rate)
+    n, by = len(wm.verify_y), {}
+    for name, th in thresholds.items():
+        k = sum(verdict(h, n, th, alpha, b).owned for h, b in evidence)
+        lo, hi = wilson(k, len(evidence))
+        by[name] = {"threshold": th, "false_positives": k if evidence else None,
+                    "fpr_pct": 100.0 * k / len(evidence) if evidence else None,
+                    "interval_pct": [100 * lo, 100 * hi] if evidence else None}
+    return {"seeds": [t.seed for t in trajs], "epochs": len(evidence), "max_rate": max(rates, default=None),
+            "by_threshold": by}
+
+
 def measure_thresholds(dataset: str, arch: str, cfg: TrainConfig, seeds: Sequence[int] | None,
                        wms: dict[str, Watermark],
                        tr: D.Dataset, te: D.Dataset, *, alpha: float = 0.01, root: str | Path | None = None,
-                       progress: bool = False) -> dict[str, Any]:
+                       progress: bool = False, heldout: Sequence[int] = ()) -> dict[str, Any]:
     """Every threshold rule for every watermark in `wms`, over the clean seeds (trained only where missing):
     what `nnlaunder threshold` writes. `thresholds` holds the default rule's value per scheme. `seeds`
-    None: the dataset's default seeds."""
-    from ..watermarks.verify import DEFAULT_RULE, THRESHOLD_RULES, default_threshold_seeds, threshold_rule
-
+    None: the dataset's default seeds. `heldout`: more clean seeds, none of them among `seeds`, on which every
+    rule's false-positive rate is measured (`heldout_rates`; under `heldout`, per scheme and rule)."""
     seeds = default_threshold_seeds(dataset) if seeds is None else seeds
+    if overlap := sorted(set(seeds) & set(heldout)):
+        raise UserError(f"held-out seeds {overlap} also set the threshold; a false-positive rate needs clean "
+                        "models the threshold never saw")
     trajs = [clean_trajectory(dataset, arch, cfg, s, tr, te, root=root, progress=progress) for s in seeds]
+    held = [clean_trajectory(dataset, arch, cfg, s, tr, te, root=root, progress=progress) for s in heldout]
     rules: dict[str, dict[str, Any]] = {}
     hits: dict[str, list[list[int]]] = {}
+    rates: dict[str, dict[str, Any]] = {}
     for name, wm in wms.items():
         pts = [p for t in trajs for p in wm_points(t, wm)]
         rules[name] = {r: threshold_rule(r, pts, alpha).as_dict() for r in THRESHOLD_RULES}
         hits[name] = [[p.hits for p in pts if p.seed == t.seed] for t in trajs]
+        if held:
+            rates[name] = heldout_rates(held, wm, {r: v["threshold"] for r, v in rules[name].items()}, te,
+                                        tr.num_classes, alpha)
     return {"dataset": dataset, "arch": arch, "seeds": list(seeds), "config": cfg.identity(), "rule": DEFAULT_RULE,
             "alpha": alpha, "thresholds": {n: rules[n][DEFAULT_RULE]["threshold"] for n in wms}, "rules": rules,
             "scheme_params": {n: w.params for n, w in wms.items()},
             "n_verify": {n: len(w.verify_y) for n, w in wms.items()},
-            "test_acc": [list(t.test_accs) for t in trajs], "hits": hits}
+            "test_acc": [list(t.test_accs) for t in trajs], "hits": hits, **({"heldout": rates} if held else {})}
