@@ -89,6 +89,7 @@ def test_only_selects_part_of_a_grid_and_names_its_mistakes():
     ({"sweep": {"settings": [{"colour": 1}]}}, "sweep.settings[0]: unknown key 'colour'"),
     ({"sweep": {"settings": [1, 2]}}, "sweep.settings: expected one or more tables"),
     ({"restore_from": "owner"}, "restore_from: 'owner'"),
+    ({"restore_if": "sometimes"}, "restore_if: 'sometimes'"),
     ({"restore_from": "rest", "restore_epochs": 1, "budget": 1.0}, "needs a budget below the whole set"),
     ({"restore_from": "rest", "restore_epochs": 1, "restore_fraction": 0.5}, "no restore_fraction"),
     ({"datset": "mnist"}, "unknown key(s) ['datset']"),
@@ -557,17 +558,23 @@ def test_settings_sweep_and_the_owners_restoration_on_what_the_attacker_left(tmp
     repo = Path(__file__).resolve().parents[1]
     spec = {"name": "persist", "dataset": "mnist", "scheme": "zhang-content", "threshold": 0.33,
             "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "scheme_params": {"n_verify": 300},
-            "budget": 0.9, "restore_epochs": 1, "restore_from": "rest",
+            "budget": 0.9, "restore_epochs": 1, "restore_from": "rest", "restore_if": "always",
             "sweep": {"settings": [{"attack": "prune", "attack_params": {"fraction": 0.5}},
-                                   {"attack": "weight-noise", "restore_epochs": 0}]}}
+                                   {"attack": "weight-noise", "restore_epochs": 0},
+                                   {"attack": "prune", "attack_params": {"fraction": 0.5}, "restore_if": "not-shown"}]}}
     cells = expand(spec)
-    assert [(c.attack, c.restore_epochs) for c in cells] == [("prune", 1), ("weight-noise", 0)]
+    assert [(c.attack, c.restore_epochs) for c in cells] == [("prune", 1), ("weight-noise", 0), ("prune", 1)]
     run_experiment(cells, tmp_path, str(data_dir), progress=False)
     with Store(tmp_path / "results.sqlite") as s:
-        got = {c["config"]["attack"]: c["summary"] for c in s.cells("persist")}
-    assert got["prune"]["n_owner"] == 6000 and got["prune"]["n_clean"] == 54000       # 60,000 split 90 / 10
-    assert "n_owner" not in got["weight-noise"]
-    assert got["prune"]["param_shift"] > got["weight-noise"]["param_shift"] > 0
+        got = {(c["config"]["attack"], c["config"]["restore_if"]): c["summary"] for c in s.cells("persist")}
+    always, shown = got[("prune", "always")], got[("prune", "not-shown")]
+    assert always["n_owner"] == 6000 and always["n_clean"] == 54000       # 60,000 split 90 / 10
+    assert "n_owner" not in got[("weight-noise", "always")]
+    # "not-shown" (the default) restores only where the attack left no ownership shown: the same attack, the
+    # same outcome, and a restoration exactly where one could tell hidden from removed
+    assert shown["outcome"] == always["outcome"] and ("n_owner" in shown) == (always["outcome"] != "kept")
+    assert always["outcome"] == "kept" and "n_owner" not in shown          # pruning half the weights keeps it
+    assert always["param_shift"] > got[("weight-noise", "always")]["param_shift"] > 0
 
 
 def test_a_dry_run_says_which_cells_the_store_holds(tmp_path):

@@ -46,6 +46,7 @@ from ..watermarks.verify import default_threshold_seeds
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 MAX_FILE_BYTES = 1 << 20
 MAX_CELLS = 10_000              # a sweep larger than this is refused before it is expanded
+RESTORE_IF = ("not-shown", "always")
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,9 @@ class CellConfig:
     restore_fraction: float = 1.0        # ... on this stratified fraction of the training set
     restore_from: str = "sample"         # "sample": that fraction; "rest": the training images the attacker's set
     #                                      does not hold (Ngo et al.: the owner's data beside a disjoint split)
+    restore_if: str = "not-shown"        # "not-shown": restore only where the attack left no ownership shown (what
+    #                                      tells hidden from removed; a kept watermark stays kept); "always": after
+    #                                      every attack (persistence: how far a faded watermark comes back)
     external: dict[str, Any] | None = None   # a model this project did not train (`ExternalModel.identity()`):
     #                                          the user's network, data (attacker's pool and the owner's
     #                                          restoration set), test set and trigger set; needs `threshold`
@@ -167,6 +171,8 @@ class CellConfig:
             raise UserError("restore_epochs must be >= 0 and restore_fraction in (0, 1]")
         if self.restore_from not in ("sample", "rest"):
             raise UserError(f"restore_from: {self.restore_from!r}; choose from sample, rest")
+        if self.restore_if not in RESTORE_IF:
+            raise UserError(f"restore_if: {self.restore_if!r}; choose from {', '.join(RESTORE_IF)}")
         if self.restore_from == "rest" and self.restore_epochs and (
                 self.restore_fraction != 1.0 or self.budget_spec() == {"fraction": 1.0}):
             raise UserError("restore_from = \"rest\" restores on what the attacker's set leaves of the training set: "
@@ -192,8 +198,10 @@ class CellConfig:
         return digest(d)
 
 
+# At its default "not-shown", `restore_if` keeps the ids of cells that restored after every attack: their results
+# hold everything a "not-shown" cell computes (a kept watermark's restoration decides nothing).
 _LATER_FIELDS = {"calibrate": False, "restore_epochs": 0, "restore_fraction": 1.0, "external": None,
-                 "threshold_rule": "converged", "tolerance": 3.0, "restore_from": "sample"}
+                 "threshold_rule": "converged", "tolerance": 3.0, "restore_from": "sample", "restore_if": "not-shown"}
 
 
 def digest(obj: Any) -> str:

@@ -182,7 +182,7 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
         summary["threshold_paper"] = known["paper"]
     if res.info.get("calibration"):
         summary["calibration"] = res.info["calibration"]
-    if cell.restore_epochs:
+    if cell.restore_epochs and (cell.restore_if == "always" or last["outcome"] != "kept"):
         summary.update(owner_restores(res.model, cell, tr, ev))
     summary["outcome"] = outcome(last["outcome"] == "kept", last["test_drop"], summary.get("restored"),
                                  cell.tolerance)
