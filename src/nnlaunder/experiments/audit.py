@@ -3,7 +3,8 @@
 An audit is an ordinary experiment (`CellConfig`s in the workspace's store, resumable, local or
 Ray executor): the watermark's own vanilla threshold (this scheme with these parameters, from clean
 models the tool trains), then every attack of a profile at every attacker budget over several
-seeds, and after each attack the owner's restoration on its own clean data. Each cell ends in one
+seeds, and after each attack that leaves no ownership shown the owner's restoration on its own clean
+data. Each cell ends in one
 of four outcomes (`watermarks.verify.outcome`, decided by the runner with `nnlaunder verify`'s verdict:
 threshold, binomial p, the model's base rate and task accuracy):
 - kept: after the attack, the owner's verification still shows ownership;
