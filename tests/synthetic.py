@@ -7,6 +7,7 @@ backdoor: a 2×2 checkerboard at the centre sends any image to class 0.
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nnlaunder.data import Dataset
@@ -37,6 +38,21 @@ def tiny_net(seed: int = 0) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(16 * 9, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+class FunctionalNet(nn.Module):
+    """`tiny_net` as much user code writes it: every activation a function (`F.relu`), none a module."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1, self.c2 = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.fc, self.out = nn.Linear(16 * 9, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.out(F.relu(self.fc(x.flatten(1))))
 
 
 @contextlib.contextmanager

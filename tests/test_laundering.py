@@ -3,6 +3,8 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from nnlaunder.attacks.laundering import (
     LaunderConfig,
@@ -17,7 +19,7 @@ from nnlaunder.attacks.units import discover_units, mean_activations, select_uni
 from nnlaunder.models import build
 from nnlaunder.train import TrainConfig, accuracy, predict, train
 
-from .synthetic import add_trigger, keeper_that_stops, make_images, tiny_net
+from .synthetic import FunctionalNet, add_trigger, keeper_that_stops, make_images, tiny_net
 
 
 def test_unit_discovery_on_the_paper_models():
@@ -33,9 +35,63 @@ def test_unit_discovery_on_the_paper_models():
     assert names[0] == "stem.0" and "blocks.3.shortcut" in names and "fc" not in names
     u = {x.name: x for x in units}
     assert u["blocks.0.conv2"].bn == "blocks.0.bn2" and u["blocks.0.conv2"].act == "blocks.0.relu2"
-    assert u["blocks.3.shortcut"].bn is None
+    assert u["blocks.3.shortcut"].bn is None and u["blocks.3.shortcut"].act == "blocks.3.relu2"
+    assert all(v.act is not None for v in units)          # every unit read at its own ReLU module
     half = select_units(units, "second-half")
     assert half == units[len(units) // 2:]
+
+
+class _SharedReluBlock(nn.Module):
+    """A torchvision-style residual block: one ReLU module called twice, a 1x1 conv + BN shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.down = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8))
+        self.relu = nn.ReLU(inplace=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.fc(self.relu(y + self.down(x)).mean((2, 3)))
+
+
+def test_units_of_models_written_other_ways():
+    """Functional activations, other activation modules, a ReLU shared by a block, and a layer whose
+    output goes straight into another: each unit is read where its activation is, or skipped with why."""
+    x = torch.rand(6, 1, 12, 12)
+    net = FunctionalNet()
+    units, skipped = discover_units(net, x)
+    assert [(u.name, u.act, u.own) for u in units] == [("c1", None, "c1"), ("c2", None, "c2"), ("fc", None, "fc")]
+    assert not skipped
+    got = mean_activations(net, units, x)
+    torch.testing.assert_close(got["c1"], F.relu(net.c1(x)).mean((0, 2, 3)))      # read after its F.relu
+    for act in (nn.GELU, nn.LeakyReLU, nn.SiLU):
+        seq = nn.Sequential(nn.Conv2d(1, 4, 3), act(), nn.Flatten(), nn.Linear(4 * 10 * 10, 3))
+        assert [(u.name, u.act) for u in discover_units(seq, x)[0]] == [("0", "1")]
+
+    class Mixed(nn.Module):          # conv1's activation is a function; conv2's ReLU is not conv1's
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.relu = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU()
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(self.relu(self.conv2(F.relu(self.conv1(x)))).flatten(1))
+
+    assert [(u.name, u.act) for u in discover_units(Mixed(), x)[0]] == [("conv1", None), ("conv2", "relu")]
+    block = _SharedReluBlock()
+    units, _ = discover_units(block, torch.rand(2, 3, 8, 8))
+    u = {v.name: v for v in units}
+    assert set(u) == {"conv1", "conv2", "down.0"}
+    assert all(v.act is None for v in units)      # one ReLU called twice: read each unit at its own output
+    assert (u["conv1"].own, u["conv2"].own, u["down.0"].own) == ("bn1", "bn2", "down.1")
+    assert u["conv2"].bn == "bn2" and u["down.0"].bn == "down.1"
+    straight = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
+    units, skipped = discover_units(straight, x)
+    assert [u.name for u in units] == ["1"] and skipped == [("0", "no activation after it: its output goes "
+                                                                  "straight into Conv2d")]
 
 
 def test_grouped_conv_is_skipped_not_reset():
@@ -99,15 +155,16 @@ def test_bn_channels_are_reset_too():
     assert torch.count_nonzero(out["bn"][:, 4]) == 0
 
 
-@pytest.mark.parametrize("preset", ["faithful", "fast"])
-def test_a_planted_backdoor_is_found_and_removed_end_to_end(preset):
+@pytest.mark.parametrize("preset,make", [("faithful", tiny_net), ("fast", tiny_net), ("faithful", FunctionalNet)])
+def test_a_planted_backdoor_is_found_and_removed_end_to_end(preset, make):
     """Tiny synthetic model: plant a backdoor, launder with 100 clean images, backdoor gone, with
-    either Neural Cleanse preset (the fast one tuned on this machine, its plan recorded)."""
+    either Neural Cleanse preset (the fast one tuned on this machine, its plan recorded), and on the same
+    network written with functional activations."""
     train_set = make_images(3000, 10)
     poison = make_images(300, 11)
     x = torch.cat([train_set.x, add_trigger(poison.x)])
     y = torch.cat([train_set.y, torch.zeros(300, dtype=torch.long)])
-    net = tiny_net(1)
+    net = make(1)
     train(net, x, y, TrainConfig(epochs=8, batch_size=64, lr=3e-3), progress=False)
     test = make_images(1000, 12)
     victims = test.subset(torch.nonzero(test.y != 0).flatten())

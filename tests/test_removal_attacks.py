@@ -113,7 +113,7 @@ def test_nad_attention_maps_and_taps():
     torch.testing.assert_close(am.flatten(1).norm(dim=1), torch.ones(2), atol=1e-4, rtol=0)
     units, _ = discover_units(bn_net(), torch.rand(2, 1, 12, 12))
     taps = attention_taps(units)
-    assert taps[-1] == units[-1].act and len(taps) == 3
+    assert taps[-1] == (units[-1].act, False) and len(taps) == 3
     with pytest.raises(UserError):
         attention_taps([u for u in units if u.kind == "dense"])
 

@@ -283,7 +283,7 @@ def _add_launder(sub: Any) -> None:
                    help="Algorithm 1's activation difference over all used triggers pooled, or per trigger with "
                         "the resets united")
     s.add_argument("--measure", choices=MEASURE_POINTS,
-                   help="read a unit at the first ReLU after it, or at its own output before a residual add")
+                   help="read a unit at its activation, or at its own output before a residual add")
     s.add_argument("--bn-stats", choices=L.BN_STATS,
                    help="batch norms before retraining: statistics kept, reset (faithful), re-estimated on the "
                         "clean set, or every batch norm re-initialised (reinit)")

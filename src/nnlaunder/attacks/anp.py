@@ -175,7 +175,7 @@ def anp(model: nn.Module, clean: Dataset, cfg: ANPConfig) -> AttackResult:
     out = attack_copy(model, clean)
     units, _ = discover_units(out, clean.x[:2])
     if not units:
-        raise UserError("ANP found no neuron to mask (a Conv2d/Linear followed by a ReLU)")
+        raise UserError("ANP found no neuron to mask (a hidden Conv2d/Linear with an activation after it)")
     where = {u.name: u.bn or u.name for u in units}
     masks = optimise_masks(model, clean, cfg, where)
     pruned = choose_pruned(masks, cfg)

@@ -67,7 +67,7 @@ class LaunderConfig:
     add_masks: bool = True               # recovered masks as images labelled the least likely class
     diff: str = "pooled"                 # "pooled": one A_diff over every used trigger's stamped images
     #                                      (Algorithm 1); "per-trigger": one A_diff per trigger, resets united
-    measure: str = "relu"                # where a unit is read: "relu" (first ReLU after it) | "branch"
+    measure: str = "relu"                # where a unit is read: "relu" (its activation) | "branch"
     #                                      (its own output after its own batch norm, before a residual add)
     bn_stats: str = "keep"               # batch-norm running statistics before retraining: "keep" |
     #                                      "reset" (mean 0, var 1: the paper's "reset the batch normalization")
@@ -403,7 +403,7 @@ def _resettable_units(model: nn.Module, clean: Dataset, cfg: LaunderConfig) -> t
     there is none, a warning for the skipped."""
     units, skipped = discover_units(model, clean.x[:2])
     if not units:
-        raise UserError("Algorithm 1 found no layer it can reset (a Conv2d/Linear followed by a ReLU); "
+        raise UserError("Algorithm 1 found no layer it can reset (a hidden Conv2d/Linear with an activation after it); "
                         f"skipped: {skipped or 'none'}")
     if skipped:
         warnings.warn("Algorithm 1 skips these layers (never reset): "

@@ -6,7 +6,8 @@
    An attention map is the channel sum of |activation|^p, divided by its L2 norm over positions.
 
 Layers: the paper reads the outputs of a WideResNet's three residual groups; here the three taps
-are the activations (first ReLU after the layer) of the last hidden conv unit of each third of
+are the activations (`Unit.tap`: the activation module, or the unit's own output rectified where the
+activation is a function) of the last hidden conv unit of each third of
 the model's conv units, in forward order, so that any conv net has them. Its defaults weight only
 the deepest (betas 0, 0, 5000; p = 2), with 20 epochs of SGD (Nesterov, momentum 0.9, weight decay
 1e-4) at lr 0.1 for 2 epochs and 0.01 after. The teacher is frozen. Models without conv units
@@ -67,26 +68,27 @@ def attention_map(fm: torch.Tensor, p: float, eps: float = 1e-6) -> torch.Tensor
     return am / (am.norm(dim=(2, 3), keepdim=True) + eps)
 
 
-def attention_taps(units: list[Unit]) -> list[str]:
-    """The activation module of the last conv unit of each third of the conv units: low, middle, high."""
+def attention_taps(units: list[Unit]) -> list[tuple[str, bool]]:
+    """Where to read the last conv unit of each third of the conv units (low, middle, high): (module,
+    rectify), as `Unit.tap` says."""
     convs = [u for u in units if u.kind == "conv"]
     if not convs:
         raise UserError("NAD needs a convolutional layer: it distils attention maps of feature maps")
     n = len(convs)
-    return [convs[max(0, math.ceil(n * k / 3) - 1)].act for k in (1, 2, 3)]
+    return [convs[max(0, math.ceil(n * k / 3) - 1)].tap() for k in (1, 2, 3)]
 
 
 class _Taps:
-    """Forward hooks keeping the latest output of each named module."""
+    """Forward hooks keeping the latest output of each named module (rectified where asked)."""
 
-    def __init__(self, model: nn.Module, names: list[str]):
+    def __init__(self, model: nn.Module, taps: list[tuple[str, bool]]):
         mods = dict(model.named_modules())
         self.out: dict[str, torch.Tensor] = {}
-        self.hooks = [mods[n].register_forward_hook(self._keep(n)) for n in set(names)]
+        self.hooks = [mods[n].register_forward_hook(self._keep(n, r)) for n, r in set(taps)]
 
-    def _keep(self, name: str):
+    def _keep(self, name: str, rectify: bool):
         def hook(mod, inp, out) -> None:
-            self.out[name] = out
+            self.out[name] = out.clamp_min(0) if rectify else out
         return hook
 
     def close(self) -> None:
@@ -120,7 +122,7 @@ def nad(model: nn.Module, clean: Dataset, cfg: NADConfig) -> AttackResult:
                 with torch.no_grad():
                     teacher(xb)
                 loss = F.cross_entropy(student(xb), yb)
-                for beta, name in zip(cfg.betas, taps, strict=True):
+                for beta, (name, _) in zip(cfg.betas, taps, strict=True):
                     if beta > 0:
                         loss = loss + beta * F.mse_loss(attention_map(ts.out[name], cfg.p),
                                                         attention_map(tt.out[name].detach(), cfg.p))
@@ -131,4 +133,4 @@ def nad(model: nn.Module, clean: Dataset, cfg: NADConfig) -> AttackResult:
         ts.close()
         tt.close()
     student.eval()
-    return AttackResult(student, {"taps": taps, "betas": list(cfg.betas)}, clock.now() - t0)
+    return AttackResult(student, {"taps": [n for n, _ in taps], "betas": list(cfg.betas)}, clock.now() - t0)

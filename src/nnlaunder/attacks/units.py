@@ -1,11 +1,23 @@
 """Generic layer discovery for Algorithm 1: every hidden Conv2d / Linear with its activation.
 
-A forward pass with hooks records the order in which leaf modules run. For each Conv2d / Linear
-except the output layer, its *activation* is the first ReLU that runs after it and its batch
-norm is the first BatchNorm2d/1d with matching width that runs after it and before the next
-Conv2d / Linear. This covers conv-ReLU (Table 5), conv-ReLU-BN (Table 7) and conv-BN-(add)-ReLU
-(ResNet) without a table per architecture. Layers it cannot handle (grouped convolutions,
-anything without a ReLU after it) are returned in `skipped` with a reason, never mis-reset.
+One forward pass with hooks records which leaf module ran when, on which tensor, giving which tensor.
+For each Conv2d / Linear except the output layer:
+- its batch norm: a BatchNorm2d/1d of its width that takes its output (conv-BN, then the activation:
+  the unit's own output is the norm's) or its activation's (conv-ReLU-BN, Table 7);
+- its activation: the activation module that takes the unit's own output (through pooling or
+  dropout); else, where the output goes into code no module sees (a residual add), the first
+  activation module after it that takes a tensor no module made, of its width, with no layer between
+  that works on data made after the unit ran (a ResNet block's closing ReLU); else none: an activation
+  applied as a function (`F.relu(self.bn(self.conv(x)))`), where the unit is read at its own output,
+  rectified (`act` None). Activation modules: ReLU and the activations that map 0 to 0 (ReLU6,
+  LeakyReLU, PReLU, ELU, CELU, SELU, GELU, SiLU, Mish, Hardswish), so a reset unit (weights and bias
+  zero) gives nothing downstream, as it would through a ReLU. An activation module called more than once
+  per forward (one ReLU shared by a block) is not read (its hook would mix the calls): such a unit too is
+  read at its own output, rectified.
+This covers conv-ReLU (Table 5), conv-ReLU-BN (Table 7), conv-BN-(add)-ReLU (ResNet) and functional
+activations without a table per architecture. Layers it cannot handle (grouped convolutions, a layer
+whose output goes straight into another layer with no activation) are returned in `skipped` with a
+reason, never mis-reset.
 """
 
 from __future__ import annotations
@@ -17,24 +29,51 @@ from torch import nn
 
 from ..device import model_device
 
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish,
+               nn.Hardswish)
+_PASS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d,
+         nn.Identity)                      # keep each channel a channel: an activation after them is the unit's
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+
 
 @dataclass(frozen=True)
 class Unit:
     name: str                 # the Conv2d / Linear module's name
     kind: str                 # "conv" or "dense"
     width: int                # output channels / features
-    act: str                  # name of the ReLU whose output is the activation
+    act: str | None           # the activation module whose output is the unit's activation; None: the
+    #                           activation is a function (or a shared module): read `own`, rectified
     bn: str | None            # name of the batch norm to reset with it, if any
     own: str = ""             # the module whose output is this unit's own output: its batch norm when
-    #                           that runs before the ReLU (conv-BN-ReLU, a ResNet branch), else the layer
+    #                           that runs before the activation (conv-BN-ReLU, a ResNet branch), else the layer
+
+    def tap(self) -> tuple[str, bool]:
+        """(module, rectify): where the unit's activation is read."""
+        return (self.act, False) if self.act else (self.own or self.name, True)
 
 
-def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit], list[tuple[str, str]]]:
-    """(units in forward order, [(name, why skipped)]). `example` is one input batch (N,C,H,W)."""
-    order: list[str] = []
+@dataclass
+class _Call:
+    name: str
+    inp: torch.Tensor | None
+    out: torch.Tensor | None
+
+    @property
+    def width(self) -> int | None:
+        return int(self.out.shape[1]) if self.out is not None and self.out.ndim >= 2 else None
+
+
+def _trace(model: nn.Module, example: torch.Tensor) -> list[_Call]:
+    """Every leaf module call of one forward pass, in order, with the tensors it took and gave."""
     names = {m: n for n, m in model.named_modules()}
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[mod]))
-             for m in model.modules() if len(list(m.children())) == 0]
+    calls: list[_Call] = []
+
+    def hook(mod, inputs, out):
+        inp = next((a for a in inputs if isinstance(a, torch.Tensor)), None)
+        calls.append(_Call(names[mod], inp, out if isinstance(out, torch.Tensor) else None))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if len(list(m.children())) == 0]
     was = model.training
     model.eval()
     try:
@@ -44,45 +83,105 @@ def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit],
         for h in hooks:
             h.remove()
         model.train(was)
+    return calls
+
+
+class _Flow:
+    """Who took and made which tensor in a trace (tensors are compared by identity; the trace keeps them)."""
+
+    def __init__(self, calls: list[_Call], mods: dict[str, nn.Module]):
+        self.calls, self.mods = calls, mods
+        self.first_seen: dict[int, int] = {}
+        for k, c in enumerate(calls):
+            for t in (c.inp, c.out):
+                if t is not None:
+                    self.first_seen.setdefault(id(t), k)
+
+    def mod(self, k: int) -> nn.Module:
+        return self.mods[self.calls[k].name]
+
+    def consumer(self, k: int) -> int | None:
+        """The first call after k that takes call k's output, through pooling / dropout (None: code no
+        module sees takes it)."""
+        t = self.calls[k].out
+        for j in range(k + 1, len(self.calls)):
+            if t is not None and self.calls[j].inp is t:
+                if isinstance(self.mod(j), _PASS):
+                    t = self.calls[j].out
+                    continue
+                return j
+        return None
+
+    def after_residual(self, own: int, width: int) -> int | None:
+        """The first activation call after `own` that takes a tensor no module made, of `width`, with no
+        weighted layer between that works on data first seen after `own` ran."""
+        made = {id(c.out) for c in self.calls[:own + 1] if c.out is not None}
+        for j in range(own + 1, len(self.calls)):
+            c = self.calls[j]
+            if isinstance(self.mod(j), _WEIGHTED) and c.inp is not None and self.first_seen[id(c.inp)] > own:
+                return None
+            if isinstance(self.mod(j), ACTIVATIONS) and c.inp is not None and c.width == width \
+                    and id(c.inp) not in made and self.first_seen[id(c.inp)] > own:
+                return j
+            if c.out is not None:
+                made.add(id(c.out))
+        return None
+
+
+def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit], list[tuple[str, str]]]:
+    """(units in forward order, [(name, why skipped)]). `example` is one input batch (N,C,H,W)."""
+    calls = _trace(model, example)
     mods = dict(model.named_modules())
-    ran = set(order)
+    ran = {c.name for c in calls}
     skipped: list[tuple[str, str]] = []
     for n, m in mods.items():               # parameters Algorithm 1 will never reset, said out loud
         if not any(True for _ in m.parameters(recurse=False)):
             continue
-        if not isinstance(m, nn.Conv2d | nn.Linear | nn.BatchNorm1d | nn.BatchNorm2d):
+        if not isinstance(m, (*_WEIGHTED, *_NORMS)):
             skipped.append((n, f"unsupported layer type {type(m).__name__}"))
         elif n not in ran:
             skipped.append((n, f"{type(m).__name__} not called as a module in the forward pass "
                                "(used inside another layer's own code, e.g. attention)"))
-    weighted = [i for i, n in enumerate(order) if isinstance(mods[n], nn.Conv2d | nn.Linear)]
-    last = weighted[-1] if weighted else -1
+    flow = _Flow(calls, mods)
+    weighted = [i for i, c in enumerate(calls) if isinstance(mods[c.name], _WEIGHTED)]
+    calls_of = {c.name: sum(d.name == c.name for d in calls) for c in calls}
     units: list[Unit] = []
-    for i in weighted:
-        name = order[i]
-        mod = mods[name]
-        if i == last:
-            continue                       # the output layer holds the classes, never reset
+    seen: set[str] = set()
+    for i in weighted[:-1]:                 # the output layer holds the classes, never reset
+        name, mod = calls[i].name, mods[calls[i].name]
+        if name in seen:
+            continue                        # a layer called twice is one unit, found at its first call
+        seen.add(name)
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
             skipped.append((name, "grouped convolution"))
             continue
-        width = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
-        act = next((order[j] for j in range(i + 1, len(order)) if isinstance(mods[order[j]], nn.ReLU)), None)
-        if act is None:
-            skipped.append((name, "no ReLU after it"))
-            continue
-        bn, own = None, name
-        relu_at = next(j for j in range(i + 1, len(order)) if order[j] == act)
-        for j in range(i + 1, len(order)):
-            m = mods[order[j]]
-            if isinstance(m, nn.Conv2d | nn.Linear):
-                break
-            if isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) and m.num_features == width:
-                bn = order[j]
-                own = bn if j < relu_at else name
-                break
-        units.append(Unit(name, "conv" if isinstance(mod, nn.Conv2d) else "dense", width, act, bn, own))
+        found = _unit(flow, i, mod, calls_of)
+        if isinstance(found, str):
+            skipped.append((name, found))
+        else:
+            units.append(found)
     return units, skipped
+
+
+def _unit(flow: _Flow, i: int, mod: nn.Module, calls_of: dict[str, int]) -> Unit | str:
+    """The unit of weighted call i, or why it has none."""
+    width = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+    own, bn = i, None
+    c = flow.consumer(i)
+    if c is not None and isinstance(flow.mod(c), _NORMS) and flow.mod(c).num_features == width:
+        own, bn = c, c                      # conv-BN, then the activation
+        c = flow.consumer(c)
+    if c is not None and not isinstance(flow.mod(c), ACTIVATIONS):
+        return f"no activation after it: its output goes straight into {type(flow.mod(c)).__name__}"
+    act = c if c is not None else flow.after_residual(own, width)
+    if bn is None and act is not None:      # conv-ReLU-BN (Table 7): the norm takes the activation's output
+        after = flow.consumer(act)
+        if after is not None and isinstance(flow.mod(after), _NORMS) and flow.mod(after).num_features == width:
+            bn = after
+    calls = flow.calls
+    act_name = calls[act].name if act is not None and calls_of[calls[act].name] == 1 else None
+    return Unit(calls[i].name, "conv" if isinstance(mod, nn.Conv2d) else "dense", width, act_name,
+                calls[bn].name if bn is not None else None, calls[own].name)
 
 
 def select_units(units: list[Unit], which: str) -> list[Unit]:
@@ -97,13 +196,14 @@ def select_units(units: list[Unit], which: str) -> list[Unit]:
 MEASURE_POINTS = ("relu", "branch")
 
 
-def measure_module(u: Unit, point: str) -> str:
-    """Where a unit's activation is read. "relu": the first ReLU after the layer (after a residual
-    add, for a ResNet block's second conv and its shortcut). "branch": the unit's own output
-    (after its own batch norm, before any add), rectified: the quantity a reset sets to zero."""
+def measure_module(u: Unit, point: str) -> tuple[str, bool]:
+    """(module, rectify): where a unit's activation is read. "relu": its activation module (after a
+    residual add, for a ResNet block's second conv and its shortcut), or its own output rectified where the
+    activation is a function. "branch": the unit's own output (after its own batch norm, before any add),
+    rectified: the quantity a reset sets to zero."""
     if point not in MEASURE_POINTS:
         raise ValueError(f"unknown measure point {point!r}")
-    return u.act if point == "relu" else (u.own or u.name)
+    return u.tap() if point == "relu" else (u.own or u.name, True)
 
 
 @torch.no_grad()
@@ -113,17 +213,19 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
     where `point` says (`measure_module`)."""
     mods = dict(model.named_modules())
     where = {u.name: measure_module(u, point) for u in units}
-    sums: dict[str, torch.Tensor] = {}
+    sums: dict[tuple[str, bool], torch.Tensor] = {}
 
     def hook(name):
         def f(mod, inp, out):
-            if point == "branch":
-                out = out.clamp_min(0)
-            v = out.sum(dim=(0, 2, 3)) / (out.shape[2] * out.shape[3]) if out.ndim == 4 else out.sum(0)
-            sums[name] = sums.get(name, 0) + v
+            for rectify in (False, True):
+                if (name, rectify) in wanted:
+                    o = out.clamp_min(0) if rectify else out
+                    v = o.sum(dim=(0, 2, 3)) / (o.shape[2] * o.shape[3]) if o.ndim == 4 else o.sum(0)
+                    sums[(name, rectify)] = sums.get((name, rectify), 0) + v
         return f
 
-    hooks = [mods[a].register_forward_hook(hook(a)) for a in set(where.values())]
+    wanted = set(where.values())
+    hooks = [mods[a].register_forward_hook(hook(a)) for a in {m for m, _ in wanted}]
     was = model.training
     model.eval()
     try:
