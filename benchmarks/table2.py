@@ -31,8 +31,7 @@ from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored
 from nnlaunder.attacks.calibrate import apply_candidate
 from nnlaunder.attacks.laundering import config_from_params
 from nnlaunder.report.battery import over_seeds, reused_nc_seconds
-from nnlaunder.report.build import build_report, flat_rows
-from nnlaunder.watermarks.verify import cell_p, format_p
+from nnlaunder.report.build import build_report, flat_rows, seeds_section
 
 HEADLINE = ["table2-mnist", "table2-cifar10"]
 ABLATION = "table2-ablation-cifar10"
@@ -135,35 +134,27 @@ def settings(r: dict) -> tuple:
     return o["dt"], o["ct"], o["retrain_epochs"], o["layers"]
 
 
-def seeds_markdown(seeds: list[dict], counts: dict) -> str:
+def seeds_markdown(cells: list[dict], seeds: list[dict], counts: dict) -> str:
+    """The engine's own table over seeds (`report.build.seeds_section`) of the headline cells, introduced."""
+    table = seeds_section(cells, {(r["dataset"], r["name"]): r["threshold_paper"] for r in seeds
+                                  if "threshold_paper" in r})
+    head = table.index(next(ln for ln in table if ln.startswith("| experiment |")))
     lines = ["# Table 2 over attacker seeds", "",
              "One laundering round per seed; the owner models are fixed, each seed draws the attacker's clean subset "
              "and seeds Neural Cleanse and retraining. Each seed ends kept, removed or destroyed "
              "(docs/methods.md#verification-and-verdicts): removed = the verdict no longer shows ownership against the "
              "default `converged` threshold (verdicts.json) and the model lost at most 3 points of test accuracy; "
-             "destroyed = it lost more. Rate k/n with its 95% Wilson interval; test accuracy mean ± sd; WM accuracy "
-             "median [min-max]; p: the median one-sided binomial p-value of the attacked model's hits at the "
-             "threshold's rate (the verdict's test). The attack is the strong variant with the row's recorded "
+             "destroyed = it lost more. Rate k/n with its 95% Wilson interval; test accuracy before → mean ± sd; WM "
+             "accuracy before → median [min-max]; p: the median one-sided binomial p-value of the attacked model's "
+             "hits at the threshold's rate (the verdict's test); s / cell: the attack's own seconds per seed "
+             "(Neural Cleanse, Algorithm 1 and retraining; table2.md's total adds the evaluation), one at a time. The attack is the strong variant with the row's recorded "
              "settings (table2.md), the fast Neural Cleanse preset; whether the fast preset hands Algorithm 1 the "
-             "class the faithful one would is in table2-nc-check.md. Written by `benchmarks/table2.py` from the "
-             "engine's cells (experiments/paper/table2-*.toml); each JSON row names its command, machine, date and "
-             "commit.", "",
-             "| row | threshold % (paper's rule) | removed | destroyed | test acc % | WM acc % | p | paper test / WM % "
-             "| s / seed |", "|---|---|---|---|---|---|---|---|---|"]
-    for ds, name in ORDER:
-        rs, paper = of_row(seeds, ds, name), PAPER[(ds, name)]
-        if not rs:
-            lines.append(f"| {ds}/{name} | | not run yet | | | | | {paper['test_acc']} / {paper['wm_acc']} | |")
-            continue
-        s, mid = summary(rs), sorted(cell_p(r) for r in rs)[len(rs) // 2]
-        first, rest = _cells(rs).split(" | ", 1)
-        tp = f" ({rs[0]['threshold_paper']:.2f})" if "threshold_paper" in rs[0] else ""
-        lines.append(f"| {ds}/{name} | {rs[0]['threshold']:.2f}{tp} | {first} | {s['destroyed']}/{s['n']} | {rest} | "
-                     f"{format_p(*mid)} | {paper['test_acc']} / {paper['wm_acc']} | "
-                     f"{s['seconds']:.0f} |")
+             "class the faithful one would is in table2-nc-check.md. The table is `nnlaunder report`'s (its "
+             "\"Over attacker seeds\" section) over the engine's cells (experiments/paper/table2-*.toml), written by "
+             "`benchmarks/table2.py`; table2-seeds.json holds every seed's row with its command, machine, date and "
+             "commit.", "", *table[head:]]
     lines += ["", f"Machines: {'; '.join(sorted({r['machine'] for r in seeds}))}; commit(s): "
-              f"{', '.join(sorted({r['commit'] for r in seeds}))}. {counts_line(counts)} Seconds per seed: Neural "
-              "Cleanse + Algorithm 1 + retraining + evaluation, one run at a time. What moved against the rows "
+              f"{', '.join(sorted({r['commit'] for r in seeds}))}. {counts_line(counts)} What moved against the rows "
               "stored before the verdict rules is in what-changed.md.", ""]
     return "\n".join(lines)
 
@@ -335,7 +326,7 @@ def main(argv=None) -> int:
     write("table2-ablation.json", abl)
     head = headline(seeds)
     write("table2.json", head)
-    write("table2-seeds.md", seeds_markdown(seeds, counts))
+    write("table2-seeds.md", seeds_markdown([c for c in cells if c["experiment"] in HEADLINE], seeds, counts))
     write("table2.md", table2_markdown(head, stored("table2-variants.json")))
     write("table2-ablation.md", ablation_markdown(seeds, abl))
     build_report(args.workspace, RESULTS / "table2-engine",

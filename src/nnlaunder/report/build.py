@@ -248,14 +248,15 @@ def last_round_section(cells: list[dict]) -> list[str]:
     return md
 
 
-def seeds_section(cells: list[dict]) -> list[str]:
+def seeds_section(cells: list[dict], paper_rule: dict[tuple[str, str], float] | None = None) -> list[str]:
     """Cells that differ only in their seed, summarised over seeds (the README's and Table 2's layout).
-    Empty when no configuration ran on two seeds or more."""
+    Empty when no configuration ran on two seeds or more. `paper_rule`: the paper's-rule threshold per
+    (dataset, watermark) for cells that were given their threshold (and so recorded no other)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for c in cells:
         groups[json.dumps({**c["config"], "seed": None}, sort_keys=True, default=str)].append(c)
-    rows = sorted(((cs[0]["experiment"], cs[0]["config"]["dataset"], scheme_name(cs[0]["config"])), _seeds_row(cs))
-                  for cs in groups.values() if len(cs) >= 2)
+    rows = sorted(((cs[0]["experiment"], cs[0]["config"]["dataset"], scheme_name(cs[0]["config"])),
+                   _seeds_row(cs, paper_rule or {})) for cs in groups.values() if len(cs) >= 2)
     if not rows:
         return []
     return ["", "## Over attacker seeds", "",
@@ -268,14 +269,15 @@ def seeds_section(cells: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + [r for _, r in rows]
 
 
-def _seeds_row(cs: list[dict]) -> str:
+def _seeds_row(cs: list[dict], paper_rule: dict[tuple[str, str], float]) -> str:
     """One configuration over its seeds (`over_seeds`), with its threshold, median p, the paper's figures and
     seconds per cell."""
     cfg, sms = cs[0]["config"], [c["summary"] for c in cs]
     s = over_seeds(sms)
     wm0 = statistics.median(sm["orig_wm_acc"] for sm in sms)
     paper = _paper(cfg)
-    rule = f" ({sms[0]['threshold_paper']:.2f})" if "threshold_paper" in sms[0] else ""
+    known = sms[0].get("threshold_paper", paper_rule.get((cfg["dataset"], scheme_name(cfg))))
+    rule = "" if known is None else f" ({known:.2f})"
     ps = sorted((cell_p(sm) for sm in sms), key=lambda t: t[0])
     p_mid = format_p(*ps[(len(ps) - 1) // 2])          # the median (the lower one of an even count)
     secs = statistics.mean(work_seconds(c) for c in cs)
