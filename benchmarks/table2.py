@@ -134,25 +134,27 @@ def settings(r: dict) -> tuple:
     return o["dt"], o["ct"], o["retrain_epochs"], o["layers"]
 
 
+SEEDS_INTRO = """
+One laundering round per seed; the owner models are fixed, each seed draws the attacker's clean subset and seeds
+Neural Cleanse and retraining. Each seed ends kept, removed or destroyed (docs/methods.md#verification-and-verdicts):
+removed = the verdict no longer shows ownership against the default `converged` threshold (verdicts.json) and the
+model lost at most 3 points of test accuracy; destroyed = it lost more. Rate k/n with its 95% Wilson interval; test
+accuracy before → mean ± sd; WM accuracy before → median [min-max]; p: the median one-sided binomial p-value of the
+attacked model's hits at the threshold's rate (the verdict's test); s / cell: the attack's own seconds per seed
+(Neural Cleanse, Algorithm 1 and retraining; table2.md's total adds the evaluation), one at a time. The attack is the
+strong variant with the row's recorded settings (table2.md), the fast Neural Cleanse preset; whether the fast preset
+hands Algorithm 1 the class the faithful one would is in table2-nc-check.md. The table is `nnlaunder report`'s (its
+"Over attacker seeds" section) over the engine's cells (experiments/paper/table2-*.toml), written by
+`benchmarks/table2.py`; table2-seeds.json holds every seed's row with its command, machine, date and commit.
+"""
+
+
 def seeds_markdown(cells: list[dict], seeds: list[dict], counts: dict) -> str:
     """The engine's own table over seeds (`report.build.seeds_section`) of the headline cells, introduced."""
     table = seeds_section(cells, {(r["dataset"], r["name"]): r["threshold_paper"] for r in seeds
                                   if "threshold_paper" in r})
     head = table.index(next(ln for ln in table if ln.startswith("| experiment |")))
-    lines = ["# Table 2 over attacker seeds", "",
-             "One laundering round per seed; the owner models are fixed, each seed draws the attacker's clean subset "
-             "and seeds Neural Cleanse and retraining. Each seed ends kept, removed or destroyed "
-             "(docs/methods.md#verification-and-verdicts): removed = the verdict no longer shows ownership against the "
-             "default `converged` threshold (verdicts.json) and the model lost at most 3 points of test accuracy; "
-             "destroyed = it lost more. Rate k/n with its 95% Wilson interval; test accuracy before → mean ± sd; WM "
-             "accuracy before → median [min-max]; p: the median one-sided binomial p-value of the attacked model's "
-             "hits at the threshold's rate (the verdict's test); s / cell: the attack's own seconds per seed "
-             "(Neural Cleanse, Algorithm 1 and retraining; table2.md's total adds the evaluation), one at a time. The attack is the strong variant with the row's recorded "
-             "settings (table2.md), the fast Neural Cleanse preset; whether the fast preset hands Algorithm 1 the "
-             "class the faithful one would is in table2-nc-check.md. The table is `nnlaunder report`'s (its "
-             "\"Over attacker seeds\" section) over the engine's cells (experiments/paper/table2-*.toml), written by "
-             "`benchmarks/table2.py`; table2-seeds.json holds every seed's row with its command, machine, date and "
-             "commit.", "", *table[head:]]
+    lines = ["# Table 2 over attacker seeds", "", " ".join(SEEDS_INTRO.split()), "", *table[head:]]
     lines += ["", f"Machines: {'; '.join(sorted({r['machine'] for r in seeds}))}; commit(s): "
               f"{', '.join(sorted({r['commit'] for r in seeds}))}. {counts_line(counts)} What moved against the rows "
               "stored before the verdict rules is in what-changed.md.", ""]
