@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 __all__ = ["ROOT", "RESULTS", "PAPER", "ROWS", "machine", "commit", "provenance", "stored", "write",
-           "default_thresholds", "engine_cells", "counts_line", "row_label"]
+           "default_thresholds", "with_paper_rule", "engine_cells", "counts_line", "row_label"]
 
 
 def machine() -> str:
@@ -59,16 +59,27 @@ def default_thresholds(ds: str) -> dict[str, float]:
     return {t["row"]: t["threshold"] for t in rows if t["default"] and t["dataset"] == ds}
 
 
+def with_paper_rule(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row (`dataset`, `name`: the watermark as "adi-pt") with the paper's-rule threshold of verdicts.json
+    beside its own, where it has none (a cell given its threshold in the experiment file records no other)."""
+    paper = {(t["dataset"], t["row"]): t["threshold"]
+             for t in stored("verdicts.json")["thresholds"] if t["rule"] == "paper"}
+    return [{"threshold_paper": paper[(r["dataset"], r["name"])], **r} if (r["dataset"], r["name"]) in paper else r
+            for r in rows]
+
+
 def engine_cells(workspace: str | Path, experiments: list[str]) -> tuple[list[dict[str, Any]], dict[str, tuple]]:
-    """The finished cells of `experiments/paper/<name>.toml` for each name in `experiments`, from the engine's
-    store at `workspace` (or a cell export such as benchmarks/cells), and for each name (cells in the store,
-    cells in the file)."""
+    """The finished cells of `experiments/paper/<name>.toml` as the file is now (its cells' ids) for each name in
+    `experiments`, from the engine's store at `workspace` (or a cell export such as benchmarks/cells), and for
+    each name (cells in the store, cells in the file)."""
     from nnlaunder.experiments.config import load_experiment
     from nnlaunder.experiments.store import workspace_cells
 
-    cells = [c for c in workspace_cells(workspace) if c["experiment"] in experiments]
-    return cells, {e: (sum(c["experiment"] == e for c in cells),
-                       len(load_experiment(ROOT / "experiments" / "paper" / f"{e}.toml"))) for e in experiments}
+    ids = {e: {c.cell_id() for c in load_experiment(ROOT / "experiments" / "paper" / f"{e}.toml")}
+           for e in experiments}
+    # a store keeps the cells of an experiment file's earlier versions too: only the current file's count
+    cells = [c for c in workspace_cells(workspace) if c["experiment"] in ids and c["cell_id"] in ids[c["experiment"]]]
+    return cells, {e: (sum(c["experiment"] == e for c in cells), len(ids[e])) for e in experiments}
 
 
 def counts_line(counts: dict[str, tuple]) -> str:

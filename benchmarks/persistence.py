@@ -28,9 +28,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, ROOT, counts_line, engine_cells, stored, write  # noqa: E402
+from common import RESULTS, ROOT, counts_line, engine_cells, stored, with_paper_rule, write  # noqa: E402
 
-from nnlaunder.report.battery import scheme_name  # noqa: E402
+from nnlaunder.report.battery import scheme_name, work_seconds  # noqa: E402
 from nnlaunder.watermarks.verify import DEFAULT_TOLERANCE  # noqa: E402
 
 MODELS = {"mnist": ["zhang-content", "zhang-noise", "zhang-unrelated"],
@@ -69,12 +69,12 @@ def phase_rows(cells: list[dict]) -> list[dict]:
         rows[(base["dataset"], base["name"], attack)] = {
             **base, "phase": attack, **{k: sm.get(k) for k in ("test_acc", "wm_acc", "owned", "status", "base_rate",
                                                                 "outcome", "test_drop", "param_shift", "n_clean")},
-            "seconds": sm["attack_seconds"]}
+            "seconds": work_seconds(c)}
         if restored and "restored_wm_acc" in sm:
             rows[(base["dataset"], base["name"], restored)] = {
                 **base, "phase": restored, "test_acc": sm["restored_test_acc"], "wm_acc": sm["restored_wm_acc"],
                 "owned": sm["restored"], "n_owner": sm["n_owner"], "seconds": sm["restore_seconds"]}
-    return list(rows.values())
+    return with_paper_rule(list(rows.values()))
 
 
 def plot(rows: list[dict], ds: str) -> None:

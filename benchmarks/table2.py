@@ -26,7 +26,7 @@ import dataclasses
 import statistics
 import sys
 
-from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored, write
+from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored, with_paper_rule, write
 
 from nnlaunder.attacks.calibrate import apply_candidate
 from nnlaunder.attacks.laundering import config_from_params
@@ -82,15 +82,6 @@ def cell_rows(cells: list[dict]) -> list[dict]:
                     "nc_seconds": r1.get("nc_seconds"), "model": f"{c['config']['owner_path']}.safetensors",
                     "command": f"nnlaunder run experiments/paper/{c['experiment']}.toml --workspace runs/paper"})
     return out
-
-
-def paper_rule(rows: list[dict]) -> list[dict]:
-    """Each row with the paper's-rule threshold of verdicts.json beside its own (a cell given its threshold in
-    the experiment file records no other)."""
-    paper = {(t["dataset"], t["row"]): t["threshold"]
-             for t in stored("verdicts.json")["thresholds"] if t["rule"] == "paper"}
-    return [{**r, "threshold_paper": paper[(r["dataset"], r["name"])]} if (r["dataset"], r["name"]) in paper else r
-            for r in rows]
 
 
 def merged(file: str, engine: list[dict]) -> list[dict]:
@@ -321,7 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--protocol-time", action="store_true", help="also write perf.json's table2_protocol row")
     args = ap.parse_args(argv)
     cells, counts = engine_cells(args.workspace, [*HEADLINE, ABLATION])
-    rows = paper_rule(cell_rows(cells))
+    rows = with_paper_rule(cell_rows(cells))
     seeds = merged("table2-seeds.json", [r for r in rows if r["experiment"] in HEADLINE])
     abl = merged("table2-ablation.json", [r for r in rows if r["experiment"] == ABLATION])
     write("table2-seeds.json", seeds)
