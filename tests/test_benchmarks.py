@@ -164,6 +164,8 @@ def test_persistence_lays_the_engines_cells_out_as_ngo_et_als_phases():
     assert by["laundered"]["outcome"] == "hidden" and by["laundered-restored"]["owned"] is True
     assert by["restored"]["n_owner"] == 700 and "outcome" not in by["restored"]
     assert by["finetuned-mixed"]["command"] == "nnlaunder run experiments/paper/persistence-mnist.toml"
+    assert by["laundered"]["seconds"] == 5.0 and by["restored"]["seconds"] == 3.0     # the attack's, the restoration's
+    assert by["embedded"]["threshold_paper"] == 0.3436807095343681     # the paper's rule beside it (verdicts.json)
 
 
 def test_table2_names_every_ablation_variant_from_the_experiment_file():

@@ -137,7 +137,8 @@ def reused_nc_seconds(cell: dict) -> float:
 def work_seconds(cell: dict) -> float:
     """The seconds a cell's attack costs on its own: its attack's (the whole cell's where those are not kept),
     plus the Neural Cleanse it reused (`reused_nc_seconds`)."""
-    return cell["summary"].get("attack_seconds", cell["seconds"]) + reused_nc_seconds(cell)
+    sm = cell["summary"]
+    return (sm["attack_seconds"] if "attack_seconds" in sm else cell["seconds"]) + reused_nc_seconds(cell)
 
 
 def _seconds(cs: list[dict]) -> float:
