@@ -74,6 +74,26 @@ def test_each_attack_lowers_a_planted_backdoor(backdoored, name):
     assert not res.model.training and res.seconds > 0
 
 
+@pytest.mark.parametrize("name", [*CHEAP, "fine-prune"])
+def test_each_attack_runs_on_a_network_with_functional_activations(name):
+    """Published backdoor code often writes `F.relu(self.conv(x))`: every attack that reads units reads them
+    at their own output, rectified, and returns a working model."""
+    from nnlaunder.attacks.registry import ATTACKS
+
+    from .synthetic import FunctionalNet
+
+    net, clean = FunctionalNet(3).eval(), make_images(120, 4)
+    few = {"nad": dataclasses.replace(CHEAP["nad"], epochs=1, teacher=TrainConfig(epochs=1, batch_size=32)),
+           "anp": dataclasses.replace(CHEAP["anp"], iterations=20),
+           "i-bau": dataclasses.replace(CHEAP["i-bau"], rounds=1),
+           "dehydration": dataclasses.replace(CHEAP["dehydration"], steps=10, epochs=1)}
+    cfg = few.get(name) or dataclasses.replace(ATTACKS[name].default(), finetune=TrainConfig(epochs=1, batch_size=32))
+    res = ATTACKS[name].run(net, clean, cfg)
+    assert res.model(clean.x[:4]).shape == (4, 4) and not res.model.training
+    if name == "nad":
+        assert res.info["taps"][-1] == "c2"           # the last conv, read at its own output
+
+
 @pytest.mark.parametrize("name", list(CHEAP))
 def test_attacks_never_receive_the_watermark(name):
     """The interface admits a model, a clean labelled set and a config; no config field names a
