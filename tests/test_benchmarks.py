@@ -287,3 +287,22 @@ def test_the_committed_cells_are_cells_the_experiment_files_run():
         ids = {cell.cell_id() for cell in load_experiment(root / "experiments" / "paper" / f"{exp}.toml")}
         stale = [c["cell_id"] for c in cells if c["experiment"] == exp and c["cell_id"] not in ids]
         assert not stale, f"{exp}: {len(stale)} committed cell(s) its file no longer runs, e.g. {stale[0]}"
+
+
+def test_byo_lists_one_row_per_planted_network():
+    """byo.json keeps a row per network of examples/byo/ (a row from before the choice existed is table5's);
+    byo.md lists each with its triggers and commands."""
+    import byo
+
+    def row(model, removed):
+        r = {"budget": 0.006, "n_clean": 360, "orig_test_acc": 99.0, "test_acc": 98.5, "orig_wm_acc": 100.0,
+             "wm_acc": 0.1 if removed else 99.0, "threshold": 0.08, "removed": removed, "flagged": [0],
+             "resets": {"a": 2, "b": 3}, "seconds": 60.0, "command": f"python benchmarks/byo.py --model {model}",
+             "launder_command": f"nnlaunder launder --model-factory {model}:{model}"}
+        return {**r, "model": model, "triggers": f"t-{model}.png"} if model != "table5" else r
+
+    md = byo.markdown([row("table5", True), row("rescnn", False)])
+    lines = [ln for ln in md.splitlines() if ln.startswith(("| table5", "| rescnn"))]
+    assert len(lines) == 2 and "| yes |" in lines[0] and "| **no** |" in lines[1] and "| 5 |" in lines[0]
+    assert "triggers-byo-backdoor.png, t-rescnn.png" in md and "--model-factory rescnn:rescnn" in md
+    assert set(byo.MODELS) == {"table5", "rescnn"}
