@@ -125,6 +125,11 @@ def settings(r: dict) -> tuple:
     return o["dt"], o["ct"], o["retrain_epochs"], o["layers"]
 
 
+def paper_thresholds(rows: list[dict]) -> dict[tuple[str, str], float]:
+    """(dataset, watermark) -> the paper's-rule threshold the rows carry (`with_paper_rule`)."""
+    return {(r["dataset"], r["name"]): r["threshold_paper"] for r in rows if "threshold_paper" in r}
+
+
 SEEDS_INTRO = """
 One laundering round per seed; the owner models are fixed, each seed draws the attacker's clean subset and seeds
 Neural Cleanse and retraining. Each seed ends kept, removed or destroyed (docs/methods.md#verification-and-verdicts):
@@ -142,8 +147,7 @@ hands Algorithm 1 the class the faithful one would is in table2-nc-check.md. The
 
 def seeds_markdown(cells: list[dict], seeds: list[dict], counts: dict) -> str:
     """The engine's own table over seeds (`report.build.seeds_section`) of the headline cells, introduced."""
-    table = seeds_section(cells, {(r["dataset"], r["name"]): r["threshold_paper"] for r in seeds
-                                  if "threshold_paper" in r})
+    table = seeds_section(cells, paper_thresholds(seeds))
     head = table.index(next(ln for ln in table if ln.startswith("| experiment |")))
     lines = ["# Table 2 over attacker seeds", "", " ".join(SEEDS_INTRO.split()), "", *table[head:]]
     lines += ["", f"Machines: {'; '.join(sorted({r['machine'] for r in seeds}))}; commit(s): "
@@ -322,8 +326,8 @@ def main(argv=None) -> int:
     write("table2-seeds.md", seeds_markdown([c for c in cells if c["experiment"] in HEADLINE], seeds, counts))
     write("table2.md", table2_markdown(head, stored("table2-variants.json")))
     write("table2-ablation.md", ablation_markdown(seeds, abl))
-    build_report(args.workspace, RESULTS / "table2-engine",
-                 experiments=sorted({c["experiment"] for c in cells}))
+    build_report(args.workspace, RESULTS / "table2-engine", experiments=sorted({c["experiment"] for c in cells}),
+                 paper_rule=paper_thresholds(seeds))
     if args.protocol_time:
         protocol_time([r for r in seeds if r["seed"] < 5])
     print(f"wrote table2.json / table2-seeds.json / table2-ablation.json and their tables ({counts_line(counts)})")

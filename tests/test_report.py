@@ -64,6 +64,16 @@ def test_seeds_section_summarises_cells_that_differ_only_in_their_seed():
     # paper's laundered test / WM for this row; the attack's seconds, not the cell's
     assert "| 0.49 (0.33) | 0.993 | 98.34 / 0.01 | 7 |" in row[0]
     assert seeds_section([cell(0, 98.6, 0.1, "removed")]) == []          # one seed: nothing to summarise
+    # a cell given its threshold records no paper's-rule figure: the caller can give it, per watermark
+    from nnlaunder.report.build import last_round_section
+
+    given = [cell(s, 98.6, 0.1, "removed") for s in (0, 1)]
+    for c in given:
+        del c["summary"]["threshold_paper"]
+    assert "| 0.49 (0.30) |" in [ln for ln in seeds_section(given, {("mnist", "zhang-content"): 0.3})
+                                  if ln.startswith("| t2 ")][0]
+    assert "| 0.49 (0.30; 1.5) |" in last_round_section(given, {("mnist", "zhang-content"): 0.3})[-1]
+    assert "| 0.49 (1.5) |" in last_round_section(given)[-1]
 
 
 def test_over_seeds_is_the_one_summary_of_a_rate():

@@ -167,9 +167,10 @@ def _select(cells: list[dict], experiments: Sequence[str] | None, db: Path) -> l
 
 
 def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[str] | None = None,
-                 rows: str | Path | None = None) -> Path:
+                 rows: str | Path | None = None, paper_rule: dict[tuple[str, str], float] | None = None) -> Path:
     """The report of a workspace's store (only `experiments`, where given) in `out`; with `rows`, also
-    one JSON row per cell there (`flat_rows`)."""
+    one JSON row per cell there (`flat_rows`). `paper_rule`: the paper's-rule threshold per (dataset,
+    watermark), shown beside the threshold of cells that were given theirs (and so recorded no other)."""
     ws, out = Path(workspace), Path(out)
     from ..errors import UserError
 
@@ -191,8 +192,8 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
         raise UserError(f"cannot create the report folder {str(out)[:200]}: {e.strerror or e}") from None
     shown = ws.resolve().relative_to(Path.cwd().resolve()) if ws.resolve().is_relative_to(Path.cwd().resolve()) else ws
     md = ["# nnlaunder report", "", f"Workspace `{shown}`: {len(cells)} finished cells. Ran on: {ran_on(cells)}.", "",
-          *last_round_section(cells)]
-    md += seeds_section(cells)
+          *last_round_section(cells, paper_rule or {})]
+    md += seeds_section(cells, paper_rule)
     images: list[Path] = []
     md += battery_section(cells, out, images)
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -222,7 +223,7 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
     return out
 
 
-def last_round_section(cells: list[dict]) -> list[str]:
+def last_round_section(cells: list[dict], paper_rule: dict[tuple[str, str], float] | None = None) -> list[str]:
     """Table 2's layout: a row per cell, its last round, the paper's figures beside ours where it has them."""
     md = ["## Last round of every cell (Table 2 layout; the paper's figures in parentheses)", "",
           "The paper's figures: Aiken et al.'s Table 2, laundering and, for Zhang et al.'s pruning (prune-ft) and "
@@ -237,8 +238,8 @@ def last_round_section(cells: list[dict]) -> list[str]:
         cfg, sm = c["config"], c["summary"]
         p = _paper(cfg)
         pt = [f" ({v:g})" if v is not None else "" for v in p]
-        beside = [f"{sm['threshold_paper']:.2f}" if "threshold_paper" in sm else "",
-                  "" if p[2] is None else f"{p[2]:g}"]
+        rule = sm.get("threshold_paper", (paper_rule or {}).get((cfg["dataset"], scheme_name(cfg))))
+        beside = ["" if rule is None else f"{rule:.2f}", "" if p[2] is None else f"{p[2]:g}"]
         pt[2] = f" ({'; '.join(b for b in beside if b)})" if any(beside) else ""
         md.append(f"| {c['experiment']} | {cfg['dataset']} | {scheme_name(cfg)} | {cfg['attack']} | "
                   f"{budget_label(cfg['budget'])} | {sm['rounds_run']} | {sm['orig_test_acc']:.2f} → "
