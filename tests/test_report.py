@@ -70,6 +70,7 @@ def test_seeds_section_summarises_cells_that_differ_only_in_their_seed():
     given = [cell(s, 98.6, 0.1, "removed") for s in (0, 1)]
     for c in given:
         del c["summary"]["threshold_paper"]
+        c["summary"]["rounds_run"] = 1
     assert "| 0.49 (0.30) |" in [ln for ln in seeds_section(given, {("mnist", "zhang-content"): 0.3})
                                   if ln.startswith("| t2 ")][0]
     assert "| 0.49 (0.30; 1.5) |" in last_round_section(given, {("mnist", "zhang-content"): 0.3})[-1]
