@@ -94,6 +94,16 @@ def test_units_of_models_written_other_ways():
                                                                   "straight into Conv2d")]
 
 
+def test_a_round_that_resets_nothing_says_so():
+    """Thresholds above every unit's activation difference: the round is retraining alone, and a warning says it."""
+    clean = make_images(60, 5)
+    cfg = launder_config("strong", dt=1e6, ct=1e6, nc=NCConfig(max_epochs=2, early_stop=False, batch_size=32),
+                         retrain=TrainConfig(epochs=1, batch_size=32))
+    with pytest.warns(UserWarning, match="reset no unit"):
+        res = launder(FunctionalNet(2), clean, cfg)
+    assert not any(res.rounds[0].resets.values()) and res.rounds[0].used_triggers
+
+
 def test_grouped_conv_is_skipped_not_reset():
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=2), torch.nn.ReLU(), torch.nn.Flatten(),
                               torch.nn.Linear(8 * 4 * 4, 3))

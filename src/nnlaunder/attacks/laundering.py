@@ -470,6 +470,10 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
         else:
             masks, info.resets, info.retrain_seconds = reset_and_retrain(model, clean, nc, cfg, units, masks, r,
                                                                          on_progress)
+            if info.used_triggers and not any(info.resets.values()):
+                warnings.warn(f"round {r}: Algorithm 1 reset no unit (no activation difference for the recovered "
+                              f"trigger(s) {info.used_triggers} exceeds DT {cfg.dt:g} / CT {cfg.ct:g}, "
+                              f"{cfg.threshold_mode}): this round was retraining alone", stacklevel=2)
             if held is not None:
                 info.attacker_acc = accuracy(model, held.x, held.y)
         info.seconds = clock.now() - t0
