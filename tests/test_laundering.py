@@ -81,6 +81,17 @@ def test_units_of_models_written_other_ways():
             return self.fc(self.relu(self.conv2(F.relu(self.conv1(x)))).flatten(1))
 
     assert [(u.name, u.act) for u in discover_units(Mixed(), x)[0]] == [("conv1", None), ("conv2", "relu")]
+
+    class ReluThenNorm(nn.Module):   # conv -> F.relu -> BN (Table 7's order, written with a function)
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 10 * 10, 3)
+
+        def forward(self, x):
+            return self.fc(self.bn(F.relu(self.conv(x))).flatten(1))
+
+    assert [(u.name, u.act, u.bn, u.own) for u in discover_units(ReluThenNorm(), x)[0]] == [
+        ("conv", None, "bn", "conv")]         # the norm is reset with the unit; the unit is read before it
     block = _SharedReluBlock()
     units, _ = discover_units(block, torch.rand(2, 3, 8, 8))
     u = {v.name: v for v in units}

@@ -112,6 +112,16 @@ class _Flow:
                 return j
         return None
 
+    def next_norm(self, k: int, width: int) -> int | None:
+        """The first batch norm of `width` called after k and before the next weighted layer."""
+        for j in range(k + 1, len(self.calls)):
+            m = self.mod(j)
+            if isinstance(m, _WEIGHTED):
+                return None
+            if isinstance(m, _NORMS) and m.num_features == width:
+                return j
+        return None
+
     def after_residual(self, own: int, width: int) -> int | None:
         """The first activation call after `own` that takes a tensor no module made, of `width`, with no
         weighted layer between that works on data first seen after `own` ran."""
@@ -178,6 +188,8 @@ def _unit(flow: _Flow, i: int, mod: nn.Module, calls_of: dict[str, int]) -> Unit
         after = flow.consumer(act)
         if after is not None and isinstance(flow.mod(after), _NORMS) and flow.mod(after).num_features == width:
             bn = after
+    elif bn is None:                        # conv-F.relu-BN: the first norm of its width before the next layer
+        bn = flow.next_norm(i, width)
     calls = flow.calls
     act_name = calls[act].name if act is not None and calls_of[calls[act].name] == 1 else None
     return Unit(calls[i].name, "conv" if isinstance(mod, nn.Conv2d) else "dense", width, act_name,
