@@ -61,6 +61,19 @@ def test_outcomes_and_the_verdict_in_plain_words():
     assert "No attack of this audit removed this adi watermark" in kept
     some = verdict_paragraph(summarize([_cell("rtal", True, False), _cell("rtal", False, False, wm=50.0)]), "x")
     assert "No attack removed this x watermark in every run" in some and "1/2" in some
+    # laundering whose Algorithm 1 reset nothing was retraining alone: the verdict says so
+    idle = _cell("launder", False, False, wm=90.0)
+    idle["rounds"] = [{"round": 0}, {"round": 1, "resets": {"conv1": 0, "conv2": 0}}]
+    busy = _cell("launder", False, False, wm=90.0)
+    busy["rounds"] = [{"round": 0}, {"round": 1, "resets": {"conv1": 3, "conv2": 0}}]
+    rows = summarize([idle, busy])
+    assert rows[0]["no_resets"] == 1
+    assert "reset no unit in 1 of its 2 runs" in verdict_paragraph(rows, "x")
+    assert "reset no unit" not in verdict_paragraph(summarize([busy]), "x")
+    # the restoration ran on some runs only (restore_if "not-shown"): the median of those, and how many
+    half = summarize([_cell("rtal", True, True), {**_cell("rtal", False, False), "summary": {
+        k: v for k, v in _cell("rtal", False, False)["summary"].items() if k != "restored_wm_acc"}}])[0]
+    assert (half["restored_wm_median"], half["restored_n"], half["n"]) == (50.0, 1, 2)
 
 
 def test_the_threshold_of_a_custom_watermark(tiny, tmp_path, capsys):

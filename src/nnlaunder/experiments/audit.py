@@ -123,11 +123,21 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "test_mean": statistics.mean(test), "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0,
             "wm_median": statistics.median(s["wm_acc"] for s in ss), "wm_min": min(s["wm_acc"] for s in ss),
             "wm_max": max(s["wm_acc"] for s in ss), "p_median": statistics.median(cell_p(s)[0] for s in ss),
-            "restored_wm_median": statistics.median(s["restored_wm_acc"] for s in ss)
-            if all("restored_wm_acc" in s for s in ss) else None,
+            # the runs the owner restored (those the attack left no ownership shown, unless restore_if = always)
+            "restored_wm_median": statistics.median(restored) if (restored := [s["restored_wm_acc"] for s in ss
+                                                                             if "restored_wm_acc" in s]) else None,
+            "restored_n": len(restored),
+            "no_resets": sum(_reset_nothing(c) for c in cs),
             "threshold": ss[0]["threshold"], "points": [(s["test_acc"], s["wm_acc"]) for s in ss],
         })
     return rows
+
+
+def _reset_nothing(cell: dict[str, Any]) -> bool:
+    """A laundering cell whose Algorithm 1 reset no unit in any round: its rounds were retraining alone."""
+    rounds = cell.get("rounds") or []
+    return (cell["config"]["attack"] == "launder" and len(rounds) > 1
+            and not any(v for r in rounds[1:] for v in (r.get("resets") or {}).values()))
 
 
 def verdict_paragraph(rows: Sequence[dict[str, Any]], scheme: str) -> str:
@@ -153,6 +163,12 @@ def verdict_paragraph(rows: Sequence[dict[str, Any]], scheme: str) -> str:
         else:
             parts.append(f"No attack of this audit removed this {scheme} watermark: it kept proving ownership in "
                          f"every run ({sum(r['n'] for r in rows)} runs).")
+    idle = [r for r in rows if r.get("no_resets")]
+    if idle:
+        n_idle, n_all = sum(r["no_resets"] for r in idle), sum(r["n"] for r in idle)
+        parts.append(f"Laundering's Algorithm 1 reset no unit in {n_idle} of its {n_all} runs: those runs were "
+                     "retraining alone (no unit's activation difference for the recovered triggers passed the "
+                     "thresholds), so what they kept says little about laundering on this network.")
     if hidden:
         names = sorted({r["attack"] for r in hidden})
         n_hidden = sum(r["hidden"] for r in hidden)

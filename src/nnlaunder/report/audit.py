@@ -44,11 +44,13 @@ def write_audit_report(out: Path, ws: Path, title: str, cells: Sequence[dict[str
     md = [f"# {title}", "", paragraph, ""]
     md += [f"- {k}: {v}" for k, v in facts.items()] + [""]
     md += ["| attack | budget | clean images | runs | removed (95% interval) | hidden | kept | destroyed | test acc % "
-           "after, mean ± sd | WM acc % after, median [range] | p-value (median) | WM % after restoration (median) |",
+           "after, mean ± sd | WM acc % after, median [range] | p-value (median) | WM % after restoration "
+           "(median of the runs restored) |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lo, hi = r["interval"]
-        rest = "-" if r["restored_wm_median"] is None else f"{r['restored_wm_median']:.2f}"
+        rest = "-" if r["restored_wm_median"] is None else f"{r['restored_wm_median']:.2f}" + (
+            f" ({r['restored_n']} of {r['n']})" if r.get("restored_n", r["n"]) < r["n"] else "")
         md.append(f"| {r['attack']} | {r['budget']} | {r['n_clean']} | {r['n']} | {r['removed']}/{r['n']} "
                   f"({100 * lo:.0f}-{100 * hi:.0f}%) | {r['hidden']} | {r['kept']} | {r.get('destroyed', 0)} | "
                   f"{r['test_mean']:.2f} ± {r['test_sd']:.2f} | {r['wm_median']:.2f} [{r['wm_min']:.2f}-"
