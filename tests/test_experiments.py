@@ -605,3 +605,40 @@ def test_the_papers_experiments_name_the_published_thresholds():
         for c in load_experiment(repo / "experiments" / "paper" / f"{stem}.toml"):
             row = c.scheme + (f"-{c.scheme_params['mode']}" if c.scheme == "adi" else "")
             assert c.threshold == published[(c.dataset, row)], (stem, c.dataset, row)
+
+
+def test_nc_unlearning_takes_the_neural_cleanse_laundering_ran_on_the_same_set(tmp_path, data_dir):
+    """Laundering keeps its first Neural Cleanse per (model, set, settings, seed); NC unlearning on the same
+    model, set and seed runs that same Neural Cleanse, so it takes the kept one instead of running it again,
+    and counts its seconds as its own work (as a laundering cell that reuses one does)."""
+    from pathlib import Path
+
+    from nnlaunder.experiments.runner import run_experiment
+    from nnlaunder.report.battery import work_seconds
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = {"name": "memo", "dataset": "mnist", "scheme": "zhang-content", "threshold": 0.49,
+            "owner_path": str(repo / "models" / "mnist" / "zhang-content"), "scheme_params": {"n_verify": 300},
+            "budget": "10/class", "attack_params": {"nc": {"max_epochs": 3, "early_stop": False}},
+            "sweep": {"attack": ["launder", "nc-unlearn"]}}
+    run_experiment(expand(spec), tmp_path, str(data_dir), progress=False)
+    alone = {**spec, "name": "alone", "attack": "nc-unlearn", "seed": 1}
+    alone.pop("sweep")
+    run_experiment(expand(alone), tmp_path, str(data_dir), progress=False)   # another set: nothing to take
+    with Store(tmp_path / "results.sqlite") as s:
+        got = {c["config"]["attack"]: c for c in s.cells("memo")}
+        own = s.cells("alone")[0]
+    lc, uc = got["launder"], got["nc-unlearn"]
+    assert not lc["summary"]["nc_reused"] and uc["summary"]["nc_reused"] and not own["summary"]["nc_reused"]
+    assert uc["rounds"][1]["nc_seconds"] == lc["rounds"][1]["nc_seconds"]
+    assert work_seconds(uc) == pytest.approx(uc["summary"]["attack_seconds"] + lc["rounds"][1]["nc_seconds"])
+    assert len(list((tmp_path / "nc").glob("*.safetensors"))) == 2       # laundering's, and the lone one's
+    # the kept Neural Cleanse is the one unlearning would have run: on its own, it ends the same
+    fresh = {**spec, "attack": "nc-unlearn"}
+    fresh.pop("sweep")
+    run_experiment(expand(fresh), tmp_path / "fresh", str(data_dir), progress=False)
+    with Store(tmp_path / "fresh" / "results.sqlite") as s:
+        solo = s.cells("memo")[0]
+    assert not solo["summary"]["nc_reused"]
+    assert (solo["summary"]["test_acc"], solo["summary"]["wm_acc"]) == (uc["summary"]["test_acc"],
+                                                                        uc["summary"]["wm_acc"])

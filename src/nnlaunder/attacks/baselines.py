@@ -17,6 +17,7 @@ Like laundering, no function here can see the watermark.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
 from .base import AttackResult, attack_copy, last_linear
 from .laundering import used_triggers
-from .neural_cleanse import NCConfig, neural_cleanse, stamp
+from .neural_cleanse import NCConfig, NCResult, neural_cleanse, stamp
 from .units import discover_units, mean_activations
 
 ATTACKER_FINETUNE = TrainConfig(epochs=20, batch_size=64, optimizer="sgd", lr=0.01, momentum=0.9)
@@ -163,10 +164,17 @@ class UnlearnConfig:
     retrain: TrainConfig = TrainConfig(epochs=5, batch_size=32, optimizer="adam", lr=1e-4)
 
 
-def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig) -> AttackResult:
+def nc_unlearn(model: nn.Module, clean: Dataset, cfg: UnlearnConfig, nc: NCResult | None = None,
+               keep: Callable[[NCResult], None] | None = None) -> AttackResult:
+    """Wang et al.'s unlearning: the recovered triggers stamped on the clean images with their true labels.
+    `nc`: Neural Cleanse already run on this model and these images with `cfg.nc` (a workspace's kept
+    result); else it runs here and `keep` receives it."""
     t0 = clock.now()
     model = attack_copy(model, clean)
-    nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
+    if nc is None:
+        nc = neural_cleanse(model, clean.x, cfg.nc, num_classes=clean.num_classes)
+        if keep is not None:
+            keep(nc)
     used = used_triggers(nc, cfg.triggers, getattr(cfg, "top_k", 3))
     xs = torch.cat([clean.x] + [stamp(clean.x, nc.masks[t], nc.patterns[t]) for t in used])
     ys = torch.cat([clean.y] * (1 + len(used)))

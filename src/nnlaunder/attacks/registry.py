@@ -48,22 +48,30 @@ class Hooks:
     on_state: Callable[[Any, Any], None] | None = None           # after each round: (state, round's NC)
     on_progress: OnProgress | None = None
     calibrate: Any = None                       # laundering: CalibrateOptions, chosen on the attacker's set first
-    first_nc: Any = None                        # laundering: round 1's Neural Cleanse result, already run
+    first_nc: Any = None                        # laundering, NC unlearning: round 1's Neural Cleanse, already run
+    on_nc: Callable[[Any], None] | None = None  # NC unlearning: the Neural Cleanse it just ran, for the caller
 
 
 @dataclass
 class OneShot:
     """The round record of a one-shot attack, as `hooks.on_round` sees it."""
     seconds: float
+    nc_seconds: float | None = None             # the Neural Cleanse it used (run, or kept from another cell)
 
 
 def one_shot(fn: Callable[[nn.Module, Dataset, Any], AttackResult]) -> Callable[..., AttackResult]:
     def run(model: nn.Module, clean: Dataset, cfg: Any, hooks: Hooks | None = None) -> AttackResult:
         res = fn(model, clean, cfg)
         if hooks is not None and hooks.on_round is not None:
-            res.info["metrics"] = hooks.on_round(1, res.model, OneShot(res.seconds))
+            res.info["metrics"] = hooks.on_round(1, res.model, OneShot(res.seconds, res.info.get("nc_seconds")))
         return res
     return run
+
+
+def _nc_unlearn(model: nn.Module, clean: Dataset, cfg: Any, hooks: Hooks | None = None) -> AttackResult:
+    """NC unlearning with the Neural Cleanse a workspace kept for the same model, images and settings."""
+    h = hooks or Hooks()
+    return one_shot(lambda m, c, k: nc_unlearn(m, c, k, nc=h.first_nc, keep=h.on_nc))(model, clean, cfg, hooks)
 
 
 def _launder(model: nn.Module, clean: Dataset, cfg: Any, hooks: Hooks | None = None) -> AttackResult:
@@ -113,7 +121,7 @@ ATTACKS: dict[str, AttackSpec] = {
     "rtll": _spec(finetune, lambda: FinetuneConfig("rtll"), "re-initialise and train the last layer"),
     "rtal": _spec(finetune, lambda: FinetuneConfig("rtal"), "re-initialise the last layer, train all"),
     "fine-prune": _spec(fine_prune, FinePruneConfig, "Liu et al.'s fine-pruning"),
-    "nc-unlearn": _spec(nc_unlearn, UnlearnConfig, "Neural Cleanse unlearning (no reset)"),
+    "nc-unlearn": AttackSpec(_nc_unlearn, UnlearnConfig, "Neural Cleanse unlearning (no reset)"),
     "weight-noise": _spec(weight_noise, WeightNoiseConfig, "Gaussian noise on every weight (0.1 x layer std)"),
     "nad": _spec(nad, NADConfig, "Neural Attention Distillation (Li et al. 2021)"),
     "anp": _spec(anp, ANPConfig, "Adversarial Neuron Pruning (Wu & Wang 2021)"),

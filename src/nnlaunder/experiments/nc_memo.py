@@ -1,6 +1,7 @@
 """Neural Cleanse results kept per (model, attacker's set, Neural Cleanse settings, machine) in a workspace,
 so that laundering cells that differ only after trigger recovery (an ablation's variants, Table 2's seeds
-beside them) recover the triggers once. Round 1 only: later rounds run on a model the round changed."""
+beside them), and NC unlearning beside laundering, recover the triggers once. Round 1 only: later rounds run
+on a model the round changed."""
 
 from __future__ import annotations
 
@@ -24,6 +25,12 @@ def nc_key(model: nn.Module, clean: Dataset, cfg: Any) -> str:
     holds some out, by `cfg.holdout` and `cfg.seed`), its settings, and the machine (a fast preset's plan
     differs by hardware)."""
     return run_digest(model, clean.x, {"nc": dataclasses.asdict(cfg.nc), "holdout": cfg.holdout, "seed": cfg.seed})
+
+
+def unlearn_key(model: nn.Module, clean: Dataset, cfg: Any, seed: int) -> str:
+    """NC unlearning's key: laundering's (`nc_key`) for the same images, settings and seed with nothing held
+    out, so an unlearning cell and the laundering cell beside it (same model, set and seed) share one run."""
+    return run_digest(model, clean.x, {"nc": dataclasses.asdict(cfg.nc), "holdout": 0.0, "seed": seed})
 
 
 def kept_nc(folder: Path, model: nn.Module, clean: Dataset, nc_cfg: Any) -> NCResult:

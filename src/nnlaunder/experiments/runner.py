@@ -193,7 +193,15 @@ def run_cell(cell: CellConfig, ws: Path, data_dir: str | None, progress: bool = 
 def _memo_nc(cell: CellConfig, cfg: Any, model, clean: D.Dataset, ws: Path, hooks: Hooks) -> bool:
     """Laundering's first Neural Cleanse from the workspace's kept results where an earlier cell ran it on
     the same model, set and settings (and kept for later cells where none did); calibration runs its own.
-    True when it was reused."""
+    NC unlearning takes the same kept result: with nothing held out, laundering's Neural Cleanse on the same
+    model, images, settings and seed is the one it would run. True when it was reused."""
+    if cell.attack == "nc-unlearn":
+        from .nc_memo import load_nc, save_nc, unlearn_key
+
+        key, folder = unlearn_key(model, clean, cfg, cell.seed), ws / "nc"
+        hooks.first_nc = load_nc(folder, key, clean)
+        hooks.on_nc = lambda nc: save_nc(folder, key, nc)
+        return hooks.first_nc is not None
     if cell.attack != "launder":
         return False
     if cell.calibrate:
@@ -259,9 +267,10 @@ def owner_restores(model, cell: CellConfig, tr: D.Dataset, ev) -> dict[str, Any]
 
 
 def _round_record(info: Any) -> dict[str, Any]:
-    """What a laundering round adds to its row (a one-shot attack's record has only its seconds)."""
+    """What a laundering round adds to its row (a one-shot attack's: the seconds of the Neural Cleanse it used,
+    if it used one)."""
     if not isinstance(info, RoundInfo):
-        return {}
+        return {"nc_seconds": info.nc_seconds} if getattr(info, "nc_seconds", None) is not None else {}
     return {"nc_seconds": info.nc_seconds, "retrain_seconds": info.retrain_seconds, "flagged": info.flagged,
             "used": info.used_triggers,
             "resets": info.resets, "stopped": info.stopped}
