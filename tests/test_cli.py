@@ -144,3 +144,15 @@ def test_zero_training_epochs_are_refused(cmd, capsys, tmp_path):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--epochs: expected an integer >= 1, got 0" in err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_the_tools_warnings_print_as_one_line(capsys):
+    """A warning of the tool's own (e.g. laundering's round that reset nothing) reads like its errors."""
+    import warnings
+
+    from nnlaunder.errors import one_line_warnings
+
+    with one_line_warnings():
+        warnings.warn("round 1: Algorithm 1 reset no unit", stacklevel=1)
+    err = capsys.readouterr().err
+    assert err == "nnlaunder: warning: round 1: Algorithm 1 reset no unit\n"

@@ -26,7 +26,7 @@ from .cli_flags import (
     train_config,
 )
 from .device import deterministic, set_device
-from .errors import Inconclusive, UserError, os_error_line
+from .errors import Inconclusive, UserError, one_line_warnings, os_error_line
 from .models import DEFAULT_ARCH, check_data, check_fits
 from .train import NonFiniteLoss
 from .watermarks.schemes import SCHEMES, make_watermark
@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.schemes.split(","):
                 if s.strip() and s.strip() not in SCHEMES:
                     raise UserError(f"unknown scheme {s.strip()!r}; choose from {', '.join(SCHEMES)}")
-        return COMMANDS[args.command](args)
+        with one_line_warnings():
+            return COMMANDS[args.command](args)
     except Inconclusive as e:
         print(f"nnlaunder: {e}", file=sys.stderr)
         return 3
