@@ -24,7 +24,8 @@ from typing import Any
 from ..attacks.neural_cleanse import nc_params
 from ..checkpoint import safe_name
 from ..errors import UserError
-from ..watermarks.verify import OUTCOMES, cell_p, wilson
+from ..report.battery import over_seeds
+from ..watermarks.verify import OUTCOMES, cell_p
 from .config import CellConfig
 from .store import ran_on
 
@@ -113,20 +114,17 @@ def summarize(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (attack, budget), cs in groups.items():
         ss = [c["summary"] for c in cs]
         outs = [outcome(s) for s in ss]
-        k = outs.count("removed")
-        test = [s["test_acc"] for s in ss]
+        o = over_seeds(ss)
+        # the runs the owner restored (those the attack left no ownership shown, unless restore_if = always)
+        restored = [s["restored_wm_acc"] for s in ss if "restored_wm_acc" in s]
         rows.append({
-            "attack": attack, "budget": budget, "n": len(ss), "n_clean": ss[0]["n_clean"],
-            "removed": k, "hidden": outs.count("hidden"), "kept": outs.count("kept"),
-            "destroyed": outs.count("destroyed"), "interval": wilson(k, len(ss)),
+            "attack": attack, "budget": budget, "n": o.n, "n_clean": ss[0]["n_clean"],
+            "removed": o.removed, "hidden": outs.count("hidden"), "kept": outs.count("kept"),
+            "destroyed": o.destroyed, "interval": o.wilson95,
             "orig_test_acc": ss[0]["orig_test_acc"], "orig_wm_acc": ss[0]["orig_wm_acc"],
-            "test_mean": statistics.mean(test), "test_sd": statistics.stdev(test) if len(test) > 1 else 0.0,
-            "wm_median": statistics.median(s["wm_acc"] for s in ss), "wm_min": min(s["wm_acc"] for s in ss),
-            "wm_max": max(s["wm_acc"] for s in ss), "p_median": statistics.median(cell_p(s)[0] for s in ss),
-            # the runs the owner restored (those the attack left no ownership shown, unless restore_if = always)
-            "restored_wm_median": statistics.median(restored) if (restored := [s["restored_wm_acc"] for s in ss
-                                                                             if "restored_wm_acc" in s]) else None,
-            "restored_n": len(restored),
+            "test_mean": o.test_mean, "test_sd": o.test_sd, "wm_median": o.wm_median, "wm_min": o.wm_range[0],
+            "wm_max": o.wm_range[1], "p_median": statistics.median(cell_p(s)[0] for s in ss),
+            "restored_wm_median": statistics.median(restored) if restored else None, "restored_n": len(restored),
             "no_resets": sum(_reset_nothing(c) for c in cs),
             "threshold": ss[0]["threshold"], "points": [(s["test_acc"], s["wm_acc"]) for s in ss],
         })

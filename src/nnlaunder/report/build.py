@@ -192,7 +192,7 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
         raise UserError(f"cannot create the report folder {str(out)[:200]}: {e.strerror or e}") from None
     shown = ws.resolve().relative_to(Path.cwd().resolve()) if ws.resolve().is_relative_to(Path.cwd().resolve()) else ws
     md = ["# nnlaunder report", "", f"Workspace `{shown}`: {len(cells)} finished cells. Ran on: {ran_on(cells)}.", "",
-          *last_round_section(cells, paper_rule or {})]
+          *last_round_section(cells, paper_rule)]
     md += seeds_section(cells, paper_rule)
     images: list[Path] = []
     md += battery_section(cells, out, images)
