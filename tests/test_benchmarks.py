@@ -139,35 +139,6 @@ def test_result_files_are_read_and_written_in_one_place(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json", "x.md", "y.md"]
 
 
-def test_persistence_lays_the_engines_cells_out_as_ngo_et_als_phases():
-    """Each cell of persistence-*.toml is a phase (fine-tuning, mixed fine-tuning, laundering) and, where the
-    owner restored, a second one; the owner's model before any attack is the embedded phase, once."""
-    import persistence
-
-    def cell(attack, params, outcome, restored=None):
-        sm = {"threshold": 0.5, "threshold_rule": "converged", "tolerance": 3.0, "machine": "cpu", "commit": "abc",
-              "date": "2026-12-05", "orig_test_acc": 99.0, "orig_wm_acc": 99.5, "test_acc": 98.0, "wm_acc": 1.0,
-              "owned": outcome == "kept", "status": "no proof", "outcome": outcome, "test_drop": 1.0,
-              "param_shift": 2.0, "n_clean": 300, "attack_seconds": 5.0}
-        if restored is not None:
-            sm.update(restored_test_acc=98.5, restored_wm_acc=60.0, restored=restored, n_owner=700, restore_seconds=3.0)
-        cfg = {"dataset": "mnist", "arch": "mnist-cnn", "scheme": "zhang-content", "scheme_params": {},
-               "attack": attack, "attack_params": params, "owner_path": "models/mnist/zhang-content"}
-        return {"experiment": "persistence-mnist", "config": cfg, "summary": sm,
-                "rounds": [{"round": 0, "owned": True, "status": "owned"}]}
-
-    rows = persistence.phase_rows([cell("ftal", {}, "kept", restored=True), cell("ftal", {"mix_split": 0.3}, "kept"),
-                                   cell("launder", {}, "hidden", restored=True)])
-    by = {r["phase"]: r for r in rows}
-    assert sorted(by) == sorted(persistence.PHASES) and len(rows) == 6
-    assert by["embedded"]["owned"] and by["embedded"]["wm_acc"] == 99.5
-    assert by["laundered"]["outcome"] == "hidden" and by["laundered-restored"]["owned"] is True
-    assert by["restored"]["n_owner"] == 700 and "outcome" not in by["restored"]
-    assert by["finetuned-mixed"]["command"] == "nnlaunder run experiments/paper/persistence-mnist.toml"
-    assert by["laundered"]["seconds"] == 5.0 and by["restored"]["seconds"] == 3.0     # the attack's, the restoration's
-    assert by["embedded"]["threshold_paper"] == 0.3436807095343681     # the paper's rule beside it (verdicts.json)
-
-
 def test_table2_names_every_ablation_variant_from_the_experiment_file():
     """Each settings group of table2-ablation-cifar10.toml is one named variant (and the headline cells are
     "strong"), so the ablation table reads the engine's cells without a label stored in them."""

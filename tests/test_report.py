@@ -263,3 +263,44 @@ def test_cells_of_one_budget_share_one_trigger_figure(tmp_path):
         (tmp_path / "triggers" / f"{cid}-round01.safetensors").write_bytes(b"")
     got = [(c["cell_id"], f.name) for c, f in _one_cell_per_budget(tmp_path, cells)]
     assert got == [("c2", "c2-round01.safetensors"), ("c4", "c4-round01.safetensors")]
+
+
+def _phase_cell(attack, params, outcome, restored=None, restore_if="always"):
+    """A persistence cell as the runner records it (rendering input, not a result)."""
+    sm = {"threshold": 0.5, "threshold_rule": "converged", "tolerance": 3.0, "machine": "cpu", "commit": "abc",
+          "date": "2026-12-05", "orig_test_acc": 99.0, "orig_wm_acc": 99.5, "test_acc": 98.0, "wm_acc": 1.0,
+          "owned": outcome == "kept", "status": "no proof", "outcome": outcome, "test_drop": 1.0,
+          "param_shift": 2.0, "n_clean": 300, "attack_seconds": 5.0, "removed": outcome != "kept", "rounds_run": 1}
+    if restored is not None:
+        sm.update(restored_test_acc=98.5, restored_wm_acc=60.0, restored=restored, n_owner=700, restore_seconds=3.0)
+    cfg = {"dataset": "mnist", "arch": "mnist-cnn", "scheme": "zhang-content", "scheme_params": {}, "budget": 0.3,
+           "attack": attack, "attack_params": params, "owner_path": "models/mnist/zhang-content", "seed": 0,
+           "rounds": 1, "restore_if": restore_if}
+    return {"experiment": "persistence-mnist", "config": cfg, "summary": sm,
+            "rounds": [{"round": 0, "owned": True, "status": "owned"}]}
+
+
+def test_persistence_lays_cells_out_as_ngo_et_als_phases(tmp_path):
+    """Each persistence cell is a phase (fine-tuning, mixed fine-tuning, laundering, any other attack) and, where
+    the owner restored, a second one; the owner's model before any attack is the embedded phase, once. The report
+    renders the layout only for cells whose restoration ran whatever the attack left."""
+    from nnlaunder.report.persistence import PHASES, persistence_section, phase_rows
+
+    cells = [_phase_cell("ftal", {}, "kept", restored=True), _phase_cell("ftal", {"mix_split": 0.3}, "kept"),
+             _phase_cell("launder", {}, "hidden", restored=True)]
+    by = {r["phase"]: r for r in phase_rows(cells)}
+    assert sorted(by) == sorted(PHASES)
+    assert by["embedded"]["owned"] and by["embedded"]["wm_acc"] == 99.5
+    assert by["laundered"]["outcome"] == "hidden" and by["laundered-restored"]["owned"] is True
+    assert by["restored"]["n_owner"] == 700 and "outcome" not in by["restored"]
+    assert by["finetuned-mixed"]["command"] == "nnlaunder run experiments/paper/persistence-mnist.toml"
+    assert by["laundered"]["seconds"] == 5.0 and by["restored"]["seconds"] == 3.0     # the attack's, the restoration's
+    other = {r["phase"] for r in phase_rows([_phase_cell("nad", {}, "removed", restored=False)])}
+    assert other == {"embedded", "nad", "nad-restored"}
+    images: list = []
+    md = persistence_section(cells, tmp_path, images)
+    assert images == [tmp_path / "persistence-mnist.png"] and images[0].stat().st_size > 0
+    assert "| mnist | zhang-content | laundered | 98.00 | 1.00 | 0.50 | no | hidden | 2.000 | 5 |" in md
+    assert "| mnist | zhang-content | 98.50 / 98.50 | kept / kept | 60.00 | 1.00 → 60.00 | 0.50 | **hidden** |" in md
+    battery_only = [_phase_cell("launder", {}, "hidden", restored=True, restore_if="not-shown")]
+    assert persistence_section(battery_only, tmp_path, []) == []

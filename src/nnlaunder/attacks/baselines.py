@@ -74,6 +74,9 @@ def prune(model: nn.Module, clean: Dataset, cfg: PruneConfig) -> AttackResult:
 
 
 # --------------------------------------------------------------------------------------------
+FT_MODES = ("ftll", "ftal", "rtll", "rtal")      # Adi et al.'s fine-tuning family
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     mode: str = "ftal"                # ftll | ftal | rtll | rtal
@@ -85,7 +88,7 @@ class FinetuneConfig:
     mix_every: int = 2
 
     def __post_init__(self) -> None:
-        if self.mode not in ("ftll", "ftal", "rtll", "rtal"):
+        if self.mode not in FT_MODES:
             raise UserError(f"fine-tuning mode must be ftll, ftal, rtll or rtal, got {self.mode!r}")
         if self.mix_split is not None and not 0 < self.mix_split < 1:
             raise UserError(f"mix_split must be a fraction in (0, 1), got {self.mix_split}")

@@ -6,7 +6,8 @@ from a workspace's results store (and its vanilla-threshold curves).
   budget, the vanilla threshold in black; one plot per (dataset, scheme);
 - Figure 5 style: clean models' watermark accuracy over their training epochs;
 - Figures 6/8 style: Neural Cleanse's recovered triggers, per cell (round 1), and the watermark beside
-  its reconstruction for the watermark's label (schemes with one target class).
+  its reconstruction for the watermark's label (schemes with one target class);
+- Ngo et al.'s persistence layout (`persistence`): each attack's model and the owner's restoration of it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..models import DEFAULT_ARCH  # noqa: E402
 from ..plots import reconstructions, trigger_grid  # noqa: E402
 from ..watermarks.verify import cell_p, format_p  # noqa: E402
 from .battery import battery_section, budget_label, over_seeds, scheme_name, work_seconds  # noqa: E402
+from .persistence import persistence_section  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): the owner's model before and after laundering, and the vanilla threshold.
 PAPER = {
@@ -196,6 +198,7 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
     md += seeds_section(cells, paper_rule)
     images: list[Path] = []
     md += battery_section(cells, out, images)
+    md += persistence_section(cells, out, images)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["config"]["attack"] == "launder":
