@@ -35,8 +35,8 @@ from common import RESULTS, ROOT, counts_line, engine_cells, provenance, row_lab
 from nnlaunder import data as D
 from nnlaunder.attacks.registry import ATTACKS
 from nnlaunder.models import Normalize
-from nnlaunder.report.battery import battery_table, over_seeds, remover_lines
-from nnlaunder.report.build import build_report, flat_rows
+from nnlaunder.report.battery import battery_table, flat_rows, over_seeds, remover_lines
+from nnlaunder.report.build import build_report
 
 OUT = "attacks.json"
 PREVIOUS = "attacks-previous.json"   # the rows as this script's own loop stored them, before the engine

@@ -30,8 +30,9 @@ from common import PAPER, RESULTS, ROOT, ROWS, counts_line, engine_cells, stored
 
 from nnlaunder.attacks.calibrate import apply_candidate
 from nnlaunder.attacks.laundering import config_from_params
-from nnlaunder.report.battery import over_seeds, reused_nc_seconds
-from nnlaunder.report.build import build_report, flat_rows, seeds_section
+from nnlaunder.report.battery import flat_rows, over_seeds, reused_nc_seconds
+from nnlaunder.report.build import build_report, seeds_section
+from nnlaunder.report.variants import variants_lines
 
 HEADLINE = ["table2-mnist", "table2-cifar10"]
 ABLATION = "table2-ablation-cifar10"
@@ -96,11 +97,6 @@ def merged(file: str, engine: list[dict]) -> list[dict]:
 def summary(rs: list[dict]) -> dict:
     """`over_seeds` as a JSON row, with the mean seconds per seed."""
     return {**dataclasses.asdict(over_seeds(rs)), "seconds": statistics.mean(r["seconds"] for r in rs)}
-
-
-def _cells(rs: list[dict]) -> str:
-    s = over_seeds(rs)
-    return f"{s.rate()} | {s.test()} | {s.wm()}"
 
 
 def of_row(rows: list[dict], ds: str, name: str, v: str = "strong") -> list[dict]:
@@ -204,41 +200,6 @@ def table2_markdown(rows: list[dict], variants: list[dict]) -> str:
     return "\n".join([*lines, "", "Commands:", *[f"    {c}" for c in sorted({r["command"] for r in rows})], ""])
 
 
-def _machine(r: dict) -> str:
-    return r["machine"].split(" (its Neural Cleanse")[0]
-
-
-def paired(control: list[dict], rs: list[dict]) -> list[dict]:
-    """The strong attack's rows that variant rows `rs` are compared with: the same seed, run on the same machine
-    (a cell's outcome can move across processors, so a pairing across them would compare machines)."""
-    keys = {(r["seed"], _machine(r)) for r in rs}
-    return sorted((c for c in control if (c["seed"], _machine(c)) in keys), key=lambda c: (c["seed"], _machine(c)))
-
-
-def _closest(ds: str, name: str, base: list[dict], rs_all: list[dict]) -> list[str]:
-    """Where no variant removes the watermark, the one that lowers its median WM accuracy most against the
-    strong attack on the same seeds."""
-    if any(r["outcome"] == "removed" for r in rs_all):
-        return []
-    best = None
-    for v in {r["variant"] for r in rs_all}:
-        rs = [r for r in rs_all if r["variant"] == v]
-        same = paired(base, rs)
-        if same:
-            drop = statistics.median(r["wm_acc"] for r in same) - statistics.median(r["wm_acc"] for r in rs)
-            if best is None or drop > best[0]:
-                best = (drop, v, rs, same)
-    if best is None or best[0] <= 0:
-        return []
-    _, v, rs, same = best
-    outcomes = ", ".join(f"{o} {sum(r['outcome'] == o for r in rs)}" for o in sorted({r["outcome"] for r in rs}))
-    return [f"- {ds}/{name}: no variant removes it from a usable model; {v} lowers the median WM accuracy most, "
-            f"{statistics.median(r['wm_acc'] for r in same):.2f}% → {statistics.median(r['wm_acc'] for r in rs):.2f}% "
-            f"on seeds {','.join(str(r['seed']) for r in rs)} (threshold {rs[0]['threshold']:.2f}%; outcomes "
-            f"{outcomes}), at a test accuracy of {statistics.mean(r['test_acc'] for r in rs):.2f}% (strong: "
-            f"{statistics.mean(r['test_acc'] for r in same):.2f}%)."]
-
-
 ABLATION_INTRO = """
 Each CIFAR-10 row, on the same attacker seeds and the same Neural Cleanse result per seed as table2-seeds.md
 (experiments/paper/table2-ablation-cifar10.toml): the strong attack, then with one of the steps it leaves out
@@ -256,36 +217,17 @@ headline's machine, else that machine's strong rows, kept in table2-ablation.jso
 
 
 def ablation_markdown(seeds: list[dict], abl: list[dict]) -> str:
-    lines = ["# Table 2 ablation: the paper's steps, one at a time and together", "", " ".join(ABLATION_INTRO.split()),
-             "",
-             "| row | variant | seeds | removed | test acc % | WM acc % | strong on the same seeds: removed, test % "
-             "| commit |", "|---|---|---|---|---|---|---|---|"]
-    findings = []
-    for ds, name in ORDER:
-        rs_all = [r for r in abl if (r["dataset"], r["name"]) == (ds, name) and r["variant"] != "strong"]
-        base = paired(of_row(seeds, ds, name) + of_row(abl, ds, name), rs_all)     # the control arm
-        if not rs_all:
-            continue
-        findings += _closest(ds, name, base, rs_all)
-        for v in ["strong", *VARIANTS]:
-            rs = base if v == "strong" else of_row(abl, ds, name, v)
-            if not rs:
-                continue
-            same = paired(base, rs)
-            sv, sb = summary(rs), summary(same) if same and v != "strong" else None
-            ref = f"{sb['removed']}/{sb['n']}, {sb['test_mean']:.2f}" if sb else ""
-            label, seeds_run = f"{ds}/{name}" if v == "strong" else "", ",".join(str(x["seed"]) for x in rs)
-            commits = ", ".join(sorted({r["commit"] for r in rs}))
-            lines.append(f"| {label} | {v} | {seeds_run} | {_cells(rs)} | {ref} | {commits} |")
-            if sb and sv["removed"] > sb["removed"]:
-                findings.append(f"- {ds}/{name}: {v} removes the watermark in {sv['removed']}/{sv['n']} seeds where "
-                                f"the strong attack removes it in {sb['removed']}/{sb['n']} on the same seeds, at a "
-                                f"test accuracy of {sv['test_mean']:.2f}% (strong: {sb['test_mean']:.2f}%).")
-    lines += ["", "## What each step does", "",
-              *(findings or ["- No variant removes a watermark more often than the strong attack on the same seeds."]),
-              "", "A row or variant not listed above removes no more often than the strong attack on the seeds run.",
-              ""]
-    return "\n".join(lines)
+    """The report's ablation layout (`report.variants`) over the ablation's rows against the strong attack's."""
+    def same_machine(rs: list[dict]) -> list[dict]:       # a machine named with a note on its Neural Cleanse
+        return [{**r, "machine": r["machine"].split(" (its Neural Cleanse")[0]} for r in rs]
+
+    rank = {m: i for i, m in enumerate(ORDER)}
+    rows = sorted((r for r in abl if r["variant"] != "strong" and (r["dataset"], r["name"]) in rank),
+                  key=lambda r: rank[(r["dataset"], r["name"])])
+    control = [r for r in seeds + abl if r["variant"] == "strong"]
+    table = variants_lines(same_machine(rows), same_machine(control), VARIANTS, control_name="strong")
+    return "\n".join(["# Table 2 ablation: the paper's steps, one at a time and together", "",
+                      " ".join(ABLATION_INTRO.split()), "", *table, ""])
 
 
 def protocol_time(seeds: list[dict]) -> None:

@@ -203,10 +203,9 @@ def test_the_ablation_sets_each_variant_beside_the_strong_attack_of_its_own_mach
     headline = [row("strong", s, "Xeon (2 threads)", "destroyed" if s == 2 else "kept", 85.0) for s in range(5)]
     abl = [row("strong", s, "EPYC (2 threads)", "kept", 86.0) for s in range(5)] + \
         [row("+topk", 2, "EPYC (2 threads) (its Neural Cleanse begun on Xeon)", "removed", 86.5)]
-    assert [(r["seed"], r["machine"]) for r in table2.paired(headline + abl[:5], abl[-1:])] == [(2, "EPYC (2 threads)")]
     md = table2.ablation_markdown(headline, abl)
     assert "| cifar10/zhang-noise | strong | 2 | 0/1" in md and "| +topk | 2 | 1/1" in md and "| 0/1, 86.00 |" in md
-    assert "+topk removes the watermark in 1/1 seeds where the strong attack removes it in 0/1" in md
+    assert "+topk removes the watermark in 1/1 seeds against 0/1 for strong on the same seeds" in md
 
 
 @pytest.fixture(scope="module")

@@ -304,3 +304,46 @@ def test_persistence_lays_cells_out_as_ngo_et_als_phases(tmp_path):
     assert "| mnist | zhang-content | 98.50 / 98.50 | kept / kept | 60.00 | 1.00 → 60.00 | 0.50 | **hidden** |" in md
     battery_only = [_phase_cell("launder", {}, "hidden", restored=True, restore_if="not-shown")]
     assert persistence_section(battery_only, tmp_path, []) == []
+
+
+def test_variants_name_their_departure_and_meet_the_control_on_the_same_seeds_and_machine(tmp_path, capsys):
+    """An ablation: each cell of another experiment is named by how its attack settings depart from the
+    control's on the same model, and compared with the control's cells on the seeds it ran, on the same machine."""
+    from nnlaunder.report.variants import departure
+
+    base = {"dataset": "cifar10", "scheme": "zhang-noise", "attack": "launder", "variant": "strong",
+            "attack_params": {"ct": 2.0, "retrain": {"epochs": 20}}}
+    assert departure(base, base) == ""
+    assert departure({**base, "attack_params": {"ct": 2.0, "retrain": {"epochs": 5}, "add_masks": True}},
+                     base) == "add_masks=true, retrain.epochs=5"
+    assert departure({**base, "calibrate": True, "variant": "faithful"}, base) == 'variant="faithful", calibrate=true'
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _fill(ws)
+    ctl = expand({"name": "head", "dataset": "cifar10", "scheme": "zhang-noise", "attack_params": {"ct": 2.0},
+                  "sweep": {"seed": [0, 1, 2]}})
+    abl = expand({"name": "abl", "dataset": "cifar10", "scheme": "zhang-noise", "attack_params": {"ct": 2.0},
+                  "sweep": {"seed": [0, 1], "settings": [{"attack_params": {"add_masks": True}},
+                                                         {"attack_params": {"ct": 1.0}}]}})
+    with Store(ws / "results.sqlite") as s:
+        for c in ctl + abl:
+            masks, seed = (c.attack_params or {}).get("add_masks"), c.seed
+            removed = bool(masks) and seed == 0
+            sm = {"threshold": 0.05, "orig_test_acc": 89.0, "orig_wm_acc": 100.0, "test_acc": 86.0 - seed,
+                  "wm_acc": 0.0 if removed else 99.0 - 40 * ((c.attack_params or {}).get("ct") == 1.0),
+                  "outcome": "removed" if removed else "kept", "removed": removed, "rounds_run": 1,
+                  "machine": "other cpu" if (c.name, seed) == ("head", 1) else "cpu", "commit": "abc", "date": "d"}
+            s.record(c.cell_id(), c.name, c.as_dict(), [{"round": 0, "test_acc": 89.0, "wm_acc": 100.0}], sm, 2.0)
+    out = tmp_path / "rep"
+    assert main(["report", "--workspace", str(ws), "--out", str(out), "--experiments", "head,abl",
+                 "--control", "head"]) == 0
+    md = (out / "index.md").read_text()
+    assert "## Variants against head on the same seeds" in md
+    # head's seed 1 ran on another machine: only seed 0 is a pair for the variants' seeds 0 and 1
+    assert "| cifar10/zhang-noise | head | 0 | 0/1 [0-79%] | 86.00 ± 0.00 | 99.00 [99.00-99.00] |  | abc |" in md
+    assert "|  | add_masks=true | 0,1 | 1/2 [9-91%] | 85.50 ± 0.71 | 49.50 [0.00-99.00] | 0/1, 86.00 | abc |" in md
+    assert "|  | ct=1.0 | 0,1 | 0/2 [0-66%] |" in md
+    assert "add_masks=true removes the watermark in 1/2 seeds against 0/1 for head on the same seeds" in md
+    assert main(["report", "--workspace", str(ws), "--out", str(out), "--control", "nope"]) == 2
+    assert "--control 'nope': the report holds no cell of that experiment" in capsys.readouterr().err

@@ -329,7 +329,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report.build import build_report
 
     names = [e.strip() for e in (args.experiments or "").split(",") if e.strip()]
-    out = build_report(args.workspace, args.out or Path(args.workspace) / "report", names or None, args.rows)
+    out = build_report(args.workspace, args.out or Path(args.workspace) / "report", names or None, args.rows,
+                       control=args.control)
     print(f"wrote {out}/index.md and {out}/index.html" + (f", and {args.rows}" if args.rows else ""))
     return 0
 

@@ -413,6 +413,9 @@ def _add_report(sub: Any) -> None:
                    help="only the cells of these experiments (default: every cell in the store)")
     s.add_argument("--rows", default=None, metavar="FILE.json",
                    help="also write one JSON row per cell there (what the cell is, its summary, machine, commit)")
+    s.add_argument("--control", default=None, metavar="NAME",
+                   help="an ablation: compare every other experiment's cells with this experiment's on the same "
+                        "model and seeds, each named by how its settings depart")
 
 
 def _add_merge(sub: Any) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import safe_name
+from ..models import DEFAULT_ARCH
 from ..plots import pareto_plot
 from ..watermarks.verify import wilson
 
@@ -38,6 +39,24 @@ def scheme_name(cfg: dict) -> str:
     """The watermark a cell attacks: the scheme, with Adi et al.'s mode (adi-pt, adi-fs)."""
     mode = (cfg.get("scheme_params") or {}).get("mode")
     return f"{cfg['scheme']}-{mode}" if cfg["scheme"] == "adi" and mode else cfg["scheme"]
+
+
+def flat_rows(cells: list[dict]) -> list[dict[str, Any]]:
+    """One row per finished cell, as results files keep them: what the cell is (dataset, architecture (the
+    dataset's default where the cell names none), scheme with Adi's mode, attack, budget, seed), its summary
+    (accuracies, threshold, outcome, machine, commit, date), its seconds, its attack's `work_seconds` and its whole
+    config."""
+    out = []
+    for c in cells:
+        cfg = c["config"]
+        row = {"experiment": c["experiment"], "cell_id": c["cell_id"], "dataset": cfg["dataset"],
+               "arch": cfg.get("arch") or DEFAULT_ARCH.get(cfg["dataset"]), "scheme": cfg["scheme"],
+               "name": scheme_name(cfg), "attack": cfg["attack"], "budget": cfg["budget"], "seed": cfg["seed"],
+               "rounds": cfg["rounds"]}
+        if (cfg.get("scheme_params") or {}).get("mode"):
+            row["mode"] = cfg["scheme_params"]["mode"]
+        out.append({**row, **c["summary"], "seconds": c["seconds"], "work_seconds": work_seconds(c), "config": cfg})
+    return out
 
 
 @dataclass(frozen=True)

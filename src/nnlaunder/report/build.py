@@ -7,7 +7,8 @@ from a workspace's results store (and its vanilla-threshold curves).
 - Figure 5 style: clean models' watermark accuracy over their training epochs;
 - Figures 6/8 style: Neural Cleanse's recovered triggers, per cell (round 1), and the watermark beside
   its reconstruction for the watermark's label (schemes with one target class);
-- Ngo et al.'s persistence layout (`persistence`): each attack's model and the owner's restoration of it.
+- Ngo et al.'s persistence layout (`persistence`): each attack's model and the owner's restoration of it;
+- the ablation layout (`variants`, with a control experiment): each variant against the control on the same seeds.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -30,11 +30,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noqa: E402
 from ..experiments.store import ran_on, workspace_cells  # noqa: E402
-from ..models import DEFAULT_ARCH  # noqa: E402
 from ..plots import reconstructions, trigger_grid  # noqa: E402
 from ..watermarks.verify import cell_p, format_p  # noqa: E402
-from .battery import battery_section, budget_label, over_seeds, scheme_name, work_seconds  # noqa: E402
+from .battery import battery_section, budget_label, flat_rows, over_seeds, scheme_name, work_seconds  # noqa: E402
 from .persistence import persistence_section  # noqa: E402
+from .variants import variants_section  # noqa: E402
 
 # Aiken et al. Table 2 ("Ours"): the owner's model before and after laundering, and the vanilla threshold.
 PAPER = {
@@ -137,24 +137,6 @@ def _paper(cfg: dict) -> tuple[float | None, float | None, float | None]:
     return (*PAPER_ATTACKS.get((*key, cfg["attack"]), (None, None)), threshold)
 
 
-def flat_rows(cells: list[dict]) -> list[dict[str, Any]]:
-    """One row per finished cell, as results files keep them: what the cell is (dataset, architecture (the
-    dataset's default where the cell names none), scheme with Adi's mode, attack, budget, seed), its summary
-    (accuracies, threshold, outcome, machine, commit, date), its seconds, its attack's `work_seconds` and its whole
-    config."""
-    out = []
-    for c in cells:
-        cfg = c["config"]
-        row = {"experiment": c["experiment"], "cell_id": c["cell_id"], "dataset": cfg["dataset"],
-               "arch": cfg.get("arch") or DEFAULT_ARCH.get(cfg["dataset"]), "scheme": cfg["scheme"],
-               "name": scheme_name(cfg), "attack": cfg["attack"], "budget": cfg["budget"], "seed": cfg["seed"],
-               "rounds": cfg["rounds"]}
-        if (cfg.get("scheme_params") or {}).get("mode"):
-            row["mode"] = cfg["scheme_params"]["mode"]
-        out.append({**row, **c["summary"], "seconds": c["seconds"], "work_seconds": work_seconds(c), "config": cfg})
-    return out
-
-
 def _select(cells: list[dict], experiments: Sequence[str] | None, db: Path) -> list[dict]:
     from ..errors import UserError
 
@@ -169,10 +151,12 @@ def _select(cells: list[dict], experiments: Sequence[str] | None, db: Path) -> l
 
 
 def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[str] | None = None,
-                 rows: str | Path | None = None, paper_rule: dict[tuple[str, str], float] | None = None) -> Path:
+                 rows: str | Path | None = None, paper_rule: dict[tuple[str, str], float] | None = None,
+                 control: str | None = None) -> Path:
     """The report of a workspace's store (only `experiments`, where given) in `out`; with `rows`, also
     one JSON row per cell there (`flat_rows`). `paper_rule`: the paper's-rule threshold per (dataset,
-    watermark), shown beside the threshold of cells that were given theirs (and so recorded no other)."""
+    watermark), shown beside the threshold of cells that were given theirs (and so recorded no other).
+    `control`: an experiment of the report that every other one's cells are compared with (`variants`)."""
     ws, out = Path(workspace), Path(out)
     from ..errors import UserError
 
@@ -188,17 +172,22 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
     for c in cells:
         _check_cell(c, db)
     cells = _select(cells, experiments, db)
+    if control is not None and not any(c["experiment"] == control for c in cells):
+        raise UserError(f"--control {control!r}: the report holds no cell of that experiment; it holds "
+                        f"{', '.join(sorted({c['experiment'] for c in cells}))}")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the report folder {str(out)[:200]}: {e.strerror or e}") from None
-    shown = ws.resolve().relative_to(Path.cwd().resolve()) if ws.resolve().is_relative_to(Path.cwd().resolve()) else ws
+    here = ((ws.absolute(), Path.cwd().absolute()), (ws.resolve(), Path.cwd().resolve()))   # through a link too
+    shown = next((a.relative_to(b) for a, b in here if a.is_relative_to(b)), ws)      # never by a machine path
     md = ["# nnlaunder report", "", f"Workspace `{shown}`: {len(cells)} finished cells. Ran on: {ran_on(cells)}.", "",
           *last_round_section(cells, paper_rule)]
     md += seeds_section(cells, paper_rule)
     images: list[Path] = []
     md += battery_section(cells, out, images)
     md += persistence_section(cells, out, images)
+    md += variants_section(cells, control) if control else []
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["config"]["attack"] == "launder":

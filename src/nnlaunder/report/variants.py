@@ -1,0 +1,144 @@
+"""The ablation layout: variants of an attack against a control on the same seeds.
+
+A variant is a configuration that departs from the control's (same dataset, watermark and attack) in its
+settings: `departure` names how. Each variant is compared with the control's runs on the seeds the variant ran
+on, on the same machine (a run's outcome can move across processors, so a pairing across them would compare
+machines). `nnlaunder report --control EXPERIMENT` renders it for every other experiment in the report.
+
+Rows are result rows (`build.flat_rows`): `dataset`, `name` (the watermark), `seed`, `machine`, `outcome`,
+`test_acc`, `wm_acc`, `threshold`, `commit`, and here `variant`, the label the table shows.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from .battery import flat_rows, over_seeds, scheme_name
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def departure(cfg: dict, control: dict) -> str:
+    """How cell config `cfg` departs from `control` in its attack: each attack setting that differs
+    ("bn_stats=reestimate", nested ones dotted: "retrain.epochs=5"), the laundering variant, calibration.
+    "" where it does not depart."""
+    mine, theirs = _flat(cfg.get("attack_params") or {}), _flat(control.get("attack_params") or {})
+    parts = [f"{k}={json.dumps(mine.get(k))}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+    parts += [f"{k}={json.dumps(cfg.get(k))}" for k in ("variant", "calibrate") if cfg.get(k) != control.get(k)]
+    return ", ".join(parts)
+
+
+def _same_model(a: dict, b: dict) -> bool:
+    """Two cell configs that attack the same watermark of the same dataset with the same attack."""
+    return (a["dataset"], scheme_name(a), a["attack"]) == (b["dataset"], scheme_name(b), b["attack"])
+
+
+def label_cells(cells: list[dict], control: list[dict]) -> list[tuple[dict, str]]:
+    """Each of `cells` with its label: how it departs from the control cell of the same model (the first of
+    `control`'s cells on it); cells whose model no control cell attacks are left out."""
+    out = []
+    for c in cells:
+        ref = next((k["config"] for k in control if _same_model(k["config"], c["config"])), None)
+        if ref is not None:
+            out.append((c, departure(c["config"], ref) or "as the control"))
+    return out
+
+
+def paired(control: list[dict], rs: list[dict]) -> list[dict]:
+    """The control's rows that variant rows `rs` are compared with: the same seed, run on the same machine."""
+    keys = {(r["seed"], r["machine"]) for r in rs}
+    return sorted((c for c in control if (c["seed"], c["machine"]) in keys), key=lambda c: (c["seed"], c["machine"]))
+
+
+def _of(rows: list[dict], model: tuple, variant: str) -> list[dict]:
+    return sorted((r for r in rows if (r["dataset"], r["name"]) == model and r["variant"] == variant),
+                  key=lambda r: r["seed"])
+
+
+def _closest(model: tuple, base: list[dict], rs_all: list[dict], control: str) -> list[str]:
+    """Where no variant removes the watermark, the one that lowers its median WM accuracy most against the
+    control on the same seeds."""
+    if any(r["outcome"] == "removed" for r in rs_all):
+        return []
+    best = None
+    for v in sorted({r["variant"] for r in rs_all}):
+        rs = [r for r in rs_all if r["variant"] == v]
+        same = paired(base, rs)
+        if same:
+            drop = statistics.median(r["wm_acc"] for r in same) - statistics.median(r["wm_acc"] for r in rs)
+            if best is None or drop > best[0]:
+                best = (drop, v, rs, same)
+    if best is None or best[0] <= 0:
+        return []
+    _, v, rs, same = best
+    outcomes = ", ".join(f"{o} {sum(r['outcome'] == o for r in rs)}" for o in sorted({r["outcome"] for r in rs}))
+    return [f"- {'/'.join(model)}: no variant removes it from a usable model; {v} lowers the median WM accuracy "
+            f"most, {statistics.median(r['wm_acc'] for r in same):.2f}% → "
+            f"{statistics.median(r['wm_acc'] for r in rs):.2f}% on seeds {','.join(str(r['seed']) for r in rs)} "
+            f"(threshold {rs[0]['threshold']:.2f}%; outcomes {outcomes}), at a test accuracy of "
+            f"{statistics.mean(r['test_acc'] for r in rs):.2f}% ({control}: "
+            f"{statistics.mean(r['test_acc'] for r in same):.2f}%)."]
+
+
+def _row(label: str, v: str, rs: list[dict], same: list[dict]) -> str:
+    s = over_seeds(rs)
+    ref = ""
+    if same:
+        b = over_seeds(same)
+        ref = f"{b.removed}/{b.n}, {b.test_mean:.2f}"
+    return (f"| {label} | {v} | {','.join(str(x['seed']) for x in rs)} | {s.rate()} | {s.test()} | {s.wm()} | {ref} "
+            f"| {', '.join(sorted({r['commit'] for r in rs}))} |")
+
+
+def variants_lines(rows: list[dict], control: list[dict], order: Sequence[str] = (),
+                   control_name: str = "control") -> list[str]:
+    """The table (per model the control, then each variant in `order`, then the rest by name) and what each
+    variant does: where it removes more often than the control on the same seeds, and, for a model no variant
+    removes, the variant that lowers the median WM accuracy most."""
+    lines = [f"| row | variant | seeds | removed | test acc % | WM acc % | {control_name} on the same seeds: "
+             "removed, test % | commit |", "|---|---|---|---|---|---|---|---|"]
+    findings: list[str] = []
+    for model in dict.fromkeys((r["dataset"], r["name"]) for r in rows):
+        rs_all = [r for r in rows if (r["dataset"], r["name"]) == model]
+        base = paired([r for r in control if (r["dataset"], r["name"]) == model], rs_all)
+        findings += _closest(model, base, rs_all, control_name)
+        names = sorted({r["variant"] for r in rs_all}, key=lambda v: (order.index(v) if v in order else len(order), v))
+        if base:
+            lines.append(_row("/".join(model), control_name, base, []))
+        for i, v in enumerate(names):
+            rs = _of(rows, model, v)
+            same = paired(base, rs)
+            lines.append(_row("" if base or i else "/".join(model), v, rs, same))
+            sv, sb = over_seeds(rs), over_seeds(same) if same else None
+            if sb and sv.removed > sb.removed:
+                findings.append(f"- {'/'.join(model)}: {v} removes the watermark in {sv.removed}/{sv.n} seeds "
+                                f"against {sb.removed}/{sb.n} for {control_name} on the same seeds, at a test "
+                                f"accuracy of {statistics.mean(r['test_acc'] for r in rs):.2f}% ({control_name}: "
+                                f"{statistics.mean(r['test_acc'] for r in same):.2f}%).")
+    return [*lines, "", "### What each variant does", "",
+            *(findings or [f"- No variant removes a watermark more often than the {control_name} on the same seeds."]),
+            "", f"A model or variant not listed above removes no more often than the {control_name} on the seeds run."]
+
+
+def variants_section(cells: list[dict], control: str) -> list[str]:
+    """The report's section: every cell outside experiment `control` against `control`'s cells of the same model
+    on the same seeds; empty when no cell departs from one of `control`'s."""
+    ctl = [c for c in cells if c["experiment"] == control]
+    labelled = label_cells([c for c in cells if c["experiment"] != control], ctl)
+    if not labelled:
+        return []
+    rows = [{**r, "variant": label} for r, (_, label) in zip(flat_rows([c for c, _ in labelled]), labelled,
+                                                              strict=True)]
+    return ["", f"## Variants against {control} on the same seeds (ablation layout)", "",
+            f"Each variant is named by how its settings depart from {control}'s on the same model, and compared with "
+            f"{control}'s cells on the seeds it ran, on the same machine. Removed (95% Wilson interval), test "
+            "accuracy mean ± sd, WM accuracy median [range].", "",
+            *variants_lines(rows, flat_rows(ctl), control_name=control)]
