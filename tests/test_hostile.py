@@ -582,3 +582,47 @@ def test_a_tampered_store_with_a_5000_character_name(tmp_path, capsys):
     assert code == 0 or (code == 2 and len(err.strip().splitlines()) == 1), err
     if code == 0:
         assert all(len(p.name) < 256 for p in (ws / "report").iterdir())
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda c: c.update(rounds=[]), "rounds"),
+    (lambda c: c["config"].update(attack_params=[1, 2]), "config's params"),
+    (lambda c: c["config"].update(scheme_params="pt"), "config's params"),
+    (lambda c: c.update(rounds=["x"]), "malformed round"),
+    (lambda c: [c["summary"].pop(k) for k in ("threshold_rule", "machine", "commit", "restored_test_acc")], None),
+    (lambda c: c["summary"].update(threshold_paper="high", restored_wm_acc="back"), "not as the runner writes it"),
+    (lambda c: c["summary"].update(threshold_paper=None), None),
+])
+def test_report_layouts_of_a_hand_edited_store(tmp_path, capsys, change, needle):
+    """The persistence and ablation layouts read a store someone edited: a cell that is not as the runner wrote
+    it is refused in one line; one that only lacks optional fields is drawn without them."""
+    import json as _json
+
+    from nnlaunder.experiments.config import expand
+    from nnlaunder.experiments.store import Store
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    cells = expand({"name": "keep", "dataset": "mnist", "attack": "ftal", "restore_if": "always",
+                    "sweep": {"seed": [0, 1]}})
+    sm = {"threshold": 0.5, "threshold_rule": "converged", "tolerance": 3.0, "orig_test_acc": 99.0,
+          "orig_wm_acc": 99.0, "test_acc": 98.0, "wm_acc": 50.0, "outcome": "kept", "removed": False, "rounds_run": 1,
+          "machine": "cpu", "commit": "abc", "date": "d", "restored_test_acc": 98.5, "restored_wm_acc": 90.0,
+          "restored": True, "n_owner": 10, "restore_seconds": 1.0}
+    with Store(ws / "results.sqlite") as s:
+        for c in cells:
+            s.record(c.cell_id(), c.name, c.as_dict(), [{"round": 0, "owned": True}], dict(sm), 1.0)
+    assert main(["export", "--workspace", str(ws), "--out", str(tmp_path / "cells")]) == 0
+    f = tmp_path / "cells" / "keep.jsonl"
+    edited = [_json.loads(ln) for ln in f.read_text().splitlines()]
+    change(edited[0])
+    f.write_text("".join(_json.dumps(c) + "\n" for c in edited))
+    ws = tmp_path / "cells"
+    code = main(["report", "--workspace", str(ws), "--out", str(tmp_path / "rep"), "--control", "keep"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if needle:
+        _one_line(code, err, needle)
+    else:
+        assert code == 0, err
+        assert "## Persistence and the owner's restoration" in (tmp_path / "rep" / "index.md").read_text()

@@ -112,6 +112,8 @@ def clean_curves_plot(curves: dict[str, list[list[float]]], path: Path) -> Path:
 
 
 _NUMBERS = ("test_acc", "wm_acc", "threshold", "orig_test_acc", "orig_wm_acc", "rounds_run")
+_OPTIONAL_NUMBERS = ("threshold_paper", "restored_test_acc", "restored_wm_acc", "restore_seconds", "attack_seconds",
+                     "test_drop", "param_shift", "base_rate")
 
 
 def _check_cell(c: dict, db: Path) -> None:
@@ -121,8 +123,14 @@ def _check_cell(c: dict, db: Path) -> None:
     cfg, sm = c.get("config"), c.get("summary")
     bad = [k for k in _NUMBERS if not isinstance(sm, dict) or isinstance(sm.get(k), bool)
            or not isinstance(sm.get(k), int | float)]
+    bad += [k for k in _OPTIONAL_NUMBERS if isinstance(sm, dict) and k in sm and sm[k] is not None
+            and (isinstance(sm[k], bool) or not isinstance(sm[k], int | float))]
     if not isinstance(cfg, dict) or not all(isinstance(cfg.get(k), str) for k in ("dataset", "scheme", "attack")):
         bad.append("config")
+    elif not isinstance(cfg.get("attack_params") or {}, dict) or not isinstance(cfg.get("scheme_params") or {}, dict):
+        bad.append("config's params")
+    if not isinstance(c.get("rounds"), list) or not c["rounds"] or not all(isinstance(r, dict) for r in c["rounds"]):
+        bad.append("rounds")
     if bad:
         raise UserError(f"{db}: cell {str(c.get('cell_id'))[:40]} is not as the runner writes it ({bad[:3]} missing "
                         "or not numbers); the store was changed by hand")

@@ -12,6 +12,7 @@ Phases, from the cells of an experiment whose restoration runs whatever the atta
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +54,11 @@ def phase_rows(cells: list[dict], command: str = "") -> list[dict[str, Any]]:
     for c in cells:
         cfg, sm = c["config"], c["summary"]
         base = {"dataset": cfg["dataset"], "arch": cfg.get("arch"), "scheme": cfg["scheme"], "name": scheme_name(cfg),
-                "threshold": sm["threshold"], "threshold_rule": sm["threshold_rule"], "tolerance": sm["tolerance"],
-                "model": f"{cfg['owner_path']}.safetensors", "machine": sm["machine"], "commit": sm["commit"],
-                "date": sm["date"], "command": command or f"nnlaunder run experiments/paper/{c['experiment']}.toml"}
-        base.update({k: sm[k] for k in ("threshold_paper",) if k in sm})
+                "threshold": sm["threshold"], "model": f"{cfg.get('owner_path')}.safetensors",
+                **{k: sm.get(k) for k in ("threshold_rule", "tolerance", "machine", "commit", "date")},
+                "command": command or f"nnlaunder run experiments/paper/{c['experiment']}.toml"}
+        if isinstance(sm.get("threshold_paper"), int | float):
+            base["threshold_paper"] = sm["threshold_paper"]
         if (cfg.get("scheme_params") or {}).get("mode"):
             base["mode"] = cfg["scheme_params"]["mode"]
         first = c["rounds"][0]
@@ -66,10 +68,11 @@ def phase_rows(cells: list[dict], command: str = "") -> list[dict[str, Any]]:
         attack, restored = phases(cfg)
         rows[(base["dataset"], base["name"], attack)] = {
             **base, "phase": attack, **{k: sm.get(k) for k in _ATTACK_FIELDS}, "seconds": work_seconds(c)}
-        if "restored_wm_acc" in sm:
+        if isinstance(sm.get("restored_wm_acc"), int | float):
             rows[(base["dataset"], base["name"], restored)] = {
-                **base, "phase": restored, "test_acc": sm["restored_test_acc"], "wm_acc": sm["restored_wm_acc"],
-                "owned": sm["restored"], "n_owner": sm["n_owner"], "seconds": sm["restore_seconds"]}
+                **base, "phase": restored, "test_acc": sm.get("restored_test_acc", math.nan),
+                "wm_acc": sm["restored_wm_acc"], "owned": sm.get("restored"), "n_owner": sm.get("n_owner"),
+                "seconds": sm.get("restore_seconds", math.nan)}
     return list(rows.values())
 
 
@@ -90,7 +93,7 @@ def phases_plot(rows: list[dict], ds: str, path: Path) -> Path | None:
         bars = ax.bar(range(len(order)), [by[p]["wm_acc"] for p in order], color="tab:red")
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axhline(by[order[0]]["threshold"], color="black", lw=1, ls="--",
-                   label=f"threshold ({by[order[0]].get('threshold_rule', 'paper')} rule)")
+                   label=f"threshold ({by[order[0]].get('threshold_rule') or 'given'} rule)")
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels(order, rotation=35, ha="right", fontsize=7)
         ax.set_ylim(0, 110)
