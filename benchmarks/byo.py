@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.006)
     ap.add_argument("--model", default="table5", choices=sorted(MODELS), help="the network of examples/byo/")
+    ap.add_argument("--pool", default="mean", choices=["mean", "max"],
+                    help="Algorithm 1's conv channel over positions: its mean (the paper's) or its peak")
     ap.add_argument("--prepare-only", metavar="DIR",
                     help="only plant the backdoor and write the model and data files into DIR (docs/byo.md)")
     args = ap.parse_args(argv)
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
                "--weights", str(d / "backdoored.safetensors"),
                "--mean", str(MEAN), "--std", str(STD), "--data", str(d / "train.npz"), "--budget", str(args.budget),
                "--test-data", str(d / "test.npz"), "--verify-npz", str(d / "verify.npz"),
-               "--out", str(d / "out"), "--seed", str(args.seed), "--quiet"]
+               "--out", str(d / "out"), "--seed", str(args.seed), "--quiet"] + (
+                   ["--pool", args.pool] if args.pool != "mean" else [])
         t1 = time.perf_counter()
         rc = cli(cmd)
         if rc != 0:
@@ -120,9 +123,10 @@ def main(argv=None) -> int:
         rep = json.loads((d / "out" / "report.json").read_text())
         png = (d / "out" / "triggers.png").read_bytes()
     png_name = "triggers-byo-backdoor.png" if args.model == "table5" else f"triggers-byo-backdoor-{args.model}.png"
+    pool = args.pool
     atomic_write_bytes(RESULTS / png_name, png)
     r1 = rep["rounds"][-1]
-    row = {"dataset": "mnist", "model": args.model, "arch": MODELS[args.model][1], "scheme": "backdoor",
+    row = {"dataset": "mnist", "model": args.model, "pool": pool, "arch": MODELS[args.model][1], "scheme": "backdoor",
            "attack": "launder", "budget": args.budget, "n_clean": rep["n_clean"], "rounds": len(rep["rounds"]),
            "orig_test_acc": rep["before"]["test_acc"], "orig_wm_acc": rep["before"]["attack_success"],
            "test_acc": rep["after"]["test_acc"], "wm_acc": rep["after"]["attack_success"],
@@ -133,10 +137,11 @@ def main(argv=None) -> int:
            "resets": r1["resets"], "skipped_layers": rep["skipped_layers"], "plant_seconds": plant_s,
            "seconds": launder_s, "nc_seconds": r1["nc_seconds"], "seed": args.seed, "triggers": png_name,
            "launder_command": "nnlaunder " + " ".join(c if "/" not in c else Path(c).name for c in cmd),
-           **provenance("python benchmarks/byo.py" + (f" --model {args.model}" if args.model != "table5" else "")
-                        + (f" --seed {args.seed}" if args.seed else ""))}
-    rows = [r for r in stored("byo.json") if r.get("model", "table5") != args.model] + [row]
-    rows.sort(key=lambda r: list(MODELS).index(r.get("model", "table5")))
+           **provenance("python benchmarks/byo.py" + "".join(f" --{k} {v}" for k, v, default in (
+               ("model", args.model, "table5"), ("pool", pool, "mean"), ("seed", args.seed, 0)) if v != default))}
+    key = (args.model, pool)
+    rows = [r for r in stored("byo.json") if (r.get("model", "table5"), r.get("pool", "mean")) != key] + [row]
+    rows.sort(key=lambda r: (list(MODELS).index(r.get("model", "table5")), r.get("pool", "mean") != "mean"))
     write("byo.json", rows)
     md = markdown(rows)
     write("byo.md", md)
@@ -152,14 +157,18 @@ def markdown(rows: list[dict]) -> str:
           "activations are all functions (`F.relu`), as much published backdoor code writes them. The attacker",
           "launders each through `--model-factory` with 0.6% of the training set. Attack success: triggered test",
           f"images of the other classes classified as {TARGET}. Reference: a clean model's rate on the same images.",
-          "", "| model | budget | test acc % before → after | attack success % before → after | clean model's rate % "
-          "| removed | flagged | resets | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+          "Algorithm 1 reads a conv channel by its mean over positions (pool mean, the paper's) or by its peak per "
+          "image (pool max, `--pool max`).",
+          "", "| model | pool | budget | test acc % before → after | attack success % before → after | clean model's "
+          "rate % | removed | flagged | resets | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r.get('model', 'table5')} (backdoor → {TARGET}) | {r['budget']:.1%} ({r['n_clean']}) | "
+        md.append(f"| {r.get('model', 'table5')} (backdoor → {TARGET}) | {r.get('pool', 'mean')} | "
+                  f"{r['budget']:.1%} ({r['n_clean']}) | "
                   f"{r['orig_test_acc']:.2f} → **{r['test_acc']:.2f}** | {r['orig_wm_acc']:.2f} → "
                   f"**{r['wm_acc']:.2f}** | {r['threshold']:.2f} | {'yes' if r['removed'] else '**no**'} | "
                   f"{r['flagged']} | {sum(r['resets'].values())} | {r['seconds']:.0f} |")
-    md += ["", "Recovered triggers: " + ", ".join(r.get("triggers", "triggers-byo-backdoor.png") for r in rows), "",
+    md += ["", "Recovered triggers: " + ", ".join(dict.fromkeys(r.get("triggers", "triggers-byo-backdoor.png")
+                                                                for r in rows)), "",
            "Commands:", *[f"    {c}" for r in rows for c in (r["command"], r["launder_command"])], ""]
     return "\n".join(md)
 

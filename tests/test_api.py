@@ -49,6 +49,7 @@ def test_cli_choices_are_the_library_constants():
     """A flag's choice list is the library's constant, so the two cannot drift apart."""
     from nnlaunder.attacks import laundering as L
     from nnlaunder.attacks.neural_cleanse import NC_PRESETS
+    from nnlaunder.attacks.units import MEASURE_POINTS, POOLS
     from nnlaunder.cli_flags import make_parser
     from nnlaunder.train import AUGMENTS, OPTIMIZERS, SCHEDULES
 
@@ -57,7 +58,7 @@ def test_cli_choices_are_the_library_constants():
     launder = {a.dest: a.choices for a in sub.choices["launder"]._actions}
     want = {"bn_stats": L.BN_STATS, "reinit": L.REINIT, "stamping": L.STAMPING, "diff": L.DIFF_MODES,
             "triggers": L.TRIGGER_CHOICES, "layers": L.LAYER_CHOICES, "threshold_mode": L.THRESHOLD_MODES,
-            "variant": tuple(L.VARIANTS), "nc_preset": tuple(NC_PRESETS)}
+            "variant": tuple(L.VARIANTS), "nc_preset": tuple(NC_PRESETS), "measure": MEASURE_POINTS, "pool": POOLS}
     for dest, choices in want.items():
         assert tuple(launder[dest]) == tuple(choices), dest
     train = {a.dest: a.choices for a in sub.choices["train"]._actions}

@@ -292,3 +292,35 @@ def test_reinit_option_in_a_round_keeps_reset_units_at_zero():
     params = dict(net.named_parameters())
     for name, m in masks.items():
         assert torch.all(params[name][m == 0] == 0)
+
+
+def test_a_channel_pooled_by_its_peak_sees_a_small_trigger_that_its_mean_dilutes():
+    """A conv channel that fires only on a 4x4 corner patch of a 28x28 image: over all positions its mean moves
+    by the patch's share of the image, under a CT of 1x the layer's mean clean activation, so Algorithm 1 as the
+    paper reads it (`pool = "mean"`) resets nothing; its peak per image moves by the full response, so
+    `pool = "max"` resets that channel, and only it."""
+    from nnlaunder.attacks.laundering import activation_differences, select_resets
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 3, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[0] = 1.0                   # channel 0: a bright patch (9 bright pixels → 9)
+        conv.bias[0] = -8.0                    # ... and nothing else: a patch detector
+        conv.weight[1, 0, 1, 1] = 1.0          # channels 1, 2: the image itself, as any edge or texture unit
+        conv.weight[2, 0, 1, 1] = 0.5
+    net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 28 * 28, 10))
+    units = [u for u in discover_units(net) if u.kind == "conv"]
+    clean = torch.rand(64, 1, 28, 28) * 0.8               # never 9 bright pixels in a 3x3 window
+    stamped = clean.clone()
+    stamped[:, :, -5:-1, -5:-1] = 1.0                      # BadNets' corner square
+    picked = {}
+    for pool in ("mean", "max"):
+        diff, an = activation_differences(net, units, clean, stamped, pool=pool)
+        picked[pool] = select_resets(units, diff, an, dt=0.5, ct=1.0, mode="relative")[units[0].name].tolist()
+    assert picked == {"mean": [], "max": [0]}
+    with pytest.raises(UserError, match="pool must be one of"):
+        launder_config("strong", pool="median")
+    with pytest.raises(ValueError, match="pool must be one of"):
+        mean_activations(net, units, clean, pool="median")

@@ -13,7 +13,7 @@ from . import __version__
 from . import data as D
 from .attacks import laundering as L
 from .attacks.neural_cleanse import NC_PRESETS
-from .attacks.units import MEASURE_POINTS
+from .attacks.units import MEASURE_POINTS, POOLS
 from .errors import UserError
 from .models import ARCHS
 from .recipes import owner_config
@@ -112,7 +112,7 @@ def launder_cfg(args: argparse.Namespace):
                                     ("threshold_mode", args.threshold_mode), ("layers", args.layers),
                                     ("triggers", args.triggers), ("add_masks", args.add_masks),
                                     ("top_k", args.top_k), ("diff", args.diff), ("measure", args.measure),
-                                    ("bn_stats", args.bn_stats), ("stamping", args.stamping),
+                                    ("pool", args.pool), ("bn_stats", args.bn_stats), ("stamping", args.stamping),
                                     ("reinit", args.reinit)) if v is not None}
     nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
     base = launder_config(args.variant).retrain
@@ -284,6 +284,8 @@ def _add_launder(sub: Any) -> None:
                         "the resets united")
     s.add_argument("--measure", choices=MEASURE_POINTS,
                    help="read a unit at its activation, or at its own output before a residual add")
+    s.add_argument("--pool", choices=POOLS,
+                   help="a conv channel over positions: its mean (Algorithm 1, default) or its peak per image")
     s.add_argument("--bn-stats", choices=L.BN_STATS,
                    help="batch norms before retraining: statistics kept, reset (faithful), re-estimated on the "
                         "clean set, or every batch norm re-initialised (reinit)")

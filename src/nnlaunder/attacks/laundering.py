@@ -44,7 +44,7 @@ from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
 from .neural_cleanse import NC_PRESETS, NCConfig, NCResult, nc_params, neural_cleanse, stamp
 from .records import LaunderState, RoundInfo
-from .units import MEASURE_POINTS, Unit, discover_units, mean_activations, select_units
+from .units import MEASURE_POINTS, POOLS, Unit, discover_units, mean_activations, select_units
 
 TRIGGER_CHOICES = ("all", "flagged", "top-k")
 THRESHOLD_MODES = ("absolute", "relative")
@@ -69,6 +69,8 @@ class LaunderConfig:
     #                                      (Algorithm 1); "per-trigger": one A_diff per trigger, resets united
     measure: str = "relu"                # where a unit is read: "relu" (its activation) | "branch"
     #                                      (its own output after its own batch norm, before a residual add)
+    pool: str = "mean"                   # a conv channel over positions: "mean" (Algorithm 1's average) | "max"
+    #                                      (its peak per image, then averaged over images)
     bn_stats: str = "keep"               # batch-norm running statistics before retraining: "keep" |
     #                                      "reset" (mean 0, var 1: the paper's "reset the batch normalization")
     #                                      | "reestimate" (recomputed on the attacker's clean set) | "reinit"
@@ -93,6 +95,7 @@ class LaunderConfig:
             (isinstance(self.top_k, int) and self.top_k >= 1, f"top_k must be an integer >= 1, got {self.top_k}"),
             (self.diff in DIFF_MODES, f"diff must be one of {DIFF_MODES}"),
             (self.measure in MEASURE_POINTS, f"measure must be one of {MEASURE_POINTS}"),
+            (self.pool in POOLS, f"pool must be one of {POOLS}"),
             (self.bn_stats in BN_STATS, f"bn_stats must be one of {BN_STATS}"),
             (self.stamping in STAMPING, f"stamping must be one of {STAMPING}"),
             (self.reinit in REINIT, f"reinit must be one of {REINIT}"),
@@ -172,11 +175,11 @@ OnProgress = Callable[[str, int, int, int], None]
 
 # --------------------------------------------------------------------------------------------
 def activation_differences(model: nn.Module, units: list[Unit], clean_x: torch.Tensor,
-                           stamped_x: torch.Tensor, point: str = "relu"
+                           stamped_x: torch.Tensor, point: str = "relu", pool: str = "mean"
                            ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Algorithm 1, lines 3-10: (A_diff = AW_avg - AN_avg, AN_avg) per unit."""
-    an = mean_activations(model, units, clean_x, point=point)
-    aw = mean_activations(model, units, stamped_x, point=point)
+    an = mean_activations(model, units, clean_x, point=point, pool=pool)
+    aw = mean_activations(model, units, stamped_x, point=point, pool=pool)
     return {k: aw[k] - an[k] for k in an}, an
 
 
@@ -335,12 +338,12 @@ def choose_resets(model: nn.Module, units: list[Unit], clean: Dataset, stamped: 
     if not stamped:
         return {u.name: torch.empty(0, dtype=torch.long) for u in units}
     if cfg.diff == "pooled":
-        diff, an = activation_differences(model, units, clean.x, torch.cat(stamped), cfg.measure)
+        diff, an = activation_differences(model, units, clean.x, torch.cat(stamped), cfg.measure, cfg.pool)
         return select_resets(units, diff, an, cfg.dt, cfg.ct, cfg.threshold_mode)
-    an = mean_activations(model, units, clean.x, point=cfg.measure)
+    an = mean_activations(model, units, clean.x, point=cfg.measure, pool=cfg.pool)
     chosen: dict[str, torch.Tensor] = {u.name: torch.empty(0, dtype=torch.long) for u in units}
     for sx in stamped:
-        aw = mean_activations(model, units, sx, point=cfg.measure)
+        aw = mean_activations(model, units, sx, point=cfg.measure, pool=cfg.pool)
         one = select_resets(units, {k: aw[k] - an[k] for k in an}, an, cfg.dt, cfg.ct, cfg.threshold_mode)
         chosen = {k: torch.unique(torch.cat([chosen[k], one[k]])) for k in chosen}
     return chosen

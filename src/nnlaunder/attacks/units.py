@@ -206,6 +206,7 @@ def select_units(units: list[Unit], which: str) -> list[Unit]:
 
 
 MEASURE_POINTS = ("relu", "branch")
+POOLS = ("mean", "max")     # a conv channel over positions: its mean (Algorithm 1), or its largest value
 
 
 def measure_module(u: Unit, point: str) -> tuple[str, bool]:
@@ -220,9 +221,13 @@ def measure_module(u: Unit, point: str) -> tuple[str, bool]:
 
 @torch.no_grad()
 def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch_size: int = 500,
-                     point: str = "relu") -> dict[str, torch.Tensor]:
-    """Per unit: mean activation per channel/neuron over x (and over positions for convs), read
-    where `point` says (`measure_module`)."""
+                     point: str = "relu", pool: str = "mean") -> dict[str, torch.Tensor]:
+    """Per unit: mean activation per channel/neuron over x, read where `point` says (`measure_module`); a conv
+    channel is first pooled over positions per image, by its mean (`pool` "mean") or its largest value ("max":
+    a trigger that covers a few positions moves the channel's peak, where the mean over all positions dilutes
+    it by the trigger's share of the image)."""
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     mods = dict(model.named_modules())
     where = {u.name: measure_module(u, point) for u in units}
     sums: dict[tuple[str, bool], torch.Tensor] = {}
@@ -232,7 +237,12 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
             for rectify in (False, True):
                 if (name, rectify) in wanted:
                     o = out.clamp_min(0) if rectify else out
-                    v = o.sum(dim=(0, 2, 3)) / (o.shape[2] * o.shape[3]) if o.ndim == 4 else o.sum(0)
+                    if o.ndim != 4:
+                        v = o.sum(0)
+                    elif pool == "max":
+                        v = o.amax(dim=(2, 3)).sum(0)
+                    else:
+                        v = o.sum(dim=(0, 2, 3)) / (o.shape[2] * o.shape[3])
                     sums[(name, rectify)] = sums.get((name, rectify), 0) + v
         return f
 
