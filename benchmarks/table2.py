@@ -218,8 +218,9 @@ headline's machine, else that machine's strong rows, kept in table2-ablation.jso
 
 def ablation_markdown(seeds: list[dict], abl: list[dict]) -> str:
     """The report's ablation layout (`report.variants`) over the ablation's rows against the strong attack's."""
-    def same_machine(rs: list[dict]) -> list[dict]:       # a machine named with a note on its Neural Cleanse
-        return [{**r, "machine": r["machine"].split(" (its Neural Cleanse")[0]} for r in rs]
+    def same_machine(rs: list[dict]) -> list[dict]:   # a machine named with a note on its Neural Cleanse; rows
+        #                                                 stored before the engine name no attack: all launder
+        return [{**r, "machine": r["machine"].split(" (its Neural Cleanse")[0], "attack": "launder"} for r in rs]
 
     rank = {m: i for i, m in enumerate(ORDER)}
     rows = sorted((r for r in abl if r["variant"] != "strong" and (r["dataset"], r["name"]) in rank),

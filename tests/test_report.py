@@ -347,3 +347,22 @@ def test_variants_name_their_departure_and_meet_the_control_on_the_same_seeds_an
     assert "add_masks=true removes the watermark in 1/2 seeds against 0/1 for head on the same seeds" in md
     assert main(["report", "--workspace", str(ws), "--out", str(out), "--control", "nope"]) == 2
     assert "--control 'nope': the report holds no cell of that experiment" in capsys.readouterr().err
+
+
+def test_a_control_with_several_configurations_of_a_model_is_compared_through_its_first():
+    """A control experiment that runs one model twice (two settings) compares the variants with its first
+    configuration only, and a variant of another attack on the same model meets that attack's control."""
+    from nnlaunder.report.variants import control_cells, label_cells
+
+    def cell(exp, attack, seed, **ap):
+        return {"experiment": exp, "config": {"dataset": "mnist", "scheme": "zhang-noise", "attack": attack,
+                                              "seed": seed, "attack_params": ap}}
+
+    ctl = [cell("c", "launder", 0, ct=2.0), cell("c", "launder", 1, ct=2.0), cell("c", "launder", 0, ct=1.0),
+           cell("c", "prune", 0, rate=0.9)]
+    kept = control_cells(ctl)
+    assert [(c["config"]["attack"], c["config"]["seed"], c["config"]["attack_params"]) for c in kept] == [
+        ("launder", 0, {"ct": 2.0}), ("launder", 1, {"ct": 2.0}), ("prune", 0, {"rate": 0.9})]
+    labelled = label_cells([cell("v", "launder", 0, ct=1.0), cell("v", "prune", 0, rate=0.5),
+                            cell("v", "nad", 0)], kept)
+    assert [label for _, label in labelled] == ["ct=1.0", "rate=0.5"]      # nad: no control cell attacks so

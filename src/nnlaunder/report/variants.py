@@ -41,6 +41,21 @@ def _same_model(a: dict, b: dict) -> bool:
     return (a["dataset"], scheme_name(a), a["attack"]) == (b["dataset"], scheme_name(b), b["attack"])
 
 
+def _but_seed(cfg: dict) -> str:
+    return json.dumps({**cfg, "seed": None}, sort_keys=True, default=str)
+
+
+def control_cells(control: list[dict]) -> list[dict]:
+    """The control's reference configuration per model (its first cell's, seed aside) and the cells that run it:
+    a control experiment that holds several configurations of one model is compared through the first only."""
+    refs: list[dict] = []
+    for c in control:
+        if not any(_same_model(r["config"], c["config"]) for r in refs):
+            refs.append(c)
+    keep = {_but_seed(r["config"]) for r in refs}
+    return [c for c in control if _but_seed(c["config"]) in keep]
+
+
 def label_cells(cells: list[dict], control: list[dict]) -> list[tuple[dict, str]]:
     """Each of `cells` with its label: how it departs from the control cell of the same model (the first of
     `control`'s cells on it); cells whose model no control cell attacks are left out."""
@@ -58,9 +73,13 @@ def paired(control: list[dict], rs: list[dict]) -> list[dict]:
     return sorted((c for c in control if (c["seed"], c["machine"]) in keys), key=lambda c: (c["seed"], c["machine"]))
 
 
+def _model(r: dict) -> tuple[str, str, str]:
+    """What a row attacks: (dataset, watermark, attack; "" where a stored row names none)."""
+    return r["dataset"], r["name"], r.get("attack", "")
+
+
 def _of(rows: list[dict], model: tuple, variant: str) -> list[dict]:
-    return sorted((r for r in rows if (r["dataset"], r["name"]) == model and r["variant"] == variant),
-                  key=lambda r: r["seed"])
+    return sorted((r for r in rows if _model(r) == model and r["variant"] == variant), key=lambda r: r["seed"])
 
 
 def _closest(model: tuple, base: list[dict], rs_all: list[dict], control: str) -> list[str]:
@@ -80,7 +99,7 @@ def _closest(model: tuple, base: list[dict], rs_all: list[dict], control: str) -
         return []
     _, v, rs, same = best
     outcomes = ", ".join(f"{o} {sum(r['outcome'] == o for r in rs)}" for o in sorted({r["outcome"] for r in rs}))
-    return [f"- {'/'.join(model)}: no variant removes it from a usable model; {v} lowers the median WM accuracy "
+    return [f"- {'/'.join(model[:2])}: no variant removes it from a usable model; {v} lowers the median WM accuracy "
             f"most, {statistics.median(r['wm_acc'] for r in same):.2f}% → "
             f"{statistics.median(r['wm_acc'] for r in rs):.2f}% on seeds {','.join(str(r['seed']) for r in rs)} "
             f"(threshold {rs[0]['threshold']:.2f}%; outcomes {outcomes}), at a test accuracy of "
@@ -106,20 +125,20 @@ def variants_lines(rows: list[dict], control: list[dict], order: Sequence[str] =
     lines = [f"| row | variant | seeds | removed | test acc % | WM acc % | {control_name} on the same seeds: "
              "removed, test % | commit |", "|---|---|---|---|---|---|---|---|"]
     findings: list[str] = []
-    for model in dict.fromkeys((r["dataset"], r["name"]) for r in rows):
-        rs_all = [r for r in rows if (r["dataset"], r["name"]) == model]
-        base = paired([r for r in control if (r["dataset"], r["name"]) == model], rs_all)
+    for model in dict.fromkeys(_model(r) for r in rows):
+        rs_all = [r for r in rows if _model(r) == model]
+        base = paired([r for r in control if _model(r) == model], rs_all)
         findings += _closest(model, base, rs_all, control_name)
         names = sorted({r["variant"] for r in rs_all}, key=lambda v: (order.index(v) if v in order else len(order), v))
         if base:
-            lines.append(_row("/".join(model), control_name, base, []))
+            lines.append(_row("/".join(model[:2]), control_name, base, []))
         for i, v in enumerate(names):
             rs = _of(rows, model, v)
             same = paired(base, rs)
-            lines.append(_row("" if base or i else "/".join(model), v, rs, same))
+            lines.append(_row("" if base or i else "/".join(model[:2]), v, rs, same))
             sv, sb = over_seeds(rs), over_seeds(same) if same else None
             if sb and sv.removed > sb.removed:
-                findings.append(f"- {'/'.join(model)}: {v} removes the watermark in {sv.removed}/{sv.n} seeds "
+                findings.append(f"- {'/'.join(model[:2])}: {v} removes the watermark in {sv.removed}/{sv.n} seeds "
                                 f"against {sb.removed}/{sb.n} for {control_name} on the same seeds, at a test "
                                 f"accuracy of {statistics.mean(r['test_acc'] for r in rs):.2f}% ({control_name}: "
                                 f"{statistics.mean(r['test_acc'] for r in same):.2f}%).")
@@ -131,7 +150,7 @@ def variants_lines(rows: list[dict], control: list[dict], order: Sequence[str] =
 def variants_section(cells: list[dict], control: str) -> list[str]:
     """The report's section: every cell outside experiment `control` against `control`'s cells of the same model
     on the same seeds; empty when no cell departs from one of `control`'s."""
-    ctl = [c for c in cells if c["experiment"] == control]
+    ctl = control_cells([c for c in cells if c["experiment"] == control])
     labelled = label_cells([c for c in cells if c["experiment"] != control], ctl)
     if not labelled:
         return []
