@@ -311,8 +311,8 @@ def test_a_channel_pooled_by_its_peak_sees_a_small_trigger_that_its_mean_dilutes
         conv.weight[1, 0, 1, 1] = 1.0          # channels 1, 2: the image itself, as any edge or texture unit
         conv.weight[2, 0, 1, 1] = 0.5
     net = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * 28 * 28, 10))
-    units = [u for u in discover_units(net) if u.kind == "conv"]
     clean = torch.rand(64, 1, 28, 28) * 0.8               # never 9 bright pixels in a 3x3 window
+    units = [u for u in discover_units(net, clean[:2])[0] if u.kind == "conv"]
     stamped = clean.clone()
     stamped[:, :, -5:-1, -5:-1] = 1.0                      # BadNets' corner square
     picked = {}
