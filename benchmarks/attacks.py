@@ -52,8 +52,7 @@ def _store() -> dict:
 
 
 def validate(args, store: dict, cmd: str) -> None:
-    sys.path.insert(0, str(ROOT / "examples" / "byo"))
-    import byo
+    import byo  # the sibling script: its planted BadNets model (it finds the example networks itself)
 
     tr, te = D.load("mnist", args.data_dir, "train"), D.load("mnist", args.data_dir, "test")
     victims = te.subset(torch.nonzero(te.y != byo.TARGET).flatten())
