@@ -1,6 +1,7 @@
 """The public API: `import nnlaunder as nl` names every function docs/api.md lists, and the
 document's complete example runs as written."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def test_cli_choices_are_the_library_constants():
             "variant": tuple(L.VARIANTS), "nc_preset": tuple(NC_PRESETS), "measure": MEASURE_POINTS, "pool": POOLS}
     for dest, choices in want.items():
         assert tuple(launder[dest]) == tuple(choices), dest
+    nested = {"nc", "retrain"}          # --nc-preset / --nc-epochs and --retrain-epochs / --retrain-lr
+    assert {f.name for f in dataclasses.fields(L.LaunderConfig)} - nested <= set(launder), "a setting has no flag"
     train = {a.dest: a.choices for a in sub.choices["train"]._actions}
     assert tuple(train["optimizer"]) == OPTIMIZERS and tuple(train["schedule"]) == SCHEDULES
     assert tuple(train["augment"]) == AUGMENTS

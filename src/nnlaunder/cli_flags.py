@@ -113,7 +113,8 @@ def launder_cfg(args: argparse.Namespace):
                                     ("triggers", args.triggers), ("add_masks", args.add_masks),
                                     ("top_k", args.top_k), ("diff", args.diff), ("measure", args.measure),
                                     ("pool", args.pool), ("bn_stats", args.bn_stats), ("stamping", args.stamping),
-                                    ("reinit", args.reinit)) if v is not None}
+                                    ("reinit", args.reinit), ("early_stop", args.early_stop),
+                                    ("holdout", args.holdout)) if v is not None}
     nc = nc_config(args.nc_preset, seed=args.seed, **({"max_epochs": args.nc_epochs} if args.nc_epochs else {}))
     base = launder_config(args.variant).retrain
     retrain = dataclasses.replace(base, seed=args.seed, **{k: v for k, v in (("epochs", args.retrain_epochs),
@@ -265,6 +266,10 @@ def _add_launder(sub: Any) -> None:
                         "--data: 1, all of it), or N images per class, e.g. 5/class")
     s.add_argument("--rounds", type=_positive_int,
                    help="laundering rounds, each Neural Cleanse + Algorithm 1 + retraining (default 1)")
+    s.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop when round 1's most likely class becomes the least likely (default on)")
+    s.add_argument("--holdout", type=_float,
+                   help="fraction of the clean set the attacker keeps aside to check its own model (default 0)")
     s.add_argument("--variant", choices=tuple(L.VARIANTS), default="strong",
                    help="laundering settings to start from: the paper's text (faithful) or this project's "
                         "stronger defaults (strong, the default); docs/methods.md")
