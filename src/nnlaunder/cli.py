@@ -190,6 +190,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
     if not args.model:
         raise UserError("launder needs a MODEL (a model of this project) or --model-factory with --weights and --data")
     _no_byo_flags(args)
+    cfg, calibrate = launder_cfg(args), calibrate_options(args)      # a bad setting stops before any data loads
     budget = budget_of(args, 0.006)
     out_dir = Path(args.out)
     _out(str(out_dir / "laundered"))
@@ -206,7 +207,7 @@ def cmd_launder(args: argparse.Namespace) -> int:
           f"before: " + ", ".join(f"{k} {v:.2f}%" for k, v in before.items()))
     bars = LaunderBars(not args.quiet)
     try:
-        run = run_launder(model, clean, launder_cfg(args), evaluate=ev, calibrate=calibrate_options(args),
+        run = run_launder(model, clean, cfg, evaluate=ev, calibrate=calibrate,
                           state_file=out_dir / "partial.safetensors", resume=args.resume, out_dir=out_dir,
                           classes=tr.classes, log=_say, on_progress=bars,
                           report={"model": str(args.model), "dataset": dataset, "budget": len(clean) / len(tr),
