@@ -34,7 +34,9 @@ def markdown(rows: list[dict]) -> str:
     if stale:
         lines += ["", "Rows computed on an earlier version of the owner model (the file named; not yet re-run on "
                   "the current one): " + "; ".join(f"{d}/{n}: `{m}`" for d, n, m in stale) + "."]
-    lines += ["", "## Verdicts", "", *verdicts_table(rows)]
+    lines += ["", "## Verdicts", "", *verdicts_table(rows), ""]
+    for ds in sorted({r["dataset"] for r in rows}):
+        lines += [f"![{ds}: WM accuracy per phase](persistence-{ds}.png)", ""]
     where = sorted({f"{r['machine']}, commit {r['commit']}" for r in rows if "commit" in r})
     old = sorted({f"{r['dataset']}/{r['name']}" for r in rows if "commit" not in r})
     lines += ["", "Ran on: " + ("; ".join(where) or "–") + "." + (

@@ -366,3 +366,23 @@ def test_a_control_with_several_configurations_of_a_model_is_compared_through_it
     labelled = label_cells([cell("v", "launder", 0, ct=1.0), cell("v", "prune", 0, rate=0.5),
                             cell("v", "nad", 0)], kept)
     assert [label for _, label in labelled] == ["ct=1.0", "rate=0.5"]      # nad: no control cell attacks so
+
+
+def test_a_rebuilt_report_drops_only_the_plots_its_previous_page_showed(tmp_path):
+    """Rebuilt with fewer experiments, the report deletes the plots its previous index.md showed and this one
+    does not; a file of the folder that no report named stays."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    _fill(ws)
+    out = tmp_path / "rep"
+    build_report(ws, out)
+    assert (out / "rounds-fig3-mnist-zhang-content.png").is_file()
+    (out / "mine.png").write_bytes(b"a user's file")
+    (out / "index.md").write_text((out / "index.md").read_text() + "\n![x](../outside.png) ![y](mine2.png)\n")
+    (tmp_path / "outside.png").write_bytes(b"not the report's")
+    (ws / "thresholds" / "abc123.json").unlink()
+    shutil.rmtree(ws / "thresholds")
+    build_report(ws, out)
+    assert not (out / "clean-curves.png").exists()                # shown before, not now: deleted
+    assert (out / "rounds-fig3-mnist-zhang-content.png").is_file()
+    assert (out / "mine.png").read_bytes() == b"a user's file" and (tmp_path / "outside.png").is_file()

@@ -17,6 +17,7 @@ import base64
 import html
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -216,11 +217,31 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
         md += ["## Vanilla thresholds (Figure 5 style)", "", f"![clean curves]({png.name})", ""]
     md += trigger_section(ws, groups, out, images)
     text = "\n".join(md) + "\n"
+    _drop_stale_plots(out, text)
     atomic_write_bytes(out / "index.md", text.encode())
     atomic_write_bytes(out / "index.html", html_page(text, images).encode())
     if rows is not None:
         atomic_write_json(Path(rows), flat_rows(cells))
     return out
+
+
+_IMAGE = re.compile(r"!\[[^\]]*\]\(([^)/\\]+\.png)\)")
+
+
+def _drop_stale_plots(out: Path, text: str) -> None:
+    """Delete the plots the report in `out` showed before and this one does not: only files its previous
+    index.md named, so a folder's other files are never touched."""
+    old = out / "index.md"
+    if not old.is_file():
+        return
+    try:
+        before = set(_IMAGE.findall(old.read_text(errors="replace")))
+    except OSError:
+        return
+    for name in before - set(_IMAGE.findall(text)):
+        f = out / name
+        if f.is_file() and not f.is_symlink():
+            f.unlink()
 
 
 def last_round_section(cells: list[dict], paper_rule: dict[tuple[str, str], float] | None = None) -> list[str]:
