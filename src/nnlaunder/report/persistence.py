@@ -76,6 +76,15 @@ def phase_rows(cells: list[dict], command: str = "") -> list[dict[str, Any]]:
     return list(rows.values())
 
 
+_COLORS = {"the owner's model": "tab:gray", "after an attack": "tab:red", "after the owner's restoration": "tab:blue"}
+
+
+def _kind(phase: str) -> str:
+    if phase == "embedded":
+        return "the owner's model"
+    return "after the owner's restoration" if phase.endswith("restored") else "after an attack"
+
+
 def _order(phase: str) -> tuple[int, str]:
     return (PHASES.index(phase), "") if phase in PHASES else (len(PHASES), phase)
 
@@ -86,22 +95,26 @@ def phases_plot(rows: list[dict], ds: str, path: Path) -> Path | None:
     names = list(dict.fromkeys(r["name"] for r in rs))
     if not names:
         return None
-    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 4.1), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         by = {r["phase"]: r for r in rs if r["name"] == name}
         order = sorted(by, key=_order)
-        bars = ax.bar(range(len(order)), [by[p]["wm_acc"] for p in order], color="tab:red")
+        colors = [_COLORS[_kind(p)] for p in order]
+        bars = ax.bar(range(len(order)), [by[p]["wm_acc"] for p in order], color=colors)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
         ax.axhline(by[order[0]]["threshold"], color="black", lw=1, ls="--",
-                   label=f"threshold ({by[order[0]].get('threshold_rule') or 'given'} rule)")
+                   label="threshold")
+        for kind in dict.fromkeys(_kind(p) for p in order):
+            ax.bar([0], [0], color=_COLORS[kind], label=kind)          # legend entries only
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels(order, rotation=35, ha="right", fontsize=7)
         ax.set_ylim(0, 110)
         ax.set_ylabel("watermark accuracy %")
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
+    handles = {lb: h for ax in axes[0] for h, lb in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle(f"{ds}: watermark accuracy after fine-tuning, restoration and laundering", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
