@@ -206,3 +206,30 @@ def test_embed_oversamples_triggers_and_can_leave_verification_out():
         embed(Spy(), data, wm, TrainConfig(epochs=1, batch_size=8), trigger_repeat=0, progress=False)
 
 
+
+
+def test_amp_trains_in_bfloat16_where_native_and_names_another_model(monkeypatch):
+    """amp: the forward pass in bfloat16 where the hardware has it natively (weights stay fp32 and the model
+    learns the rule); where it has not, fp32 with a warning. It is part of a model's identity only when on."""
+    from nnlaunder import device, train as T
+
+    x, y = _toy()
+    cfg = TrainConfig(epochs=8, batch_size=32, lr=1e-2, seed=0)
+    plain, mixed = _net(), _net()
+    train(plain, x, y, cfg, progress=False)
+    monkeypatch.setattr(T, "amp_supported", lambda dev: True)      # as on a CPU with AMX or a bf16 GPU
+    seen = []
+    hook = mixed[1].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    train(mixed, x, y, TrainConfig(epochs=8, batch_size=32, lr=1e-2, seed=0, amp=True), progress=False)
+    hook.remove()
+    assert torch.bfloat16 in seen and all(p.dtype == torch.float32 for p in mixed.parameters())
+    assert accuracy(mixed, x, y) > 90 and not torch.equal(plain[1].weight, mixed[1].weight)
+    monkeypatch.setattr(T, "amp_supported", lambda dev: False)
+    again = _net()
+    with pytest.warns(UserWarning, match="no native bfloat16; training in fp32"):
+        train(again, x, y, TrainConfig(epochs=8, batch_size=32, lr=1e-2, seed=0, amp=True), progress=False)
+    assert torch.equal(plain[1].weight, again[1].weight)
+    assert TrainConfig().identity() == {k: v for k, v in TrainConfig(amp=True).identity().items() if k != "amp"}
+    assert "amp" not in TrainConfig().identity() and device.amp_supported(torch.device("meta")) is False
+    with pytest.raises(UserError, match="amp must be true or false"):
+        TrainConfig(amp="yes")

@@ -15,6 +15,8 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
   machine  fp32 matmul and conv throughput (GFLOP/s), and bf16 conv where the CPU has it; medians.
   train    the trainer's images/s and achieved GFLOP/s (3 × forward FLOPs) on the Table 5 and Table 7
            models and ResNet-20, at the library's defaults.
+  amp      (opt-in) the trainer with bfloat16 autocast (`TrainConfig.amp`) against fp32 on the three
+           architectures, alternating in one run, and a whole MNIST owner-recipe training both ways.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
            and the laundering outcome on all three MNIST models), and `nnlaunder demo`.
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes, machine: CPU model,
@@ -55,7 +57,6 @@ from nnlaunder.attacks.laundering import (
     launder_config,
 )
 from nnlaunder.attacks.neural_cleanse import (
-    amp_supported,
     anomaly_index,
     nc_config,
     neural_cleanse,
@@ -63,13 +64,13 @@ from nnlaunder.attacks.neural_cleanse import (
     stamp,
 )
 from nnlaunder.checkpoint import load_model
-from nnlaunder.device import code_commit
+from nnlaunder.device import amp_supported, code_commit
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.models import build
 from nnlaunder.recipes import owner_config
 from nnlaunder.speed import native
 from nnlaunder.speed.plans import machine
-from nnlaunder.train import predict, train
+from nnlaunder.train import accuracy, predict, train
 from nnlaunder.watermarks.schemes import make_watermark
 
 MACHINE = {**machine(torch.device("cpu")), "cpus": os.cpu_count()}   # recorded in every row
@@ -427,10 +428,10 @@ def section_machine(args) -> dict:
     return out
 
 
-def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1) -> float:
-    """Images/s of nnlaunder's trainer with its defaults."""
+def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1, amp: bool = False) -> float:
+    """Images/s of nnlaunder's trainer with its defaults (`amp`: bfloat16 autocast)."""
     model = build(arch, 10, seed=0)
-    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none")
+    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none", amp=amp)
     t0 = time.perf_counter()
     train(model, x, y, cfg, progress=False)
     return len(x) * steps_epochs / (time.perf_counter() - t0)
@@ -453,6 +454,40 @@ def section_train(args, mach: dict) -> None:
         row(f"train_{arch}_b{base_bs}", len(x) / base, notes=f"{base:.0f} img/s, {gf:.1f} GFLOP/s achieved "
             f"({100 * gf / mach['conv_best']:.0f}% of measured conv throughput); forward {f / 1e6:.1f} MFLOP/img",
             images_per_s=base, gflops=gf, fwd_mflop=f / 1e6, kept=True)
+
+
+def section_amp(args, mach: dict) -> None:
+    """The trainer with bfloat16 autocast against fp32, in this run: images/s on each architecture
+    (alternating, median of 3 each), and a whole MNIST owner-recipe training both ways (same seed): the
+    test accuracy each reaches."""
+    print("[amp] the trainer in bfloat16 autocast against fp32", flush=True)
+    mn, mt = D.load("mnist", args.data_dir, "train"), D.load("mnist", args.data_dir, "test")
+    cf = D.load("cifar10", args.data_dir, "train")
+    sets = {"mnist-cnn": (mn.x[:6000], mn.y[:6000]), "cifar-cnn": (cf.x[:2560], cf.y[:2560]),
+            "resnet20": (cf.x[:2560], cf.y[:2560])}
+    native = amp_supported(torch.device("cpu"))
+    for arch, (x, y) in sets.items():
+        bs = owner_config(arch).batch_size
+        train_throughput(arch, x[:512], y[:512], bs, amp=True)                # warm-up
+        ips: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(3):
+            for amp in (False, True):
+                ips[amp].append(train_throughput(arch, x, y, bs, amp=amp))
+        fp, bf = statistics.median(ips[False]), statistics.median(ips[True])
+        row(f"train_amp_{arch}_b{bs}", len(x) / bf, f"train_{arch}_b{bs} (fp32, this run: {fp:.0f} img/s)", bf / fp,
+            images_per_s=bf, images_per_s_fp32=fp, native_bf16=native,
+            notes=f"{bf:.0f} img/s with bfloat16 autocast against {fp:.0f} fp32, alternating runs of {len(x)} images "
+                  f"(median of 3); bf16 native here: {native}")
+    acc = {}
+    for amp in (False, True):
+        model = build("mnist-cnn", 10, seed=0)
+        t0 = time.perf_counter()
+        train(model, mn.x, mn.y, owner_config("mnist-cnn", seed=0, amp=amp), progress=False)
+        acc[amp] = (accuracy(model, mt.x, mt.y), time.perf_counter() - t0)
+    row("train_amp_mnist_owner_recipe", acc[True][1], "fp32 owner recipe", acc[False][1] / acc[True][1],
+        test_acc_fp32=acc[False][0], test_acc_amp=acc[True][0],
+        notes=f"a clean MNIST model with the owner's recipe, seed 0, both ways: test {acc[False][0]:.2f}% fp32 "
+              f"({acc[False][1]:.0f} s) / {acc[True][0]:.2f}% bf16 autocast ({acc[True][1]:.0f} s)")
 
 
 def section_e2e(args, tr: D.Dataset) -> None:
@@ -501,7 +536,8 @@ def section_e2e(args, tr: D.Dataset) -> None:
 
 # Every section's row prefix, the retired ones (eval, cifar_full) included: their rows are kept, in this order.
 SECTION_PREFIX = {"machine": "machine_", "eval": "eval_batch_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_",
-                  "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "e2e": "e2e_"}
+                  "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "amp": "train_amp_",
+                  "e2e": "e2e_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
 
@@ -630,6 +666,7 @@ def main(argv=None) -> int:
         mach = section_machine(args)
     run = {"nc": lambda: section_nc(args, tr, mach), "cifar_nc": lambda: section_cifar_nc(args, mach),
            "nc_peer": lambda: section_nc_peer(args, mach), "train": lambda: section_train(args, mach),
+           "amp": lambda: section_amp(args, mach),
            "e2e": lambda: section_e2e(args, tr)}
     if unknown := sections - set(run) - {"machine"}:
         ap.error(f"unknown or retired section(s) {sorted(unknown)}; this script runs {['machine', *run]}")

@@ -10,6 +10,7 @@ sets stay CPU tensors everywhere else and files are written from CPU tensors.
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import platform
 import subprocess
@@ -21,6 +22,19 @@ from torch import nn
 from .errors import UserError
 
 _override: str | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def amp_supported(device: torch.device) -> bool:
+    """bfloat16 autocast pays off: CUDA with bf16, or a CPU whose oneDNN has native bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
 
 def set_device(name: str | None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import clock
-from .device import model_device
+from .device import amp_supported, model_device
 from .errors import UserError
 from .speed.rewrite import relu_after_pool
 
@@ -62,11 +63,17 @@ class TrainConfig:
     # model's identity (`identity()`).
     channels_last: bool = True
     relu_after_pool: bool = True
+    # bfloat16 autocast in the forward pass where the hardware runs it natively (`device.amp_supported`:
+    # a CPU with AMX or AVX512-BF16, a GPU with bf16), weights and optimiser in fp32. Faster (perf.md's
+    # train_*_amp rows), but it rounds differently, so it is part of what is trained; off by default.
+    amp: bool = False
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide what is trained (the speed measures left out): what names a
-        trained model in the experiment workspace."""
-        return {k: v for k, v in asdict(self).items() if k not in ("channels_last", "relu_after_pool")}
+        trained model in the experiment workspace. `amp` counts only when on, so every identity from
+        before it existed stays the same."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("channels_last", "relu_after_pool") and not (k == "amp" and not v)}
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,6 +87,7 @@ class TrainConfig:
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
             (self.augment in AUGMENTS, f"augment must be one of {AUGMENTS}, got {self.augment!r}"),
             (self.step_epochs >= 1, f"step_epochs must be >= 1, got {self.step_epochs}"),
+            (isinstance(self.amp, bool), f"amp must be true or false, got {self.amp!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -276,6 +284,8 @@ def train(
     _check_inputs(x, y, fixed_tail, append)
     # Data follow the model: moved once, so batches are slices of device tensors.
     dev = model_device(model)
+    if cfg.amp and not amp_supported(dev):
+        warnings.warn(f"amp: this {dev.type} has no native bfloat16; training in fp32", stacklevel=2)
     x, y = x.to(dev), y.to(dev)
     append, interleave = _moved(append, dev), _moved(interleave, dev)
     masks = {k: v.to(dev) for k, v in masks.items()} if masks else masks
@@ -408,8 +418,10 @@ class _Run:
         return xb.contiguous(memory_format=self.fmt), yb
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        loss = F.cross_entropy(self.net(xb), yb, label_smoothing=self.cfg.label_smoothing)
-        return loss
+        on = self.cfg.amp and amp_supported(xb.device)
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=on):
+            out = self.net(xb)
+        return F.cross_entropy(out.float(), yb, label_smoothing=self.cfg.label_smoothing)
 
     def _update(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import clock
-from ..device import model_device
+from ..device import amp_supported, model_device
 from ..errors import UserError
 from ..speed.kernels import im2col_ok, with_input_grad_convs
 from ..speed.native import conv_pool as native_conv_pool
@@ -143,18 +143,6 @@ def nc_params(preset: str = "faithful", **overrides) -> dict:
 
 def nc_config(preset: str = "faithful", **overrides) -> NCConfig:
     return NCConfig(**nc_params(preset, **overrides))
-
-
-def amp_supported(device: torch.device) -> bool:
-    """bfloat16 autocast pays off: CUDA with bf16, or a CPU whose oneDNN has native bf16."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 @dataclass
