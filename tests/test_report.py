@@ -316,7 +316,8 @@ def test_variants_name_their_departure_and_meet_the_control_on_the_same_seeds_an
     assert departure(base, base) == ""
     assert departure({**base, "attack_params": {"ct": 2.0, "retrain": {"epochs": 5}, "add_masks": True}},
                      base) == "add_masks=true, retrain.epochs=5"
-    assert departure({**base, "calibrate": True, "variant": "faithful"}, base) == 'variant="faithful", calibrate=true'
+    assert departure({**base, "calibrate": True, "variant": "faithful"}, base) == 'calibrate=true, variant="faithful"'
+    assert departure({**base, "budget": 0.2, "seed": 3, "name": "other"}, {**base, "budget": 0.006}) == "budget=0.2"
 
     ws = tmp_path / "ws"
     ws.mkdir()

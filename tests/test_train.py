@@ -211,7 +211,8 @@ def test_embed_oversamples_triggers_and_can_leave_verification_out():
 def test_amp_trains_in_bfloat16_where_native_and_names_another_model(monkeypatch):
     """amp: the forward pass in bfloat16 where the hardware has it natively (weights stay fp32 and the model
     learns the rule); where it has not, fp32 with a warning. It is part of a model's identity only when on."""
-    from nnlaunder import device, train as T
+    from nnlaunder import device
+    from nnlaunder import train as T
 
     x, y = _toy()
     cfg = TrainConfig(epochs=8, batch_size=32, lr=1e-2, seed=0)

@@ -27,13 +27,16 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def departure(cfg: dict, control: dict) -> str:
-    """How cell config `cfg` departs from `control` in its attack: each attack setting that differs
-    ("bn_stats=reestimate", nested ones dotted: "retrain.epochs=5"), the laundering variant, calibration.
-    "" where it does not depart."""
-    mine, theirs = _flat(cfg.get("attack_params") or {}), _flat(control.get("attack_params") or {})
-    parts = [f"{k}={json.dumps(mine.get(k))}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
-    parts += [f"{k}={json.dumps(cfg.get(k))}" for k in ("variant", "calibrate") if cfg.get(k) != control.get(k)]
-    return ", ".join(parts)
+    """How cell config `cfg` departs from `control`: each setting that differs, the seed and the experiment's
+    name aside ("bn_stats=reestimate"; an attack setting by its own name, a nested one dotted:
+    "retrain.epochs=5"; any other by its config key: "budget=0.2"). "" where it does not depart."""
+    def flat(c: dict) -> dict[str, Any]:
+        out = _flat({k: v for k, v in c.items() if k not in ("seed", "name")})
+        return {k.removeprefix("attack_params."): v for k, v in out.items()}
+
+    mine, theirs = flat(cfg), flat(control)
+    return ", ".join(f"{k}={json.dumps(mine.get(k))}" for k in sorted(set(mine) | set(theirs))
+                     if mine.get(k) != theirs.get(k))
 
 
 def _same_model(a: dict, b: dict) -> bool:
