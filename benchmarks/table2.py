@@ -32,7 +32,7 @@ from nnlaunder.attacks.calibrate import apply_candidate
 from nnlaunder.attacks.laundering import config_from_params
 from nnlaunder.report.battery import flat_rows, over_seeds, reused_nc_seconds
 from nnlaunder.report.build import build_report, seeds_section
-from nnlaunder.report.variants import variants_lines
+from nnlaunder.report.variants import variants_lines, variants_plot
 
 HEADLINE = ["table2-mnist", "table2-cifar10"]
 ABLATION = "table2-ablation-cifar10"
@@ -216,19 +216,25 @@ headline's machine, else that machine's strong rows, kept in table2-ablation.jso
 """
 
 
-def ablation_markdown(seeds: list[dict], abl: list[dict]) -> str:
-    """The report's ablation layout (`report.variants`) over the ablation's rows against the strong attack's."""
-    def same_machine(rs: list[dict]) -> list[dict]:   # a machine named with a note on its Neural Cleanse; rows
-        #                                                 stored before the engine name no attack: all launder
+def ablation_rows(seeds: list[dict], abl: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the ablation's variant rows in Table 2's order, the strong attack's rows), as the report's ablation layout
+    (`report.variants`) reads them: a machine named with a note on its Neural Cleanse by the machine alone, and
+    every row a laundering one (rows stored before the engine name no attack)."""
+    def norm(rs) -> list[dict]:
         return [{**r, "machine": r["machine"].split(" (its Neural Cleanse")[0], "attack": "launder"} for r in rs]
 
     rank = {m: i for i, m in enumerate(ORDER)}
     rows = sorted((r for r in abl if r["variant"] != "strong" and (r["dataset"], r["name"]) in rank),
                   key=lambda r: rank[(r["dataset"], r["name"])])
-    control = [r for r in seeds + abl if r["variant"] == "strong"]
-    table = variants_lines(same_machine(rows), same_machine(control), VARIANTS, control_name="strong")
+    return norm(rows), norm([r for r in seeds + abl if r["variant"] == "strong"])
+
+
+def ablation_markdown(seeds: list[dict], abl: list[dict], plot: str | None = None) -> str:
+    """The ablation's page: the report's table against the strong attack, and `plot` (a file name) below it."""
+    table = variants_lines(*ablation_rows(seeds, abl), VARIANTS, control_name="strong")
     return "\n".join(["# Table 2 ablation: the paper's steps, one at a time and together", "",
-                      " ".join(ABLATION_INTRO.split()), "", *table, ""])
+                      " ".join(ABLATION_INTRO.split()), "", *table, "",
+                      *([f"![each seed's WM accuracy per variant]({plot})", ""] if plot else [])])
 
 
 def protocol_time(seeds: list[dict]) -> None:
@@ -268,7 +274,8 @@ def main(argv=None) -> int:
     write("table2.json", head)
     write("table2-seeds.md", seeds_markdown([c for c in cells if c["experiment"] in HEADLINE], seeds, counts))
     write("table2.md", table2_markdown(head, stored("table2-variants.json")))
-    write("table2-ablation.md", ablation_markdown(seeds, abl))
+    png = variants_plot(*ablation_rows(seeds, abl), RESULTS / "table2-ablation.png", "strong")
+    write("table2-ablation.md", ablation_markdown(seeds, abl, png.name if png else None))
     build_report(args.workspace, RESULTS / "table2-engine", experiments=sorted({c["experiment"] for c in cells}),
                  paper_rule=paper_thresholds(seeds))
     if args.protocol_time:

@@ -346,6 +346,7 @@ def test_variants_name_their_departure_and_meet_the_control_on_the_same_seeds_an
     assert "|  | add_masks=true | 0,1 | 1/2 [9-91%] | 85.50 ± 0.71 | 49.50 [0.00-99.00] | 0/1, 86.00 | abc |" in md
     assert "|  | ct=1.0 | 0,1 | 0/2 [0-66%] |" in md
     assert "add_masks=true removes the watermark in 1/2 seeds against 0/1 for head on the same seeds" in md
+    assert "![variants against head](variants.png)" in md and (out / "variants.png").stat().st_size > 5000
     assert main(["report", "--workspace", str(ws), "--out", str(out), "--control", "nope"]) == 2
     assert "--control 'nope': the report holds no cell of that experiment" in capsys.readouterr().err
 

@@ -196,7 +196,7 @@ def build_report(workspace: str | Path, out: str | Path, experiments: Sequence[s
     images: list[Path] = []
     md += battery_section(cells, out, images)
     md += persistence_section(cells, out, images)
-    md += variants_section(cells, control) if control else []
+    md += variants_section(cells, control, out, images) if control else []
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for c in cells:
         if c["config"]["attack"] == "launder":

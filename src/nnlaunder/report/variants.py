@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .battery import flat_rows, over_seeds, scheme_name
@@ -150,17 +151,65 @@ def variants_lines(rows: list[dict], control: list[dict], order: Sequence[str] =
             "", f"A model or variant not listed above removes no more often than the {control_name} on the seeds run."]
 
 
-def variants_section(cells: list[dict], control: str) -> list[str]:
+_OUTCOME_COLORS = {"removed": "tab:green", "destroyed": "tab:gray", "hidden": "tab:orange", "kept": "tab:red"}
+
+
+def variants_plot(rows: list[dict], control: list[dict], path: Path, control_name: str = "control") -> Path | None:
+    """One panel per model: each seed's WM accuracy per configuration (the control's paired seeds first), coloured
+    by its outcome, the threshold dashed. None when there is no row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(_model(r) for r in rows))
+    if not models:
+        return None
+    sizes = [len({r["variant"] for r in rows if _model(r) == m}) + 1 for m in models]     # rows per panel
+    fig, axes = plt.subplots(len(models), 1, figsize=(7.5, sum(0.9 + 0.32 * n for n in sizes)), squeeze=False,
+                             height_ratios=sizes)
+    for ax, model in zip(axes[:, 0], models, strict=True):
+        rs_all = [r for r in rows if _model(r) == model]
+        groups = [(control_name, paired([r for r in control if _model(r) == model], rs_all))]
+        groups += [(v, _of(rows, model, v)) for v in sorted({r["variant"] for r in rs_all})]
+        groups = [(v, rs) for v, rs in groups if rs]
+        for y, (_, rs) in enumerate(groups):
+            ax.scatter([r["wm_acc"] for r in rs], [y] * len(rs), s=18, zorder=3,
+                       c=[_OUTCOME_COLORS.get(r.get("outcome") or "", "black") for r in rs])
+        ax.axvline(rs_all[0]["threshold"], color="black", lw=1, ls="--")
+        ax.set_yticks(range(len(groups)))
+        ax.set_yticklabels([v if len(v) <= 40 else v[:37] + "..." for v, _ in groups], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(-2, 102)
+        ax.set_title("/".join(model[:2]), fontsize=8)
+    axes[-1, 0].set_xlabel("watermark accuracy % per seed (dashed: threshold)")
+    for outcome, color in _OUTCOME_COLORS.items():
+        axes[0, 0].scatter([], [], c=color, s=18, label=outcome)
+    fig.legend(loc="lower center", ncol=len(_OUTCOME_COLORS), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def variants_section(cells: list[dict], control: str, out: Path | None = None,
+                     images: list[Path] | None = None) -> list[str]:
     """The report's section: every cell outside experiment `control` against `control`'s cells of the same model
-    on the same seeds; empty when no cell departs from one of `control`'s."""
+    on the same seeds, and its plot in `out` (added to `images`); empty when no cell departs from one of
+    `control`'s."""
     ctl = control_cells([c for c in cells if c["experiment"] == control])
     labelled = label_cells([c for c in cells if c["experiment"] != control], ctl)
     if not labelled:
         return []
     rows = [{**r, "variant": label} for r, (_, label) in zip(flat_rows([c for c, _ in labelled]), labelled,
                                                               strict=True)]
-    return ["", f"## Variants against {control} on the same seeds (ablation layout)", "",
-            f"Each variant is named by how its settings depart from {control}'s on the same model, and compared with "
-            f"{control}'s cells on the seeds it ran, on the same machine. Removed (95% Wilson interval), test "
-            "accuracy mean ± sd, WM accuracy median [range].", "",
-            *variants_lines(rows, flat_rows(ctl), control_name=control)]
+    md = ["", f"## Variants against {control} on the same seeds (ablation layout)", "",
+          f"Each variant is named by how its settings depart from {control}'s on the same model, and compared with "
+          f"{control}'s cells on the seeds it ran, on the same machine. Removed (95% Wilson interval), test "
+          "accuracy mean ± sd, WM accuracy median [range].", "",
+          *variants_lines(rows, flat_rows(ctl), control_name=control)]
+    png = variants_plot(rows, flat_rows(ctl), out / "variants.png", control) if out is not None else None
+    if png is not None and images is not None:
+        images.append(png)
+        md += ["", f"![variants against {control}]({png.name})"]
+    return md
