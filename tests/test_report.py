@@ -318,6 +318,7 @@ def test_variants_name_their_departure_and_meet_the_control_on_the_same_seeds_an
                      base) == "add_masks=true, retrain.epochs=5"
     assert departure({**base, "calibrate": True, "variant": "faithful"}, base) == 'calibrate=true, variant="faithful"'
     assert departure({**base, "budget": 0.2, "seed": 3, "name": "other"}, {**base, "budget": 0.006}) == "budget=0.2"
+    assert departure({**base, "restore_if": "not-shown"}, base) == ""       # stored before the setting: its default
 
     ws = tmp_path / "ws"
     ws.mkdir()

@@ -11,6 +11,7 @@ Rows are result rows (`build.flat_rows`): `dataset`, `name` (the watermark), `se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from collections.abc import Sequence
@@ -27,12 +28,20 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _defaults() -> dict[str, Any]:
+    """A cell config's settings at their defaults: a cell stored before a setting existed ran at its default."""
+    from ..experiments.config import CellConfig
+
+    return {f.name: f.default for f in dataclasses.fields(CellConfig)
+            if f.default is not dataclasses.MISSING and f.name not in ("seed", "name")}
+
+
 def departure(cfg: dict, control: dict) -> str:
     """How cell config `cfg` departs from `control`: each setting that differs, the seed and the experiment's
     name aside ("bn_stats=reestimate"; an attack setting by its own name, a nested one dotted:
     "retrain.epochs=5"; any other by its config key: "budget=0.2"). "" where it does not depart."""
     def flat(c: dict) -> dict[str, Any]:
-        out = _flat({k: v for k, v in c.items() if k not in ("seed", "name")})
+        out = _flat({**_defaults(), **{k: v for k, v in c.items() if k not in ("seed", "name")}})
         return {k.removeprefix("attack_params."): v for k, v in out.items()}
 
     mine, theirs = flat(cfg), flat(control)
