@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -417,9 +418,13 @@ class _Run:
             xb, yb = torch.cat([xb, ax[aidx]]), torch.cat([yb, ay[aidx]])
         return xb.contiguous(memory_format=self.fmt), yb
 
+    @functools.cached_property
+    def amp(self) -> bool:
+        """bfloat16 autocast in this run: asked for, and native where the data are."""
+        return self.cfg.amp and amp_supported(self.x.device)
+
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        on = self.cfg.amp and amp_supported(xb.device)
-        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=on):
+        with torch.autocast(xb.device.type, dtype=torch.bfloat16, enabled=self.amp):
             out = self.net(xb)
         return F.cross_entropy(out.float(), yb, label_smoothing=self.cfg.label_smoothing)
 

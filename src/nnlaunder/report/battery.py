@@ -107,8 +107,7 @@ def configurations(cells: list[dict]) -> dict[tuple[str, str], dict[str, list[di
     differ) and the attack settings that tell them apart (an ablation's variants), then a number."""
     by_config: dict[str, list[dict]] = defaultdict(list)
     for c in cells:
-        by_config[json.dumps({**c["config"], "seed": None, "experiment": c["experiment"]}, sort_keys=True,
-                             default=str)].append(c)
+        by_config[config_key({**c["config"], "experiment": c["experiment"]})].append(c)
     labelled: dict[tuple[str, str], dict[str, list[list[dict]]]] = defaultdict(lambda: defaultdict(list))
     for cs in by_config.values():
         cfg = cs[0]["config"]
@@ -126,11 +125,17 @@ def configurations(cells: list[dict]) -> dict[tuple[str, str], dict[str, list[di
     return out
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested settings table as one level, nested keys dotted ("retrain.epochs")."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
+
+
+def config_key(cfg: dict) -> str:
+    """A cell config with its seed left out, as text: cells with the same key differ only in their seed."""
+    return json.dumps({**cfg, "seed": None}, sort_keys=True, default=str)
 
 
 def _told_apart(cs: list[dict], groups: list[list[dict]]) -> str:
@@ -139,8 +144,8 @@ def _told_apart(cs: list[dict], groups: list[list[dict]]) -> str:
     are not the same in all (an ablation's attack options, `calibrate`, ...)."""
     exps = {g[0]["experiment"] for g in groups}
     same = [g for g in groups if g[0]["experiment"] == cs[0]["experiment"]]      # told apart by their settings
-    flat = [_flat({k: v for k, v in g[0]["config"].items() if k not in ("seed", "name")}) for g in same]
-    mine = _flat({k: v for k, v in cs[0]["config"].items() if k not in ("seed", "name")})
+    flat = [flatten({k: v for k, v in g[0]["config"].items() if k not in ("seed", "name")}) for g in same]
+    mine = flatten({k: v for k, v in cs[0]["config"].items() if k not in ("seed", "name")})
     varying = sorted(k for k in set().union(*flat) if len({json.dumps(f.get(k), default=str) for f in flat}) > 1)
     parts = [f"({cs[0]['experiment']})"] if len(exps) > 1 else []
     shown = [f"{k.removeprefix('attack_params.')}={mine[k]}" for k in varying if k in mine]

@@ -33,7 +33,7 @@ from ..checkpoint import atomic_write_bytes, atomic_write_json, safe_name  # noq
 from ..experiments.store import ran_on, workspace_cells  # noqa: E402
 from ..plots import reconstructions, trigger_grid  # noqa: E402
 from ..watermarks.verify import cell_p, format_p  # noqa: E402
-from .battery import battery_section, budget_label, flat_rows, over_seeds, scheme_name, work_seconds  # noqa: E402
+from .battery import battery_section, budget_label, config_key, flat_rows, over_seeds, scheme_name, work_seconds  # noqa: E402
 from .persistence import persistence_section  # noqa: E402
 from .variants import variants_section  # noqa: E402
 
@@ -276,7 +276,7 @@ def seeds_section(cells: list[dict], paper_rule: dict[tuple[str, str], float] | 
     (dataset, watermark) for cells that were given their threshold (and so recorded no other)."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for c in cells:
-        groups[json.dumps({**c["config"], "seed": None}, sort_keys=True, default=str)].append(c)
+        groups[config_key(c["config"])].append(c)
     rows = sorted(((cs[0]["experiment"], cs[0]["config"]["dataset"], scheme_name(cs[0]["config"])),
                    _seeds_row(cs, paper_rule or {})) for cs in groups.values() if len(cs) >= 2)
     if not rows:

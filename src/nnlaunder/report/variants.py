@@ -12,22 +12,17 @@ Rows are result rows (`build.flat_rows`): `dataset`, `name` (the watermark), `se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .battery import flat_rows, over_seeds, scheme_name
+from .battery import config_key, flat_rows, flatten, over_seeds, scheme_name
 
 
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
+@functools.cache
 def _defaults() -> dict[str, Any]:
     """A cell config's settings at their defaults: a cell stored before a setting existed ran at its default."""
     from ..experiments.config import CellConfig
@@ -41,7 +36,7 @@ def departure(cfg: dict, control: dict) -> str:
     name aside ("bn_stats=reestimate"; an attack setting by its own name, a nested one dotted:
     "retrain.epochs=5"; any other by its config key: "budget=0.2"). "" where it does not depart."""
     def flat(c: dict) -> dict[str, Any]:
-        out = _flat({**_defaults(), **{k: v for k, v in c.items() if k not in ("seed", "name")}})
+        out = flatten({**_defaults(), **{k: v for k, v in c.items() if k not in ("seed", "name")}})
         return {k.removeprefix("attack_params."): v for k, v in out.items()}
 
     mine, theirs = flat(cfg), flat(control)
@@ -54,10 +49,6 @@ def _same_model(a: dict, b: dict) -> bool:
     return (a["dataset"], scheme_name(a), a["attack"]) == (b["dataset"], scheme_name(b), b["attack"])
 
 
-def _but_seed(cfg: dict) -> str:
-    return json.dumps({**cfg, "seed": None}, sort_keys=True, default=str)
-
-
 def control_cells(control: list[dict]) -> list[dict]:
     """The control's reference configuration per model (its first cell's, seed aside) and the cells that run it:
     a control experiment that holds several configurations of one model is compared through the first only."""
@@ -65,8 +56,8 @@ def control_cells(control: list[dict]) -> list[dict]:
     for c in control:
         if not any(_same_model(r["config"], c["config"]) for r in refs):
             refs.append(c)
-    keep = {_but_seed(r["config"]) for r in refs}
-    return [c for c in control if _but_seed(c["config"]) in keep]
+    keep = {config_key(r["config"]) for r in refs}
+    return [c for c in control if config_key(c["config"]) in keep]
 
 
 def label_cells(cells: list[dict], control: list[dict]) -> list[tuple[dict, str]]:
