@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -272,3 +273,13 @@ def test_audit_flags_of_your_own_model_need_the_factory(tmp_path, capsys):
     assert main(["audit", "--model-factory", "tests.test_byo:make_net", "--weights", str(d / "w.safetensors"),
                  "--data", str(d / "x.npz"), "--threshold", "3", "--workspace", str(tmp_path)]) == 2
     assert "needs --test-data" in capsys.readouterr().err
+
+
+def test_a_model_that_ends_in_softmax_is_named():
+    logits = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
+    x = torch.rand(4, 1, 12, 12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_model_fits(logits, x, 4) == 4                      # logits: no warning
+    with pytest.warns(UserWarning, match="ends? in a softmax"):
+        check_model_fits(nn.Sequential(logits, nn.Softmax(dim=1)), x, 4)

@@ -9,6 +9,7 @@ sets stay CPU tensors everywhere else and files are written from CPU tensors.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import functools
 import os
@@ -35,6 +36,22 @@ def amp_supported(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):
             return False
     return False
+
+
+def channels_last_runs(model: nn.Module, probe: torch.Tensor) -> bool:
+    """Whether `model` takes channels-last images (a speed measure only: the same function). A forward
+    that flattens with `.view(len(x), -1)`, common in published code, cannot; then every caller keeps
+    the contiguous format. One forward pass without gradients on `probe` (two images suffice) through a
+    channels-last copy in eval mode, so the model itself is left as it is."""
+    if probe.ndim != 4:
+        return False
+    trial = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad():
+            trial(probe.to(model_device(model)).contiguous(memory_format=torch.channels_last))
+        return True
+    except RuntimeError:
+        return False
 
 
 def set_device(name: str | None) -> None:

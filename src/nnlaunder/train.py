@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import clock
-from .device import amp_supported, model_device
+from .device import amp_supported, channels_last_runs, model_device
 from .errors import UserError
 from .speed.rewrite import relu_after_pool
 
@@ -329,9 +329,11 @@ def train(
 
 
 def _memory_format(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.memory_format:
-    """channels_last pays for these convnets on a CPU (measured in docs/recipes.md)."""
+    """channels_last pays for these convnets on a CPU (measured in docs/recipes.md), where the model's
+    forward allows it (`device.channels_last_runs`)."""
     convnet = x.ndim == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return torch.channels_last if cfg.channels_last and convnet else torch.contiguous_format
+    ok = cfg.channels_last and convnet and channels_last_runs(model, x[:2])
+    return torch.channels_last if ok else torch.contiguous_format
 
 
 def _after_epoch(model: nn.Module, epoch: int, row: dict[str, Any],

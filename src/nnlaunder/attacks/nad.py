@@ -88,7 +88,9 @@ class _Taps:
 
     def _keep(self, name: str, rectify: bool):
         def hook(mod, inp, out) -> None:
-            self.out[name] = out.clamp_min(0) if rectify else out
+            # where(), not clamp_min: its backward keeps only the mask, so a shared in-place ReLU that
+            # later writes into `out` cannot spoil it (same values and gradients)
+            self.out[name] = torch.where(out >= 0, out, 0.0) if rectify else out
         return hook
 
     def close(self) -> None:

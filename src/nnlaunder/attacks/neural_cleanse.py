@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import clock
-from ..device import amp_supported, model_device
+from ..device import amp_supported, channels_last_runs, model_device
 from ..errors import UserError
 from ..speed.kernels import im2col_ok, with_input_grad_convs
 from ..speed.native import conv_pool as native_conv_pool
@@ -317,23 +317,27 @@ def _plan(model: nn.Module, x: torch.Tensor, cfg: NCConfig, n_classes: int) -> t
     """How this run computes: the configuration as it is, or (`tune`) the fastest plan on this machine."""
     dev = model_device(model)
     bf16_ok = cfg.amp and amp_supported(dev)
-    fusable = (cfg.fused_conv_pool and dev.type == "cpu" and x.dtype == torch.float32 and conv_pool_runs(model) > 0
-               and native_conv_pool() is not None)
-    default = Plan(bf16_ok, cfg.exact_rewrite, cfg.input_grad, cfg.class_chunk or _default_chunk(dev, cfg.batch_size),
-                   im2col_forward=cfg.im2col_forward, fused_conv_pool=fusable)
+    # channels-last maps, which the im2col first conv and the native conv-pool kernel also hand on, only
+    # where the model's forward takes them (a `.view` flatten does not)
+    cl_ok = channels_last_runs(model, x[:2])
+    fusable = (cl_ok and cfg.fused_conv_pool and dev.type == "cpu" and x.dtype == torch.float32
+               and conv_pool_runs(model) > 0 and native_conv_pool() is not None)
+    default = Plan(bf16_ok, cfg.exact_rewrite and cl_ok, cfg.input_grad,
+                   cfg.class_chunk or _default_chunk(dev, cfg.batch_size), im2col_forward=cfg.im2col_forward and cl_ok,
+                   fused_conv_pool=fusable)
     if not cfg.tune:
         return default, {}
     few = any(im2col_ok(m, 3) for m in model.modules())
     key = {**machine(dev), "model": model_signature(model), "image": list(x.shape[1:]), "batch": cfg.batch_size,
            "relu_after_pool": cfg.relu_after_pool, "im2col_forward": cfg.im2col_forward, "amp_allowed": bf16_ok,
-           "fused_allowed": fusable}
+           "fused_allowed": fusable, **({} if cl_ok else {"channels_last": False})}
 
     def seconds(plan: Plan, n: int) -> float:
         return _step_seconds(model, x, cfg, plan, n)
 
-    one = any(im2col_ok(m, 1) for m in model.modules())
+    one = cl_ok and any(im2col_ok(m, 1) for m in model.modules())
     plan, timed = tuned_plan(dataclasses.replace(default, tuned=True), key, seconds, n_classes, bf16_ok, few,
-                             dev.type == "cpu", one, fusable)
+                             dev.type == "cpu", one, fusable, cl_ok)
     return plan, {"timing": timed}
 
 
@@ -369,8 +373,9 @@ def _confirm(model: nn.Module, x: torch.Tensor, cfg: NCConfig, cls: list[int], r
     that share. A candidate is dropped as soon as its misses exceed what `success` allows, so a
     failing one costs a part of a pass; where none passes, each one's count goes on from where it
     stopped, to the end."""
-    net = _net(model, cfg, Plan(False, x.device.type == "cpu", "native", None), x[:8])   # fp32, forward only
-    mem = torch.channels_last if x.device.type == "cpu" else torch.contiguous_format
+    cl = x.device.type == "cpu" and channels_last_runs(model, x[:2])
+    net = _net(model, cfg, Plan(False, cl, "native", None), x[:8])   # fp32, forward only
+    mem = torch.channels_last if cl else torch.contiguous_format
     allowed = len(x) - math.ceil(cfg.success * len(x) - 1e-9)      # most misses a passing trigger may have
     for i, c in enumerate(cls):
         cands = res["candidates"][i]
@@ -518,6 +523,12 @@ def _unpack(kept: dict | None, state: tuple, how: dict) -> tuple[int, float]:
     return int(meta["next_epoch"]), float(meta.get("seconds", 0.0))
 
 
+# λ stops growing here. Wang et al. double it without bound; for a class the model gives any input (an
+# empty mask succeeds) that overflows float32 and turns the loss NaN. Far above any λ a mask survives:
+# 1e-3 doubled 43 times without one failing period.
+COST_MAX = 1e10
+
+
 @dataclass
 class _Lambda:
     """One class's λ (cost) schedule and early stop, as Wang et al.'s visualizer runs them."""
@@ -558,7 +569,7 @@ class _Lambda:
             self.down_cnt += 1
         if self.up_cnt >= cfg.patience:
             self.up_cnt = 0
-            self.cost *= cfg.cost_up
+            self.cost = min(self.cost * cfg.cost_up, COST_MAX)
             self.up_flag = True
         elif self.down_cnt >= cfg.patience:
             self.down_cnt = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,4 +168,8 @@ def check_model_fits(model: nn.Module, x: torch.Tensor, num_classes: int, what: 
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
     if out.shape[1] != num_classes:
         raise UserError(f"the model has {out.shape[1]} outputs but {what} has {num_classes} classes")
+    if bool((out >= 0).all()) and torch.allclose(out.double().sum(1), torch.ones(len(out), dtype=torch.float64),
+                                                 atol=1e-4):
+        warnings.warn("the model's outputs are probabilities (non-negative, each row sums to 1): it seems to end "
+                      "in a softmax, and every loss here expects logits; give a factory without it", stacklevel=2)
     return int(out.shape[1])

@@ -35,13 +35,16 @@ def im2col(x: torch.Tensor, kh: int, kw: int, padding: tuple[int, int]) -> tuple
 
 def conv_forward_im2col(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         padding: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A stride-1 conv as im2col + one matmul. Returns the output (channels-last strides) and the
-    patch matrix (for a weight gradient)."""
+    """A stride-1 conv as im2col + one matmul, without autograd. Returns the output (channels-last, a
+    tensor of its own rather than a view, so an in-place ReLU after it may write into it) and the patch
+    matrix (for a weight gradient)."""
     cout, c, kh, kw = weight.shape
     cols, oh, ow = im2col(x, kh, kw, padding)
     wm = weight.reshape(cout, c * kh * kw).t()
-    out = torch.addmm(bias, cols, wm) if bias is not None else cols @ wm
-    return out.view(x.shape[0], oh, ow, cout).permute(0, 3, 1, 2), cols
+    out = torch.empty((x.shape[0], cout, oh, ow), dtype=cols.dtype, device=x.device, memory_format=torch.channels_last)
+    flat = out.permute(0, 2, 3, 1).view(-1, cout)
+    torch.addmm(bias, cols, wm, out=flat) if bias is not None else torch.mm(cols, wm, out=flat)
+    return out, cols
 
 
 def conv_input_grad(go: torch.Tensor, weight: torch.Tensor, in_shape: torch.Size,

@@ -125,10 +125,11 @@ def pick(timings: dict[Plan, float]) -> Plan:
     return best32
 
 
-def candidates(default: Plan, bf16_ok: bool) -> list[Plan]:
-    """Stage 1: precision x memory format, at the configured input-gradient path and the default chunk."""
+def candidates(default: Plan, bf16_ok: bool, cl_ok: bool = True) -> list[Plan]:
+    """Stage 1: precision x memory format (channels-last only where the model takes it), at the configured
+    input-gradient path and the default chunk."""
     return [dataclasses.replace(default, amp=amp, channels_last=cl, tuned=True)
-            for amp in ((False, True) if bf16_ok else (False,)) for cl in (False, True)]
+            for amp in ((False, True) if bf16_ok else (False,)) for cl in ((False, True) if cl_ok else (False,))]
 
 
 def _stage(plans: list[Plan], step_seconds: StepTimer, per: int) -> dict[Plan, float]:
@@ -137,16 +138,17 @@ def _stage(plans: list[Plan], step_seconds: StepTimer, per: int) -> dict[Plan, f
 
 def tuned_plan(default: Plan, key: dict, step_seconds: StepTimer, n_classes: int, bf16_ok: bool,
                few_channel_conv: bool, on_cpu: bool, one_channel_conv: bool = False,
-               fusable: bool = False) -> tuple[Plan, dict]:
+               fusable: bool = False, cl_ok: bool = True) -> tuple[Plan, dict]:
     """The cached plan for `key`, or the fastest by `step_seconds`; returns (plan, what was timed)."""
     path = cache_file()
     k = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     hit = _read_cache(path).get("plans", {}).get(k)
     plan = _from_entry(hit) if hit else None
-    if plan is not None and (bf16_ok or not plan.amp) and (fusable or not plan.fused_conv_pool):
+    if plan is not None and (bf16_ok or not plan.amp) and (fusable or not plan.fused_conv_pool) and (
+            cl_ok or not plan.channels_last):
         return plan, {"cached": True}
     per = min(4, n_classes) if on_cpu else n_classes    # two forward passes of the default chunk on a CPU
-    measured = _stage(candidates(default, bf16_ok), step_seconds, per)
+    measured = _stage(candidates(default, bf16_ok, cl_ok), step_seconds, per)
     best = pick(measured)
     timed = {"stage1": [{**p.record(), "s_per_class_step": t} for p, t in measured.items()]}
     later = []                          # (name, alternatives to the best so far, margin they must beat)

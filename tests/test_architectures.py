@@ -1,0 +1,106 @@
+"""Every registered attack runs on networks written the ways published backdoor code writes them:
+flattening with `.view`, one in-place ReLU module shared by several layers after bias-free convs and
+batch norms, group norm with depthwise convs and a functional residual. The speed measures (channels-last,
+the im2col first conv, folded batch norms) must adapt to such a model or step aside, never break it."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nnlaunder as nl
+from nnlaunder.attacks.neural_cleanse import COST_MAX, NCConfig, _Lambda, nc_config, neural_cleanse
+from nnlaunder.attacks.registry import ATTACKS
+from nnlaunder.device import channels_last_runs
+from nnlaunder.train import TrainConfig, accuracy, train
+
+from .synthetic import make_images
+
+
+class ViewFlatten(nn.Module):
+    """conv (no bias) -> BN -> one shared in-place ReLU, twice; `.view` before the classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=True)
+        self.c1, self.b1 = nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.c2, self.b2 = nn.Conv2d(6, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 3 * 3, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.relu(self.b1(self.c1(x))), 2)
+        x = F.max_pool2d(self.relu(self.b2(self.c2(x))), 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class GroupDepthwise(nn.Module):
+    """conv -> GroupNorm -> GELU, then a depthwise + pointwise branch added back (functional SiLU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.gn, self.act = nn.Conv2d(1, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.GELU()
+        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.gn(self.c1(x)))
+        h = h + F.silu(self.pw(self.dw(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+FT = TrainConfig(epochs=1, batch_size=16, optimizer="adam", lr=1e-3)
+CHEAP = {"prune-ft": {"finetune": FT}, "ftll": {"train": FT}, "ftal": {"train": FT}, "rtll": {"train": FT},
+         "rtal": {"train": FT}, "fine-prune": {"finetune": FT},
+         "nc-unlearn": {"nc": NCConfig(max_epochs=2, steps_per_epoch=2), "retrain": FT},
+         "nad": {"epochs": 1, "teacher": FT}, "anp": {"iterations": 3, "batch_size": 16},
+         "i-bau": {"rounds": 1, "k": 1, "batch_size": 16}, "dehydration": {"per_class": 2, "steps": 2, "epochs": 1}}
+
+
+@pytest.fixture(scope="module", params=[ViewFlatten, GroupDepthwise], ids=["view-shared-relu", "groupnorm-depthwise"])
+def trained(request):
+    torch.manual_seed(0)
+    net = request.param()
+    data = make_images(400, 0)
+    train(net, data.x, data.y, TrainConfig(epochs=3, batch_size=32, lr=3e-3), progress=False)
+    return net.eval(), make_images(48, 1)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_every_attack_runs_on_published_styles_of_network(trained, name):
+    net, clean = trained
+    before = [p.detach().clone() for p in net.parameters()]
+    if name == "launder":
+        res = nl.launder(net, clean, seed=0, nc=nc_config("fast", max_epochs=3), retrain=FT)   # folds, im2col
+    else:
+        res = nl.attack(name, net, clean, **CHEAP.get(name, {}))
+    out = res.model(clean.x[:8])
+    assert out.shape == (8, 4) and torch.isfinite(out).all()
+    assert all(torch.equal(a, p) for a, p in zip(before, net.parameters(), strict=True))   # the input model kept
+
+
+def test_channels_last_steps_aside_for_a_view_flatten(trained):
+    net, clean = trained
+    assert channels_last_runs(net, clean.x[:2]) == (type(net) is GroupDepthwise)   # `.view` cannot flatten it
+    copy_ = copy.deepcopy(net)
+    train(copy_, clean.x, clean.y, TrainConfig(epochs=1, batch_size=16, lr=1e-4), progress=False)
+    assert math.isfinite(accuracy(copy_, clean.x, clean.y))
+
+
+def test_lambda_stops_growing_before_float32_overflows():
+    """A class any input reaches (here: a model whose bias always wins) keeps succeeding, so λ would
+    double without bound and overflow; it stops at COST_MAX and Neural Cleanse ends with finite masks."""
+    lam, cfg = _Lambda(cost=1.0), NCConfig(cost_up=1e9, patience=1)
+    for _ in range(10):
+        lam.update(True, cfg)
+    assert lam.cost == COST_MAX
+    net = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
+    with torch.no_grad():
+        net[1].bias.copy_(torch.tensor([1e4, 0.0, 0.0, 0.0]))
+    res = neural_cleanse(net.eval(), make_images(32, 2).x, NCConfig(cost_up=1e9, max_epochs=40, steps_per_epoch=1,
+                                                                   patience=1, early_stop=False), num_classes=4)
+    assert torch.isfinite(res.l1).all()
