@@ -17,7 +17,7 @@ import nnlaunder as nl
 from nnlaunder.attacks.neural_cleanse import COST_MAX, NCConfig, _Lambda, nc_config, neural_cleanse
 from nnlaunder.attacks.registry import ATTACKS
 from nnlaunder.device import channels_last_runs
-from nnlaunder.train import TrainConfig, accuracy, train
+from nnlaunder.train import TrainConfig, accuracy, batches, n_batches, train
 
 from .synthetic import make_images
 
@@ -104,3 +104,22 @@ def test_lambda_stops_growing_before_float32_overflows():
     res = neural_cleanse(net.eval(), make_images(32, 2).x, NCConfig(cost_up=1e9, max_epochs=40, steps_per_epoch=1,
                                                                    patience=1, early_stop=False), num_classes=4)
     assert torch.isfinite(res.l1).all()
+
+
+def test_a_lone_last_image_joins_the_batch_before_it():
+    assert [len(b) for b in batches(torch.arange(65), 32)] == [32, 33]
+    assert [len(b) for b in batches(torch.arange(66), 32)] == [32, 32, 2]
+    assert [len(b) for b in batches(torch.arange(1), 32)] == [1]
+    assert all(n_batches(n, 32) == len(batches(torch.arange(n), 32)) for n in range(1, 200))
+    assert sorted(torch.cat(batches(torch.randperm(97), 32)).tolist()) == list(range(97))
+
+
+def test_batch_norm_in_the_classifier_trains_on_a_set_that_leaves_one_image_over():
+    """65 images in batches of 32: a batch of one would stop BatchNorm1d in training mode."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(400, 16), nn.BatchNorm1d(16),
+                        nn.ReLU(), nn.Linear(16, 4)).eval()
+    clean = make_images(65, 3)
+    for name in ("ftal", "fine-prune", "nad"):
+        res = nl.attack(name, net, clean, **CHEAP.get(name, {}))
+        assert torch.isfinite(res.model(clean.x[:4])).all()

@@ -328,6 +328,20 @@ def train(
     return result
 
 
+def n_batches(n: int, size: int) -> int:
+    """How many batches `batches` makes of `n` images."""
+    return max(1, n // size + (n % size > 1))
+
+
+def batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """`order` in batches of `size`; a lone last image joins the batch before it, since batch norm cannot
+    train on one image (a set of 65 in batches of 32 gives 32 and 33)."""
+    parts = list(order.split(size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
+
 def _memory_format(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.memory_format:
     """channels_last pays for these convnets on a CPU (measured in docs/recipes.md), where the model's
     forward allows it (`device.channels_last_runs`)."""
@@ -387,7 +401,7 @@ class _Run:
 
     @property
     def steps(self) -> int:
-        return math.ceil(len(self.x) / self.cfg.batch_size)
+        return n_batches(len(self.x), self.cfg.batch_size)
 
     def _orders(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """This epoch's image order, and the orders of the appended and interleaved sets."""
@@ -406,7 +420,7 @@ class _Run:
     def _batch(self, i: int, perm: torch.Tensor, aperm: torch.Tensor | None, g: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.cfg.batch_size
-        idx = perm[i * bs:(i + 1) * bs]
+        idx = perm[i * bs:(i + 1) * bs] if i < self.steps - 1 else perm[i * bs:]   # the last takes a lone image
         xb, yb = self.x[idx], self.y[idx]
         if self.cfg.augment == "crop-flip":
             xa = crop_flip(xb, g)

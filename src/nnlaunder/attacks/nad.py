@@ -28,7 +28,7 @@ from ..config import int_in, raise_first
 from ..data import Dataset
 from ..device import model_device
 from ..errors import UserError
-from ..train import TrainConfig, train
+from ..train import TrainConfig, batches, train
 from .base import AttackResult, attack_copy
 from .units import Unit, discover_units
 
@@ -119,7 +119,7 @@ def nad(model: nn.Module, clean: Dataset, cfg: NADConfig) -> AttackResult:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr if epoch < cfg.drop_at else cfg.lr_after
             student.train()
-            for idx in torch.randperm(len(x), generator=g).split(cfg.batch_size):
+            for idx in batches(torch.randperm(len(x), generator=g), cfg.batch_size):
                 xb, yb = x[idx.to(dev)], y[idx.to(dev)]
                 with torch.no_grad():
                     teacher(xb)

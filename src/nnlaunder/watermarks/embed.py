@@ -18,7 +18,6 @@ from ..errors import UserError
 from ..models import build
 from ..train import Callback, TrainConfig, TrainResult, train
 from .schemes import Watermark
-from .verify import vanilla_threshold
 
 
 def embed(model: nn.Module, train_set: Dataset, wm: Watermark, cfg: TrainConfig, *,
@@ -72,7 +71,3 @@ def clean_wm_curve(arch: str, train_set: Dataset, wms: dict[str, Watermark], cfg
     return model, res.history
 
 
-def thresholds_from_curves(curves: Sequence[list[dict[str, float]]], schemes: Sequence[str]
-                           ) -> dict[str, float]:
-    """Vanilla threshold per scheme: max over every epoch of every clean run."""
-    return {s: vanilla_threshold([[row[f"wm:{s}_acc"] for row in c] for c in curves]) for s in schemes}
