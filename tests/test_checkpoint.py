@@ -81,6 +81,19 @@ def test_code_in_a_pt_file_never_runs_even_with_the_flag(tmp_path, zipped):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("wrap", ["net", "model", "state_dict", "module."])
+def test_checkpoints_as_training_scripts_save_them(tmp_path, wrap):
+    """{'net': sd, 'acc': .., 'epoch': ..} (kuangliu/pytorch-cifar), {'model': sd} (BackdoorBench),
+    {'state_dict': sd}, and names from an nn.DataParallel model."""
+    m = build("mnist-cnn", 10, seed=1)
+    sd = m.state_dict()
+    obj = {f"module.{k}": v for k, v in sd.items()} if wrap == "module." else {wrap: sd, "acc": 99.1, "epoch": 7}
+    torch.save(obj, tmp_path / "m.pt")
+    (tmp_path / "m.json").write_text('{"arch": "mnist-cnn", "num_classes": 10}')
+    got, _ = load_model(tmp_path / "m.pt", allow_torch_load=True)
+    assert all(torch.equal(got.state_dict()[k], v) for k, v in sd.items())
+
+
 def test_pt_that_is_not_a_state_dict_is_refused(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "m.pt")
     (tmp_path / "m.json").write_text('{"arch": "mnist-cnn", "num_classes": 10}')

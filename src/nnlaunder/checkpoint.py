@@ -190,12 +190,16 @@ def load_state(path: str | os.PathLike, allow_torch_load: bool = False) -> dict[
     except Exception as e:                     # UnpicklingError for refused globals, others for broken files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{p}: refused by the weights-only loader ({first})") from e
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
+    if isinstance(obj, dict):      # a training checkpoint that wraps the state_dict, as published code saves it
+        obj = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), dict)), obj)
     if not isinstance(obj, dict) or not obj or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise UserError(f"{p}: expected a state_dict (a mapping of names to tensors)")
     return dict(obj)
+
+
+# Where training scripts keep the weights inside a checkpoint dict, in the order looked for.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "state")
 
 
 def dtype_kind(t: torch.Tensor) -> str:
@@ -207,8 +211,11 @@ def dtype_kind(t: torch.Tensor) -> str:
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> nn.Module:
-    """Load `state` into `model`, with one clear error when names or shapes do not fit."""
+    """Load `state` into `model`, with one clear error when names or shapes do not fit. Names saved from
+    a model wrapped in `nn.DataParallel` (every one starting `module.`) are read without that prefix."""
     own = model.state_dict()
+    if state and all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
+        state = {k[len("module."):]: v for k, v in state.items()}
     missing = sorted(set(own) - set(state))
     extra = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
