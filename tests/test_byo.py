@@ -135,6 +135,22 @@ def test_factory_mistakes_are_one_line(backdoored, tmp_path, capsys, argv, needl
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    ramp = (np.arange(64).reshape(8, 8) * 1024).astype(np.uint16)          # 0 .. 64512 of 65535
+    Image.fromarray(ramp).save(tmp_path / "imgs" / "a" / "0.png")
+    assert Image.open(tmp_path / "imgs" / "a" / "0.png").mode.startswith("I;16")
+    ds = read_image_folder(tmp_path / "imgs")
+    assert ds.x.shape == (1, 1, 8, 8)
+    assert torch.allclose(ds.x[0, 0], torch.from_numpy(np.round(ramp / 257) / 255).float())   # RGB would be white
+    Image.fromarray(np.ones((8, 8), dtype=np.float32)).save(tmp_path / "imgs" / "a" / "1.tiff")
+    (tmp_path / "imgs" / "a" / "1.tiff").rename(tmp_path / "imgs" / "a" / "1.png")          # a float image named .png
+    with pytest.raises(UserError, match="no fixed range"):
+        read_image_folder(tmp_path / "imgs")
+
+
 def test_class_count_that_disagrees_with_the_data(backdoored, tmp_path):
     x = np.zeros((12, 12, 12), dtype=np.uint8)
     np.savez(tmp_path / "six.npz", x=x, y=np.arange(12) % 6)

@@ -12,6 +12,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +58,18 @@ def check_npz(p: Path) -> None:
         raise UserError(f"{p}: not a readable .npz ({type(e).__name__}: {str(e)[:120]})") from e
 
 
+def _pixels(im: Any, f: Path) -> np.ndarray:
+    """An image's 8-bit pixels: grey or RGB as stored, 16-bit grey scaled to 8 bits (converting it to RGB
+    would clip every value above 255 to white), any other mode converted to RGB."""
+    if im.mode in ("L", "RGB"):
+        return np.asarray(im.copy())
+    if im.mode.startswith("I;16"):
+        return (np.asarray(im).astype(np.float64) / 257.0).round().astype(np.uint8)
+    if im.mode in ("I", "F"):
+        raise UserError(f"{f}: {im.mode} (32-bit) pixels have no fixed range; save the images as 8- or 16-bit")
+    return np.asarray(im.convert("RGB"))
+
+
 def read_image_folder(folder: str | os.PathLike) -> Dataset:
     from PIL import Image, UnidentifiedImageError
 
@@ -76,7 +89,7 @@ def read_image_folder(folder: str | os.PathLike) -> Dataset:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as im:
-                    images.append(np.asarray(im.convert("RGB") if im.mode not in ("L", "RGB") else im.copy()))
+                    images.append(_pixels(im, f))
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise UserError(f"{f}: refused, its pixel count is over Pillow's decompression-bomb limit ({e})") from e
         except (UnidentifiedImageError, OSError, ValueError) as e:
