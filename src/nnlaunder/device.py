@@ -45,12 +45,12 @@ def channels_last_runs(model: nn.Module, probe: torch.Tensor) -> bool:
     channels-last copy in eval mode, so the model itself is left as it is."""
     if probe.ndim != 4:
         return False
-    trial = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
-    try:
+    try:            # any failure (a model that cannot be copied, too) only means: no channels-last here
+        trial = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
         with torch.no_grad():
             trial(probe.to(model_device(model)).contiguous(memory_format=torch.channels_last))
         return True
-    except RuntimeError:
+    except Exception:
         return False
 
 
