@@ -329,17 +329,20 @@ def train(
 
 
 def n_batches(n: int, size: int) -> int:
-    """How many batches `batches` makes of `n` images."""
-    return max(1, n // size + (n % size > 1))
+    """How many batches of `size` `n` images make when a lone last image joins the batch before it (batch norm
+    cannot train on one image: 65 images in batches of 32 make 32 and 33)."""
+    return n // size + (n % size > 1) if n > 1 else n
+
+
+def batch_of(order: torch.Tensor, i: int, size: int, count: int) -> torch.Tensor:
+    """Batch `i` of the `count` (`n_batches`) that `order` makes: the last one takes what is left."""
+    return order[i * size:(i + 1) * size] if i < count - 1 else order[i * size:]
 
 
 def batches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """`order` in batches of `size`; a lone last image joins the batch before it, since batch norm cannot
-    train on one image (a set of 65 in batches of 32 gives 32 and 33)."""
-    parts = list(order.split(size))
-    if len(parts) > 1 and len(parts[-1]) == 1:
-        parts[-2:] = [torch.cat(parts[-2:])]
-    return parts
+    """`order` in batches of `size`, a lone last image in the batch before it (`n_batches`)."""
+    count = n_batches(len(order), size)
+    return [batch_of(order, i, size, count) for i in range(count)]
 
 
 def _memory_format(model: nn.Module, x: torch.Tensor, cfg: TrainConfig) -> torch.memory_format:
@@ -419,8 +422,7 @@ class _Run:
 
     def _batch(self, i: int, perm: torch.Tensor, aperm: torch.Tensor | None, g: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        bs = self.cfg.batch_size
-        idx = perm[i * bs:(i + 1) * bs] if i < self.steps - 1 else perm[i * bs:]   # the last takes a lone image
+        idx = batch_of(perm, i, self.cfg.batch_size, self.steps)
         xb, yb = self.x[idx], self.y[idx]
         if self.cfg.augment == "crop-flip":
             xa = crop_flip(xb, g)
