@@ -16,7 +16,9 @@ from torch import nn
 import nnlaunder as nl
 from nnlaunder.attacks.neural_cleanse import COST_MAX, NCConfig, _Lambda, nc_config, neural_cleanse
 from nnlaunder.attacks.registry import ATTACKS
+from nnlaunder.data import Dataset
 from nnlaunder.device import channels_last_runs
+from nnlaunder.errors import UserError
 from nnlaunder.train import TrainConfig, accuracy, batches, n_batches, train
 
 from .synthetic import make_images
@@ -123,3 +125,11 @@ def test_batch_norm_in_the_classifier_trains_on_a_set_that_leaves_one_image_over
     for name in ("ftal", "fine-prune", "nad"):
         res = nl.attack(name, net, clean, **CHEAP.get(name, {}))
         assert torch.isfinite(res.model(clean.x[:4])).all()
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_a_clean_set_of_one_class_is_a_one_line_error(name):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(144, 1)).eval()
+    one = Dataset("one", torch.rand(8, 1, 12, 12), torch.zeros(8, dtype=torch.long), ("only",))
+    with pytest.raises(UserError, match="at least 2"):
+        nl.attack(name, net, one, **CHEAP.get(name, {}))

@@ -23,9 +23,16 @@ class AttackResult:
     seconds: float = 0.0
 
 
-def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
+def check_clean(clean: Dataset) -> None:
+    """An attacker's clean set names at least two classes and holds an image of each, at least in count."""
+    if clean.num_classes < 2:
+        raise UserError(f"the clean set names {clean.num_classes} class; a classifier has at least 2")
     if len(clean) < clean.num_classes:
         raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
+
+
+def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
+    check_clean(clean)
     return copy.deepcopy(model)
 
 
