@@ -331,21 +331,10 @@ def section_nc_peer(args, mach: dict) -> None:
         fast = nc_config("fast", seed=0)
         equal = dataclasses.replace(fast, early_stop=False, max_epochs=math.ceil(
             args.peer_epochs * len(x) / (fast.steps_per_epoch * fast.batch_size)))
-        runs = {}
-        for who, cfg, per_class in (("peer", nc_config("faithful", max_epochs=args.peer_epochs, seed=0), True),
-                                    ("ours", fast, False), ("ours_equal_work", equal, False)):
-            plan_for(model, x, cfg, 10)           # a tuned plan's one-time timing, outside the measurement
-            t0 = time.perf_counter()
-            nc = neural_cleanse(model, x, cfg, num_classes=10, per_class=per_class)
-            secs = time.perf_counter() - t0
-            l1, _, succ_all = success_and_l1(model, x, y, nc.masks, nc.patterns)
-            per_epoch = len(x) if cfg.steps_per_epoch is None else cfg.steps_per_epoch * cfg.batch_size
-            runs[who] = {"seconds": secs, "l1": l1, "success_all": succ_all, "flagged": nc.flagged,
-                         "smallest": int(np.argmin(l1)), "class_epochs": nc.epochs.tolist(),
-                         "stamped_images": int(nc.epochs.sum()) * per_epoch, "phase_seconds": nc.phase_seconds,
-                         "under_target": [k for k in range(10) if succ_all[k] < 99.0]}
-            print(f"    {arch} {who}: {secs:.1f} s, smallest {runs[who]['smallest']}, flagged {nc.flagged}, "
-                  f"under 99%: {runs[who]['under_target']}", flush=True)
+        peer = nc_config("faithful", max_epochs=args.peer_epochs, seed=0)
+        runs = {who: nc_run(model, x, y, cfg, per_class, f"{arch} {who}")
+                for who, cfg, per_class in (("peer", peer, True), ("ours", fast, False),
+                                            ("ours_equal_work", equal, False))}
         p, o, e = runs["peer"], runs["ours"], runs["ours_equal_work"]
         row(f"nc_vs_pytorch_peer_{arch}", o["seconds"], f"per-class loop {p['seconds']:.1f} s",
             p["seconds"] / o["seconds"], runs=runs, same_masks=p["smallest"] == o["smallest"] and
@@ -365,6 +354,46 @@ def section_nc_peer(args, mach: dict) -> None:
                   f"{e['phase_seconds'].get('confirm', 0):.1f} s; the peer achieves {gf:.0f} GFLOP/s (2 x forward "
                   f"FLOPs per stamped image) where this machine's best measured conv throughput is {peak:.0f} "
                   f"GFLOP/s: no implementation of the same arithmetic beats it by more than {peak / gf:.1f}x here")
+        if args.peer_seeds > 1:
+            peer_seeds(args, model, x, y, arch, name, peer, fast, runs)
+
+
+def nc_run(model, x, y, cfg, per_class: bool, label: str) -> dict:
+    """One timed Neural Cleanse run (a tuned plan's one-time timing outside the measurement) and its masks."""
+    plan_for(model, x, cfg, 10)
+    t0 = time.perf_counter()
+    nc = neural_cleanse(model, x, cfg, num_classes=10, per_class=per_class)
+    secs = time.perf_counter() - t0
+    l1, _, succ_all = success_and_l1(model, x, y, nc.masks, nc.patterns)
+    per_epoch = len(x) if cfg.steps_per_epoch is None else cfg.steps_per_epoch * cfg.batch_size
+    out = {"seconds": secs, "l1": l1, "success_all": succ_all, "flagged": nc.flagged, "smallest": int(np.argmin(l1)),
+           "class_epochs": nc.epochs.tolist(), "stamped_images": int(nc.epochs.sum()) * per_epoch,
+           "phase_seconds": nc.phase_seconds, "under_target": [k for k in range(10) if succ_all[k] < 99.0]}
+    print(f"    {label}: {secs:.1f} s, smallest {out['smallest']}, flagged {nc.flagged}, "
+          f"under 99%: {out['under_target']}", flush=True)
+    return out
+
+
+def peer_seeds(args, model, x, y, arch: str, name: str, peer, fast, first: dict) -> None:
+    """The peer and the fast preset over Neural Cleanse seeds 0..N-1 on the same images: per seed, whether the two
+    pick the same smallest class and flagged set (the mask measure of the ratio rows), and how often each agrees
+    with its own seed 0 (how much of that choice is the model's and how much the seed's)."""
+    runs = {"peer": [first["peer"]], "ours": [first["ours"]]}
+    for s in range(1, args.peer_seeds):
+        for who, cfg, per_class in (("peer", peer, True), ("ours", fast, False)):
+            runs[who].append(nc_run(model, x, y, dataclasses.replace(cfg, seed=s), per_class, f"{arch} {who} seed {s}"))
+    pick = {who: [(r["smallest"], r["flagged"]) for r in rs] for who, rs in runs.items()}
+    same = sum(a == b for a, b in zip(pick["peer"], pick["ours"], strict=True))
+    own = {who: sum(v == vs[0] for v in vs) for who, vs in pick.items()}
+    secs = {who: sum(r["seconds"] for r in rs) for who, rs in runs.items()}
+    n = args.peer_seeds
+    row(f"nc_vs_pytorch_peer_{arch}_seeds", secs["ours"] / n, f"per-class loop {secs['peer'] / n:.1f} s",
+        secs["peer"] / secs["ours"], seeds=n, same_masks=same, peer_self=own["peer"], ours_self=own["ours"],
+        picks={who: [{"smallest": a, "flagged": b} for a, b in v] for who, v in pick.items()},
+        notes=f"{arch} ({name}), the same 1000 images, Neural Cleanse seeds 0-{n - 1}: the peer and the fast preset "
+              f"at its defaults pick the same smallest class and flagged set on {same}/{n} seeds; the peer agrees "
+              f"with its own seed 0 on {own['peer']}/{n}, the fast preset with its own on {own['ours']}/{n}; "
+              f"ratio = the peer's seconds over ours, summed over the seeds")
 
 
 def better_or_equal(ours: tuple, art: tuple, k: int) -> bool:
@@ -641,6 +670,8 @@ def main(argv=None) -> int:
                          "8-minibatch epochs)")
     ap.add_argument("--peer-epochs", type=int, default=10,
                     help="nc_peer: at most this many full passes per class for the per-class peer")
+    ap.add_argument("--peer-seeds", type=int, default=1,
+                    help="nc_peer: also run the peer and the fast preset over Neural Cleanse seeds 0..N-1 (N > 1)")
     ap.add_argument("--markdown-only", action="store_true", help="rewrite perf.md from perf.json")
     ap.add_argument("--no-cifar", dest="cifar", action="store_false")
     ap.add_argument("--no-demo", dest="demo", action="store_false")
