@@ -112,7 +112,7 @@ def test_attacks_never_receive_the_watermark(name):
     (ANPConfig, {"fraction": 1.0}), (ANPConfig, {"iterations": -5}), (ANPConfig, {"steps": 0}),
     (IBAUConfig, {"k": 0}), (IBAUConfig, {"portion": 1.5}), (IBAUConfig, {"lr": 0.0}), (IBAUConfig, {"reg": -1.0}),
     (DehydrationConfig, {"per_class": 0}), (DehydrationConfig, {"steps": -1}), (DehydrationConfig, {"weight": -1.0}),
-    (DehydrationConfig, {"lr": float("inf")}),
+    (DehydrationConfig, {"lr": float("inf")}), (DehydrationConfig, {"class_chunk": 0}),
 ])
 def test_configs_reject_bad_values(cls, bad):
     with pytest.raises(UserError):
@@ -160,3 +160,17 @@ def test_anp_prunes_a_scale_without_batch_norm():
     params = dict(res.model.named_parameters())
     zero_rows = sum(int((params[f"{u}.weight"].flatten(1).abs().sum(1) == 0).sum()) for u in res.info["pruned"])
     assert zero_rows == pruned
+
+
+def test_dehydration_inverts_classes_together_as_one_at_a_time(backdoored):
+    """Each class keeps its own loss terms (batch-norm statistics over its own images included), so inverting
+    several classes in one batch (as on a GPU) recovers the images that inverting them one at a time does."""
+    from nnlaunder.attacks.dehydration import recover
+
+    net, clean, _ = backdoored
+    cfg = DehydrationConfig(per_class=6, steps=12)
+    alone, hit_alone = recover(net, clean, dataclasses.replace(cfg, class_chunk=1))
+    together, hit_together = recover(net, clean, dataclasses.replace(cfg, class_chunk=3))
+    assert together.shape == alone.shape == (4 * 6, 1, 12, 12)
+    assert torch.allclose(together, alone, atol=1e-4)
+    assert hit_together == hit_alone

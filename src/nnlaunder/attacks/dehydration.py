@@ -4,7 +4,9 @@
    own knowledge, starting from noise: images (tanh(v) + 1) / 2, Adam (lr 0.1, betas 0.5/0.9, cosine
    decay to 1e-4) on cross-entropy to the class + 0.01 x the images' L2 norm + 0.03 x their total
    variation + 0.1 x the distance of every batch norm's input statistics to its running ones (the
-   last two batch norms weighted 0, as the public code does). No mask, no trigger shape.
+   last two batch norms weighted 0, as the public code does). No mask, no trigger shape. Classes are
+   inverted one at a time on a CPU and all in one batch on a GPU (`class_chunk`); each class keeps its
+   own loss terms, batch-norm statistics included, so the batch computes what one class at a time does.
 2. Unlearn (`unlearn = "split"`, the public code's non-fixed-class unlearning): per class, the half
    of its recovered images that least excite the class's salient penultimate neurons (mean/std
    above the 95th percentile) are proxy watermark samples, relabelled to a proxy label: the class
@@ -59,6 +61,7 @@ class DehydrationConfig:
     lr: float = 0.01
     weight_decay: float = 5e-4
     weight: float | None = None       # of the recovered images' loss; None: 1.0 ("split"), 0.125 ("soft")
+    class_chunk: int | None = None    # classes inverted together; None: all of them on a GPU, one at a time on a CPU
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,53 +78,70 @@ class DehydrationConfig:
             (all(math.isfinite(v) and v > 0 for v in (self.inv_lr, self.lr)), "inv_lr and lr must be > 0"),
             (self.epochs is None or int_in("epochs", self.epochs, 0, 10_000)[0], "epochs must be in [0, 10000]"),
             int_in("batch_size", self.batch_size, 1, 1 << 20),
+            (self.class_chunk is None or int_in("class_chunk", self.class_chunk, 1, 100_000)[0],
+             "class_chunk must be None or in [1, 100000]"),
         ]
         raise_first(checks)
 
 
 class _BNStats:
-    """Forward hooks measuring how far each batch norm's input statistics are from its running ones."""
+    """Forward hooks measuring how far each batch norm's input statistics are from its running ones, for each
+    group of `groups` equal consecutive slices of the batch (one class's images each), summed over the groups.
+    Batch norms weighted 0 (the last two, as the public code weighs them) are not measured."""
 
     def __init__(self, model: nn.Module):
-        self.bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        weights = [1.0] * max(0, len(bns) - 2) + [0.0] * min(2, len(bns))
+        self.bns = [m for m, w in zip(bns, weights, strict=True) if w]
+        self.groups = 1
         self.r: list[torch.Tensor] = [torch.zeros(())] * len(self.bns)
         self.hooks = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.bns)]
 
     def _hook(self, i: int):
         def f(mod, inp, out) -> None:
-            z = inp[0]
-            mean, var = z.mean((0, 2, 3)), z.var((0, 2, 3), unbiased=False)
-            self.r[i] = (mean - mod.running_mean).norm() + (var - mod.running_var).norm()
+            z = inp[0].unflatten(0, (self.groups, -1))
+            mean, var = z.mean((1, 3, 4)), z.var((1, 3, 4), unbiased=False)
+            self.r[i] = ((mean - mod.running_mean).norm(dim=1) + (var - mod.running_var).norm(dim=1)).sum()
         return f
 
     def loss(self) -> torch.Tensor:
-        if not self.bns:
-            return torch.zeros(())
-        w = [1.0] * max(0, len(self.bns) - 2) + [0.0] * min(2, len(self.bns))
-        return sum(wi * ri for wi, ri in zip(w, self.r, strict=True))
+        return sum(self.r, torch.zeros(()))
 
     def close(self) -> None:
         for h in self.hooks:
             h.remove()
 
 
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    return (x[:, :, 1:, :] - x[:, :, :-1, :]).abs().mean() + (x[:, :, :, 1:] - x[:, :, :, :-1]).abs().mean()
+def _per_group(v: torch.Tensor, groups: int) -> torch.Tensor:
+    """The mean over each group's slice of `v` (one value per image, or per image element), summed over groups."""
+    return v.reshape(groups, -1).mean(1).sum()
 
 
-def invert_class(model: nn.Module, c: int, shape: tuple[int, ...], cfg: DehydrationConfig, g: torch.Generator,
-                 stats: _BNStats) -> torch.Tensor:
-    """`per_class` images the model assigns to class c, recovered from noise: (N, C, H, W) in [0, 1]."""
+def total_variation(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    return (_per_group((x[:, :, 1:, :] - x[:, :, :-1, :]).abs(), groups)
+            + _per_group((x[:, :, :, 1:] - x[:, :, :, :-1]).abs(), groups))
+
+
+def invert_classes(model: nn.Module, classes: list[int], shape: tuple[int, ...], cfg: DehydrationConfig,
+                   g: torch.Generator, stats: _BNStats) -> torch.Tensor:
+    """`per_class` images the model assigns to each class of `classes`, recovered from noise together:
+    (len(classes) x per_class, C, H, W) in [0, 1], class-major. Each class's images have a loss of their own
+    (cross-entropy to the class, L2, total variation, the batch norms' statistics over that class's images
+    alone) and the losses are summed, so each image's gradient, and Adam's elementwise step, is the one it gets
+    when its class is inverted alone; the starting noise is drawn class by class from `g` as then."""
     dev = model_device(model)
     steps = cfg.steps if cfg.steps is not None else (1000 if shape[0] == 3 else 400)
-    v = torch.randn((cfg.per_class, *shape), generator=g).to(dev).requires_grad_(True)
+    n, k = cfg.per_class, len(classes)
+    v = torch.cat([torch.randn((n, *shape), generator=g) for _ in classes]).to(dev).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=cfg.inv_lr, betas=(0.5, 0.9), eps=1e-8)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=1e-4)
-    target = torch.full((cfg.per_class,), c, dtype=torch.long, device=dev)
+    target = torch.tensor(classes, device=dev).repeat_interleave(n)
+    stats.groups = k
     for _ in range(steps):
         imgs = (torch.tanh(v) + 1) / 2
-        loss = (F.cross_entropy(model(imgs), target) + cfg.l2 * imgs.flatten(1).norm(dim=1).mean()
-                + cfg.tv * total_variation(imgs) + cfg.bn * stats.loss())
+        loss = (_per_group(F.cross_entropy(model(imgs), target, reduction="none"), k)
+                + cfg.l2 * _per_group(imgs.flatten(1).norm(dim=1), k)
+                + cfg.tv * total_variation(imgs, k) + cfg.bn * stats.loss())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -137,12 +157,15 @@ def recover(model: nn.Module, clean: Dataset, cfg: DehydrationConfig) -> tuple[t
         q.requires_grad_(False)
     g = torch.Generator().manual_seed(cfg.seed)
     stats = _BNStats(scratch)
+    chunk = cfg.class_chunk or (clean.num_classes if model_device(scratch).type == "cuda" else 1)
     xs, hit = [], []
     try:
-        for c in range(clean.num_classes):
-            imgs = invert_class(scratch, c, tuple(clean.x.shape[1:]), cfg, g, stats)
+        for first in range(0, clean.num_classes, chunk):
+            classes = list(range(first, min(first + chunk, clean.num_classes)))
+            imgs = invert_classes(scratch, classes, tuple(clean.x.shape[1:]), cfg, g, stats)
             with torch.no_grad():
-                hit.append(100.0 * float((scratch(imgs).argmax(1) == c).float().mean()))
+                pred = scratch(imgs).argmax(1).view(len(classes), -1)
+            hit += [100.0 * float((pred[i] == c).float().mean()) for i, c in enumerate(classes)]
             xs.append(imgs.cpu())
     finally:
         stats.close()
