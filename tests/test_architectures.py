@@ -133,3 +133,26 @@ def test_a_clean_set_of_one_class_is_a_one_line_error(name):
     one = Dataset("one", torch.rand(8, 1, 12, 12), torch.zeros(8, dtype=torch.long), ("only",))
     with pytest.raises(UserError, match="at least 2"):
         nl.attack(name, net, one, **CHEAP.get(name, {}))
+
+
+class LogitsAndFeatures(nn.Module):
+    """A forward that returns (logits, features), as some training code writes it; `as_dict` returns a dict."""
+
+    def __init__(self, as_dict: bool = False) -> None:
+        super().__init__()
+        self.as_dict = as_dict
+        self.c, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 144, 4)
+
+    def forward(self, x: torch.Tensor):
+        f = torch.relu(self.c(x)).flatten(1)
+        return {"logits": self.fc(f), "features": f} if self.as_dict else (self.fc(f), f)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["tuple", "dict"])
+@pytest.mark.parametrize("name", ["launder", "ftal", "nad", "anp", "dehydration"])
+def test_a_forward_that_returns_more_than_logits_is_a_one_line_error(name, as_dict):
+    net, clean = LogitsAndFeatures(as_dict).eval(), make_images(48, 1)
+    with pytest.raises(UserError, match="returns the .N, classes. logits alone"):
+        nl.attack(name, net, clean, **CHEAP.get(name, {}))
+    with pytest.raises(UserError, match="returns the .N, classes. logits alone"):
+        neural_cleanse(net, clean.x, nc_config("fast", max_epochs=1), num_classes=4)

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
+from ..external.models import check_model_fits
 
 
 @dataclass
@@ -23,16 +24,18 @@ class AttackResult:
     seconds: float = 0.0
 
 
-def check_clean(clean: Dataset) -> None:
-    """An attacker's clean set names at least two classes and holds an image of each, at least in count."""
+def check_inputs(model: nn.Module, clean: Dataset) -> None:
+    """An attacker's clean set names at least two classes and holds an image of each, at least in count, and the
+    model answers its images with one logit per class (`external.models.check_model_fits`)."""
     if clean.num_classes < 2:
         raise UserError(f"the clean set names {clean.num_classes} class; a classifier has at least 2")
     if len(clean) < clean.num_classes:
         raise UserError(f"the clean set has {len(clean)} images, fewer than the {clean.num_classes} classes")
+    check_model_fits(model, clean.x, clean.num_classes, "the clean set")
 
 
 def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
-    check_clean(clean)
+    check_inputs(model, clean)
     return copy.deepcopy(model)
 
 

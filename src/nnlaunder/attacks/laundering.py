@@ -42,7 +42,7 @@ from ..config import from_dict, with_seed
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
-from .base import check_clean
+from .base import check_inputs
 from .neural_cleanse import NC_PRESETS, NCConfig, NCResult, nc_params, neural_cleanse, stamp
 from .records import LaunderState, RoundInfo
 from .units import MEASURE_POINTS, POOLS, Unit, discover_units, mean_activations, select_units
@@ -442,7 +442,7 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
     The result's `nc` then holds the resumed rounds' recoveries only."""
     if resume is not None and first_nc is not None:
         raise UserError("first_nc applies to round 1 and cannot be combined with resume")
-    check_clean(clean)
+    check_inputs(model, clean)
     if not torch.isfinite(clean.x).all():
         raise UserError("the clean set contains NaN or Inf")
     model = model if inplace else copy.deepcopy(model)

@@ -57,6 +57,7 @@ from torch import nn
 from .. import clock
 from ..device import amp_supported, channels_last_runs, model_device
 from ..errors import UserError
+from ..external.models import check_model_fits
 from ..speed.kernels import im2col_ok, with_input_grad_convs
 from ..speed.native import conv_pool as native_conv_pool
 from ..speed.plans import Plan, machine, model_signature, tuned_plan
@@ -216,9 +217,7 @@ def neural_cleanse(model: nn.Module, x: torch.Tensor, cfg: NCConfig = NCConfig()
         x = x[torch.sort(pick).values]
     x = x.to(model_device(model))     # the optimisation runs where the model is; results come back on the CPU
     with _frozen(model):
-        if num_classes is None:
-            with torch.no_grad():
-                num_classes = int(model(x[:1]).shape[1])
+        num_classes = check_model_fits(model, x, num_classes, "Neural Cleanse's images")
         cls = list(range(num_classes)) if classes is None else [int(c) for c in classes]
         if not cls or min(cls) < 0 or max(cls) >= num_classes:
             raise UserError(f"candidate classes must be in 0..{num_classes - 1}, got {cls}")

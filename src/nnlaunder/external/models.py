@@ -151,23 +151,33 @@ def external_model(factory: str, kwargs: dict[str, Any] | None, weights: str | P
     return model
 
 
-def check_model_fits(model: nn.Module, x: torch.Tensor, num_classes: int, what: str = "the data") -> int:
-    """Run one batch through `model`; the output must be (N, K) logits with K == num_classes."""
+def check_model_fits(model: nn.Module, x: torch.Tensor, num_classes: int | None, what: str = "the data") -> int:
+    """Run two images through `model` in eval mode (its mode is given back after); the output must be (N, K)
+    floating-point logits with K == num_classes (any K >= 2 where None); K is returned. A forward that returns a
+    tuple or a dict (logits with features, as some training code writes it) is refused with what to do."""
     from ..device import model_device
 
+    was = model.training
     try:
         with torch.no_grad():
             out = model.eval()(x[:2].to(model_device(model)))
     except Exception as e:     # the user's model rejected the input: a mistake, not a crash
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"the model does not accept inputs of shape {tuple(x.shape[1:])} from {what}: {first}") from e
+    finally:
+        model.train(was)
+    if isinstance(out, tuple | list | dict):
+        raise UserError(f"the model's forward returns a {type(out).__name__}; every attack here needs one that "
+                        "returns the (N, classes) logits alone: wrap it in a module whose forward returns them")
     if isinstance(out, torch.Tensor) and not out.is_floating_point():
         raise UserError(f"the model must return real floating-point logits, got {out.dtype}")
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise UserError(f"the model must return (N, classes) logits, got "
                         f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
-    if out.shape[1] != num_classes:
+    if num_classes is not None and out.shape[1] != num_classes:
         raise UserError(f"the model has {out.shape[1]} outputs but {what} has {num_classes} classes")
+    if out.shape[1] < 2:
+        raise UserError(f"the model has {out.shape[1]} output; a classifier has one logit per class, at least 2")
     if bool((out >= 0).all()) and torch.allclose(out.double().sum(1), torch.ones(len(out), dtype=torch.float64),
                                                  atol=1e-4):
         warnings.warn("the model's outputs are probabilities (non-negative, each row sums to 1): it seems to end "

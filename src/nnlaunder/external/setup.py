@@ -119,6 +119,7 @@ def load_external(spec: ExternalModel, allow: CodeAllowance, source: str = "--mo
                            mean=floats(spec.mean, "--mean"), std=floats(spec.std, "--std"))
     data = read_external(spec.data)
     check_model_fits(model, data.x, data.num_classes, str(spec.data))
+    model.eval()
     test = verify = None
     if spec.test_data:
         test = read_external(spec.test_data)
