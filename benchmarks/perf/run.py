@@ -17,6 +17,8 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            models and ResNet-20, at the library's defaults.
   amp      (opt-in) the trainer with bfloat16 autocast (`TrainConfig.amp`) against fp32 on the three
            architectures, alternating in one run, and a whole MNIST owner-recipe training both ways.
+  short    (opt-in) laundering's retraining and the owner's restoration on CIFAR-10 against the trainer on
+           the same images: images/s and share of the measured conv throughput.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
            and the laundering outcome on all three MNIST models), and `nnlaunder demo`.
 Writes benchmarks/results/perf.json (rows: name, seconds, baseline, ratio, notes, machine: CPU model,
@@ -68,6 +70,7 @@ from nnlaunder.device import amp_supported, code_commit
 from nnlaunder.experiments.evaluate import evaluator
 from nnlaunder.models import build
 from nnlaunder.recipes import owner_config
+from nnlaunder.restore import RESTORE
 from nnlaunder.speed import native
 from nnlaunder.speed.plans import machine
 from nnlaunder.train import accuracy, predict, train
@@ -469,13 +472,38 @@ def section_machine(args) -> dict:
     return out
 
 
-def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1, amp: bool = False) -> float:
-    """Images/s of nnlaunder's trainer with its defaults (`amp`: bfloat16 autocast)."""
+def train_throughput(arch: str, x, y, batch: int, steps_epochs: int = 1, amp: bool = False, cfg=None) -> float:
+    """Images/s of nnlaunder's trainer with its defaults (`amp`: bfloat16 autocast), or with `cfg`'s optimiser."""
     model = build(arch, 10, seed=0)
-    cfg = dataclasses.replace(owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none", amp=amp)
+    cfg = dataclasses.replace(cfg or owner_config(arch), epochs=steps_epochs, batch_size=batch, augment="none",
+                              amp=amp)
     t0 = time.perf_counter()
     train(model, x, y, cfg, progress=False)
     return len(x) * steps_epochs / (time.perf_counter() - t0)
+
+
+def section_short(args, mach: dict) -> None:
+    """The short trainings of a CIFAR-10 cell against the trainer on the same 2,640 images (an attacker's 0.6%
+    with its stamped copies, as laundering retrains on them): laundering's retraining (Adam, batch 32) and the
+    owner's restoration (Adam, batch 128), each as images/s and share of the measured conv throughput (3 x forward
+    FLOPs per image, as the trainer rows count), medians of 3 two-epoch runs."""
+    print("[short] retraining and restoration against the trainer", flush=True)
+    cf = D.load("cifar10", args.data_dir, "train")
+    x, y = cf.x[:2640], cf.y[:2640]
+    kinds = {"retrain": launder_config("strong").retrain, "restore": RESTORE}
+    for arch in ("cifar-cnn", "resnet20"):
+        f = fwd_flops(build(arch, 10), (3, 32, 32))
+        train_throughput(arch, x[:512], y[:512], 32)                          # warm-up
+        ips = {k: statistics.median(train_throughput(arch, x, y, c.batch_size, 2, cfg=c) for _ in range(3))
+               for k, c in {"trainer": owner_config(arch), **kinds}.items()}
+        for k in kinds:
+            gf = ips[k] * 3 * f / 1e9
+            row(f"short_{arch}_{k}", 2 * len(x) / ips[k], f"short_{arch}_trainer", ips[k] / ips["trainer"],
+                images_per_s=ips[k], gflops=gf, conv_peak_share=gf / mach["conv_best"],
+                notes=f"{ips[k]:.0f} img/s, {gf:.1f} GFLOP/s = {100 * gf / mach['conv_best']:.0f}% of the measured "
+                      f"fp32 conv throughput; the trainer at the owner's batch on the same images {ips['trainer']:.0f} "
+                      f"img/s ({100 * ips['trainer'] * 3 * f / 1e9 / mach['conv_best']:.0f}%); ratio = img/s against "
+                      "the trainer's")
 
 
 def section_train(args, mach: dict) -> None:
@@ -578,7 +606,7 @@ def section_e2e(args, tr: D.Dataset) -> None:
 # Every section's row prefix, the retired ones (eval, cifar_full) included: their rows are kept, in this order.
 SECTION_PREFIX = {"machine": "machine_", "eval": "eval_batch_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_",
                   "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "amp": "train_amp_",
-                  "e2e": "e2e_"}
+                  "short": "short_", "e2e": "e2e_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
 
@@ -701,7 +729,7 @@ def main(argv=None) -> int:
         write("perf.md", markdown("each row's own (perf.json)", COMMAND, rerender=True))
         return 0
     sections = set(args.sections.split(","))
-    if sections & {"nc", "train", "cifar_nc", "nc_peer"}:
+    if sections & {"nc", "train", "cifar_nc", "nc_peer", "short"}:
         sections.add("machine")     # their utilisation rows need this run's conv throughput (about 1 s)
     tr = D.load("mnist", args.data_dir, "train")
     mach = {"conv_best": float("nan")}
@@ -709,7 +737,7 @@ def main(argv=None) -> int:
         mach = section_machine(args)
     run = {"nc": lambda: section_nc(args, tr, mach), "cifar_nc": lambda: section_cifar_nc(args, mach),
            "nc_peer": lambda: section_nc_peer(args, mach), "train": lambda: section_train(args, mach),
-           "amp": lambda: section_amp(args, mach),
+           "amp": lambda: section_amp(args, mach), "short": lambda: section_short(args, mach),
            "e2e": lambda: section_e2e(args, tr)}
     if unknown := sections - set(run) - {"machine"}:
         ap.error(f"unknown or retired section(s) {sorted(unknown)}; this script runs {['machine', *run]}")
