@@ -153,16 +153,6 @@ def wm_points(traj: Trajectory, wm: Watermark) -> list[CleanPoint]:
             for m, h in zip(traj.metrics, hits, strict=True)]
 
 
-def clean_points(dataset: str, arch: str, cfg: TrainConfig, seeds: Sequence[int], wm: Watermark, tr: D.Dataset,
-                 te: D.Dataset, *, root: str | Path | None = None, progress: bool = False) -> list[CleanPoint]:
-    """Every epoch of every clean seed, as hits on `wm`'s verification set (training only what is missing)."""
-    out: list[CleanPoint] = []
-    for s in seeds:
-        traj = clean_trajectory(dataset, arch, cfg, s, tr, te, root=root, progress=progress)
-        out.extend(wm_points(traj, wm))
-    return out
-
-
 
 def heldout_rates(trajs: Sequence[Trajectory], wm: Watermark, thresholds: dict[str, float], te: D.Dataset,
                   num_classes: int, alpha: float = 0.01) -> dict[str, Any]:

@@ -58,11 +58,6 @@ def verification_predictions(model: nn.Module, wm: Watermark) -> torch.Tensor:
     return pred
 
 
-def wm_hits(model: nn.Module, wm: Watermark) -> tuple[int, int]:
-    """(hits, n) on the verification set (`Inconclusive` over NaN/Inf outputs)."""
-    return int((verification_predictions(model, wm) == wm.verify_y).sum()), len(wm.verify_y)
-
-
 def vanilla_threshold(per_epoch_wm_acc: Iterable[float] | Iterable[Iterable[float]]) -> float:
     """The paper's rule: max watermark accuracy (percent) over a clean model's epochs (and seeds, if nested)."""
     flat: list[float] = []
