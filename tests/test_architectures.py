@@ -156,3 +156,22 @@ def test_a_forward_that_returns_more_than_logits_is_a_one_line_error(name, as_di
         nl.attack(name, net, clean, **CHEAP.get(name, {}))
     with pytest.raises(UserError, match="returns the .N, classes. logits alone"):
         neural_cleanse(net, clean.x, nc_config("fast", max_epochs=1), num_classes=4)
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_parameters_the_models_code_froze_are_the_attackers_to_train(name):
+    """A model whose code set requires_grad False (a transfer-learning script's frozen backbone, here every layer)
+    is attacked like any other; the caller's model keeps its flags and weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 144, 4)).eval()
+    for q in net.parameters():
+        q.requires_grad_(False)
+    before = [q.clone() for q in net.parameters()]
+    clean = make_images(48, 1)
+    if name == "launder":
+        res = nl.launder(net, clean, seed=0, nc=nc_config("fast", max_epochs=2), retrain=FT)
+    else:
+        res = nl.attack(name, net, clean, **CHEAP.get(name, {}))
+    assert torch.isfinite(res.model(clean.x[:4])).all()
+    assert not any(q.requires_grad for q in net.parameters())
+    assert all(torch.equal(a, q) for a, q in zip(before, net.parameters(), strict=True))

@@ -34,9 +34,17 @@ def check_inputs(model: nn.Module, clean: Dataset) -> None:
     check_model_fits(model, clean.x, clean.num_classes, "the clean set")
 
 
+def trainable(model: nn.Module) -> nn.Module:
+    """The attacker's copy trains what the attack chooses: every parameter takes gradients, whatever flags the
+    model's own code set (a backbone a transfer-learning script froze is the attacker's to train too)."""
+    for q in model.parameters():
+        q.requires_grad_(True)
+    return model
+
+
 def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
     check_inputs(model, clean)
-    return copy.deepcopy(model)
+    return trainable(copy.deepcopy(model))
 
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:

@@ -42,7 +42,7 @@ from ..config import from_dict, with_seed
 from ..data import Dataset
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
-from .base import check_inputs
+from .base import check_inputs, trainable
 from .neural_cleanse import NC_PRESETS, NCConfig, NCResult, nc_params, neural_cleanse, stamp
 from .records import LaunderState, RoundInfo
 from .units import MEASURE_POINTS, POOLS, Unit, discover_units, mean_activations, select_units
@@ -445,7 +445,7 @@ def launder(model: nn.Module, clean: Dataset, cfg: LaunderConfig, *, on_round: O
     check_inputs(model, clean)
     if not torch.isfinite(clean.x).all():
         raise UserError("the clean set contains NaN or Inf")
-    model = model if inplace else copy.deepcopy(model)
+    model = trainable(model if inplace else copy.deepcopy(model))
     t_all = clock.now()
     clean, held = split_holdout(clean, cfg.holdout, cfg.seed)
     units, skipped = _resettable_units(model, clean, cfg)
