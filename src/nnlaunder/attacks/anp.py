@@ -12,11 +12,11 @@ Then neurons whose mask is <= `threshold` are pruned (or the `fraction` with the
 their scale is set to zero and held there, their shift kept, as the reference code prunes.
 
 Where a neuron's scale lives: ANP perturbs batch-norm layers. A unit with its own batch norm
-(ResNet: conv-BN-ReLU; the Table 7 CNN: conv-ReLU-BN) is read at that batch norm: s and b are its
-weight and bias. A unit
-without one (the MNIST CNN of Table 5 has no batch norm) is read at its own output: s scales its
-incoming weights and b is its bias, the same per-unit affine degree of freedom. The paper's
-defaults: eps 0.4, one step, alpha 0.2, mask lr 0.2, 2000 iterations of 128 images, threshold 0.2.
+(ResNet: conv-BN-ReLU; the Table 7 CNN: conv-ReLU-BN), or a group, instance or layer norm with a
+weight, is read at that norm: s and b are its weight and bias. A unit without one (the MNIST CNN
+of Table 5 has no batch norm) is read at its own output: s scales its incoming weights and b is its
+bias, the same per-unit affine degree of freedom. The paper's defaults: eps 0.4, one step, alpha
+0.2, mask lr 0.2, 2000 iterations of 128 images, threshold 0.2.
 The model's weights never change while the masks are learned (batch norms use batch statistics,
 as in the reference code's training mode); pruning is applied to a fresh copy.
 """
@@ -37,7 +37,7 @@ from ..device import model_device
 from ..errors import UserError
 from ..train import apply_masks
 from .base import AttackResult, attack_copy
-from .units import discover_units
+from .units import discover_units, feature_axis
 
 PRUNE_BY = ("threshold", "fraction")
 
@@ -87,7 +87,8 @@ class _Neurons:
 
     def _hook(self, u: str):
         def f(mod, inp, out):
-            shape = (1, -1) + (1,) * (out.ndim - 2)
+            shape = [1] * out.ndim
+            shape[feature_axis(mod, out.ndim)] = -1           # a conv's channels; a dense layer's features
             b = mod.bias if getattr(mod, "bias", None) is not None else torch.zeros_like(self.mask[u])
             b = b.view(shape)
             scale = self.mask[u] + self.delta[u] if self.noisy else self.mask[u]
@@ -176,7 +177,8 @@ def anp(model: nn.Module, clean: Dataset, cfg: ANPConfig) -> AttackResult:
     units, _ = discover_units(out, clean.x[:2])
     if not units:
         raise UserError("ANP found no neuron to mask (a hidden Conv2d/Linear with an activation after it)")
-    where = {u.name: u.bn or u.name for u in units}
+    mods = dict(out.named_modules())
+    where = {u.name: u.bn if u.bn and getattr(mods[u.bn], "weight", None) is not None else u.name for u in units}
     masks = optimise_masks(model, clean, cfg, where)
     pruned = choose_pruned(masks, cfg)
     params = dict(out.named_parameters())

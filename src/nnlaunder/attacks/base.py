@@ -47,9 +47,11 @@ def attack_copy(model: nn.Module, clean: Dataset) -> nn.Module:
     return trainable(copy.deepcopy(model))
 
 
-def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
-    """The output layer: the last nn.Linear in module order."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise UserError("the model has no nn.Linear output layer")
-    return found[-1]
+def output_layer(model: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
+    """The output layer: the last nn.Linear in module order; in an all-convolutional classifier (NiN, All-CNN,
+    SqueezeNet: a last conv with one channel per class, then global pooling), the last nn.Conv2d."""
+    for kind in (nn.Linear, nn.Conv2d):
+        found = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+        if found:
+            return found[-1]
+    raise UserError("the model has no nn.Linear or nn.Conv2d output layer")

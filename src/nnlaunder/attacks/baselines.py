@@ -28,7 +28,7 @@ from ..config import int_in
 from ..data import Dataset, disjoint_split
 from ..errors import UserError
 from ..train import TrainConfig, accuracy, apply_masks, train
-from .base import AttackResult, attack_copy, last_linear
+from .base import AttackResult, attack_copy, output_layer
 from .laundering import used_triggers
 from .neural_cleanse import NCConfig, NCResult, neural_cleanse, stamp
 from .units import discover_units, mean_activations
@@ -102,7 +102,7 @@ def finetune(model: nn.Module, clean: Dataset, cfg: FinetuneConfig) -> AttackRes
     the last layer."""
     t0 = clock.now()
     model = attack_copy(model, clean)
-    name, last = last_linear(model)
+    name, last = output_layer(model)
     if cfg.mode.startswith("rt"):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)

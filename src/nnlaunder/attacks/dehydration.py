@@ -39,7 +39,7 @@ from .. import clock
 from ..config import int_in, raise_first
 from ..data import Dataset
 from ..device import model_device
-from .base import AttackResult, attack_copy, last_linear
+from .base import AttackResult, attack_copy, output_layer
 
 UNLEARN = ("split", "soft")
 _DEFAULTS = {"split": {"epochs": 10, "re_batch_size": 64, "weight": 1.0},
@@ -175,9 +175,11 @@ def recover(model: nn.Module, clean: Dataset, cfg: DehydrationConfig) -> tuple[t
 def proxy_split(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
     """Indices of the half of `imgs` (one class's recovered images) that least excite the class's
     salient penultimate neurons: the proxy watermark samples."""
-    _, last = last_linear(model)
+    _, last = output_layer(model)
     feats: list[torch.Tensor] = []
-    h = last.register_forward_hook(lambda mod, inp, out: feats.append(inp[0].detach().flatten(1)))
+    # a conv output layer's input channels are its neurons, each pooled over positions
+    h = last.register_forward_hook(lambda mod, inp, out: feats.append(
+        inp[0].detach().flatten(2).mean(2) if inp[0].ndim > 2 else inp[0].detach()))
     try:
         with torch.no_grad():
             model(imgs)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .. import clock
 from ..config import int_in, raise_first
@@ -78,6 +79,13 @@ def hypergradient(model: nn.Module, delta: torch.Tensor, inner: tuple[torch.Tens
     """The implicit hypergradient of the outer loss at the inner fixed point `delta` (fixed-point
     method, K iterations): d outer / d theta + (d Phi / d theta)^T v, where v = (d Phi / d delta)^T v
     + d outer / d delta and Phi(delta) = delta - fp_lr * grad_delta inner(delta)."""
+    with sdpa_kernel(SDPBackend.MATH):     # a fused attention kernel has no second derivative; the math one does
+        return _hypergradient(model, delta, inner, outer, carry, cfg)
+
+
+def _hypergradient(model: nn.Module, delta: torch.Tensor, inner: tuple[torch.Tensor, torch.Tensor],
+                   outer: tuple[torch.Tensor, torch.Tensor], carry: torch.Tensor,
+                   cfg: IBAUConfig) -> list[torch.Tensor]:
     params = [q for q in model.parameters() if q.requires_grad]
     w = delta.detach().requires_grad_(True)
     xo, yo = outer

@@ -2,8 +2,10 @@
 
 One forward pass with hooks records which leaf module ran when, on which tensor, giving which tensor.
 For each Conv2d / Linear except the output layer:
-- its batch norm: a BatchNorm2d/1d of its width that takes its output (conv-BN, then the activation:
-  the unit's own output is the norm's) or its activation's (conv-ReLU-BN, Table 7);
+- its norm: a per-channel norm of its width (batch, group or instance norm; for a dense layer, a layer
+  norm over its features) that takes its output (conv-BN, then the activation: the unit's own output
+  is the norm's) or its activation's (conv-ReLU-BN, Table 7); a reset zeroes the norm's weight and bias
+  for the unit too, so the unit's output is 0 after the norm as well;
 - its activation: the activation module that takes the unit's own output (through pooling or
   dropout); else, where the output goes into code no module sees (a residual add), the first
   activation module after it that takes a tensor no module made, of its width, with no layer between
@@ -14,10 +16,11 @@ For each Conv2d / Linear except the output layer:
   zero) gives nothing downstream, as it would through a ReLU. An activation module called more than once
   per forward (one ReLU shared by a block) is not read (its hook would mix the calls): such a unit too is
   read at its own output, rectified.
-This covers conv-ReLU (Table 5), conv-ReLU-BN (Table 7), conv-BN-(add)-ReLU (ResNet) and functional
-activations without a table per architecture. Layers it cannot handle (grouped convolutions, a layer
-whose output goes straight into another layer with no activation) are returned in `skipped` with a
-reason, never mis-reset.
+This covers conv-ReLU (Table 5), conv-ReLU-BN (Table 7), conv-BN-(add)-ReLU (ResNet), conv-GN-act, functional
+activations and the dense layers of transformer blocks without a table per architecture. A conv's units are its
+channels (axis 1); a dense layer's are its features, the last axis, also where it runs on tokens (N, T, D).
+Layers it cannot handle (grouped convolutions, a layer whose output goes straight into another layer with no
+activation) are returned in `skipped` with a reason, never mis-reset.
 """
 
 from __future__ import annotations
@@ -34,7 +37,22 @@ ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.CELU, nn.SE
 _PASS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.Dropout, nn.Dropout2d,
          nn.Identity)                      # keep each channel a channel: an activation after them is the unit's
 _WEIGHTED = (nn.Conv2d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LayerNorm)
+
+
+def norm_width(m: nn.Module) -> int | None:
+    """The channels a per-channel norm works on (None: not such a norm; a layer norm over more than one axis)."""
+    if isinstance(m, nn.GroupNorm):
+        return m.num_channels
+    if isinstance(m, nn.LayerNorm):
+        return m.normalized_shape[0] if len(m.normalized_shape) == 1 else None
+    return m.num_features if isinstance(m, _NORMS) else None
+
+
+def feature_axis(mod: nn.Module, ndim: int) -> int:
+    """The axis of a layer's output that holds its units: the last for dense layers and layer norms (a
+    transformer's (N, T, D) tokens), else the channel axis 1."""
+    return ndim - 1 if isinstance(mod, nn.Linear | nn.LayerNorm) else 1
 
 
 @dataclass(frozen=True)
@@ -59,9 +77,11 @@ class _Call:
     inp: torch.Tensor | None
     out: torch.Tensor | None
 
-    @property
-    def width(self) -> int | None:
-        return int(self.out.shape[1]) if self.out is not None and self.out.ndim >= 2 else None
+    def width(self, kind: str) -> int | None:
+        """Channels (a conv unit's axis 1) or features (a dense unit's last axis) of the output."""
+        if self.out is None or self.out.ndim < 2:
+            return None
+        return int(self.out.shape[-1 if kind == "dense" else 1])
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> list[_Call]:
@@ -112,17 +132,17 @@ class _Flow:
                 return j
         return None
 
-    def next_norm(self, k: int, width: int) -> int | None:
+    def next_norm(self, k: int, width: int, kind: str) -> int | None:
         """The first batch norm of `width` called after k and before the next weighted layer."""
         for j in range(k + 1, len(self.calls)):
             m = self.mod(j)
             if isinstance(m, _WEIGHTED):
                 return None
-            if isinstance(m, _NORMS) and m.num_features == width:
+            if norm_width(m) == width and _norm_fits(m, kind):
                 return j
         return None
 
-    def after_residual(self, own: int, width: int) -> int | None:
+    def after_residual(self, own: int, width: int, kind: str) -> int | None:
         """The first activation call after `own` that takes a tensor no module made, of `width`, with no
         weighted layer between that works on data first seen after `own` ran."""
         made = {id(c.out) for c in self.calls[:own + 1] if c.out is not None}
@@ -130,7 +150,7 @@ class _Flow:
             c = self.calls[j]
             if isinstance(self.mod(j), _WEIGHTED) and c.inp is not None and self.first_seen[id(c.inp)] > own:
                 return None
-            if isinstance(self.mod(j), ACTIVATIONS) and c.inp is not None and c.width == width \
+            if isinstance(self.mod(j), ACTIVATIONS) and c.inp is not None and c.width(kind) == width \
                     and id(c.inp) not in made and self.first_seen[id(c.inp)] > own:
                 return j
             if c.out is not None:
@@ -148,7 +168,9 @@ def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit],
         if not any(True for _ in m.parameters(recurse=False)):
             continue
         if not isinstance(m, (*_WEIGHTED, *_NORMS)):
-            skipped.append((n, f"unsupported layer type {type(m).__name__}"))
+            own = ", ".join(k for k, _ in m.named_parameters(recurse=False))
+            skipped.append((n or "(the model)",
+                            f"parameters ({own}) of a {type(m).__name__}, not a Conv2d/Linear/norm"))
         elif n not in ran:
             skipped.append((n, f"{type(m).__name__} not called as a module in the forward pass "
                                "(used inside another layer's own code, e.g. attention)"))
@@ -176,24 +198,29 @@ def discover_units(model: nn.Module, example: torch.Tensor) -> tuple[list[Unit],
 def _unit(flow: _Flow, i: int, mod: nn.Module, calls_of: dict[str, int]) -> Unit | str:
     """The unit of weighted call i, or why it has none."""
     width = mod.out_channels if isinstance(mod, nn.Conv2d) else mod.out_features
+    kind = "conv" if isinstance(mod, nn.Conv2d) else "dense"
     own, bn = i, None
     c = flow.consumer(i)
-    if c is not None and isinstance(flow.mod(c), _NORMS) and flow.mod(c).num_features == width:
+    if c is not None and norm_width(flow.mod(c)) == width and _norm_fits(flow.mod(c), kind):
         own, bn = c, c                      # conv-BN, then the activation
         c = flow.consumer(c)
     if c is not None and not isinstance(flow.mod(c), ACTIVATIONS):
         return f"no activation after it: its output goes straight into {type(flow.mod(c)).__name__}"
-    act = c if c is not None else flow.after_residual(own, width)
+    act = c if c is not None else flow.after_residual(own, width, kind)
     if bn is None and act is not None:      # conv-ReLU-BN (Table 7): the norm takes the activation's output
         after = flow.consumer(act)
-        if after is not None and isinstance(flow.mod(after), _NORMS) and flow.mod(after).num_features == width:
+        if after is not None and norm_width(flow.mod(after)) == width and _norm_fits(flow.mod(after), kind):
             bn = after
     elif bn is None:                        # conv-F.relu-BN: the first norm of its width before the next layer
-        bn = flow.next_norm(i, width)
+        bn = flow.next_norm(i, width, kind)
     calls = flow.calls
     act_name = calls[act].name if act is not None and calls_of[calls[act].name] == 1 else None
-    return Unit(calls[i].name, "conv" if isinstance(mod, nn.Conv2d) else "dense", width, act_name,
-                calls[bn].name if bn is not None else None, calls[own].name)
+    return Unit(calls[i].name, kind, width, act_name, calls[bn].name if bn is not None else None, calls[own].name)
+
+
+def _norm_fits(norm: nn.Module, kind: str) -> bool:
+    """A layer norm normalises a dense layer's features; on a conv's (N, C, H, W) it would mix positions."""
+    return kind == "dense" or not isinstance(norm, nn.LayerNorm)
 
 
 def select_units(units: list[Unit], which: str) -> list[Unit]:
@@ -230,6 +257,7 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     mods = dict(model.named_modules())
     where = {u.name: measure_module(u, point) for u in units}
+    dense = {where[u.name] for u in units if u.kind == "dense"}
     sums: dict[tuple[str, bool], torch.Tensor] = {}
 
     def hook(name):
@@ -237,6 +265,8 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
             for rectify in (False, True):
                 if (name, rectify) in wanted:
                     o = out.clamp_min(0) if rectify else out
+                    if o.ndim > 2 and (name, rectify) in dense:   # tokens (N, T, D): features last, pooled over T
+                        o = o.movedim(-1, 1).flatten(2).unsqueeze(3)
                     if o.ndim != 4:
                         v = o.sum(0)
                     elif pool == "max":
