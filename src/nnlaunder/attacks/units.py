@@ -133,7 +133,7 @@ class _Flow:
         return None
 
     def next_norm(self, k: int, width: int, kind: str) -> int | None:
-        """The first batch norm of `width` called after k and before the next weighted layer."""
+        """The first norm of `width` (one that fits a `kind` unit) called after k and before the next weighted layer."""
         for j in range(k + 1, len(self.calls)):
             m = self.mod(j)
             if isinstance(m, _WEIGHTED):
