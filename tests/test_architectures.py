@@ -281,3 +281,14 @@ def test_the_output_layer_of_an_all_conv_classifier_is_its_last_conv():
     assert moved == {"6.weight", "6.bias"}
     with pytest.raises(UserError, match="no nn.Linear or nn.Conv2d output layer"):
         output_layer(nn.Sequential(nn.Flatten(), nn.Bilinear(2, 2, 2)))
+
+
+def test_fine_pruning_says_why_no_conv_layer_qualifies():
+    """A conv straight into a grouped conv: neither is a unit fine-pruning can prune, and the error says why."""
+    no_act = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(4 * 144, 4)).eval()
+    with pytest.raises(UserError, match="hidden Conv2d with an activation.*skipped: 0: no activation after it"):
+        nl.attack("fine-prune", no_act, make_images(48, 1))
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(144, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with pytest.raises(UserError, match="and the model has none$"):
+        nl.attack("fine-prune", mlp, make_images(48, 1))

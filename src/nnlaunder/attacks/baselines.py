@@ -133,10 +133,11 @@ class FinePruneConfig:
 def fine_prune(model: nn.Module, clean: Dataset, cfg: FinePruneConfig) -> AttackResult:
     t0 = clock.now()
     model = attack_copy(model, clean)
-    units, _ = discover_units(model, clean.x[:2])
+    units, skipped = discover_units(model, clean.x[:2])
     convs = [u for u in units if u.kind == "conv"]
     if not convs:
-        raise UserError("fine-pruning needs a convolutional layer")
+        why = f" (skipped: {'; '.join(f'{n}: {r}' for n, r in skipped[:3])})" if skipped else ""
+        raise UserError(f"fine-pruning needs a hidden Conv2d with an activation after it, and the model has none{why}")
     last = convs[-1]
     acts = mean_activations(model, [last], clean.x)[last.name]
     order = torch.argsort(acts, stable=True)
