@@ -78,6 +78,7 @@ class _Neurons:
         dev = model_device(model)
         self.where = where                                   # unit -> module read
         self.mods = {u: mods[m] for u, m in where.items()}
+        self.kind = {u: "dense" if isinstance(mods[u], nn.Linear) else "conv" for u in where}
         width = {u: int(m.weight.shape[0]) for u, m in self.mods.items()}
         self.mask = {u: torch.ones(w, device=dev, requires_grad=True) for u, w in width.items()}
         self.delta = {u: torch.zeros(w, device=dev, requires_grad=True) for u, w in width.items()}
@@ -88,7 +89,7 @@ class _Neurons:
     def _hook(self, u: str):
         def f(mod, inp, out):
             shape = [1] * out.ndim
-            shape[feature_axis(mod, out.ndim)] = -1           # a conv's channels; a dense layer's features
+            shape[feature_axis(self.kind[u], out.ndim)] = -1      # a conv's channels; a dense layer's features
             b = mod.bias if getattr(mod, "bias", None) is not None else torch.zeros_like(self.mask[u])
             b = b.view(shape)
             scale = self.mask[u] + self.delta[u] if self.noisy else self.mask[u]

@@ -49,10 +49,10 @@ def norm_width(m: nn.Module) -> int | None:
     return m.num_features if isinstance(m, _NORMS) else None
 
 
-def feature_axis(mod: nn.Module, ndim: int) -> int:
-    """The axis of a layer's output that holds its units: the last for dense layers and layer norms (a
-    transformer's (N, T, D) tokens), else the channel axis 1."""
-    return ndim - 1 if isinstance(mod, nn.Linear | nn.LayerNorm) else 1
+def feature_axis(kind: str, ndim: int) -> int:
+    """The axis that holds a unit's values in an `ndim`-dimensional output read for it: a dense unit's features
+    are the last axis (also on a transformer's (N, T, D) tokens), a conv unit's channels axis 1."""
+    return ndim - 1 if kind == "dense" else 1
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class _Call:
         """Channels (a conv unit's axis 1) or features (a dense unit's last axis) of the output."""
         if self.out is None or self.out.ndim < 2:
             return None
-        return int(self.out.shape[-1 if kind == "dense" else 1])
+        return int(self.out.shape[feature_axis(kind, self.out.ndim)])
 
 
 def _trace(model: nn.Module, example: torch.Tensor) -> list[_Call]:
@@ -257,7 +257,7 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     mods = dict(model.named_modules())
     where = {u.name: measure_module(u, point) for u in units}
-    dense = {where[u.name] for u in units if u.kind == "dense"}
+    kind = {where[u.name]: u.kind for u in units}
     sums: dict[tuple[str, bool], torch.Tensor] = {}
 
     def hook(name):
@@ -265,7 +265,7 @@ def mean_activations(model: nn.Module, units: list[Unit], x: torch.Tensor, batch
             for rectify in (False, True):
                 if (name, rectify) in wanted:
                     o = out.clamp_min(0) if rectify else out
-                    if o.ndim > 2 and (name, rectify) in dense:   # tokens (N, T, D): features last, pooled over T
+                    if feature_axis(kind[(name, rectify)], o.ndim) != 1:   # tokens (N, T, D): pooled over T
                         o = o.movedim(-1, 1).flatten(2).unsqueeze(3)
                     if o.ndim != 4:
                         v = o.sum(0)
