@@ -112,7 +112,7 @@ def test_attacks_never_receive_the_watermark(name):
     (ANPConfig, {"fraction": 1.0}), (ANPConfig, {"iterations": -5}), (ANPConfig, {"steps": 0}),
     (IBAUConfig, {"k": 0}), (IBAUConfig, {"portion": 1.5}), (IBAUConfig, {"lr": 0.0}), (IBAUConfig, {"reg": -1.0}),
     (DehydrationConfig, {"per_class": 0}), (DehydrationConfig, {"steps": -1}), (DehydrationConfig, {"weight": -1.0}),
-    (DehydrationConfig, {"lr": float("inf")}), (DehydrationConfig, {"class_chunk": 0}),
+    (DehydrationConfig, {"lr": float("inf")}), (DehydrationConfig, {"class_chunk": 0}), (DehydrationConfig, {"amp": 1}),
 ])
 def test_configs_reject_bad_values(cls, bad):
     with pytest.raises(UserError):
@@ -174,3 +174,22 @@ def test_dehydration_inverts_classes_together_as_one_at_a_time(backdoored):
     assert together.shape == alone.shape == (4 * 6, 1, 12, 12)
     assert torch.allclose(together, alone, atol=1e-4)
     assert hit_together == hit_alone
+
+
+def test_dehydration_amp_inverts_in_bfloat16_to_about_the_same_images(backdoored):
+    """`amp` runs the inversion's forward and backward under bfloat16 autocast (channels-last) where the
+    hardware has it: it rounds differently, so the images differ a little and the model reads them as it reads
+    fp32's; the batch-norm statistics stay fp32. Off, it is the fp32 path unchanged."""
+    from nnlaunder.attacks.dehydration import recover
+    from nnlaunder.device import amp_supported
+
+    net, clean, _ = backdoored
+    cfg = DehydrationConfig(per_class=8, steps=40)
+    fp32, hit32 = recover(net, clean, cfg)
+    again, _ = recover(net, clean, dataclasses.replace(cfg, amp=False))
+    bf16, hit16 = recover(net, clean, dataclasses.replace(cfg, amp=True))
+    assert torch.equal(again, fp32) and bf16.dtype == torch.float32 and bf16.shape == fp32.shape
+    if amp_supported(torch.device("cpu")):
+        assert not torch.equal(bf16, fp32)                          # autocast really ran
+    assert (bf16 - fp32).abs().mean() < 0.05
+    assert max(abs(a - b) for a, b in zip(hit16, hit32, strict=True)) <= 25

@@ -17,6 +17,8 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            models and ResNet-20, at the library's defaults.
   amp      (opt-in) the trainer with bfloat16 autocast (`TrainConfig.amp`) against fp32 on the three
            architectures, alternating in one run, and a whole MNIST owner-recipe training both ways.
+  attack_amp (opt-in) Neural Dehydration's inversion step (one class, 250 images, the attack's batch on a CPU)
+           in bfloat16 autocast (`DehydrationConfig.amp`) against fp32 on the CIFAR-10 owner models, alternating.
   short    (opt-in) laundering's retraining and the owner's restoration on CIFAR-10 against the trainer on
            the same images: images/s and share of the measured conv throughput.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
@@ -36,6 +38,7 @@ The bench venv: python3 -m venv /path/to/bench-venv && /path/to/bench-venv/bin/p
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
@@ -559,6 +562,34 @@ def section_amp(args, mach: dict) -> None:
               f"({acc[False][1]:.0f} s) / {acc[True][0]:.2f}% bf16 autocast ({acc[True][1]:.0f} s)")
 
 
+def section_attack_amp(args, mach: dict) -> None:
+    """Seconds per inversion step of Neural Dehydration (one class of 250 images, as it inverts on a CPU), fp32
+    against `amp` (bfloat16 autocast, channels-last), alternating runs of 8 steps, median of 3, on the Table 7
+    CNN (zhang-content) and ResNet-20 (adi-pt) owner models."""
+    from nnlaunder.attacks.dehydration import DehydrationConfig, _BNStats, invert_classes
+
+    print("[attack_amp] Neural Dehydration's inversion in bfloat16 autocast against fp32", flush=True)
+    steps, native = 8, amp_supported(torch.device("cpu"))
+    for arch, name in (("cifar-cnn", "zhang-content"), ("resnet20", "adi-pt")):
+        model, _ = load_model(ROOT / "models" / "cifar10" / f"{name}.safetensors")
+        spent: dict[bool, list[float]] = {False: [], True: []}
+        for rep in range(4):                   # the first pair warms up
+            for amp in (False, True):
+                net = copy.deepcopy(model).eval().requires_grad_(False)
+                stats = _BNStats(net)
+                t0 = time.perf_counter()
+                invert_classes(net, [0], (3, 32, 32), DehydrationConfig(steps=steps, amp=amp),
+                               torch.Generator().manual_seed(0), stats)
+                stats.close()
+                if rep:
+                    spent[amp].append((time.perf_counter() - t0) / steps)
+        fp, bf = statistics.median(spent[False]), statistics.median(spent[True])
+        row(f"attack_amp_dehydration_{arch}", bf, f"fp32: {fp:.3f} s/step", fp / bf, seconds_fp32=fp,
+            native_bf16=native, notes=f"{name}: one inversion step of 250 images {bf:.3f} s in bfloat16 autocast "
+            f"(channels-last) against {fp:.3f} s fp32, alternating runs of {steps} steps (median of 3); a whole "
+            f"recovery is 10 classes x 1000 steps; bf16 native here: {native}")
+
+
 def section_e2e(args, tr: D.Dataset) -> None:
     print("[e2e] end to end", flush=True)
     te = D.load("mnist", args.data_dir, "test")
@@ -606,6 +637,7 @@ def section_e2e(args, tr: D.Dataset) -> None:
 # Every section's row prefix, the retired ones (eval, cifar_full) included: their rows are kept, in this order.
 SECTION_PREFIX = {"machine": "machine_", "eval": "eval_batch_", "nc": "nc_", "nc_peer": "nc_vs_pytorch_peer_",
                   "cifar_nc": "cifar_nc_", "cifar_full": "cifar_full_", "train": "train_", "amp": "train_amp_",
+                  "attack_amp": "attack_amp_",
                   "short": "short_", "e2e": "e2e_"}
 HEAD_NAMES = ["nc_fast_vs_art", "nc_batched_vs_per_class_loop", "e2e_launder_round_mnist_0.6pct"]
 
@@ -737,7 +769,8 @@ def main(argv=None) -> int:
         mach = section_machine(args)
     run = {"nc": lambda: section_nc(args, tr, mach), "cifar_nc": lambda: section_cifar_nc(args, mach),
            "nc_peer": lambda: section_nc_peer(args, mach), "train": lambda: section_train(args, mach),
-           "amp": lambda: section_amp(args, mach), "short": lambda: section_short(args, mach),
+           "amp": lambda: section_amp(args, mach), "attack_amp": lambda: section_attack_amp(args, mach),
+           "short": lambda: section_short(args, mach),
            "e2e": lambda: section_e2e(args, tr)}
     if unknown := sections - set(run) - {"machine"}:
         ap.error(f"unknown or retired section(s) {sorted(unknown)}; this script runs {['machine', *run]}")

@@ -23,7 +23,8 @@ fixed-class watermarks) is not implemented; the proxy label is computed instead 
 total-variation term is the mean absolute difference of neighbouring pixels (our reading); the
 defaults are the public code's CIFAR-10 settings (1000 inversion steps; 400 for one-channel
 images), which cost tens of CIFAR-10 epochs on a CPU; `per_class` and `steps` make a cheaper,
-named variant.
+named variant; `amp` inverts under bfloat16 autocast (channels-last) where the hardware has it natively,
+losses and batch-norm statistics in fp32 (the public code runs fp32; off by default).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import nn
 from .. import clock
 from ..config import int_in, raise_first
 from ..data import Dataset
-from ..device import model_device
+from ..device import amp_supported, channels_last_runs, model_device
 from .base import AttackResult, attack_copy, output_layer
 
 UNLEARN = ("split", "soft")
@@ -62,6 +63,7 @@ class DehydrationConfig:
     weight_decay: float = 5e-4
     weight: float | None = None       # of the recovered images' loss; None: 1.0 ("split"), 0.125 ("soft")
     class_chunk: int | None = None    # classes inverted together; None: all of them on a GPU, one at a time on a CPU
+    amp: bool = False                 # the inversion's forward/backward under bfloat16 autocast, where native
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +82,7 @@ class DehydrationConfig:
             int_in("batch_size", self.batch_size, 1, 1 << 20),
             (self.class_chunk is None or int_in("class_chunk", self.class_chunk, 1, 100_000)[0],
              "class_chunk must be None or in [1, 100000]"),
+            (isinstance(self.amp, bool), f"amp must be true or false, got {self.amp!r}"),
         ]
         raise_first(checks)
 
@@ -99,7 +102,7 @@ class _BNStats:
 
     def _hook(self, i: int):
         def f(mod, inp, out) -> None:
-            z = inp[0].unflatten(0, (self.groups, -1))
+            z = inp[0].float().unflatten(0, (self.groups, -1))     # fp32 statistics, under autocast too
             mean, var = z.mean((1, 3, 4)), z.var((1, 3, 4), unbiased=False)
             self.r[i] = ((mean - mod.running_mean).norm(dim=1) + (var - mod.running_var).norm(dim=1)).sum()
         return f
@@ -132,21 +135,29 @@ def invert_classes(model: nn.Module, classes: list[int], shape: tuple[int, ...],
     dev = model_device(model)
     steps = cfg.steps if cfg.steps is not None else (1000 if shape[0] == 3 else 400)
     n, k = cfg.per_class, len(classes)
-    v = torch.cat([torch.randn((n, *shape), generator=g) for _ in classes]).to(dev).requires_grad_(True)
+    amp = cfg.amp and amp_supported(dev)       # with it, channels-last where the model takes it (the same function)
+    mem = torch.channels_last if amp and len(shape) == 3 and channels_last_runs(model, torch.zeros(2, *shape)) \
+        else torch.contiguous_format
+    if mem == torch.channels_last:
+        model.to(memory_format=mem)
+    v = torch.cat([torch.randn((n, *shape), generator=g) for _ in classes]).to(dev).contiguous(
+        memory_format=mem).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=cfg.inv_lr, betas=(0.5, 0.9), eps=1e-8)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps), eta_min=1e-4)
     target = torch.tensor(classes, device=dev).repeat_interleave(n)
     stats.groups = k
     for _ in range(steps):
         imgs = (torch.tanh(v) + 1) / 2
-        loss = (_per_group(F.cross_entropy(model(imgs), target, reduction="none"), k)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = model(imgs)
+        loss = (_per_group(F.cross_entropy(out.float(), target, reduction="none"), k)
                 + cfg.l2 * _per_group(imgs.flatten(1).norm(dim=1), k)
                 + cfg.tv * total_variation(imgs, k) + cfg.bn * stats.loss())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    return ((torch.tanh(v) + 1) / 2).detach()
+    return ((torch.tanh(v) + 1) / 2).detach().contiguous()
 
 
 def recover(model: nn.Module, clean: Dataset, cfg: DehydrationConfig) -> tuple[torch.Tensor, list[float]]:
