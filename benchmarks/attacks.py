@@ -45,10 +45,10 @@ from nnlaunder.report.build import build_report
 OUT = "attacks.json"
 PREVIOUS = "attacks-previous.json"   # the rows as this script's own loop stored them, before the engine
 NEW = ("nad", "anp", "i-bau", "dehydration")
-EXPERIMENTS = ["attacks-mnist", "attacks-cifar10", "attacks-cifar10-dehydration-bf16", "attacks-cifar10-20pct"]
+EXPERIMENTS = ["attacks-mnist", "attacks-cifar10", "attacks-cifar10-bf16", "attacks-cifar10-20pct"]
 # Every attack on the Table 2 models: laundering, the seed paper's battery and the four above.
 BATTERY = ["table2-mnist", "baselines-mnist", "attacks-mnist", "table2-cifar10", "baselines-cifar10", "attacks-cifar10",
-           "attacks-cifar10-dehydration-bf16", "attacks-cifar10-20pct"]
+           "attacks-cifar10-bf16", "attacks-cifar10-20pct"]
 
 
 def _store() -> dict:

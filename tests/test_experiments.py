@@ -601,7 +601,8 @@ def test_the_papers_experiments_name_the_published_thresholds():
     published = {(t["dataset"], t["row"]): t["threshold"] for t in json.loads(
         (repo / "benchmarks" / "results" / "verdicts.json").read_text())["thresholds"] if t["default"]}
     for stem in ("table2-mnist", "table2-cifar10", "baselines-mnist", "baselines-cifar10", "attacks-mnist",
-                 "attacks-cifar10", "attacks-cifar10-20pct", "persistence-mnist", "persistence-cifar10"):
+                 "attacks-cifar10", "attacks-cifar10-bf16", "attacks-cifar10-20pct", "persistence-mnist",
+                 "persistence-cifar10"):
         for c in load_experiment(repo / "experiments" / "paper" / f"{stem}.toml"):
             row = c.scheme + (f"-{c.scheme_params['mode']}" if c.scheme == "adi" else "")
             assert c.threshold == published[(c.dataset, row)], (stem, c.dataset, row)

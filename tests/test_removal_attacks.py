@@ -113,6 +113,7 @@ def test_attacks_never_receive_the_watermark(name):
     (IBAUConfig, {"k": 0}), (IBAUConfig, {"portion": 1.5}), (IBAUConfig, {"lr": 0.0}), (IBAUConfig, {"reg": -1.0}),
     (DehydrationConfig, {"per_class": 0}), (DehydrationConfig, {"steps": -1}), (DehydrationConfig, {"weight": -1.0}),
     (DehydrationConfig, {"lr": float("inf")}), (DehydrationConfig, {"class_chunk": 0}), (DehydrationConfig, {"amp": 1}),
+    (ANPConfig, {"amp": "yes"}),
 ])
 def test_configs_reject_bad_values(cls, bad):
     with pytest.raises(UserError):
@@ -193,3 +194,23 @@ def test_dehydration_amp_inverts_in_bfloat16_to_about_the_same_images(backdoored
         assert not torch.equal(bf16, fp32)                          # autocast really ran
     assert (bf16 - fp32).abs().mean() < 0.05
     assert max(abs(a - b) for a, b in zip(hit16, hit32, strict=True)) <= 25
+
+
+def test_anp_amp_learns_about_the_same_masks(backdoored):
+    """ANP's `amp` learns the masks under bfloat16 autocast where the hardware has it; off, the fp32 path is
+    unchanged. The masks it learns stay close to fp32's."""
+    from nnlaunder.attacks.anp import mask_sites, optimise_masks
+    from nnlaunder.device import amp_supported
+
+    net, clean, _ = backdoored
+    where = mask_sites(net, clean.x[:2])
+    assert set(where.values()) == {u.bn for u in discover_units(net, clean.x[:2])[0]}      # each read at its norm
+    cfg = ANPConfig(iterations=60, batch_size=64)
+    fp32 = optimise_masks(net, clean, cfg, where)
+    again = optimise_masks(net, clean, dataclasses.replace(cfg, amp=False), where)
+    bf16 = optimise_masks(net, clean, dataclasses.replace(cfg, amp=True), where)
+    assert all(torch.equal(fp32[u], again[u]) for u in where)
+    a, b = torch.cat(list(fp32.values())), torch.cat(list(bf16.values()))
+    if amp_supported(torch.device("cpu")):
+        assert not torch.equal(a, b)                                # autocast really ran
+    assert (a - b).abs().mean() < 0.1 and torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9

@@ -17,8 +17,8 @@ Sections (each comparison is a ratio measured in this one run; the machine is sh
            models and ResNet-20, at the library's defaults.
   amp      (opt-in) the trainer with bfloat16 autocast (`TrainConfig.amp`) against fp32 on the three
            architectures, alternating in one run, and a whole MNIST owner-recipe training both ways.
-  attack_amp (opt-in) Neural Dehydration's inversion step (one class, 250 images, the attack's batch on a CPU)
-           in bfloat16 autocast (`DehydrationConfig.amp`) against fp32 on the CIFAR-10 owner models, alternating.
+  attack_amp (opt-in) Neural Dehydration's inversion step (one class, 250 images, its batch on a CPU) and ANP's
+           mask-learning iteration in bfloat16 autocast (their `amp`) against fp32 on the CIFAR-10 owner models.
   short    (opt-in) laundering's retraining and the owner's restoration on CIFAR-10 against the trainer on
            the same images: images/s and share of the measured conv throughput.
   e2e      one MNIST laundering round at 0.6% with the fast and the faithful Neural Cleanse (wall time,
@@ -563,31 +563,43 @@ def section_amp(args, mach: dict) -> None:
 
 
 def section_attack_amp(args, mach: dict) -> None:
-    """Seconds per inversion step of Neural Dehydration (one class of 250 images, as it inverts on a CPU), fp32
-    against `amp` (bfloat16 autocast, channels-last), alternating runs of 8 steps, median of 3, on the Table 7
-    CNN (zhang-content) and ResNet-20 (adi-pt) owner models."""
+    """Seconds per step, fp32 against `amp` (bfloat16 autocast, channels-last), alternating runs, median of 3, on
+    the Table 7 CNN (zhang-content) and ResNet-20 (adi-pt) owner models: Neural Dehydration's inversion step (one
+    class of 250 images, as it inverts on a CPU) and ANP's mask-learning iteration (128 CIFAR-10 images)."""
+    from nnlaunder.attacks.anp import ANPConfig, mask_sites, optimise_masks
     from nnlaunder.attacks.dehydration import DehydrationConfig, _BNStats, invert_classes
 
-    print("[attack_amp] Neural Dehydration's inversion in bfloat16 autocast against fp32", flush=True)
-    steps, native = 8, amp_supported(torch.device("cpu"))
+    print("[attack_amp] Neural Dehydration's inversion and ANP's mask learning in bfloat16 autocast", flush=True)
+    native, cf = amp_supported(torch.device("cpu")), D.load("cifar10", args.data_dir, "train")
+    clean = D.Dataset("cifar10", cf.x[:1280], cf.y[:1280], cf.classes)
+
+    def dehydration_steps(model, amp: bool, steps: int) -> None:
+        net = copy.deepcopy(model).eval().requires_grad_(False)
+        stats = _BNStats(net)
+        invert_classes(net, [0], (3, 32, 32), DehydrationConfig(steps=steps, amp=amp),
+                       torch.Generator().manual_seed(0), stats)
+        stats.close()
+
+    def anp_steps(model, amp: bool, steps: int) -> None:
+        optimise_masks(model, clean, ANPConfig(iterations=steps, amp=amp), mask_sites(model, clean.x[:2]))
+
+    what = {"dehydration": (dehydration_steps, 8, "one inversion step of 250 images", "10 classes x 1000 steps"),
+            "anp": (anp_steps, 10, "one mask-learning iteration of 128 images", "2000 iterations")}
     for arch, name in (("cifar-cnn", "zhang-content"), ("resnet20", "adi-pt")):
         model, _ = load_model(ROOT / "models" / "cifar10" / f"{name}.safetensors")
-        spent: dict[bool, list[float]] = {False: [], True: []}
-        for rep in range(4):                   # the first pair warms up
-            for amp in (False, True):
-                net = copy.deepcopy(model).eval().requires_grad_(False)
-                stats = _BNStats(net)
-                t0 = time.perf_counter()
-                invert_classes(net, [0], (3, 32, 32), DehydrationConfig(steps=steps, amp=amp),
-                               torch.Generator().manual_seed(0), stats)
-                stats.close()
-                if rep:
-                    spent[amp].append((time.perf_counter() - t0) / steps)
-        fp, bf = statistics.median(spent[False]), statistics.median(spent[True])
-        row(f"attack_amp_dehydration_{arch}", bf, f"fp32: {fp:.3f} s/step", fp / bf, seconds_fp32=fp,
-            native_bf16=native, notes=f"{name}: one inversion step of 250 images {bf:.3f} s in bfloat16 autocast "
-            f"(channels-last) against {fp:.3f} s fp32, alternating runs of {steps} steps (median of 3); a whole "
-            f"recovery is 10 classes x 1000 steps; bf16 native here: {native}")
+        for attack, (fn, steps, unit, whole) in what.items():
+            spent: dict[bool, list[float]] = {False: [], True: []}
+            for rep in range(4):                   # the first pair warms up
+                for amp in (False, True):
+                    t0 = time.perf_counter()
+                    fn(model, amp, steps)
+                    if rep:
+                        spent[amp].append((time.perf_counter() - t0) / steps)
+            fp, bf = statistics.median(spent[False]), statistics.median(spent[True])
+            row(f"attack_amp_{attack}_{arch}", bf, f"fp32: {fp:.3f} s/step", fp / bf, seconds_fp32=fp,
+                native_bf16=native, notes=f"{name}: {unit} {bf:.3f} s in bfloat16 autocast (channels-last) against "
+                f"{fp:.3f} s fp32, alternating runs of {steps} (median of 3); a whole run is {whole}; bf16 native "
+                f"here: {native}")
 
 
 def section_e2e(args, tr: D.Dataset) -> None:

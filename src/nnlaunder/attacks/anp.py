@@ -18,7 +18,9 @@ of Table 5 has no batch norm) is read at its own output: s scales its incoming w
 bias, the same per-unit affine degree of freedom. The paper's defaults: eps 0.4, one step, alpha
 0.2, mask lr 0.2, 2000 iterations of 128 images, threshold 0.2.
 The model's weights never change while the masks are learned (batch norms use batch statistics,
-as in the reference code's training mode); pruning is applied to a fresh copy.
+as in the reference code's training mode); pruning is applied to a fresh copy. `amp` learns the masks
+under bfloat16 autocast (channels-last) where the hardware has it natively, the losses, masks and
+perturbations in fp32 (the reference code runs fp32; off by default).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from torch import nn
 from .. import clock
 from ..config import int_in, raise_first
 from ..data import Dataset
-from ..device import model_device
+from ..device import amp_supported, channels_last_runs, model_device
 from ..errors import UserError
 from ..train import apply_masks
 from .base import AttackResult, attack_copy
@@ -53,6 +55,7 @@ class ANPConfig:
     prune_by: str = "threshold"
     threshold: float = 0.2        # prune_by "threshold": masks <= this
     fraction: float = 0.05        # prune_by "fraction": this share of all neurons, smallest masks first
+    amp: bool = False             # the mask learning's forward/backward under bfloat16 autocast, where native
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +69,7 @@ class ANPConfig:
             (self.prune_by in PRUNE_BY, f"prune_by must be one of {PRUNE_BY}, got {self.prune_by!r}"),
             (0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}"),
             (0 <= self.fraction < 1, f"fraction must be in [0, 1), got {self.fraction}"),
+            (isinstance(self.amp, bool), f"amp must be true or false, got {self.amp!r}"),
         ]
         raise_first(checks)
 
@@ -114,11 +118,21 @@ def optimise_masks(model: nn.Module, clean: Dataset, cfg: ANPConfig, where: dict
     for m in scratch.modules():                 # batch statistics, as the reference; no dropout noise
         if isinstance(m, nn.Dropout):
             m.eval()
+    dev = model_device(scratch)
+    x, y = clean.x.to(dev), clean.y.to(dev)
+    amp = cfg.amp and amp_supported(dev)        # with it, channels-last where the model takes it (the same function)
+    if amp and channels_last_runs(scratch, x[:2]):
+        scratch.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     nn_ = _Neurons(scratch, where)
     mask_opt = torch.optim.SGD(list(nn_.mask.values()), lr=cfg.lr, momentum=0.9)
     noise_opt = torch.optim.SGD(nn_.noise(), lr=cfg.eps / cfg.steps)
-    dev = model_device(scratch)
-    x, y = clean.x.to(dev), clean.y.to(dev)
+
+    def ce(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            out = scratch(xb)
+        return F.cross_entropy(out.float(), yb)
+
     g = torch.Generator().manual_seed(cfg.seed)
     try:
         for _ in range(cfg.iterations):
@@ -132,7 +146,7 @@ def optimise_masks(model: nn.Module, clean: Dataset, cfg: ANPConfig, where: dict
                 nn_.noisy = True
                 for _ in range(cfg.steps):
                     noise_opt.zero_grad(set_to_none=True)
-                    (-F.cross_entropy(scratch(xb), yb)).backward()
+                    (-ce(xb, yb)).backward()
                     for t in nn_.noise():
                         t.grad = t.grad.sign()
                     noise_opt.step()
@@ -140,11 +154,11 @@ def optimise_masks(model: nn.Module, clean: Dataset, cfg: ANPConfig, where: dict
                         for t in nn_.noise():
                             t.clamp_(-cfg.eps, cfg.eps)
                 mask_opt.zero_grad(set_to_none=True)
-                loss_rob = F.cross_entropy(scratch(xb), yb)
+                loss_rob = ce(xb, yb)
             else:
                 mask_opt.zero_grad(set_to_none=True)
             nn_.noisy = False
-            loss = cfg.alpha * F.cross_entropy(scratch(xb), yb) + (1 - cfg.alpha) * loss_rob
+            loss = cfg.alpha * ce(xb, yb) + (1 - cfg.alpha) * loss_rob
             loss.backward()
             mask_opt.step()
             with torch.no_grad():
@@ -172,14 +186,19 @@ def choose_pruned(masks: dict[str, torch.Tensor], cfg: ANPConfig) -> dict[str, t
     return out
 
 
+def mask_sites(model: nn.Module, probe: torch.Tensor) -> dict[str, str]:
+    """unit -> the module whose output ANP masks: the unit's norm where it has a weight, else the unit itself."""
+    units, _ = discover_units(model, probe)
+    if not units:
+        raise UserError("ANP found no neuron to mask (a hidden Conv2d/Linear with an activation after it)")
+    mods = dict(model.named_modules())
+    return {u.name: u.bn if u.bn and getattr(mods[u.bn], "weight", None) is not None else u.name for u in units}
+
+
 def anp(model: nn.Module, clean: Dataset, cfg: ANPConfig) -> AttackResult:
     t0 = clock.now()
     out = attack_copy(model, clean)
-    units, _ = discover_units(out, clean.x[:2])
-    if not units:
-        raise UserError("ANP found no neuron to mask (a hidden Conv2d/Linear with an activation after it)")
-    mods = dict(out.named_modules())
-    where = {u.name: u.bn if u.bn and getattr(mods[u.bn], "weight", None) is not None else u.name for u in units}
+    where = mask_sites(out, clean.x[:2])
     masks = optimise_masks(model, clean, cfg, where)
     pruned = choose_pruned(masks, cfg)
     params = dict(out.named_parameters())
