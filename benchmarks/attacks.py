@@ -172,7 +172,8 @@ def write_markdown(store: dict, battery: tuple[list[dict], str]) -> None:
               "|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for r in store["rows"]:
-        groups.setdefault((r["dataset"], row_label(r), r["attack"]), []).append(r)
+        bf16 = " (bf16)" if (r.get("config", {}).get("attack_params") or {}).get("amp") else ""
+        groups.setdefault((r["dataset"], row_label(r), r["attack"] + bf16), []).append(r)
     for (ds, name, attack), rs in sorted(groups.items()):
         s = over_seeds(rs)
         secs = statistics.mean(r.get("work_seconds", r.get("attack_seconds", r["seconds"])) for r in rs)
