@@ -214,3 +214,25 @@ def test_anp_amp_learns_about_the_same_masks(backdoored):
     if amp_supported(torch.device("cpu")):
         assert not torch.equal(a, b)                                # autocast really ran
     assert (a - b).abs().mean() < 0.1 and torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.9
+
+
+def test_dehydration_batch_norm_statistics_are_the_mean_and_variance_with_their_gradient():
+    """The inversion's batch-norm statistics (per group of images and channel) are torch's mean and biased
+    variance, and their gradient autograd's through those, for fp64, fp32 and bfloat16 inputs."""
+    from nnlaunder.attacks.dehydration import _Moments
+
+    z = (torch.randn(6, 3, 5, 4, dtype=torch.float64) * 0.7 + 0.4).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: _Moments.apply(t, 2), (z,))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(8, 4, 6, 6) * 0.5 + 0.3).to(dtype)
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        mean, var = _Moments.apply(a, 2)
+        zz = b.float().unflatten(0, (2, -1))
+        ref_mean, ref_var = zz.mean((1, 3, 4)), zz.var((1, 3, 4), unbiased=False)
+        torch.testing.assert_close((mean, var), (ref_mean, ref_var), atol=1e-5, rtol=1e-5)
+        w = torch.randn(2, 4)
+        ((mean * w).sum() + (var * w.flip(0)).sum()).backward()
+        ((ref_mean * w).sum() + (ref_var * w.flip(0)).sum()).backward()
+        assert a.grad.dtype == dtype
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2,
+                                   rtol=1e-4 if dtype == torch.float32 else 2e-2)

@@ -94,11 +94,13 @@ class _Neurons:
         def f(mod, inp, out):
             shape = [1] * out.ndim
             shape[feature_axis(self.kind[u], out.ndim)] = -1      # a conv's channels; a dense layer's features
-            b = mod.bias if getattr(mod, "bias", None) is not None else torch.zeros_like(self.mask[u])
-            b = b.view(shape)
             scale = self.mask[u] + self.delta[u] if self.noisy else self.mask[u]
+            if getattr(mod, "bias", None) is None:
+                return out * scale.view(shape).to(out.dtype)
             shift = 1 + self.xi[u] if self.noisy else torch.ones_like(self.mask[u])
-            return scale.view(shape) * (out - b) + shift.view(shape) * b
+            # scale * (out - b) + shift * b, in one pass over out and in its dtype (bfloat16 under `amp`)
+            return torch.addcmul(((shift - scale) * mod.bias).view(shape).to(out.dtype), out,
+                                 scale.view(shape).to(out.dtype))
         return f
 
     def noise(self) -> list[torch.Tensor]:

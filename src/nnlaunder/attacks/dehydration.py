@@ -87,6 +87,33 @@ class DehydrationConfig:
         raise_first(checks)
 
 
+class _Moments(torch.autograd.Function):
+    """Per group and channel, the mean and the (biased) variance of z (N, C, ...) over its images and positions,
+    the batch split into `groups` equal consecutive slices; at least fp32 for any input dtype. The same function as
+    `z.mean(dims)`, `z.var(dims, unbiased=False)` through autograd, computed as E[z^2] - E[z]^2 (fp32; the
+    statistics of a layer's input, well scaled) with one fused backward pass instead of autograd's several
+    passes over z (perf.json `attack_amp_*` times the inversion step)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:   # type: ignore[override]
+        zz = z.to(torch.promote_types(z.dtype, torch.float32)).unflatten(0, (groups, -1))
+        dims = (1, *range(3, zz.ndim))
+        mean = zz.mean(dims)
+        var = ((zz * zz).mean(dims) - mean * mean).clamp_min(0)
+        ctx.save_for_backward(z, mean)
+        ctx.groups, ctx.n = groups, zz[0, :, 0].numel()
+        return mean, var
+
+    @staticmethod
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor):   # type: ignore[override]
+        z, mean = ctx.saved_tensors
+        zz = z.to(mean.dtype).unflatten(0, (ctx.groups, -1))
+        view = (ctx.groups, 1, -1, *[1] * (zz.ndim - 3))
+        a = (2.0 / ctx.n) * g_var                          # d/dz: (g_mean + 2 g_var (z - mean)) / n
+        b = (g_mean - 2.0 * mean * g_var) / ctx.n
+        return torch.addcmul(b.view(view), zz, a.view(view)).flatten(0, 1).to(z.dtype), None
+
+
 class _BNStats:
     """Forward hooks measuring how far each batch norm's input statistics are from its running ones, for each
     group of `groups` equal consecutive slices of the batch (one class's images each), summed over the groups.
@@ -102,8 +129,7 @@ class _BNStats:
 
     def _hook(self, i: int):
         def f(mod, inp, out) -> None:
-            z = inp[0].float().unflatten(0, (self.groups, -1))     # fp32 statistics, under autocast too
-            mean, var = z.mean((1, 3, 4)), z.var((1, 3, 4), unbiased=False)
+            mean, var = _Moments.apply(inp[0], self.groups)            # fp32, under autocast too
             self.r[i] = ((mean - mod.running_mean).norm(dim=1) + (var - mod.running_var).norm(dim=1)).sum()
         return f
 
