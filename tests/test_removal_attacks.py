@@ -236,3 +236,15 @@ def test_dehydration_batch_norm_statistics_are_the_mean_and_variance_with_their_
         assert a.grad.dtype == dtype
         torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=1e-6 if dtype == torch.float32 else 1e-2,
                                    rtol=1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_nad_that_diverges_stops_and_says_so(backdoored):
+    """At a learning rate the model cannot take, NAD's loss turns non-finite: it stops there, warns, and records
+    where, instead of training on NaN for the remaining epochs."""
+    net, clean, _ = backdoored
+    cfg = dataclasses.replace(CHEAP["nad"], teacher=TrainConfig(epochs=1, batch_size=32), lr=1e8, drop_at=10)
+    with pytest.warns(UserWarning, match="NAD diverged"):
+        res = nad(net, clean, cfg)
+    epoch, step = res.info["diverged_at"]
+    assert epoch == 0 and step >= 1
+    assert nad(net, clean, dataclasses.replace(CHEAP["nad"], epochs=1)).info["diverged_at"] is None

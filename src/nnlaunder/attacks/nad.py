@@ -17,6 +17,7 @@ are refused.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -114,12 +115,13 @@ def nad(model: nn.Module, clean: Dataset, cfg: NADConfig) -> AttackResult:
                           nesterov=cfg.momentum > 0)
     g = torch.Generator().manual_seed(cfg.seed)
     ts, tt = _Taps(student, taps), _Taps(teacher, taps)
+    diverged = None
     try:
         for epoch in range(cfg.epochs):
             for group in opt.param_groups:
                 group["lr"] = cfg.lr if epoch < cfg.drop_at else cfg.lr_after
             student.train()
-            for idx in batches(torch.randperm(len(x), generator=g), cfg.batch_size):
+            for step, idx in enumerate(batches(torch.randperm(len(x), generator=g), cfg.batch_size)):
                 xb, yb = x[idx.to(dev)], y[idx.to(dev)]
                 with torch.no_grad():
                     teacher(xb)
@@ -128,11 +130,20 @@ def nad(model: nn.Module, clean: Dataset, cfg: NADConfig) -> AttackResult:
                     if beta > 0:
                         loss = loss + beta * F.mse_loss(attention_map(ts.out[name], cfg.p),
                                                         attention_map(tt.out[name].detach(), cfg.p))
+                if not torch.isfinite(loss):        # every later step would stay non-finite: stop, and say so
+                    diverged = [epoch, step]
+                    break
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            if diverged:
+                warnings.warn(f"NAD diverged: non-finite loss at epoch {epoch}, step {step} (lr "
+                              f"{opt.param_groups[0]['lr']}); the returned model is not usable. A lower lr may "
+                              "train stably.", stacklevel=2)
+                break
     finally:
         ts.close()
         tt.close()
     student.eval()
-    return AttackResult(student, {"taps": [n for n, _ in taps], "betas": list(cfg.betas)}, clock.now() - t0)
+    return AttackResult(student, {"taps": [n for n, _ in taps], "betas": list(cfg.betas), "diverged_at": diverged},
+                        clock.now() - t0)
